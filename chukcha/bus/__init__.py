@@ -1,0 +1,1 @@
+"""The bus node: chunk storage, HTTP API, replication, membership."""

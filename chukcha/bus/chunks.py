@@ -1,0 +1,589 @@
+"""Chunk storage: per-category append-only chunk files, own and replicated.
+
+Layout (``PROTOCOL.md``): ``<data_dir>/<category>/<instance>-chunk<9-digit index>``; an
+acknowledged chunk is truncated and renamed ``<chunk>.acknowledged`` so it is never downloaded
+again. The store keeps an in-memory index of every live chunk and its *committed* size: readers
+never see bytes past it, so a write that fails half-way (ENOSPC) and is rolled back was never
+visible to anyone.
+
+All file I/O runs in worker threads (``asyncio.to_thread``); per-category locks keep the writes
+of one category in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Final
+
+from chukcha.errors import (
+    AlreadyRunningError,
+    BadRequestError,
+    ChunkNotFoundError,
+    DiskWriteError,
+    InvalidAckError,
+    ReadBufferTooSmallError,
+    ReplicationError,
+)
+from chukcha.protocol import (
+    ACK_SUFFIX,
+    MAX_READ_SIZE,
+    ChunkInfo,
+    ChunkName,
+    chunk_file_name,
+    parse_chunk_name,
+    validate_category,
+)
+
+__all__ = ["ChunkStore", "StoreEvent", "StoreEventKind", "WriteResult"]
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE: Final = "running.lock"
+_READ_FD_CACHE: Final = 256
+
+
+class StoreEventKind(Enum):
+    CREATED = "chunk_created"
+    WRITTEN = "chunk_written"
+    ACKED = "chunk_ack"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreEvent:
+    """Something changed in the store; listeners (replication, long polls) are told at once."""
+
+    kind: StoreEventKind
+    category: str
+    chunk: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """Where a write landed: the chunk and the chunk's size after it."""
+
+    chunk: str
+    end: int
+
+
+@dataclass(slots=True)
+class _Chunk:
+    name: ChunkName
+    size: int
+
+
+@dataclass(slots=True)
+class _Category:
+    name: str
+    path: Path
+    chunks: dict[str, _Chunk] = field(default_factory=dict)
+    tombstones: set[str] = field(default_factory=set)
+    last_index: dict[str, int] = field(default_factory=dict)  # owner -> highest index ever seen
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    current: str | None = None  # own chunk being written
+    write_fd: int = -1
+
+
+class ChunkStore:
+    """The chunk files of one node.
+
+    Call :meth:`open` (blocking: takes the lock, scans the directory) before use and
+    :meth:`close` after.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        instance: str,
+        *,
+        max_chunk_size: int,
+        sync_each_write: bool = False,
+    ) -> None:
+        self._dir = data_dir
+        self._instance = instance
+        self._max_chunk_size = max_chunk_size
+        self._sync_each_write = sync_each_write
+        self._categories: dict[str, _Category] = {}
+        self._lock_fd = -1
+        self._read_fds: dict[tuple[str, str], int] = {}
+        self._dead_owners: set[str] = set()
+        self._listeners: list[Callable[[StoreEvent], None]] = []
+        self._create_lock = asyncio.Lock()
+
+    @property
+    def instance(self) -> str:
+        return self._instance
+
+    @property
+    def data_dir(self) -> Path:
+        return self._dir
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Take ``running.lock`` and load the index (blocking; run it in a thread)."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunningError(
+                f"data directory {self._dir} is in use by another chukcha node "
+                f"({self._dir / LOCK_FILE} is locked); stop it or choose another --dirname"
+            ) from None
+        self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        for entry in sorted(self._dir.iterdir()):
+            if entry.is_dir():
+                try:
+                    validate_category(entry.name)
+                except BadRequestError:
+                    logger.warning("ignoring directory %s: not a valid category", entry)
+                    continue
+                self._load_category(entry.name)
+
+    def close(self) -> None:
+        """Close every file and release the lock (blocking)."""
+        for cat in self._categories.values():
+            if cat.write_fd >= 0:
+                os.close(cat.write_fd)
+                cat.write_fd = -1
+        for fd in self._read_fds.values():
+            os.close(fd)
+        self._read_fds.clear()
+        if self._lock_fd >= 0:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _load_category(self, name: str) -> _Category:
+        cat = _Category(name, self._dir / name)
+        self._categories[name] = cat
+        for entry in sorted(os.scandir(cat.path), key=lambda e: e.name):
+            fname = entry.name
+            tomb = fname.endswith(ACK_SUFFIX)
+            base = fname.removesuffix(ACK_SUFFIX)
+            try:
+                cname = parse_chunk_name(base)
+            except BadRequestError:
+                if not fname.endswith(".tmp"):
+                    logger.warning("ignoring %s: not a chunk file", entry.path)
+                continue
+            prev = cat.last_index.get(cname.instance, -1)
+            cat.last_index[cname.instance] = max(prev, cname.index)
+            if tomb:
+                cat.tombstones.add(base)
+                if entry.stat().st_size:
+                    os.truncate(entry.path, 0)  # a crash between rename and truncate
+                continue
+            size = self._repair_tail(Path(entry.path), entry.stat().st_size)
+            cat.chunks[base] = _Chunk(cname, size)
+        # Never append to a chunk that existed before this start: it may end in a message that
+        # a crash cut short (repaired above) and readers must be able to finish it. If our last
+        # chunk holds data, start the next one now so the old one shows as complete.
+        own = [c for c in cat.chunks.values() if c.name.instance == self._instance]
+        if own:
+            last = max(own, key=lambda c: c.name.index)
+            if last.size == 0 and last.name.index == cat.last_index[self._instance]:
+                cat.current = str(last.name)
+                cat.write_fd = os.open(cat.path / cat.current, os.O_WRONLY | os.O_APPEND)
+            else:
+                self._create_chunk(cat)
+        elif self._instance in cat.last_index:
+            self._create_chunk(cat)
+        return cat
+
+    @staticmethod
+    def _repair_tail(path: Path, size: int) -> int:
+        """Cut a trailing partial message (a crash mid-write) so every chunk ends in ``\\n``."""
+        if size == 0:
+            return 0
+        fd = os.open(path, os.O_RDWR)
+        try:
+            if os.pread(fd, 1, size - 1) == b"\n":
+                return size
+            pos = size
+            good = 0
+            while pos > 0:
+                start = max(0, pos - (1 << 20))
+                buf = os.pread(fd, pos - start, start)
+                nl = buf.rfind(b"\n")
+                if nl >= 0:
+                    good = start + nl + 1
+                    break
+                pos = start
+            logger.warning("truncating %s from %d to %d bytes: partial last message",
+                           path, size, good)
+            os.ftruncate(fd, good)
+            return good
+        finally:
+            os.close(fd)
+
+    # --- listeners ----------------------------------------------------------------------
+
+    def add_listener(self, callback: Callable[[StoreEvent], None]) -> None:
+        """Call ``callback`` (on the event loop, synchronously) after every change."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[StoreEvent], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
+    def _emit(self, kind: StoreEventKind, category: str, chunk: str, size: int) -> None:
+        event = StoreEvent(kind, category, chunk, size)
+        for cb in list(self._listeners):
+            try:
+                cb(event)
+            except Exception:
+                logger.exception("store listener failed on %s", event)
+
+    # --- queries ------------------------------------------------------------------------
+
+    def categories(self) -> list[str]:
+        return sorted(self._categories)
+
+    def list_chunks(self, category: str) -> list[ChunkInfo]:
+        """Live chunks of ``category``, by name; only each owner's last one is incomplete."""
+        validate_category(category)
+        cat = self._categories.get(category)
+        if cat is None:
+            return []
+        return [
+            ChunkInfo(name, self._is_complete(cat, c.name), c.size)
+            for name, c in sorted(cat.chunks.items())
+        ]
+
+    def chunk_size(self, category: str, chunk: str) -> int | None:
+        """The committed size of a live chunk, ``None`` when it is not here."""
+        cat = self._categories.get(category)
+        c = cat.chunks.get(chunk) if cat else None
+        return c.size if c else None
+
+    def is_tombstoned(self, category: str, chunk: str) -> bool:
+        cat = self._categories.get(category)
+        return cat is not None and chunk in cat.tombstones
+
+    def is_complete(self, category: str, chunk: str) -> bool:
+        cat = self._categories.get(category)
+        c = cat.chunks.get(chunk) if cat else None
+        return cat is not None and c is not None and self._is_complete(cat, c.name)
+
+    def last_index(self, category: str, owner: str) -> int:
+        """Highest chunk index of ``owner`` ever seen here (live or tombstoned), -1 if none."""
+        cat = self._categories.get(category)
+        return cat.last_index.get(owner, -1) if cat else -1
+
+    def set_owner_dead(self, owner: str, dead: bool = True) -> None:
+        """Treat the last chunk of a long-gone ``owner`` as complete (or stop doing so)."""
+        if owner == self._instance:
+            return
+        if dead:
+            self._dead_owners.add(owner)
+        else:
+            self._dead_owners.discard(owner)
+
+    def _is_complete(self, cat: _Category, name: ChunkName) -> bool:
+        if name.index < cat.last_index.get(name.instance, -1):
+            return True
+        return name.instance in self._dead_owners
+
+    # --- writes -------------------------------------------------------------------------
+
+    async def _category(self, category: str) -> _Category:
+        """The category, created (directory and index) when it is new."""
+        cat = self._categories.get(category)
+        if cat is not None:
+            return cat
+        validate_category(category)
+        async with self._create_lock:  # two first writes must not load it twice
+            cat = self._categories.get(category)
+            if cat is None:
+                cat = await asyncio.to_thread(self._new_category, category)
+        return cat
+
+    def _new_category(self, category: str) -> _Category:
+        (self._dir / category).mkdir(exist_ok=True)
+        return self._load_category(category)
+
+    def _create_chunk(self, cat: _Category) -> str:
+        index = cat.last_index.get(self._instance, -1) + 1
+        name = chunk_file_name(self._instance, index)
+        # O_EXCL: never overwrite an existing chunk, whatever the index says.
+        fd = os.open(cat.path / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+        if cat.write_fd >= 0:
+            os.close(cat.write_fd)
+        cat.write_fd = fd
+        cat.current = name
+        cat.last_index[self._instance] = index
+        cat.chunks[name] = _Chunk(ChunkName(self._instance, index), 0)
+        if self._sync_each_write:
+            _fsync_dir(cat.path)
+        logger.info("instance=%s category=%s new chunk %s", self._instance, cat.name, name)
+        return name
+
+    async def write(self, category: str, body: bytes, *, sync: bool = False) -> WriteResult:
+        """Append a validated body (whole messages) to this node's current chunk.
+
+        Raises:
+            DiskWriteError: the file could not be written; the chunk is back at its last good
+                size and nothing of the body is visible.
+        """
+        cat = await self._category(category)
+        async with cat.lock:
+            created: str | None = None
+            if cat.current is None:
+                created = await asyncio.to_thread(self._create_chunk, cat)
+            cur = cat.chunks[cat.current or ""]
+            if cur.size > 0 and cur.size + len(body) > self._max_chunk_size:
+                prev = cat.current
+                created = await asyncio.to_thread(self._create_chunk, cat)
+                cur = cat.chunks[created]
+                # The previous chunk just became complete; replicas and readers learn it from
+                # the creation event of the new one.
+                logger.debug("rotated %s/%s by size", category, prev)
+            await asyncio.to_thread(
+                self._append, cat.write_fd, cur, body, sync or self._sync_each_write
+            )
+            name = str(cur.name)
+        if created is not None:
+            self._emit(StoreEventKind.CREATED, category, created, 0)
+        self._emit(StoreEventKind.WRITTEN, category, name, cur.size)
+        return WriteResult(name, cur.size)
+
+    @staticmethod
+    def _append(fd: int, chunk: _Chunk, body: bytes | memoryview, sync: bool) -> None:
+        view = memoryview(body)
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(fd, view[done:])
+            if sync:
+                os.fsync(fd)
+        except OSError as exc:
+            # Roll back to the last good size so no partial body stays in the chunk.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, chunk.size)
+            raise DiskWriteError(
+                exc.errno or errno.EIO, f"writing chunk {chunk.name} failed: {exc.strerror}"
+            ) from exc
+        chunk.size += done
+
+    async def rotate(self) -> list[str]:
+        """Start a new chunk in every category whose current chunk holds data (time rotation)."""
+        rotated: list[str] = []
+        for cat in list(self._categories.values()):
+            async with cat.lock:
+                cur = cat.chunks.get(cat.current) if cat.current else None
+                if cur is None or cur.size == 0:
+                    continue
+                name = await asyncio.to_thread(self._create_chunk, cat)
+            rotated.append(f"{cat.name}/{name}")
+            self._emit(StoreEventKind.CREATED, cat.name, name, 0)
+        return rotated
+
+    async def sync(self) -> None:
+        """fsync every open write chunk (used by a graceful stop)."""
+        for cat in list(self._categories.values()):
+            async with cat.lock:
+                if cat.write_fd >= 0:
+                    await asyncio.to_thread(os.fsync, cat.write_fd)
+
+    # --- replicated chunks --------------------------------------------------------------
+
+    async def append_replica(
+        self, category: str, chunk: str, offset: int, data: bytes, *, sync: bool = False
+    ) -> int | None:
+        """Append downloaded bytes (whole messages) of a peer's chunk at ``offset``.
+
+        Creates the chunk when ``offset`` is 0 and it is not here yet. Returns the new size, or
+        ``None`` when the chunk was acknowledged meanwhile (the data is dropped: an acked chunk
+        is never resurrected).
+
+        Raises:
+            ReplicationError: ``offset`` is not the local size (another download raced us).
+        """
+        cname = parse_chunk_name(chunk)
+        if cname.instance == self._instance:
+            raise ReplicationError(f"refusing to replicate own chunk {chunk}")
+        cat = await self._category(category)
+        async with cat.lock:
+            if chunk in cat.tombstones:
+                return None
+            created = False
+            c = cat.chunks.get(chunk)
+            if c is None:
+                if offset != 0:
+                    raise ReplicationError(f"{category}/{chunk} is not here; cannot resume at "
+                                           f"{offset}")
+                await asyncio.to_thread(_create_empty, cat.path / chunk)
+                c = cat.chunks[chunk] = _Chunk(cname, 0)
+                prev = cat.last_index.get(cname.instance, -1)
+                cat.last_index[cname.instance] = max(prev, cname.index)
+                created = True
+            if offset != c.size:
+                raise ReplicationError(
+                    f"{category}/{chunk}: download at {offset} but local size is {c.size}"
+                )
+            if data:
+                await asyncio.to_thread(self._append_file, cat.path / chunk, c, data, sync)
+        if created:
+            self._emit(StoreEventKind.CREATED, category, chunk, 0)
+        if data:
+            self._emit(StoreEventKind.WRITTEN, category, chunk, c.size)
+        return c.size
+
+    def _append_file(self, path: Path, chunk: _Chunk, data: bytes, sync: bool) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            self._append(fd, chunk, data, sync)
+        finally:
+            os.close(fd)
+
+    # --- reads --------------------------------------------------------------------------
+
+    async def read(self, category: str, chunk: str, off: int, max_size: int) -> bytes:
+        """Whole messages of ``chunk`` from ``off``, at most ``max_size`` bytes.
+
+        Returns ``b""`` at or past the end.
+
+        Raises:
+            ChunkNotFoundError: no such live chunk here.
+            ReadBufferTooSmallError: the first message at ``off`` is longer than ``max_size``.
+        """
+        validate_category(category)
+        parse_chunk_name(chunk)
+        if off < 0:
+            raise BadRequestError("off must not be negative")
+        if not 0 < max_size <= MAX_READ_SIZE:
+            raise BadRequestError(f"max_size must be between 1 and {MAX_READ_SIZE}")
+        cat = self._categories.get(category)
+        c = cat.chunks.get(chunk) if cat else None
+        if cat is None or c is None:
+            raise ChunkNotFoundError(f"chunk {category}/{chunk} not found")
+        limit = c.size  # committed size: never past a write in progress
+        if off >= limit:
+            return b""
+        want = min(max_size, limit - off)
+        data = await asyncio.to_thread(self._pread, cat, chunk, want, off)
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            if want == max_size:
+                raise ReadBufferTooSmallError(
+                    f"max_size {max_size} is smaller than the message at offset {off}"
+                )
+            return b""
+        return data if cut == len(data) else data[:cut]
+
+    def _pread(self, cat: _Category, chunk: str, n: int, off: int) -> bytes:
+        key = (cat.name, chunk)
+        fd = self._read_fds.get(key)
+        if fd is None:
+            try:
+                fd = os.open(cat.path / chunk, os.O_RDONLY)
+            except FileNotFoundError:
+                raise ChunkNotFoundError(f"chunk {cat.name}/{chunk} not found") from None
+            if len(self._read_fds) >= _READ_FD_CACHE:
+                old_key = next(iter(self._read_fds))
+                os.close(self._read_fds.pop(old_key))
+            self._read_fds[key] = fd
+        return os.pread(fd, n, off)
+
+    # --- acks ---------------------------------------------------------------------------
+
+    async def ack(self, category: str, chunk: str, size: int | None) -> bool:
+        """Tombstone a complete chunk. Returns ``False`` if it was a tombstone already.
+
+        ``size`` is the number of bytes the consumer read (``None`` for a replicated ack, whose
+        sender checked it).
+
+        Raises:
+            InvalidAckError: the chunk is missing, being written, incomplete, or ``size`` is
+                smaller than the chunk.
+        """
+        validate_category(category)
+        cname = parse_chunk_name(chunk)
+        if size is not None and size < 0:
+            raise BadRequestError("size must not be negative")
+        cat = self._categories.get(category)
+        if cat is not None and chunk in cat.tombstones:
+            return False
+        c = cat.chunks.get(chunk) if cat else None
+        if cat is None or c is None:
+            raise InvalidAckError(f"chunk {category}/{chunk} not found")
+        async with cat.lock:
+            if chunk in cat.tombstones:
+                return False
+            if chunk == cat.current:
+                raise InvalidAckError(f"chunk {chunk} is the current write chunk; cannot ack it")
+            if size is not None and not self._is_complete(cat, cname):
+                raise InvalidAckError(f"chunk {chunk} is not complete yet; cannot ack it")
+            if size is not None and size < c.size:
+                raise InvalidAckError(
+                    f"size {size} is smaller than chunk {chunk} ({c.size} bytes): "
+                    "it has not been read to the end"
+                )
+            fd = self._read_fds.pop((category, chunk), None)
+            await asyncio.to_thread(_tombstone, cat.path, chunk, fd)
+            del cat.chunks[chunk]
+            cat.tombstones.add(chunk)
+            cat.last_index[cname.instance] = max(cat.last_index.get(cname.instance, -1),
+                                                 cname.index)
+        logger.debug("instance=%s category=%s acked %s", self._instance, category, chunk)
+        self._emit(StoreEventKind.ACKED, category, chunk, c.size)
+        return True
+
+    async def tombstone_replica(self, category: str, chunk: str) -> bool:
+        """Apply an ack replicated from a peer: tombstone ``chunk`` even if it is not here yet,
+        so a download in progress is dropped and the chunk is never downloaded again."""
+        cat = await self._category(category)
+        if chunk in cat.chunks:
+            return await self.ack(category, chunk, None)
+        async with cat.lock:
+            if chunk in cat.tombstones or chunk in cat.chunks:
+                return False
+            cname = parse_chunk_name(chunk)
+            await asyncio.to_thread(_tombstone, cat.path, chunk, None, missing_ok=True)
+            cat.tombstones.add(chunk)
+            prev = cat.last_index.get(cname.instance, -1)
+            cat.last_index[cname.instance] = max(prev, cname.index)
+        self._emit(StoreEventKind.ACKED, category, chunk, 0)
+        return True
+
+
+def _create_empty(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+
+
+def _tombstone(dir_path: Path, chunk: str, fd: int | None, *, missing_ok: bool = False) -> None:
+    # Rename first, truncate second: a crash in between leaves a tombstone with data (truncated
+    # at the next start), never a live-looking empty chunk.
+    if fd is not None:
+        os.close(fd)
+    src, dst = dir_path / chunk, dir_path / (chunk + ACK_SUFFIX)
+    try:
+        src.rename(dst)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+        _create_empty(dst)
+        return
+    os.truncate(dst, 0)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

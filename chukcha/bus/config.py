@@ -1,0 +1,128 @@
+"""Node configuration: one frozen dataclass per component, composed by :class:`NodeConfig`."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chukcha.protocol import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_CHUNK_SIZE,
+    DEFAULT_ROTATE_INTERVAL,
+    MAX_MESSAGE_SIZE,
+    validate_instance,
+)
+
+__all__ = ["NodeConfig", "Peer", "ReplicationConfig", "default_instance_name", "parse_peers"]
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Another node of the cluster: its instance name and ``host:port`` address."""
+
+    instance: str
+    address: str
+
+    @property
+    def url(self) -> str:
+        return self.address if "://" in self.address else f"http://{self.address}"
+
+
+def parse_peers(text: str) -> tuple[Peer, ...]:
+    """Parse the Go ``--peers`` syntax: ``"a=127.0.0.1:8080,b=127.0.0.1:8081"``."""
+    peers: list[Peer] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        name, sep, addr = item.partition("=")
+        if not sep or not name.strip() or not addr.strip():
+            raise ValueError(f"invalid peer {item!r}: expected NAME=HOST:PORT")
+        peers.append(Peer(validate_instance(name.strip()), addr.strip()))
+    return tuple(peers)
+
+
+def default_instance_name() -> str:
+    """The host name, made into a valid instance name."""
+    name = socket.gethostname().split(".")[0] or "chukcha"
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in name)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationConfig:
+    """Replication settings.
+
+    Attributes:
+        batch_size: bytes asked per ``/read`` while downloading a peer's chunk (default 4 MiB).
+        retry_interval: seconds between attempts to reach a failed peer (default 1 s).
+        dead_peer_timeout: seconds after which an owner that is gone has its last chunk treated
+            as complete, so readers move past it (default 1 h).
+        min_sync_timeout: how long a ``min_sync_replicas`` write waits (default 60 s).
+    """
+
+    batch_size: int = 4 << 20
+    retry_interval: float = 1.0
+    dead_peer_timeout: float = 3600.0
+    min_sync_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        if self.retry_interval <= 0 or self.dead_peer_timeout <= 0 or self.min_sync_timeout <= 0:
+            raise ValueError("replication intervals must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything one node needs; the command line builds it in :mod:`chukcha.cli.node`.
+
+    Attributes:
+        instance: this node's name; chunk files it owns start with it.
+        data_dir: where chunks live (``<data_dir>/<category>/<instance>-chunk<N>``).
+        listen: ``(host, port)``; port 0 picks a free port (see ``Node.address``).
+        listen_fd: an already bound listening socket to serve on instead of ``listen``
+            (socket activation; tests use it to restart a node on the same port).
+        peers: the static peer list (``--peers``); ignored for membership when etcd is used.
+        max_chunk_size: a new chunk is started when a write would take the current one past
+            this (default 20 MiB).
+        rotate_interval: a non-empty current chunk is closed this often (default 10 min).
+        max_batch_size: largest write body (default 4 MiB).
+        max_message_size: largest message (default 1 MiB).
+        sync_each_write: fsync every write before answering (default off: page cache).
+        etcd_endpoints: etcd URLs; empty means no etcd.
+        cluster: the cluster name, the etcd key prefix ``chukcha/<cluster>/``.
+        stop_timeout: seconds a graceful stop may take.
+    """
+
+    instance: str
+    data_dir: Path
+    listen: tuple[str, int] = ("127.0.0.1", 8080)
+    listen_fd: int | None = None
+    peers: tuple[Peer, ...] = ()
+    max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE
+    rotate_interval: float = DEFAULT_ROTATE_INTERVAL
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_message_size: int = MAX_MESSAGE_SIZE
+    sync_each_write: bool = False
+    etcd_endpoints: tuple[str, ...] = ()
+    cluster: str = "default"
+    stop_timeout: float = 10.0
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+
+    def __post_init__(self) -> None:
+        validate_instance(self.instance)
+        if self.max_chunk_size <= 0:
+            raise ValueError("max_chunk_size must be positive")
+        if self.rotate_interval <= 0:
+            raise ValueError("rotate_interval must be positive")
+        if not 0 < self.max_message_size <= self.max_batch_size:
+            raise ValueError("max_message_size must be positive and at most max_batch_size")
+        if self.stop_timeout <= 0:
+            raise ValueError("stop_timeout must be positive")
+        if any(p.instance == self.instance for p in self.peers):
+            # The Go server's --peers lists the other nodes; a start-up script that lists every
+            # node (itself included) is common, so the own entry is dropped, not refused.
+            object.__setattr__(
+                self, "peers", tuple(p for p in self.peers if p.instance != self.instance)
+            )

@@ -1,0 +1,192 @@
+"""The HTTP API of a node (``PROTOCOL.md``), on aiohttp.
+
+Handlers are thin: they parse parameters and call the :class:`~chukcha.bus.chunks.ChunkStore`.
+Errors become responses in exactly one place, :func:`error_middleware`. Like the Go server we
+ignore the HTTP method. Other components (replication, consumer groups) plug in through the
+small protocols below and add their own routes with :func:`add_routes`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final, Protocol
+
+import orjson
+from aiohttp import ClientPayloadError, web
+
+from chukcha.bus.chunks import ChunkStore
+from chukcha.errors import BadRequestError, BodyTooLargeError, ChukchaError
+from chukcha.protocol import check_messages, parse_chunk_name, validate_category
+
+__all__ = [
+    "AckHandler",
+    "BusApi",
+    "Handler",
+    "ReplicaWaiter",
+    "add_routes",
+    "error_middleware",
+    "int_param",
+    "str_param",
+]
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_JSON: Final = "application/json"
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+
+
+class ReplicaWaiter(Protocol):
+    """Waits until ``count`` other nodes hold ``category/chunk`` up to ``end`` bytes."""
+
+    async def wait_replicas(self, category: str, chunk: str, end: int, count: int) -> None: ...
+
+
+class AckHandler(Protocol):
+    """Applies ``/ack`` (the consumer-group extension plugs in here)."""
+
+    async def ack(self, category: str, chunk: str, size: int, group: str | None) -> None: ...
+
+
+def str_param(request: web.Request, name: str) -> str:
+    """A required query parameter."""
+    value = request.query.get(name)
+    if value is None or value == "":
+        raise BadRequestError(f"missing parameter {name!r}")
+    return value
+
+
+def int_param(request: web.Request, name: str, default: int | None = None) -> int:
+    """A non-negative integer query parameter (required unless ``default`` is given)."""
+    value = request.query.get(name)
+    if value is None or value == "":
+        if default is None:
+            raise BadRequestError(f"missing parameter {name!r}")
+        return default
+    if not value.isascii() or not value.isdigit():
+        raise BadRequestError(f"parameter {name!r} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map exceptions to plain-text error responses (the server's one mapping point)."""
+    try:
+        return await handler(request)
+    except ChukchaError as exc:
+        logger.debug("%s %s -> %d %s", request.method, request.path_qs, exc.http_status, exc)
+        resp = web.Response(status=exc.http_status, text=f"{exc}\n")
+        if isinstance(exc, BodyTooLargeError):
+            resp.force_close()
+        return resp
+    except web.HTTPNotFound:
+        return web.Response(status=404, text="not found\n")
+
+
+class _LocalAcks:
+    """Without consumer groups: an ack tombstones the chunk (the Go behaviour)."""
+
+    def __init__(self, store: ChunkStore) -> None:
+        self._store = store
+
+    async def ack(self, category: str, chunk: str, size: int, group: str | None) -> None:
+        await self._store.ack(category, chunk, size)
+
+
+class BusApi:
+    """The data endpoints: ``/write``, ``/read``, ``/ack``, ``/listChunks``, ``/listCategories``."""
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        *,
+        max_batch_size: int,
+        max_message_size: int,
+        replicas: ReplicaWaiter | None = None,
+        acks: AckHandler | None = None,
+    ) -> None:
+        self._store = store
+        self._max_batch = max_batch_size
+        self._max_message = max_message_size
+        self.replicas = replicas
+        self.acks: AckHandler = acks or _LocalAcks(store)
+
+    def routes(self) -> dict[str, Handler]:
+        return {
+            "/write": self.write,
+            "/read": self.read,
+            "/ack": self.ack,
+            "/listChunks": self.list_chunks,
+            "/listCategories": self.list_categories,
+        }
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        length = request.content_length
+        if length is not None and length > self._max_batch:
+            raise BodyTooLargeError(self._max_batch)
+        try:
+            if length is not None:
+                return await request.content.readexactly(length)
+            parts: list[bytes] = []
+            total = 0
+            while chunk := await request.content.readany():
+                total += len(chunk)
+                if total > self._max_batch:
+                    raise BodyTooLargeError(self._max_batch)
+                parts.append(chunk)
+            return b"".join(parts)
+        except (asyncio.IncompleteReadError, ClientPayloadError, ConnectionError) as exc:
+            # The client went away mid-body: nothing of it is written.
+            raise BadRequestError(f"truncated write body: {exc}") from None
+
+    async def write(self, request: web.Request) -> web.StreamResponse:
+        category = validate_category(str_param(request, "category"))
+        min_sync = int_param(request, "min_sync_replicas", 0)
+        sync = request.query.get("sync", "").lower() in _TRUE
+        body = await self._read_body(request)
+        check_messages(body, self._max_message)
+        result = await self._store.write(category, body, sync=sync)
+        if min_sync > 0:
+            if self.replicas is None:
+                raise BadRequestError(
+                    f"min_sync_replicas={min_sync} but this node has no peers to replicate to"
+                )
+            await self.replicas.wait_replicas(category, result.chunk, result.end, min_sync)
+        return web.Response()
+
+    async def read(self, request: web.Request) -> web.StreamResponse:
+        category = validate_category(str_param(request, "category"))
+        chunk = str_param(request, "chunk")
+        parse_chunk_name(chunk)
+        off = int_param(request, "off")
+        max_size = int_param(request, "max_size")
+        data = await self._store.read(category, chunk, off, max_size)
+        return web.Response(body=data, content_type="application/octet-stream")
+
+    async def ack(self, request: web.Request) -> web.StreamResponse:
+        category = validate_category(str_param(request, "category"))
+        chunk = str_param(request, "chunk")
+        parse_chunk_name(chunk)
+        size = int_param(request, "size")
+        group = request.query.get("group") or None
+        await self.acks.ack(category, chunk, size, group)
+        return web.Response()
+
+    async def list_chunks(self, request: web.Request) -> web.StreamResponse:
+        category = validate_category(str_param(request, "category"))
+        chunks = self._store.list_chunks(category)
+        # The Go server answers `null` for none; `[]` decodes the same in Go and is kinder to
+        # everyone else.
+        body = orjson.dumps([c.to_json() for c in chunks])
+        return web.Response(body=body, content_type=_JSON)
+
+    async def list_categories(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=orjson.dumps(self._store.categories()), content_type=_JSON)
+
+
+def add_routes(app: web.Application, routes: dict[str, Handler]) -> None:
+    """Serve each path for any HTTP method, as the Go server does."""
+    for path, handler in routes.items():
+        app.router.add_route("*", path, handler)

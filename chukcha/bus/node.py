@@ -1,0 +1,179 @@
+"""The node: chunk store + HTTP API + rotation (+ replication and membership when clustered)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import warnings
+from enum import Enum
+from types import TracebackType
+
+from aiohttp import web
+
+from chukcha.bus.chunks import ChunkStore
+from chukcha.bus.config import NodeConfig
+from chukcha.bus.http import BusApi, add_routes, error_middleware
+
+__all__ = ["Node", "NodeState"]
+
+logger = logging.getLogger(__name__)
+
+
+class NodeState(Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Node:
+    """One Chukcha node.
+
+    ``async with Node(config) as node:`` serves until the block ends; :meth:`serve_forever`
+    serves until cancelled. :attr:`address` is the bound ``host:port`` (useful with port 0).
+    """
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.store = ChunkStore(
+            config.data_dir,
+            config.instance,
+            max_chunk_size=config.max_chunk_size,
+            sync_each_write=config.sync_each_write,
+        )
+        self.api = BusApi(
+            self.store,
+            max_batch_size=config.max_batch_size,
+            max_message_size=config.max_message_size,
+        )
+        self.app = web.Application(middlewares=[error_middleware])
+        add_routes(self.app, self.api.routes())
+        self._runner: web.AppRunner | None = None
+        self._sock: socket.socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._state = NodeState.NEW
+        self._stopped = asyncio.Event()
+
+    @property
+    def state(self) -> NodeState:
+        return self._state
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the node listens on."""
+        if self._sock is None:
+            raise RuntimeError("node is not started")
+        host, port = self._sock.getsockname()[:2]
+        return f"{host}:{port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    async def start(self) -> None:
+        """Open the store (takes ``running.lock``), bind, and start serving."""
+        if self._state is not NodeState.NEW:
+            raise RuntimeError(f"node is {self._state.value}")
+        cfg = self.config
+        await asyncio.to_thread(self.store.open)
+        try:
+            self._sock = self._bind()
+            self._runner = web.AppRunner(
+                self.app, access_log=None, shutdown_timeout=cfg.stop_timeout
+            )
+            await self._runner.setup()
+            await web.SockSite(self._runner, self._sock).start()
+        except BaseException:
+            await self._close_store()
+            raise
+        self._tasks.append(asyncio.create_task(self._rotate_forever(), name="chunk-rotation"))
+        self._state = NodeState.RUNNING
+        logger.info("instance=%s serving %s on http://%s", cfg.instance, cfg.data_dir, self.address)
+
+    def _bind(self) -> socket.socket:
+        cfg = self.config
+        if cfg.listen_fd is not None:
+            sock = socket.socket(fileno=cfg.listen_fd)
+        else:
+            host, port = cfg.listen
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                raise
+            sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+
+    async def _rotate_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.rotate_interval)
+            rotated = await self.store.rotate()
+            if rotated:
+                logger.info("instance=%s rotated %s", self.config.instance, ", ".join(rotated))
+
+    async def stop(self) -> None:
+        """Drain and stop: finish in-flight requests, flush chunks, release the lock.
+
+        Idempotent; bounded by ``config.stop_timeout``.
+        """
+        if self._state in (NodeState.STOPPING, NodeState.STOPPED, NodeState.NEW):
+            if self._state is NodeState.STOPPING:
+                await self._stopped.wait()
+            self._state = NodeState.STOPPED
+            return
+        self._state = NodeState.STOPPING
+        try:
+            for task in reversed(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=self.config.stop_timeout)
+            self._tasks.clear()
+            if self._runner is not None:
+                # Stops accepting, then waits (up to shutdown_timeout) for in-flight requests.
+                await self._runner.cleanup()
+                self._runner = None
+            await self._close_store()
+        finally:
+            self._state = NodeState.STOPPED
+            self._stopped.set()
+            logger.info("instance=%s stopped", self.config.instance)
+
+    async def _close_store(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.store.sync()
+        await asyncio.to_thread(self.store.close)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def serve_forever(self) -> None:
+        """Start (if needed) and serve until cancelled; then stop gracefully."""
+        if self._state is NodeState.NEW:
+            await self.start()
+        try:
+            await asyncio.Future()
+        finally:
+            await asyncio.shield(self.stop())
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def __del__(self) -> None:
+        if self._state is NodeState.RUNNING:
+            warnings.warn(f"Node {self.config.instance} was not stopped", ResourceWarning,
+                          stacklevel=1)

@@ -1,0 +1,43 @@
+"""The ``chukcha`` command: ``chukcha node``, the client tools, ``chukcha run``.
+
+Each subcommand lives in its own module with ``register(subparsers)``; the module's handler
+returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+# Modules that add subcommands, in --help order.
+_COMMAND_MODULES = (
+    "chukcha.cli.node",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chukcha",
+        description="Chukcha: a persistent, distributed event bus and exactly-once processors.",
+        allow_abbrev=False,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

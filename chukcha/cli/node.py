@@ -1,0 +1,192 @@
+"""``chukcha node``: run a node with the Go server's flags (and ours beside them)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from chukcha.bus.config import NodeConfig, ReplicationConfig, default_instance_name, parse_peers
+from chukcha.errors import ChukchaError
+from chukcha.protocol import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_CHUNK_SIZE,
+    format_go_duration,
+    parse_go_duration,
+    validate_instance,
+)
+
+__all__ = ["config_from_args", "register", "run_async", "setup_logging"]
+
+logger = logging.getLogger(__name__)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except empty ones and those the help text states itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, "", False) or "(default" in text:
+            return text
+        return super()._get_help_string(action) or text
+
+
+def _duration(text: str) -> float:
+    try:
+        value = parse_go_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"duration {text!r} must be positive")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"invalid listen address {text!r}: expected HOST:PORT")
+    return (host.strip("[]") or "0.0.0.0", int(port))  # noqa: S104 - ":8080" means all, as in Go
+
+
+def _instance(text: str) -> str:
+    try:
+        return validate_instance(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _flag(parser: Any, name: str, **kwargs: Any) -> None:  # a parser or an argument group
+    # The Go server's flag package takes -name and --name alike; so do we.
+    parser.add_argument(f"--{name}", f"-{name}", **kwargs)
+
+
+def register(sub: Any) -> None:
+    """Add ``chukcha node`` to the subcommand parsers."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "node",
+        help="run a bus node",
+        description=(
+            "Run a Chukcha node. With no flags it is a standalone node on 127.0.0.1:8080 keeping "
+            "data in ./chukcha-data. The Go server's flags work unchanged (-flag or --flag)."
+        ),
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,
+    )
+    _flag(p, "instance", type=_instance, default=default_instance_name(), metavar="NAME",
+          help="this node's name; its chunk files start with it (default: the host name)")
+    _flag(p, "dirname", type=Path, default="chukcha-data",
+          help="the data directory")
+    _flag(p, "listen", type=_listen, default="127.0.0.1:8080", metavar="HOST:PORT",
+          help="address to serve HTTP on")
+    _flag(p, "peers", default="", metavar="NAME=HOST:PORT,...",
+          help="static list of the other nodes (this node's own entry is ignored)")
+    _flag(p, "max-chunk-size", type=_size, default=DEFAULT_MAX_CHUNK_SIZE, metavar="BYTES",
+          help="start a new chunk when a write would take the current one past this")
+    _flag(p, "rotate-chunk-interval", type=_duration, default="10m", metavar="DURATION",
+          help="close a non-empty chunk this often (Go syntax: 50ms, 10s, 10m, 1h30m)")
+    ext = p.add_argument_group("extensions (not in the Go server)")
+    _flag(ext, "max-batch-size", type=_size, default=DEFAULT_MAX_BATCH_SIZE, metavar="BYTES",
+          help="largest accepted write body")
+    _flag(ext, "sync-each-write", action="store_true",
+          help="fsync every write before answering (else per request with sync=1)")
+    _flag(ext, "etcd", default=os.environ.get("CHUKCHA_ETCD", ""), metavar="URL[,URL...]",
+          help="etcd endpoints for membership (env CHUKCHA_ETCD); none: static --peers")
+    _flag(ext, "cluster", default="default", metavar="NAME",
+          help="cluster name: the etcd key prefix chukcha/<cluster>/")
+    _flag(ext, "dead-peer-timeout", type=_duration, default="1h", metavar="DURATION",
+          help="after a peer has been gone this long its last chunk counts as complete")
+    _flag(ext, "listen-fd", type=int, default=None, metavar="FD",
+          help="serve on this already bound listening socket (socket activation)")
+    _flag(ext, "log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+          help="logging level")
+    p.set_defaults(handler=_run)
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """Build the :class:`NodeConfig` from parsed ``chukcha node`` arguments."""
+    return NodeConfig(
+        instance=args.instance,
+        data_dir=args.dirname,
+        listen=args.listen,
+        listen_fd=args.listen_fd,
+        peers=parse_peers(args.peers),
+        max_chunk_size=args.max_chunk_size,
+        rotate_interval=args.rotate_chunk_interval,
+        max_batch_size=args.max_batch_size,
+        max_message_size=min(args.max_batch_size, 1 << 20),
+        sync_each_write=args.sync_each_write,
+        etcd_endpoints=tuple(e.strip() for e in args.etcd.split(",") if e.strip()),
+        cluster=args.cluster,
+        replication=ReplicationConfig(dead_peer_timeout=args.dead_peer_timeout),
+    )
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def run_async(config: NodeConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully."""
+    from chukcha.bus.node import Node  # noqa: PLC0415 - keep `chukcha --help` light
+
+    node = Node(config)
+    await node.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        logger.info("instance=%s stopping (signal)", config.instance)
+    finally:
+        await node.stop()
+
+
+def _run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        logger.error("invalid configuration: %s", exc)  # noqa: TRY400 - one clear line
+        return 2
+    logger.info(
+        "starting instance=%s dirname=%s listen=%s:%d rotate=%s",
+        config.instance, config.data_dir, *config.listen,
+        format_go_duration(config.rotate_interval),
+    )
+    try:
+        run_loop(run_async(config))
+    except ChukchaError as exc:
+        logger.error("%s", exc)  # noqa: TRY400 - a clear line, not a traceback
+        return 1
+    except OSError as exc:
+        logger.error("cannot start: %s", exc)  # noqa: TRY400
+        return 1
+    return 0
+
+
+def run_loop(main: Any) -> None:
+    """Run ``main`` on uvloop when it is installed (it is a dependency), else asyncio."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:  # pragma: no cover
+        asyncio.run(main)
+    else:
+        uvloop.run(main)

@@ -1,0 +1,1 @@
+"""Runnable examples: the orders processor and idempotent sinks."""

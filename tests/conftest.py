@@ -1,0 +1,38 @@
+"""Shared fixtures: a real node on loopback, an HTTP session, blocking-I/O detection."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from blockbuster import BlockBuster, blockbuster_ctx
+
+from chukcha.bus.node import Node
+from chukcha.testing import run_node
+
+
+@pytest.fixture(autouse=True)
+def blockbuster(request: pytest.FixtureRequest) -> Iterator[BlockBuster | None]:
+    """Fail a test that does blocking disk or socket I/O on the event loop (as aiohttp does).
+
+    Tests marked ``allow_blocking`` (subprocess orchestration, LevelDB in sync code) opt out.
+    """
+    if request.node.get_closest_marker("allow_blocking"):
+        yield None
+        return
+    with blockbuster_ctx() as bb:
+        yield bb
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    async with run_node(tmp_path / "data", instance="moscow") as n:
+        yield n
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
