@@ -118,6 +118,7 @@ class ChunkStore:
         self._dead_owners: set[str] = set()
         self._listeners: list[Callable[[StoreEvent], None]] = []
         self._create_lock = asyncio.Lock()
+        self._changed: dict[str, asyncio.Future[None]] = {}
 
     @property
     def instance(self) -> str:
@@ -242,6 +243,9 @@ class ChunkStore:
 
     def _emit(self, kind: StoreEventKind, category: str, chunk: str, size: int) -> None:
         event = StoreEvent(kind, category, chunk, size)
+        fut = self._changed.pop(category, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
         for cb in list(self._listeners):
             try:
                 cb(event)
@@ -451,6 +455,36 @@ class ChunkStore:
             os.close(fd)
 
     # --- reads --------------------------------------------------------------------------
+
+    async def wait_changed(self, category: str, timeout: float) -> bool:
+        """Wait until anything changes in ``category`` (a write, a new chunk, an ack).
+
+        Returns ``False`` on timeout. Long polls use it instead of sleeping.
+        """
+        fut = self._changed.get(category)
+        if fut is None or fut.done():
+            fut = self._changed[category] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(fut)
+        except TimeoutError:
+            return False
+        return True
+
+    async def read_wait(
+        self, category: str, chunk: str, off: int, max_size: int, wait: float
+    ) -> bytes:
+        """:meth:`read`, but when there is nothing at ``off`` yet wait up to ``wait`` seconds
+        for data (or for the chunk to become complete or acked) before answering ``b""``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            data = await self.read(category, chunk, off, max_size)
+            remaining = deadline - loop.time()
+            if data or remaining <= 0 or self.is_complete(category, chunk):
+                return data
+            if not await self.wait_changed(category, remaining):
+                return await self.read(category, chunk, off, max_size)
 
     async def read(self, category: str, chunk: str, off: int, max_size: int) -> bytes:
         """Whole messages of ``chunk`` from ``off``, at most ``max_size`` bytes.

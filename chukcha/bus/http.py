@@ -21,12 +21,14 @@ from chukcha.errors import BadRequestError, BodyTooLargeError, ChukchaError
 from chukcha.protocol import check_messages, parse_chunk_name, validate_category
 
 __all__ = [
+    "MAX_READ_WAIT",
     "AckHandler",
     "BusApi",
     "Handler",
     "ReplicaWaiter",
     "add_routes",
     "error_middleware",
+    "float_param",
     "int_param",
     "str_param",
 ]
@@ -36,6 +38,8 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _JSON: Final = "application/json"
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
+MAX_READ_WAIT: Final = 60.0
+"""Longest ``wait`` (seconds) a long-polling ``/read`` may ask for."""
 
 
 class ReplicaWaiter(Protocol):
@@ -68,6 +72,22 @@ def int_param(request: web.Request, name: str, default: int | None = None) -> in
     if not value.isascii() or not value.isdigit():
         raise BadRequestError(f"parameter {name!r} must be a non-negative integer, got {value!r}")
     return int(value)
+
+
+def float_param(
+    request: web.Request, name: str, default: float, *, maximum: float
+) -> float:
+    """An optional non-negative number of seconds, at most ``maximum``."""
+    value = request.query.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise BadRequestError(f"parameter {name!r} must be a number, got {value!r}") from None
+    if not 0 <= number <= maximum:
+        raise BadRequestError(f"parameter {name!r} must be between 0 and {maximum}")
+    return number
 
 
 @web.middleware
@@ -162,7 +182,13 @@ class BusApi:
         parse_chunk_name(chunk)
         off = int_param(request, "off")
         max_size = int_param(request, "max_size")
-        data = await self._store.read(category, chunk, off, max_size)
+        wait = float_param(request, "wait", 0.0, maximum=MAX_READ_WAIT)
+        if wait > 0:
+            # Extension: a long poll. With nothing at `off` yet, answer when data arrives, the
+            # chunk becomes complete, or `wait` seconds pass; an empty 200 still means "no more".
+            data = await self._store.read_wait(category, chunk, off, max_size, wait)
+        else:
+            data = await self._store.read(category, chunk, off, max_size)
         return web.Response(body=data, content_type="application/octet-stream")
 
     async def ack(self, request: web.Request) -> web.StreamResponse:
