@@ -1,0 +1,342 @@
+"""Load generator for one bus node: write, read back like the Go client, single-message writes.
+
+Starts its own ``chukcha node`` subprocess (:class:`chukcha.testing.NodeProcess`) on a temporary
+directory, writes N messages of S bytes in batches of B bytes over C connections, reads every
+chunk back the way the Go simple client does (listChunks, read until an empty answer, next
+chunk), verifies that every batch arrived exactly once and byte for byte, and prints a table.
+
+    .venv/bin/python bench/bench_bus.py                       # everything, defaults below
+    .venv/bin/python bench/bench_bus.py --mode single -n 50000 -c 8
+    .venv/bin/python bench/bench_bus.py --runs 3              # fresh node per run, median row
+
+The load generator shares the machine's cores with the node, so figures are a lower bound for
+the node alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from chukcha.testing import NodeProcess
+
+__all__ = ["Result", "main"]
+
+CATEGORY = "bench"
+_PREFIX = 12  # every message starts with its zero-padded index and a space
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One measured phase."""
+
+    phase: str
+    messages: int
+    nbytes: int
+    seconds: float
+    latencies: tuple[float, ...]
+
+    @property
+    def mb_s(self) -> float:
+        return self.nbytes / self.seconds / 1e6
+
+    @property
+    def msgs_s(self) -> float:
+        return self.messages / self.seconds
+
+    def pct(self, p: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
+
+
+def make_batches(n: int, size: int, batch: int) -> list[bytes]:
+    """``n`` messages of ``size`` bytes (newline included) grouped into bodies of <= ``batch``."""
+    if size < _PREFIX + 1:
+        raise SystemExit(f"-s must be at least {_PREFIX + 1}")
+    filler = (b"abcdefghijklmnopqrstuvwxyz" * (size // 26 + 1))[: size - _PREFIX - 1]
+    per = max(1, batch // size)
+    bodies: list[bytes] = []
+    for start in range(0, n, per):
+        stop = min(n, start + per)
+        bodies.append(b"".join(b"%011d %b\n" % (i, filler) for i in range(start, stop)))
+    return bodies
+
+
+async def _write_all(url: str, bodies: Sequence[bytes], conns: int) -> Result:
+    next_body = iter(range(len(bodies)))
+    latencies: list[float] = []
+    connector = aiohttp.TCPConnector(limit=conns)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def worker() -> None:
+            for i in next_body:
+                t0 = time.perf_counter()
+                async with http.post(url, data=bodies[i]) as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"write failed: {resp.status} {await resp.text()}")
+                    await resp.read()
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(conns):
+                tg.create_task(worker())
+        elapsed = time.perf_counter() - t0
+    nbytes = sum(len(b) for b in bodies)
+    return Result("write", sum(b.count(b"\n") for b in bodies), nbytes, elapsed,
+                  tuple(latencies))
+
+
+async def _read_all(
+    base: str, max_size: int, conns: int, category: str = CATEGORY
+) -> tuple[Result, dict[str, bytes]]:
+    """Read every chunk to its end like the Go client (chunks in parallel, one per worker)."""
+    connector = aiohttp.TCPConnector(limit=conns)
+    latencies: list[float] = []
+    out: dict[str, bytes] = {}
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.get(f"{base}/listChunks", params={"category": category}) as resp:
+            chunks = [c["name"] for c in await resp.json()]
+        todo = iter(chunks)
+
+        async def worker() -> None:
+            for name in todo:
+                parts: list[bytes] = []
+                off = 0
+                url = f"{base}/read?category={category}&chunk={name}&max_size={max_size}&off="
+                while True:
+                    t0 = time.perf_counter()
+                    async with http.get(url + str(off)) as resp:
+                        if resp.status != 200:
+                            raise RuntimeError(f"read failed: {resp.status} {await resp.text()}")
+                        data = await resp.read()
+                    latencies.append(time.perf_counter() - t0)
+                    if not data:
+                        break
+                    parts.append(data)
+                    off += len(data)
+                out[name] = b"".join(parts)
+
+        t0 = time.perf_counter()
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(conns):
+                tg.create_task(worker())
+        elapsed = time.perf_counter() - t0
+    nbytes = sum(len(v) for v in out.values())
+    msgs = sum(v.count(b"\n") for v in out.values())
+    return Result("read", msgs, nbytes, elapsed, tuple(latencies)), out
+
+
+def verify(bodies: Sequence[bytes], chunks: dict[str, bytes]) -> None:
+    """Every written body appears exactly once, byte for byte, and nothing else does.
+
+    A write lands whole in one chunk, so each chunk is a concatenation of bodies; walk it body by
+    body (one dict lookup and one memcmp per body, no Python loop per message).
+    """
+    by_first = {int(b[: _PREFIX - 1]): i for i, b in enumerate(bodies)}
+    seen = bytearray(len(bodies))
+    for name, data in sorted(chunks.items()):
+        view = memoryview(data)
+        pos = 0
+        while pos < len(data):
+            i = by_first.get(int(data[pos : pos + _PREFIX - 1]))
+            if i is None:
+                raise AssertionError(f"{name}@{pos}: not the start of a written batch")
+            body = bodies[i]
+            if view[pos : pos + len(body)] != body:
+                raise AssertionError(f"{name}@{pos}: batch {i} differs from what was written")
+            if seen[i]:
+                raise AssertionError(f"batch {i} read twice")
+            seen[i] = 1
+            pos += len(body)
+    missing = len(bodies) - sum(seen)
+    if missing:
+        raise AssertionError(f"{missing} written batches were not read back")
+
+
+class RawHttp:
+    """A minimal keep-alive HTTP/1.1 client for tiny requests.
+
+    aiohttp's client spends ~150 us of CPU per request, which on a 2-core box is taken from the
+    node under test; this one builds the request bytes with one format and parses only the
+    status line and Content-Length.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+
+    @classmethod
+    async def connect(cls, host: str, port: int) -> RawHttp:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer)
+
+    async def post(self, target: str, body: bytes) -> tuple[int, bytes]:
+        self._writer.write(b"POST %b HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n%b"
+                           % (target.encode(), len(body), body))
+        head = await self._reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        data = await self._reader.readexactly(length) if length else b""
+        return status, data
+
+    async def close(self) -> None:
+        self._writer.close()
+        await self._writer.wait_closed()
+
+
+async def _single_raw(address: str, n: int, size: int, conns: int) -> Result:
+    host, _, port = address.rpartition(":")
+    filler = (b"x" * size)[: size - _PREFIX - 1]
+    latencies: list[float] = []
+    counter = iter(range(n))
+    target = "/write?category=single"
+
+    async def worker() -> None:
+        http = await RawHttp.connect(host, int(port))
+        try:
+            for i in counter:
+                body = b"%011d %b\n" % (i, filler)
+                t0 = time.perf_counter()
+                status, data = await http.post(target, body)
+                if status != 200:
+                    raise RuntimeError(f"write failed: {status} {data!r}")
+                latencies.append(time.perf_counter() - t0)
+        finally:
+            await http.close()
+
+    t0 = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(conns):
+            tg.create_task(worker())
+    elapsed = time.perf_counter() - t0
+    return Result("single", n, n * size, elapsed, tuple(latencies))
+
+
+async def _single(url: str, n: int, size: int, conns: int) -> Result:
+    filler = (b"x" * size)[: size - _PREFIX - 1]
+    latencies: list[float] = []
+    counter = iter(range(n))
+    connector = aiohttp.TCPConnector(limit=conns)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def worker() -> None:
+            for i in counter:
+                body = b"%011d %b\n" % (i, filler)
+                t0 = time.perf_counter()
+                async with http.post(url, data=body) as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"write failed: {resp.status} {await resp.text()}")
+                    await resp.read()
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(conns):
+                tg.create_task(worker())
+        elapsed = time.perf_counter() - t0
+    return Result("single", n, n * size, elapsed, tuple(latencies))
+
+
+async def _check_single(base: str, n: int, size: int) -> None:
+    """Every single-message write is there exactly once (order across connections is free)."""
+    _, chunks = await _read_all(base, 1 << 20, 1, category="single")
+    data = b"".join(chunks.values())
+    lines = data.split(b"\n")[:-1]
+    if len(lines) != n or any(len(x) != size - 1 for x in lines):
+        raise AssertionError(f"single: read {len(lines)} messages, wrote {n}")
+    if sorted(int(x[: _PREFIX - 1]) for x in lines) != list(range(n)):
+        raise AssertionError("single: the messages read back are not the ones written")
+
+
+async def run_once(args: argparse.Namespace, bodies: list[bytes]) -> list[Result]:
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="chukcha-bench-") as tmp:
+        node = NodeProcess(Path(tmp) / "data", "bench", ["--log-level", "WARNING", *args.node_arg])
+        try:
+            await node.start()
+            if args.mode in ("write", "read", "all"):
+                results.append(await _write_all(f"{node.url}/write?category={CATEGORY}",
+                                                bodies, args.c))
+                read, chunks = await _read_all(node.url, args.read_size, args.c)
+                verify(bodies, chunks)
+                if read.messages != args.n:
+                    raise AssertionError(f"read {read.messages} messages, wrote {args.n}")
+                results.append(read)
+                del chunks
+            if args.mode in ("single", "all"):
+                single_c = args.single_c or args.c
+                if args.client == "raw":
+                    single = await _single_raw(node.address, args.single_n, args.s, single_c)
+                else:
+                    single = await _single(f"{node.url}/write?category=single",
+                                           args.single_n, args.s, single_c)
+                results.append(single)
+                await _check_single(node.url, args.single_n, args.s)
+        finally:
+            code = await node.stop()
+            node.close()
+        if code != 0:
+            print(node.log_text(), file=sys.stderr)
+            raise RuntimeError(f"node exited with {code}")
+    return results
+
+
+def print_table(rows: Sequence[Result], title: str) -> None:
+    print(title)
+    print(f"{'phase':<8} {'messages':>10} {'MB':>9} {'sec':>7} {'MB/s':>8} {'msgs/s':>11} "
+          f"{'p50 ms':>8} {'p99 ms':>8}")
+    for r in rows:
+        print(f"{r.phase:<8} {r.messages:>10} {r.nbytes / 1e6:>9.1f} {r.seconds:>7.2f} "
+              f"{r.mb_s:>8.1f} {r.msgs_s:>11.0f} {r.pct(50):>8.2f} {r.pct(99):>8.2f}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-n", type=int, default=3_000_000, help="messages to write and read back")
+    p.add_argument("-s", type=int, default=100, help="message size in bytes, newline included")
+    p.add_argument("-b", type=int, default=1 << 20, help="write batch (body) size in bytes")
+    p.add_argument("-c", type=int, default=4, help="concurrent connections")
+    p.add_argument("--mode", choices=["write", "read", "single", "all"], default="all",
+                   help="write and read are measured together (read needs the written data)")
+    p.add_argument("--read-size", type=int, default=1 << 20, help="max_size of each /read")
+    p.add_argument("--single-n", type=int, default=60_000, help="single-message writes")
+    p.add_argument("--single-c", type=int, default=8, help="connections for single writes")
+    p.add_argument("--client", choices=["raw", "aiohttp"], default="raw",
+                   help="HTTP client for single writes (raw: a minimal keep-alive client)")
+    p.add_argument("--runs", type=int, default=1, help="repeat on a fresh node; print medians")
+    p.add_argument("--node-arg", action="append", default=[],
+                   help="extra chukcha node flag (repeatable): --node-arg=-sync-each-write")
+    args = p.parse_args(argv)
+    bodies = make_batches(args.n, args.s, args.b) if args.mode != "single" else []
+    runs: list[list[Result]] = []
+    for i in range(args.runs):
+        results = asyncio.run(run_once(args, bodies))
+        print_table(results, f"run {i + 1}/{args.runs}: n={args.n} s={args.s} b={args.b} "
+                    f"c={args.c} single_c={args.single_c}")
+        runs.append(results)
+    if args.runs > 1:
+        medians = []
+        for j, first in enumerate(runs[0]):
+            pick = sorted((r[j] for r in runs), key=lambda r: r.mb_s)[len(runs) // 2]
+            medians.append(Result(first.phase, pick.messages, pick.nbytes, pick.seconds,
+                                  pick.latencies))
+        print_table(medians, f"median of {args.runs} runs (by MB/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
