@@ -2,6 +2,7 @@
 
 from chukcha.bus.config import NodeConfig
 from chukcha.bus.node import Node
+from chukcha.client import Client
 from chukcha.errors import ChukchaError
 
-__all__ = ["ChukchaError", "Node", "NodeConfig"]
+__all__ = ["ChukchaError", "Client", "Node", "NodeConfig"]

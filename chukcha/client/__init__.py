@@ -1,0 +1,19 @@
+"""The Chukcha client: :class:`Client` (asyncio), producers, consumers, a blocking wrapper."""
+
+from chukcha.client.client import Client, parse_nodes
+from chukcha.client.consumer import Batch, Consumer, ConsumerConfig, Position
+from chukcha.client.ids import new_id, new_ids
+from chukcha.client.producer import Producer, ProducerConfig
+
+__all__ = [
+    "Batch",
+    "Client",
+    "Consumer",
+    "ConsumerConfig",
+    "Position",
+    "Producer",
+    "ProducerConfig",
+    "new_id",
+    "new_ids",
+    "parse_nodes",
+]

@@ -1,0 +1,507 @@
+"""The consumer: reads every owner's stream of one category from one node (``PROTOCOL.md``).
+
+Each owner's stream is read chunk by chunk, oldest first: ``/read`` from the position, an empty
+answer at the end of a *complete* chunk moves on to the owner's next chunk, a 404 means "not
+replicated here yet" and is waited out. For the open chunk the consumer asks the node to hold the
+request (``wait=``, our long-poll extension) so an idle consumer neither spins nor polls fast; a
+Go server ignores ``wait`` and answers at once, which the consumer notices and then polls every
+``poll_interval`` instead.
+
+Acks follow commits, never the other way round: :meth:`Consumer.commit` is told how far the
+caller has *durably* processed each stream and only then acks (for its group) the complete
+chunks that lie wholly before those positions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final
+
+from chukcha.client.http import NodeApi
+from chukcha.errors import (
+    ClientError,
+    ConsumerError,
+    RemoteNotFoundError,
+    RequestRejectedError,
+    ServerError,
+)
+from chukcha.protocol import (
+    MAX_MESSAGE_SIZE,
+    MAX_READ_SIZE,
+    ChunkInfo,
+    parse_chunk_name,
+    split_messages,
+    validate_category,
+)
+
+__all__ = ["Batch", "Consumer", "ConsumerConfig", "Position"]
+
+logger = logging.getLogger(__name__)
+
+_INF: Final = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where one owner's stream is read up to: ``offset`` bytes of ``chunk`` consumed."""
+
+    chunk: str
+    offset: int
+
+    def __post_init__(self) -> None:
+        parse_chunk_name(self.chunk)
+        if self.offset < 0:
+            raise ValueError("offset must not be negative")
+
+    @property
+    def owner(self) -> str:
+        return self.chunk.rpartition("-")[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"chunk": self.chunk, "offset": self.offset}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Position:
+        return cls(str(obj["chunk"]), int(obj["offset"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Whole messages of one stream: ``data`` is ``chunk[offset:end]``."""
+
+    category: str
+    owner: str
+    chunk: str
+    offset: int
+    end: int
+    data: bytes
+
+    def messages(self) -> list[bytes]:
+        """The messages, without their ``\\n``."""
+        return split_messages(self.data)
+
+    @property
+    def position(self) -> Position:
+        """The position right after this batch (what to commit once it is processed)."""
+        return Position(self.chunk, self.end)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerConfig:
+    """Consumer settings.
+
+    Attributes:
+        max_batch_bytes: ``max_size`` of one ``/read`` (default 1 MiB; a larger message is
+            read whole anyway).
+        long_poll: ``wait`` seconds asked of the node for the open chunk (default 10 s).
+        relist_interval: how often ``/listChunks`` is asked while idle, to find new owners and
+            chunks (default 1 s).
+        poll_interval: the pause between reads of an open chunk when the node does not hold
+            requests (a Go server), and while a chunk is not replicated yet (default 0.25 s).
+        retry_interval: the pause after a failed request (default 1 s).
+    """
+
+    max_batch_bytes: int = 1 << 20
+    long_poll: float = 10.0
+    relist_interval: float = 1.0
+    poll_interval: float = 0.25
+    retry_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_batch_bytes <= MAX_READ_SIZE:
+            raise ValueError(f"max_batch_bytes must be between 1 and {MAX_READ_SIZE}")
+        if self.long_poll < 0 or self.long_poll > 60:
+            raise ValueError("long_poll must be between 0 and 60 seconds")
+        if min(self.relist_interval, self.poll_interval, self.retry_interval) <= 0:
+            raise ValueError("intervals must be positive")
+
+
+@dataclass(slots=True)
+class _ReadResult:
+    data: bytes = b""
+    error: ClientError | None = None
+    started: float = 0.0
+    elapsed: float = 0.0
+    wait: float = 0.0
+
+
+@dataclass(slots=True)
+class _Stream:
+    owner: str
+    chunk: str
+    offset: int
+    # Complete chunks read to their end, or lying before a restored position: name -> size.
+    finished: dict[str, int] = field(default_factory=dict)
+    task: asyncio.Task[_ReadResult] | None = None
+    not_before: float = 0.0
+    at_end: bool = False
+    big_read: bool = False
+
+
+class Consumer:
+    """Reads one category from one node; see the module docstring.
+
+    ``async with client.consumer("orders", group="billing") as c:`` then ``await c.read()`` or
+    ``async for batch in c``; after durably processing, ``await c.commit({owner: position})``.
+    """
+
+    def __init__(
+        self,
+        api: NodeApi,
+        urls: list[str],
+        category: str,
+        *,
+        group: str | None = None,
+        positions: Mapping[str, Position] | None = None,
+        config: ConsumerConfig | None = None,
+        on_close: Callable[[Consumer], None] | None = None,
+    ) -> None:
+        if not urls:
+            raise ValueError("a consumer needs a node URL")
+        self._api = api
+        self._urls = list(urls)
+        self._url_index = 0
+        self._category = validate_category(category)
+        self._group = group or None
+        self._config = config or ConsumerConfig()
+        self._on_close = on_close
+        self._streams: dict[str, _Stream] = {}
+        for owner, pos in (positions or {}).items():
+            if pos.owner != owner:
+                raise ValueError(f"position {pos.chunk} is not a chunk of owner {owner!r}")
+            self._streams[owner] = _Stream(owner, pos.chunk, pos.offset)
+        self._restored = {o: p.chunk for o, p in (positions or {}).items()}
+        self._chunks: dict[str, ChunkInfo] = {}
+        self._by_owner: dict[str, list[ChunkInfo]] = {}
+        self._listed_at = -_INF
+        self._list_due = -_INF
+        self._registered: set[str] = set()
+        self._acked: set[str] = set()
+        self._buffer: list[Batch] = []
+        self._started = False
+        self._closed = False
+
+    @property
+    def category(self) -> str:
+        return self._category
+
+    @property
+    def group(self) -> str | None:
+        return self._group
+
+    @property
+    def url(self) -> str:
+        """The node being read."""
+        return self._urls[self._url_index]
+
+    @property
+    def caught_up(self) -> bool:
+        """Every known stream has been read to its end (as of the last read of each)."""
+        return self._listed_at > -_INF and all(s.at_end for s in self._streams.values())
+
+    def positions(self) -> dict[str, Position]:
+        """Where each stream is read up to (delivered, not necessarily committed)."""
+        return {o: Position(s.chunk, s.offset) for o, s in self._streams.items()}
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register the group (if any) and list the chunks; ``read`` does this when needed."""
+        if self._closed:
+            raise RuntimeError(f"consumer of {self._category!r} is stopped")
+        if self._started:
+            return
+        await self._register(self.url)
+        await self._relist(asyncio.get_running_loop().time())
+        self._started = True
+
+    async def stop(self) -> None:
+        """Cancel the reads in flight; idempotent. Uncommitted batches are read again later."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [s.task for s in self._streams.values() if s.task is not None]
+        for s in self._streams.values():
+            s.task = None
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        if self._on_close is not None:
+            self._on_close(self)
+
+    close = stop
+
+    async def __aenter__(self) -> Consumer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def __del__(self) -> None:
+        if not self._closed and any(s.task for s in self._streams.values()):
+            warnings.warn(f"Consumer of {self._category!r} was not stopped", ResourceWarning,
+                          stacklevel=1)
+
+    def __aiter__(self) -> Consumer:
+        return self
+
+    async def __anext__(self) -> Batch:
+        while not self._buffer:
+            self._buffer = await self.read()
+        return self._buffer.pop(0)
+
+    async def _register(self, url: str) -> None:
+        if self._group is None or url in self._registered:
+            return
+        try:
+            await self._api.register_group(url, self._category, self._group)
+        except RemoteNotFoundError:
+            raise ConsumerError(
+                f"node {url} does not support consumer groups (a Go server?); "
+                "consume without a group there"
+            ) from None
+        self._registered.add(url)
+
+    # --- reading ------------------------------------------------------------------------
+
+    async def read(self, timeout: float | None = None) -> list[Batch]:
+        """The next batches (at most one per owner); ``[]`` after ``timeout`` seconds without
+        data; ``None`` waits until there is some.
+
+        Raises:
+            ConsumerError: the node refuses the requests (bad category, unknown group).
+        """
+        if not self._started:
+            await self._call_retrying(self.start)
+        loop = asyncio.get_running_loop()
+        deadline = _INF if timeout is None else loop.time() + timeout
+        while True:
+            if self._closed:
+                raise RuntimeError(f"consumer of {self._category!r} is stopped")
+            await self._maybe_relist(loop.time())
+            now = loop.time()
+            self._start_reads(now)
+            batches: list[Batch] = []
+            for s in self._streams.values():
+                if s.task is not None and s.task.done():
+                    result = s.task.result()
+                    s.task = None
+                    if (b := self._handle(s, result, loop.time())) is not None:
+                        batches.append(b)
+            if batches:
+                return batches
+            now = loop.time()
+            if now >= deadline:
+                return []
+            await self._wait_next(now, deadline)
+
+    async def _maybe_relist(self, now: float) -> None:
+        if now < min(self._list_due, self._listed_at + self._config.relist_interval):
+            return
+        try:
+            await self._relist(now)
+        except RequestRejectedError as exc:
+            raise ConsumerError(f"cannot list {self._category!r}: {exc}") from exc
+        except ClientError as exc:
+            self._failed(exc)
+            self._listed_at = now  # try again after relist_interval
+            self._list_due = _INF
+
+    async def _wait_next(self, now: float, deadline: float) -> None:
+        """Wait until a read in flight answers or the next due thing (a re-list, a retry, the
+        deadline)."""
+        wake = min(deadline, self._listed_at + self._config.relist_interval, self._list_due)
+        for s in self._streams.values():
+            if s.task is None and now < s.not_before < wake:
+                wake = s.not_before
+        tasks = [s.task for s in self._streams.values() if s.task is not None]
+        delay = max(0.0, wake - now)
+        if tasks:
+            await asyncio.wait(tasks, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            # Nothing in flight: the next thing to do is due at `wake` (a re-list, a retry).
+            await asyncio.sleep(delay)
+
+    async def _call_retrying(self, fn: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await fn()
+            except RequestRejectedError as exc:
+                raise ConsumerError(f"consumer of {self._category!r}: {exc}") from exc
+            except ClientError as exc:
+                self._failed(exc)
+                await asyncio.sleep(self._config.retry_interval)
+            else:
+                return
+
+    def _failed(self, exc: ClientError) -> None:
+        """A request failed (node down?): log, and read from the next node if there is one."""
+        if len(self._urls) > 1:
+            self._url_index = (self._url_index + 1) % len(self._urls)
+            logger.warning("category=%s %s; switching to %s", self._category, exc, self.url)
+        else:
+            logger.warning("category=%s %s; retrying", self._category, exc)
+
+    async def _relist(self, now: float) -> None:
+        url = self.url
+        await self._register(url)
+        chunks = await self._api.list_chunks(url, self._category)
+        self._listed_at = now
+        self._list_due = _INF
+        self._chunks = {c.name: c for c in chunks}
+        by_owner: dict[str, list[ChunkInfo]] = {}
+        for c in chunks:
+            by_owner.setdefault(c.name.rpartition("-")[0], []).append(c)
+        self._by_owner = by_owner
+        for owner, lst in by_owner.items():
+            s = self._streams.get(owner)
+            if s is None:
+                s = self._streams[owner] = _Stream(owner, lst[0].name, 0)
+                logger.debug("category=%s new stream %s at %s", self._category, owner, s.chunk)
+            if (restored := self._restored.get(owner)) is not None:
+                # Chunks before a restored position were committed by our predecessor; it may
+                # have stopped before acking them, so they are acked at our first commit.
+                for c in lst:
+                    if c.name < restored and c.complete:
+                        s.finished.setdefault(c.name, c.size)
+            if s.task is None:
+                self._advance(s)
+
+    def _advance(self, s: _Stream) -> None:
+        """Move ``s`` to the owner's next chunk when its chunk is finished or gone."""
+        lst = self._by_owner.get(s.owner, [])
+        info = self._chunks.get(s.chunk)
+        nxt = next((c for c in lst if c.name > s.chunk), None)
+        if nxt is None:
+            return
+        if info is not None and info.complete and s.offset >= info.size:
+            s.finished[s.chunk] = info.size
+        elif info is None:
+            # Acked meanwhile (by another group-less consumer, by retention, or by us after a
+            # restore): replication is in order, so a newer chunk here means it is not coming.
+            if s.offset and s.chunk not in self._acked:
+                logger.warning("category=%s chunk %s is gone at offset %d; continuing with %s",
+                               self._category, s.chunk, s.offset, nxt.name)
+        else:
+            return
+        s.chunk, s.offset, s.at_end, s.not_before = nxt.name, 0, False, 0.0
+
+    def _start_reads(self, now: float) -> None:
+        cfg = self._config
+        for s in self._streams.values():
+            if s.task is not None or s.not_before > now:
+                continue
+            info = self._chunks.get(s.chunk)
+            if info is not None and info.complete and s.offset >= info.size:
+                continue  # finished; waiting for the next chunk to show up in a listing
+            wait = 0.0 if info is not None and info.complete else cfg.long_poll
+            size = MAX_MESSAGE_SIZE + 1 if s.big_read else cfg.max_batch_bytes
+            s.task = asyncio.create_task(
+                self._fetch(self.url, s.chunk, s.offset, max(size, cfg.max_batch_bytes), wait),
+                name=f"consumer-{self._category}-{s.owner}",
+            )
+
+    async def _fetch(
+        self, url: str, chunk: str, offset: int, size: int, wait: float
+    ) -> _ReadResult:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result = _ReadResult(started=started, wait=wait)
+        try:
+            result.data = await self._api.read(url, self._category, chunk, offset, size, wait=wait)
+        except ClientError as exc:
+            result.error = exc
+        result.elapsed = loop.time() - started
+        return result
+
+    def _handle(self, s: _Stream, r: _ReadResult, now: float) -> Batch | None:
+        cfg = self._config
+        if r.error is not None:
+            err = r.error
+            if isinstance(err, RemoteNotFoundError):
+                # Not replicated here yet (or acked meanwhile): a listing tells which.
+                s.not_before = now + cfg.poll_interval
+                if self._listed_at < r.started:
+                    self._list_due = now
+                return None
+            if isinstance(err, RequestRejectedError):
+                raise ConsumerError(f"cannot read {self._category!r}: {err}") from err
+            if isinstance(err, ServerError) and not s.big_read:
+                # Most likely a message larger than max_batch_bytes: retry at once, reading more.
+                s.big_read = True
+                s.not_before = now
+                return None
+            self._failed(err)
+            s.not_before = now + cfg.retry_interval
+            return None
+        s.big_read = False
+        if r.data:
+            start = s.offset
+            s.offset += len(r.data)
+            s.at_end = False
+            return Batch(self._category, s.owner, s.chunk, start, s.offset, r.data)
+        s.at_end = True
+        info = self._chunks.get(s.chunk)
+        if info is not None and info.complete:
+            self._advance(s)
+            if s.at_end and self._listed_at < r.started:
+                self._list_due = now
+        elif self._listed_at < r.started or r.elapsed < r.wait / 2:
+            # It may have become complete (the long poll answers at once when it does); or the
+            # node does not hold requests at all: then poll it gently.
+            if self._listed_at < r.started:
+                self._list_due = now
+            if r.elapsed < r.wait / 2 or r.wait == 0:
+                s.not_before = now + cfg.poll_interval
+        return None
+
+    # --- committing ---------------------------------------------------------------------
+
+    async def commit(self, positions: Mapping[str, Position]) -> None:
+        """The caller has durably processed everything up to ``positions`` (owner -> position):
+        ack, for this consumer's group, every complete chunk wholly before them.
+
+        Idempotent. An ack that fails for a transient reason is retried at the next commit.
+
+        Raises:
+            ConsumerError: the node refused an ack (for example the group is not registered).
+        """
+        for owner, pos in positions.items():
+            s = self._streams.get(owner)
+            todo: list[tuple[str, int]] = []
+            if s is not None:
+                todo += [(name, size) for name, size in s.finished.items() if name < pos.chunk]
+            info = self._chunks.get(pos.chunk)
+            if info is not None and info.complete and pos.offset >= info.size:
+                todo.append((pos.chunk, info.size))
+            for name, size in sorted(todo):
+                if name in self._acked:
+                    if s is not None:
+                        s.finished.pop(name, None)
+                    continue
+                try:
+                    await self._api.ack(self.url, self._category, name, size, group=self._group)
+                except RequestRejectedError as exc:
+                    raise ConsumerError(f"cannot ack {self._category}/{name}: {exc}") from exc
+                except ClientError as exc:
+                    logger.warning("category=%s ack of %s failed (retried at the next commit): "
+                                   "%s", self._category, name, exc)
+                    break
+                self._acked.add(name)
+                if s is not None:
+                    s.finished.pop(name, None)
+                logger.debug("category=%s group=%s acked %s", self._category, self._group, name)
+        # Bound the memory of acked names: the listing drops a chunk once it is tombstoned.
+        self._acked.intersection_update(self._chunks)
