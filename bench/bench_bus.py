@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 
 from chukcha.testing import NodeProcess
 
-__all__ = ["Result", "main"]
+__all__ = ["RawHttp", "Result", "Verifier", "main"]
 
 CATEGORY = "bench"
 _PREFIX = 12  # every message starts with its zero-padded index and a space
@@ -97,21 +99,32 @@ async def _write_all(url: str, bodies: Sequence[bytes], conns: int) -> Result:
                   tuple(latencies))
 
 
+class Checker(Protocol):
+    """Checks the bytes of one chunk as they arrive, read by read."""
+
+    def feed(self, data: bytes) -> None: ...
+    def end(self) -> None: ...
+
+
 async def _read_all(
-    base: str, max_size: int, conns: int, category: str = CATEGORY
-) -> tuple[Result, dict[str, bytes]]:
-    """Read every chunk to its end like the Go client (chunks in parallel, one per worker)."""
+    base: str, max_size: int, conns: int, category: str, checker: Callable[[str], Checker]
+) -> Result:
+    """Read every chunk to its end like the Go client (chunks in parallel, one per worker).
+
+    Every answer is checked as it arrives and dropped, so memory stays bounded.
+    """
     connector = aiohttp.TCPConnector(limit=conns)
     latencies: list[float] = []
-    out: dict[str, bytes] = {}
+    total = 0
     async with aiohttp.ClientSession(connector=connector) as http:
         async with http.get(f"{base}/listChunks", params={"category": category}) as resp:
             chunks = [c["name"] for c in await resp.json()]
         todo = iter(chunks)
 
         async def worker() -> None:
+            nonlocal total
             for name in todo:
-                parts: list[bytes] = []
+                check = checker(name)
                 off = 0
                 url = f"{base}/read?category={category}&chunk={name}&max_size={max_size}&off="
                 while True:
@@ -123,45 +136,90 @@ async def _read_all(
                     latencies.append(time.perf_counter() - t0)
                     if not data:
                         break
-                    parts.append(data)
+                    check.feed(data)
                     off += len(data)
-                out[name] = b"".join(parts)
+                check.end()
+                total += off
 
         t0 = time.perf_counter()
         async with asyncio.TaskGroup() as tg:
             for _ in range(conns):
                 tg.create_task(worker())
         elapsed = time.perf_counter() - t0
-    nbytes = sum(len(v) for v in out.values())
-    msgs = sum(v.count(b"\n") for v in out.values())
-    return Result("read", msgs, nbytes, elapsed, tuple(latencies)), out
+    return Result("read", 0, total, elapsed, tuple(latencies))
 
 
-def verify(bodies: Sequence[bytes], chunks: dict[str, bytes]) -> None:
+class Verifier:
     """Every written body appears exactly once, byte for byte, and nothing else does.
 
-    A write lands whole in one chunk, so each chunk is a concatenation of bodies; walk it body by
-    body (one dict lookup and one memcmp per body, no Python loop per message).
+    A write lands whole in one chunk, so each chunk is a concatenation of bodies. The check walks
+    each answer body by body: one dict lookup where a body starts and one memcmp per piece, no
+    Python loop per message and no copy.
     """
-    by_first = {int(b[: _PREFIX - 1]): i for i, b in enumerate(bodies)}
-    seen = bytearray(len(bodies))
-    for name, data in sorted(chunks.items()):
-        view = memoryview(data)
+
+    def __init__(self, bodies: Sequence[bytes]) -> None:
+        self._bodies = bodies
+        self._views = [memoryview(b) for b in bodies]
+        self._counts = [b.count(b"\n") for b in bodies]
+        self._by_first = {int(b[: _PREFIX - 1]): i for i, b in enumerate(bodies)}
+        self._seen = bytearray(len(bodies))
+        self.messages = 0
+
+    def chunk(self, name: str) -> Checker:
+        return _ChunkCheck(self, name)
+
+    def piece(self, name: str, data: bytes, body: int, at: int) -> tuple[int, int]:
+        """Check ``data`` (the next bytes of chunk ``name``) that continues ``body`` at ``at``
+        (``body`` -1: a new body starts); returns where the next piece continues."""
         pos = 0
         while pos < len(data):
-            i = by_first.get(int(data[pos : pos + _PREFIX - 1]))
-            if i is None:
-                raise AssertionError(f"{name}@{pos}: not the start of a written batch")
-            body = bodies[i]
-            if view[pos : pos + len(body)] != body:
-                raise AssertionError(f"{name}@{pos}: batch {i} differs from what was written")
-            if seen[i]:
-                raise AssertionError(f"batch {i} read twice")
-            seen[i] = 1
-            pos += len(body)
-    missing = len(bodies) - sum(seen)
-    if missing:
-        raise AssertionError(f"{missing} written batches were not read back")
+            if body < 0:
+                body = self._by_first.get(int(data[pos : pos + _PREFIX - 1]), -1)
+                if body < 0:
+                    raise AssertionError(f"{name}: not the start of a written batch")
+                if self._seen[body]:
+                    raise AssertionError(f"batch {body} read twice")
+                self._seen[body] = 1
+                self.messages += self._counts[body]
+                at = 0
+            view = self._views[body]
+            take = min(len(view) - at, len(data) - pos)
+            if not data.startswith(view[at : at + take], pos):
+                raise AssertionError(f"{name}: batch {body} differs from what was written")
+            pos += take
+            at += take
+            if at == len(view):
+                body = -1
+        return body, at
+
+    def finish(self) -> None:
+        missing = len(self._bodies) - sum(self._seen)
+        if missing:
+            raise AssertionError(f"{missing} written batches were not read back")
+
+
+class _ChunkCheck:
+    def __init__(self, verifier: Verifier, name: str) -> None:
+        self._verifier, self._name = verifier, name
+        self._body, self._at = -1, 0
+
+    def feed(self, data: bytes) -> None:
+        self._body, self._at = self._verifier.piece(self._name, data, self._body, self._at)
+
+    def end(self) -> None:
+        if self._body >= 0:
+            raise AssertionError(f"{self._name} ends inside batch {self._body}")
+
+
+class _Collect:
+    def __init__(self, out: list[bytes]) -> None:
+        self._out = out
+
+    def feed(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def end(self) -> None:
+        pass
 
 
 class RawHttp:
@@ -198,12 +256,12 @@ class RawHttp:
         await self._writer.wait_closed()
 
 
-async def _single_raw(address: str, n: int, size: int, conns: int) -> Result:
+async def _single_raw(address: str, category: str, n: int, size: int, conns: int) -> Result:
     host, _, port = address.rpartition(":")
     filler = (b"x" * size)[: size - _PREFIX - 1]
     latencies: list[float] = []
     counter = iter(range(n))
-    target = "/write?category=single"
+    target = f"/write?category={category}"
 
     async def worker() -> None:
         http = await RawHttp.connect(host, int(port))
@@ -251,11 +309,11 @@ async def _single(url: str, n: int, size: int, conns: int) -> Result:
     return Result("single", n, n * size, elapsed, tuple(latencies))
 
 
-async def _check_single(base: str, n: int, size: int) -> None:
+async def _check_single(base: str, category: str, n: int, size: int) -> None:
     """Every single-message write is there exactly once (order across connections is free)."""
-    _, chunks = await _read_all(base, 1 << 20, 1, category="single")
-    data = b"".join(chunks.values())
-    lines = data.split(b"\n")[:-1]
+    pieces: list[bytes] = []
+    await _read_all(base, 1 << 20, 1, category, lambda _name: _Collect(pieces))
+    lines = b"".join(pieces).split(b"\n")[:-1]
     if len(lines) != n or any(len(x) != size - 1 for x in lines):
         raise AssertionError(f"single: read {len(lines)} messages, wrote {n}")
     if sorted(int(x[: _PREFIX - 1]) for x in lines) != list(range(n)):
@@ -264,34 +322,46 @@ async def _check_single(base: str, n: int, size: int) -> None:
 
 async def run_once(args: argparse.Namespace, bodies: list[bytes]) -> list[Result]:
     results: list[Result] = []
+    if args.url:
+        # An already running node (ours or the Go server, for comparison); use a fresh category.
+        return await _phases(args, bodies, args.url.rstrip("/"))
     with tempfile.TemporaryDirectory(prefix="chukcha-bench-") as tmp:
         node = NodeProcess(Path(tmp) / "data", "bench", ["--log-level", "WARNING", *args.node_arg])
         try:
             await node.start()
-            if args.mode in ("write", "read", "all"):
-                results.append(await _write_all(f"{node.url}/write?category={CATEGORY}",
-                                                bodies, args.c))
-                read, chunks = await _read_all(node.url, args.read_size, args.c)
-                verify(bodies, chunks)
-                if read.messages != args.n:
-                    raise AssertionError(f"read {read.messages} messages, wrote {args.n}")
-                results.append(read)
-                del chunks
-            if args.mode in ("single", "all"):
-                single_c = args.single_c or args.c
-                if args.client == "raw":
-                    single = await _single_raw(node.address, args.single_n, args.s, single_c)
-                else:
-                    single = await _single(f"{node.url}/write?category=single",
-                                           args.single_n, args.s, single_c)
-                results.append(single)
-                await _check_single(node.url, args.single_n, args.s)
+            results = await _phases(args, bodies, node.url)
         finally:
             code = await node.stop()
             node.close()
         if code != 0:
             print(node.log_text(), file=sys.stderr)
             raise RuntimeError(f"node exited with {code}")
+    return results
+
+
+async def _phases(args: argparse.Namespace, bodies: list[bytes], url: str) -> list[Result]:
+    results: list[Result] = []
+    # A fresh category per run, so that a node given with --url may hold older data.
+    cat = f"{CATEGORY}{time.time_ns()}" if args.url else CATEGORY
+    if args.mode in ("write", "read", "all"):
+        results.append(await _write_all(f"{url}/write?category={cat}", bodies, args.c))
+        verifier = Verifier(bodies)
+        read = await _read_all(url, args.read_size, args.c, cat, verifier.chunk)
+        verifier.finish()
+        read = dataclasses.replace(read, messages=verifier.messages)
+        if read.messages != args.n:
+            raise AssertionError(f"read {read.messages} messages, wrote {args.n}")
+        results.append(read)
+    if args.mode in ("single", "all"):
+        single_c = args.single_c or args.c
+        if args.client == "raw":
+            address = url.removeprefix("http://")
+            single = await _single_raw(address, f"{cat}_single", args.single_n, args.s, single_c)
+        else:
+            single = await _single(f"{url}/write?category={cat}_single", args.single_n, args.s,
+                                   single_c)
+        results.append(single)
+        await _check_single(url, f"{cat}_single", args.single_n, args.s)
     return results
 
 
@@ -317,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--single-c", type=int, default=8, help="connections for single writes")
     p.add_argument("--client", choices=["raw", "aiohttp"], default="raw",
                    help="HTTP client for single writes (raw: a minimal keep-alive client)")
+    p.add_argument("--url", default="", help="bench this running node instead of starting one")
     p.add_argument("--runs", type=int, default=1, help="repeat on a fresh node; print medians")
     p.add_argument("--node-arg", action="append", default=[],
                    help="extra chukcha node flag (repeatable): --node-arg=-sync-each-write")

@@ -48,7 +48,6 @@ __all__ = ["INLINE_WRITE_LIMIT", "ChunkStore", "StoreEvent", "StoreEventKind", "
 logger = logging.getLogger(__name__)
 
 LOCK_FILE: Final = "running.lock"
-_READ_FD_CACHE: Final = 256
 INLINE_WRITE_LIMIT: Final = 64 << 10
 """Writes up to this size (without fsync) are done on the event loop, see ``_append_small``."""
 
@@ -116,7 +115,6 @@ class ChunkStore:
         self._sync_each_write = sync_each_write
         self._categories: dict[str, _Category] = {}
         self._lock_fd = -1
-        self._read_fds: dict[tuple[str, str], int] = {}
         self._dead_owners: set[str] = set()
         self._listeners: list[Callable[[StoreEvent], None]] = []
         self._create_lock = asyncio.Lock()
@@ -162,9 +160,6 @@ class ChunkStore:
             if cat.write_fd >= 0:
                 os.close(cat.write_fd)
                 cat.write_fd = -1
-        for fd in self._read_fds.values():
-            os.close(fd)
-        self._read_fds.clear()
         if self._lock_fd >= 0:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -490,18 +485,19 @@ class ChunkStore:
 
     async def read_wait(
         self, category: str, chunk: str, off: int, max_size: int, wait: float
-    ) -> bytes:
-        """:meth:`read`, but when there is nothing at ``off`` yet wait up to ``wait`` seconds
-        for data (or for the chunk to become complete or acked) before answering ``b""``."""
+    ) -> bytes | memoryview:
+        """:meth:`read_buffer`, but when there is nothing at ``off`` yet wait up to ``wait``
+        seconds for data (or for the chunk to become complete or acked) before answering
+        ``b""``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            data = await self.read(category, chunk, off, max_size)
+            data = await self.read_buffer(category, chunk, off, max_size)
             remaining = deadline - loop.time()
             if data or remaining <= 0 or self.is_complete(category, chunk):
                 return data
             if not await self.wait_changed(category, remaining):
-                return await self.read(category, chunk, off, max_size)
+                return await self.read_buffer(category, chunk, off, max_size)
 
     async def read(self, category: str, chunk: str, off: int, max_size: int) -> bytes:
         """Whole messages of ``chunk`` from ``off``, at most ``max_size`` bytes.
@@ -512,6 +508,14 @@ class ChunkStore:
             ChunkNotFoundError: no such live chunk here.
             ReadBufferTooSmallError: the first message at ``off`` is longer than ``max_size``.
         """
+        data = await self.read_buffer(category, chunk, off, max_size)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    async def read_buffer(
+        self, category: str, chunk: str, off: int, max_size: int
+    ) -> bytes | memoryview:
+        """:meth:`read` without the copy that cutting back to the last ``\\n`` costs (the
+        HTTP handler sends the view as it is)."""
         validate_category(category)
         parse_chunk_name(chunk)
         if off < 0:
@@ -526,7 +530,10 @@ class ChunkStore:
         if off >= limit:
             return b""
         want = min(max_size, limit - off)
-        data = await asyncio.to_thread(self._pread, cat, chunk, want, off)
+        data = await asyncio.to_thread(_pread, cat.path / chunk, want, off)
+        if not data:
+            # Acked (truncated) between the size check and the read.
+            raise ChunkNotFoundError(f"chunk {category}/{chunk} not found")
         cut = data.rfind(b"\n") + 1
         if cut == 0:
             if want == max_size:
@@ -534,21 +541,7 @@ class ChunkStore:
                     f"max_size {max_size} is smaller than the message at offset {off}"
                 )
             return b""
-        return data if cut == len(data) else data[:cut]
-
-    def _pread(self, cat: _Category, chunk: str, n: int, off: int) -> bytes:
-        key = (cat.name, chunk)
-        fd = self._read_fds.get(key)
-        if fd is None:
-            try:
-                fd = os.open(cat.path / chunk, os.O_RDONLY)
-            except FileNotFoundError:
-                raise ChunkNotFoundError(f"chunk {cat.name}/{chunk} not found") from None
-            if len(self._read_fds) >= _READ_FD_CACHE:
-                old_key = next(iter(self._read_fds))
-                os.close(self._read_fds.pop(old_key))
-            self._read_fds[key] = fd
-        return os.pread(fd, n, off)
+        return data if cut == len(data) else memoryview(data)[:cut]
 
     # --- acks ---------------------------------------------------------------------------
 
@@ -584,8 +577,7 @@ class ChunkStore:
                     f"size {size} is smaller than chunk {chunk} ({c.size} bytes): "
                     "it has not been read to the end"
                 )
-            fd = self._read_fds.pop((category, chunk), None)
-            await asyncio.to_thread(_tombstone, cat.path, chunk, fd)
+            await asyncio.to_thread(_tombstone, cat.path, chunk)
             del cat.chunks[chunk]
             cat.tombstones.add(chunk)
             cat.last_index[cname.instance] = max(cat.last_index.get(cname.instance, -1),
@@ -604,12 +596,26 @@ class ChunkStore:
             if chunk in cat.tombstones or chunk in cat.chunks:
                 return False
             cname = parse_chunk_name(chunk)
-            await asyncio.to_thread(_tombstone, cat.path, chunk, None, missing_ok=True)
+            await asyncio.to_thread(_tombstone, cat.path, chunk, missing_ok=True)
             cat.tombstones.add(chunk)
             prev = cat.last_index.get(cname.instance, -1)
             cat.last_index[cname.instance] = max(prev, cname.index)
         self._emit(StoreEventKind.ACKED, category, chunk, 0)
         return True
+
+
+def _pread(path: Path, n: int, off: int) -> bytes:
+    # A file per read, not a cache of open descriptors: a cached descriptor closed by an ack or
+    # an eviction while another thread is in pread() could be reused by a new open() meanwhile,
+    # and that read would return another file's bytes. open+close costs ~10 us per read.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ChunkNotFoundError(f"chunk {path.parent.name}/{path.name} not found") from None
+    try:
+        return os.pread(fd, n, off)
+    finally:
+        os.close(fd)
 
 
 def _append_small(fd: int, chunk: _Chunk, body: bytes) -> None:
@@ -625,11 +631,9 @@ def _create_empty(path: Path) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
 
 
-def _tombstone(dir_path: Path, chunk: str, fd: int | None, *, missing_ok: bool = False) -> None:
+def _tombstone(dir_path: Path, chunk: str, *, missing_ok: bool = False) -> None:
     # Rename first, truncate second: a crash in between leaves a tombstone with data (truncated
     # at the next start), never a live-looking empty chunk.
-    if fd is not None:
-        os.close(fd)
     src, dst = dir_path / chunk, dir_path / (chunk + ACK_SUFFIX)
     try:
         src.rename(dst)

@@ -188,7 +188,7 @@ class BusApi:
             # chunk becomes complete, or `wait` seconds pass; an empty 200 still means "no more".
             data = await self._store.read_wait(category, chunk, off, max_size, wait)
         else:
-            data = await self._store.read(category, chunk, off, max_size)
+            data = await self._store.read_buffer(category, chunk, off, max_size)
         return web.Response(body=data, content_type="application/octet-stream")
 
     async def ack(self, request: web.Request) -> web.StreamResponse:
