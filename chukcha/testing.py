@@ -26,12 +26,24 @@ import aiohttp
 from chukcha.bus.config import NodeConfig
 from chukcha.bus.node import Node
 from chukcha.testing_clickhouse import ClickHouseServer, run_clickhouse
+from chukcha.testing_cluster import (
+    ClusterProcess,
+    EtcdServer,
+    etcd_binary,
+    run_cluster,
+    run_etcd,
+)
 
 __all__ = [
     "ClickHouseServer",
+    "ClusterProcess",
+    "EtcdServer",
     "NodeProcess",
     "bind_loopback",
+    "etcd_binary",
     "run_clickhouse",
+    "run_cluster",
+    "run_etcd",
     "run_node",
     "spawn_node",
     "wait_http_ready",

@@ -59,18 +59,28 @@ class ReplicationConfig:
         dead_peer_timeout: seconds after which an owner that is gone has its last chunk treated
             as complete, so readers move past it (default 1 h).
         min_sync_timeout: how long a ``min_sync_replicas`` write waits (default 60 s).
+        poll_wait: the ``/read?wait=`` long poll a replica holds open on a peer's open chunk
+            (default 10 s). Data arrives the moment it is written whatever this is; it only
+            bounds how long an idle poll lasts (an idle replica makes one request per period)
+            and how long a peer's graceful stop may wait for it.
+        lease_ttl: etcd lease TTL in seconds (default 10): how long a killed node stays
+            registered.
     """
 
     batch_size: int = 4 << 20
     retry_interval: float = 1.0
     dead_peer_timeout: float = 3600.0
     min_sync_timeout: float = 60.0
+    poll_wait: float = 10.0
+    lease_ttl: int = 10
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise ValueError("batch_size must be positive")
         if self.retry_interval <= 0 or self.dead_peer_timeout <= 0 or self.min_sync_timeout <= 0:
             raise ValueError("replication intervals must be positive")
+        if not 0 < self.poll_wait <= 60 or self.lease_ttl < 2:
+            raise ValueError("poll_wait must be in (0, 60] and lease_ttl at least 2 s")
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from types import TracebackType
 from aiohttp import web
 
 from chukcha.bus.chunks import ChunkStore
+from chukcha.bus.cluster import Cluster
 from chukcha.bus.config import NodeConfig
 from chukcha.bus.http import BusApi, add_routes, error_middleware
 
@@ -50,6 +51,10 @@ class Node:
         )
         self.app = web.Application(middlewares=[error_middleware])
         add_routes(self.app, self.api.routes())
+        # Replication, membership and /status (issue 3).
+        self.cluster = Cluster(config, self.store)
+        self.api.replicas = self.cluster.replica_waiter
+        add_routes(self.app, self.cluster.routes())
         self._runner: web.AppRunner | None = None
         self._sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -89,6 +94,7 @@ class Node:
             await self._close_store()
             raise
         self._tasks.append(asyncio.create_task(self._rotate_forever(), name="chunk-rotation"))
+        await self.cluster.start(self.address)
         self._state = NodeState.RUNNING
         logger.info("instance=%s serving %s on http://%s", cfg.instance, cfg.data_dir, self.address)
 
@@ -129,6 +135,9 @@ class Node:
             return
         self._state = NodeState.STOPPING
         try:
+            # The cluster first: it ends the never-ending events streams that would otherwise
+            # hold the HTTP server's graceful stop up.
+            await self.cluster.stop()
             for task in reversed(self._tasks):
                 task.cancel()
             if self._tasks:

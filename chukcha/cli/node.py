@@ -109,6 +109,10 @@ def register(sub: Any) -> None:
           help="cluster name: the etcd key prefix chukcha/<cluster>/")
     _flag(ext, "dead-peer-timeout", type=_duration, default="1h", metavar="DURATION",
           help="after a peer has been gone this long its last chunk counts as complete")
+    _flag(ext, "etcd-lease-ttl", type=int, default=10, metavar="SECONDS",
+          help="etcd lease TTL: how long a killed node stays registered")
+    _flag(ext, "replication-poll-wait", type=_duration, default="10s", metavar="DURATION",
+          help="how long a replica's long poll on a peer's open chunk lasts when idle")
     _flag(ext, "listen-fd", type=int, default=None, metavar="FD",
           help="serve on this already bound listening socket (socket activation)")
     _flag(ext, "log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -131,7 +135,11 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         sync_each_write=args.sync_each_write,
         etcd_endpoints=tuple(e.strip() for e in args.etcd.split(",") if e.strip()),
         cluster=args.cluster,
-        replication=ReplicationConfig(dead_peer_timeout=args.dead_peer_timeout),
+        replication=ReplicationConfig(
+            dead_peer_timeout=args.dead_peer_timeout,
+            lease_ttl=args.etcd_lease_ttl,
+            poll_wait=args.replication_poll_wait,
+        ),
     )
 
 

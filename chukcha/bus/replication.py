@@ -1,0 +1,680 @@
+"""Replication: every node holds every owner's chunks (``DESIGN.md``, "The bus").
+
+Two halves, one per direction:
+
+- :class:`ReplicationServer` (the owner side) serves ``/replication/events`` (an NDJSON stream of
+  ``chunk_created`` / ``chunk_ack`` events per subscriber) and ``/replication/ack`` (a replica
+  reports how far it holds one of our chunks), and implements ``min_sync_replicas`` waits
+  (:class:`~chukcha.bus.http.ReplicaWaiter`) woken by those reports.
+- :class:`Replicator` (the replica side) keeps one :class:`PeerLink` per peer: it subscribes to
+  the peer's events and, per category, downloads the peer's own chunks strictly in order from the
+  local size on (so a restart resumes), never a tombstoned one, reporting progress after every
+  append.
+
+Nothing polls on a timer. New chunks arrive as ``chunk_created`` events; new data in an open
+chunk arrives through the ``/read?wait=`` long poll, which the owner answers the moment a write
+lands or the chunk becomes complete. Catch-up runs back to back, with the next read in flight
+while the previous batch is written to disk.
+
+Acks: an ack (local, or replicated from a peer) emits an ``ACKED`` store event, which is sent to
+every subscriber; applying a replicated ack is idempotent and emits only when it changed
+something, so acks spread transitively and stop. An ack that could not be delivered (the peer was
+down) is not lost: when a peer (re)subscribes it is first sent the state — ``chunk_created`` for
+our latest chunk of every category and ``chunk_ack`` for the most recent tombstones per
+(category, owner) — which also survives restarts, because tombstones are files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from chukcha.bus.chunks import ChunkStore, StoreEvent, StoreEventKind
+from chukcha.bus.config import Peer, ReplicationConfig
+from chukcha.bus.coordination import Membership
+from chukcha.bus.http import Handler, int_param, str_param
+from chukcha.errors import ChukchaError, ReplicationError, ReplicationTimeoutError
+from chukcha.protocol import (
+    ChunkInfo,
+    chunk_file_name,
+    parse_chunk_name,
+    validate_category,
+    validate_instance,
+)
+
+__all__ = [
+    "HEARTBEAT_INTERVAL",
+    "PeerLink",
+    "ReplicationServer",
+    "Replicator",
+    "encode_event",
+]
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL: Final = 10.0
+"""The events stream sends an empty message this often (the Go server does the same)."""
+REPLAY_TOMBSTONES: Final = 1024
+"""Tombstones per (category, owner) re-sent to a (re)subscribing peer: the bound of the replay."""
+_MAX_QUEUE: Final = 100_000
+_EMPTY: Final = b'{"Type":"","Chunk":{"Owner":"","Category":"","FileName":""}}\n'
+_NDJSON: Final = "application/x-ndjson"
+
+
+def encode_event(kind: str, owner: str, category: str, chunk: str) -> bytes:
+    """One line of the events stream, in the Go server's JSON shape."""
+    return orjson.dumps(
+        {"Type": kind, "Chunk": {"Owner": owner, "Category": category, "FileName": chunk}}
+    ) + b"\n"
+
+
+# --- the owner side -----------------------------------------------------------------------
+
+
+class _Subscriber:
+    """One ``/replication/events`` connection; a newer one from the same instance replaces it."""
+
+    __slots__ = ("closed", "instance", "queue")
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.closed = False
+
+    def send(self, line: bytes) -> None:
+        if self.closed:
+            return
+        if self.queue.qsize() >= _MAX_QUEUE:
+            # A subscriber that stopped reading: drop it; it reconnects and gets the replay.
+            logger.warning("events subscriber %s is not reading; disconnecting it", self.instance)
+            self.close()
+            return
+        self.queue.put_nowait(line)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.queue.put_nowait(None)
+
+
+@dataclass(slots=True)
+class _Waiter:
+    chunk: str
+    end: int
+    count: int
+    future: asyncio.Future[None]
+
+
+class ReplicationServer:
+    """The owner side: the events stream, replica progress reports, ``min_sync_replicas``."""
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        config: ReplicationConfig,
+        live_peers: Callable[[], int],
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._instance = store.instance
+        self._live_peers = live_peers
+        self._subscribers: dict[str, _Subscriber] = {}
+        # (category, replica) -> highest (chunk, size) of OUR stream it reported holding. A
+        # replica downloads strictly in order, so holding (c, n) means holding everything before.
+        self._progress: dict[tuple[str, str], tuple[str, int]] = {}
+        self._waiters: dict[str, list[_Waiter]] = {}
+        self._stopped = False
+        store.add_listener(self._on_store_event)
+
+    def routes(self) -> dict[str, Handler]:
+        return {"/replication/events": self.events, "/replication/ack": self.ack}
+
+    def subscribers(self) -> list[str]:
+        return sorted(self._subscribers)
+
+    def progress(self, category: str, replica: str) -> tuple[str, int] | None:
+        return self._progress.get((category, replica))
+
+    async def stop(self) -> None:
+        """End every events stream (so a graceful stop does not wait for them)."""
+        self._stopped = True
+        self._store.remove_listener(self._on_store_event)
+        for sub in list(self._subscribers.values()):
+            sub.close()
+        for waiters in self._waiters.values():
+            for w in waiters:
+                if not w.future.done():
+                    w.future.set_exception(ReplicationError("node is stopping"))
+
+    # --- events --------------------------------------------------------------------------
+
+    def _on_store_event(self, event: StoreEvent) -> None:
+        if event.kind is StoreEventKind.CREATED:
+            owner = parse_chunk_name(event.chunk).instance
+            if owner != self._instance:
+                return  # replicas download each chunk from its owner only
+            line = encode_event("chunk_created", owner, event.category, event.chunk)
+        elif event.kind is StoreEventKind.ACKED:
+            owner = parse_chunk_name(event.chunk).instance
+            line = encode_event("chunk_ack", owner, event.category, event.chunk)
+        else:
+            return
+        for sub in self._subscribers.values():
+            sub.send(line)
+
+    def _replay(self) -> list[bytes]:
+        """The state a (re)subscribing peer must know: our latest chunks, recent tombstones."""
+        lines: list[bytes] = []
+        for category in self._store.categories():
+            index = self._store.last_index(category, self._instance)
+            if index >= 0:
+                chunk = chunk_file_name(self._instance, index)
+                lines.append(encode_event("chunk_created", self._instance, category, chunk))
+            by_owner: dict[str, list[str]] = {}
+            for chunk in self._store.tombstones(category):
+                by_owner.setdefault(chunk.rpartition("-")[0], []).append(chunk)
+            for owner, chunks in by_owner.items():
+                for chunk in chunks[-REPLAY_TOMBSTONES:]:
+                    lines.append(encode_event("chunk_ack", owner, category, chunk))
+        return lines
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        instance = validate_instance(str_param(request, "instance"))
+        if self._stopped:
+            raise ReplicationError("node is stopping")
+        sub = _Subscriber(instance)
+        old = self._subscribers.get(instance)
+        if old is not None:
+            old.close()
+        # Registered before the replay is taken: an event in between is sent twice (harmless:
+        # both kinds are idempotent), never missed.
+        self._subscribers[instance] = sub
+        resp = web.StreamResponse(headers={"Content-Type": _NDJSON})
+        try:
+            await resp.prepare(request)
+            await resp.write(_EMPTY + b"".join(self._replay()))
+            logger.info("instance=%s peer %s subscribed to events", self._instance, instance)
+            while True:
+                try:
+                    async with asyncio.timeout(HEARTBEAT_INTERVAL):
+                        line = await sub.queue.get()
+                except TimeoutError:
+                    line = _EMPTY
+                if line is None:
+                    break
+                await resp.write(line)
+        except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+            logger.debug("events stream to %s ended: %s", instance, exc)
+        finally:
+            sub.close()
+            if self._subscribers.get(instance) is sub:
+                del self._subscribers[instance]
+        return resp
+
+    # --- progress reports and min_sync_replicas ------------------------------------------
+
+    async def ack(self, request: web.Request) -> web.StreamResponse:
+        category = validate_category(str_param(request, "category"))
+        chunk = str_param(request, "chunk")
+        owner = parse_chunk_name(chunk).instance
+        instance = validate_instance(str_param(request, "instance"))
+        size = int_param(request, "size")
+        if owner == self._instance:
+            self.record(category, chunk, instance, size)
+        return web.Response()
+
+    def record(self, category: str, chunk: str, instance: str, size: int) -> None:
+        """``instance`` holds our ``chunk`` up to ``size``: wake the writers it satisfies."""
+        key = (category, instance)
+        new = (chunk, size)
+        cur = self._progress.get(key)
+        if cur is not None and new <= cur:
+            return
+        self._progress[key] = new
+        waiters = self._waiters.get(category)
+        if not waiters:
+            return
+        for w in waiters:
+            if not w.future.done() and self._held_by(category, w.chunk, w.end) >= w.count:
+                w.future.set_result(None)
+
+    def _held_by(self, category: str, chunk: str, end: int) -> int:
+        want = (chunk, end)
+        return sum(
+            1 for (cat, _), pos in self._progress.items() if cat == category and pos >= want
+        )
+
+    async def wait_replicas(self, category: str, chunk: str, end: int, count: int) -> None:
+        """Return when ``count`` peers hold ``category/chunk`` up to ``end``.
+
+        Raises:
+            ReplicationError: fewer live peers than ``count`` (at once; waiting cannot help).
+            ReplicationTimeoutError: not enough reports within ``min_sync_timeout``.
+        """
+        live = self._live_peers()
+        if count > live:
+            raise ReplicationError(
+                f"min_sync_replicas={count} but only {live} other node(s) are live; "
+                "the data was written here but is not on enough replicas"
+            )
+        if self._held_by(category, chunk, end) >= count:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(chunk, end, count, fut)
+        self._waiters.setdefault(category, []).append(waiter)
+        timeout = self._config.min_sync_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            raise ReplicationTimeoutError(
+                f"min_sync_replicas={count}: only {self._held_by(category, chunk, end)} "
+                f"replica(s) reported holding {category}/{chunk} up to {end} within "
+                f"{timeout:g} s; the data was written here"
+            ) from None
+        finally:
+            waiters = self._waiters.get(category, [])
+            with contextlib.suppress(ValueError):
+                waiters.remove(waiter)
+            if not waiters:
+                self._waiters.pop(category, None)
+
+
+# --- the replica side ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _CategoryState:
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    remote: dict[str, ChunkInfo] = field(default_factory=dict)  # last listing, own chunks
+    task: asyncio.Task[None] | None = None
+
+
+class PeerLink:
+    """Replication from one peer: its events stream and one downloader per category."""
+
+    def __init__(
+        self,
+        peer: Peer,
+        store: ChunkStore,
+        config: ReplicationConfig,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.peer = peer
+        self._store = store
+        self._config = config
+        self._session = session
+        self._me = store.instance
+        self._categories: dict[str, _CategoryState] = {}
+        self._events_task: asyncio.Task[None] | None = None
+        self._up = asyncio.Event()
+        self.last_seen: float | None = None
+        """Unix time the peer was last heard from (``None``: never)."""
+        self.bytes_replicated = 0
+        self.connects = 0
+
+    @property
+    def up(self) -> bool:
+        return self._up.is_set()
+
+    def lag_bytes(self) -> int:
+        """Bytes of the peer's chunks (as last listed) not downloaded here yet."""
+        lag = 0
+        for category, state in self._categories.items():
+            for info in state.remote.values():
+                if self._store.is_tombstoned(category, info.name):
+                    continue
+                lag += max(0, info.size - (self._store.chunk_size(category, info.name) or 0))
+        return lag
+
+    def start(self) -> None:
+        self._events_task = asyncio.create_task(
+            self._events_loop(), name=f"events-{self.peer.instance}"
+        )
+        self._events_task.add_done_callback(_log_crash)
+
+    async def stop(self, timeout: float) -> None:
+        tasks = [t for t in [self._events_task, *(s.task for s in self._categories.values())]
+                 if t is not None]
+        self._events_task = None
+        for s in self._categories.values():
+            s.task = None
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        self._up.clear()
+
+    # --- events --------------------------------------------------------------------------
+
+    async def _events_loop(self) -> None:
+        url = f"{self.peer.url}/replication/events"
+        backoff = self._config.retry_interval
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=10, sock_read=3 * HEARTBEAT_INTERVAL
+        )
+        while True:
+            try:
+                async with self._session.get(
+                    url, params={"instance": self._me}, timeout=timeout
+                ) as resp:
+                    _check_ok(resp, url)
+                    self.connects += 1
+                    self._up.set()
+                    self.last_seen = time.time()
+                    backoff = self._config.retry_interval
+                    logger.info("instance=%s subscribed to %s events", self._me,
+                                self.peer.instance)
+                    async for line in resp.content:
+                        self.last_seen = time.time()
+                        await self._on_event(line)
+            except (aiohttp.ClientError, TimeoutError, ReplicationError, ValueError) as exc:
+                if self.up:
+                    logger.warning("instance=%s lost events stream of %s: %s", self._me,
+                                   self.peer.instance, exc)
+            self._up.clear()
+            await asyncio.sleep(backoff)  # reconnect backoff, not synchronisation
+            backoff = min(backoff * 2, 10.0)
+
+    async def _on_event(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        msg = orjson.loads(line)
+        kind = msg.get("Type")
+        chunk_obj = msg.get("Chunk") or {}
+        category = chunk_obj.get("Category", "")
+        chunk = chunk_obj.get("FileName", "")
+        if not kind or not category or not chunk:
+            return  # the heartbeat
+        try:
+            validate_category(category)
+            cname = parse_chunk_name(chunk)
+        except ChukchaError:
+            logger.warning("ignoring bad event from %s: %r", self.peer.instance, line[:200])
+            return
+        if kind == "chunk_created":
+            if cname.instance == self.peer.instance:
+                self.wake(category)
+        elif kind == "chunk_ack":
+            if cname.instance == self._me:
+                # An ack of our own chunk done elsewhere: apply it like a consumer's ack.
+                await self._apply_own_ack(category, chunk)
+            else:
+                with contextlib.suppress(ChukchaError):
+                    await self._store.tombstone_replica(category, chunk)
+
+    async def _apply_own_ack(self, category: str, chunk: str) -> None:
+        try:
+            await self._store.tombstone_replica(category, chunk)
+        except ChukchaError as exc:
+            # Our current write chunk cannot be acked; a consumer that acked it elsewhere read
+            # an incomplete copy. Keep the data.
+            logger.warning("instance=%s refused replicated ack of own %s/%s: %s",
+                           self._me, category, chunk, exc)
+
+    def wake(self, category: str) -> None:
+        """The peer has (or may have) news in ``category``: make sure its downloader runs."""
+        state = self._categories.get(category)
+        if state is None:
+            state = self._categories[category] = _CategoryState()
+        state.wake.set()
+        if state.task is None or state.task.done():
+            state.task = asyncio.create_task(
+                self._category_loop(category, state),
+                name=f"replicate-{self.peer.instance}-{category}",
+            )
+            state.task.add_done_callback(_log_crash)
+
+    # --- downloads -----------------------------------------------------------------------
+
+    async def _category_loop(self, category: str, state: _CategoryState) -> None:
+        while True:
+            state.wake.clear()
+            try:
+                busy = await self._sync_category(category, state)
+            except (aiohttp.ClientError, TimeoutError, ChukchaError, ValueError) as exc:
+                logger.debug("instance=%s replicating %s/%s: %s", self._me,
+                             self.peer.instance, category, exc)
+                # Retry after a pause, or at once when the peer announces something.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._config.retry_interval):
+                        await state.wake.wait()
+                continue
+            if not busy:
+                await state.wake.wait()  # until the peer announces a new chunk
+
+    async def _list(self, category: str, state: _CategoryState) -> list[ChunkInfo]:
+        url = f"{self.peer.url}/listChunks"
+        async with self._session.get(
+            url, params={"category": category}, timeout=aiohttp.ClientTimeout(total=30)
+        ) as resp:
+            if resp.status != 200:
+                raise ReplicationError(f"{url}: HTTP {resp.status}")
+            items = orjson.loads(await resp.read()) or []
+        own = [ChunkInfo.from_json(i) for i in items
+               if str(i.get("name", "")).rpartition("-")[0] == self.peer.instance]
+        state.remote = {c.name: c for c in own}
+        return own
+
+    async def _sync_category(self, category: str, state: _CategoryState) -> bool:
+        """Download what the peer has. Returns False when there is nothing to wait on but a
+        new chunk (everything here is complete)."""
+        for info in await self._list(category, state):
+            if self._store.is_tombstoned(category, info.name):
+                continue
+            local = self._store.chunk_size(category, info.name) or 0
+            if info.complete and local >= info.size:
+                continue
+            await self._download(category, state, info, local)
+            return True
+        return False
+
+    async def _read(
+        self, category: str, chunk: str, off: int, wait: float
+    ) -> bytes | None:
+        """Bytes of the peer's chunk from ``off`` (``b""``: none yet); ``None`` if it is gone."""
+        params = {"category": category, "chunk": chunk, "off": str(off),
+                  "max_size": str(self._config.batch_size)}
+        if wait > 0:
+            params["wait"] = f"{wait:g}"
+        async with self._session.get(
+            f"{self.peer.url}/read", params=params,
+            timeout=aiohttp.ClientTimeout(total=wait + 30),
+        ) as resp:
+            if resp.status == 404:
+                return None
+            if resp.status != 200:
+                raise ReplicationError(
+                    f"read {category}/{chunk}@{off} from {self.peer.instance}: HTTP "
+                    f"{resp.status} {(await resp.text())[:200]}"
+                )
+            return await resp.read()
+
+    async def _report(self, category: str, chunk: str, size: int) -> None:
+        try:
+            async with self._session.get(
+                f"{self.peer.url}/replication/ack",
+                params={"category": category, "chunk": chunk, "instance": self._me,
+                        "size": str(size)},
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Not retried: the next batch reports a larger size anyway.
+            logger.debug("reporting %s/%s@%d to %s failed: %s", category, chunk, size,
+                         self.peer.instance, exc)
+
+    async def _download(
+        self, category: str, state: _CategoryState, info: ChunkInfo, offset: int
+    ) -> None:
+        """Download one chunk from ``offset`` until it is complete and fully here, acked, or
+        gone. The next read is in flight while a batch is being written (catch-up speed)."""
+        chunk, complete = info.name, info.complete
+        wait = 0.0 if complete else self._config.poll_wait
+        pending: asyncio.Task[bytes | None] | None = asyncio.create_task(
+            self._read(category, chunk, offset, wait)
+        )
+        try:
+            while pending is not None:
+                data = await pending
+                pending = None
+                if data is None:
+                    return  # acked or removed at the owner; the ack event follows
+                if not data:
+                    if complete:
+                        return
+                    fresh = (await self._list(category, state)).copy()
+                    now = next((c for c in fresh if c.name == chunk), None)
+                    if now is None:
+                        return
+                    complete = now.complete
+                    wait = 0.0 if complete else self._config.poll_wait
+                    pending = asyncio.create_task(self._read(category, chunk, offset, wait))
+                    continue
+                end = offset + len(data)
+                if len(data) >= self._config.batch_size // 2:
+                    # Probably more right behind: ask for it while this batch is written.
+                    pending = asyncio.create_task(
+                        self._read(category, chunk, end, 0.0 if complete else wait)
+                    )
+                new_size = await self._store.append_replica(category, chunk, offset, data)
+                if new_size is None:
+                    return  # acked meanwhile: dropped, never resurrected
+                self.bytes_replicated += len(data)
+                offset = new_size
+                await self._report(category, chunk, offset)
+                if pending is None:
+                    pending = asyncio.create_task(self._read(category, chunk, offset, wait))
+        finally:
+            if pending is not None:
+                pending.cancel()
+                await asyncio.wait([pending])
+
+
+class Replicator:
+    """The replica side for the whole node: one :class:`PeerLink` per member peer."""
+
+    def __init__(
+        self, store: ChunkStore, config: ReplicationConfig, membership: Membership
+    ) -> None:
+        self._store = store
+        self._config = config
+        self._membership = membership
+        self._links: dict[str, PeerLink] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._dead_task: asyncio.Task[None] | None = None
+        self._gone_since: dict[str, float] = {}
+        self._dead_owners: set[str] = set()
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    @property
+    def links(self) -> Mapping[str, PeerLink]:
+        return self._links
+
+    def live_peers(self) -> int:
+        """Members that this node currently hears from (or, static, that are configured)."""
+        return len(self._membership.peers())
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+            auto_decompress=False,
+        )
+        self._membership.add_listener(self._on_members)
+        self._on_members(self._membership.peers())
+        self._dead_task = asyncio.create_task(self._dead_owners_loop(), name="dead-owners")
+        self._dead_task.add_done_callback(_log_crash)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        links, self._links = list(self._links.values()), {}
+        await asyncio.gather(*(link.stop(timeout) for link in links))
+        if self._stopping:
+            await asyncio.wait(list(self._stopping), timeout=timeout)
+        if self._dead_task is not None:
+            self._dead_task.cancel()
+            await asyncio.wait([self._dead_task], timeout=timeout)
+            self._dead_task = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _on_members(self, peers: Mapping[str, Peer]) -> None:
+        if self._session is None:
+            return
+        for name in list(self._links):
+            link = self._links[name]
+            if name not in peers or peers[name].address != link.peer.address:
+                del self._links[name]
+                self._gone_since.setdefault(name, time.monotonic())
+                self._stop_later(link)
+        for name, peer in peers.items():
+            if name not in self._links:
+                link = PeerLink(peer, self._store, self._config, self._session)
+                self._links[name] = link
+                link.start()
+
+    def _stop_later(self, link: PeerLink) -> None:
+        # Called from a synchronous listener; the stopping task is owned (kept in a set until
+        # done, awaited by stop()).
+        task = asyncio.create_task(link.stop(self._config.retry_interval + 5),
+                                   name=f"unlink-{link.peer.instance}")
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _dead_owners_loop(self) -> None:
+        """Mark owners gone longer than ``dead_peer_timeout`` dead (their last chunk complete)."""
+        timeout = self._config.dead_peer_timeout
+        period = min(max(timeout / 10, 0.05), 60.0)
+        while True:
+            await asyncio.sleep(period)  # a coarse timer over a timeout measured in minutes
+            now = time.monotonic()
+            owners = {o for c in self._store.categories() for o in self._store.owners(c)}
+            owners.discard(self._store.instance)
+            for owner in owners:
+                link = self._links.get(owner)
+                if link is not None and link.up:
+                    self._gone_since.pop(owner, None)
+                    if owner in self._dead_owners:
+                        self._dead_owners.discard(owner)
+                        self._store.set_owner_dead(owner, False)
+                    continue
+                since = self._gone_since.setdefault(owner, now)
+                if now - since >= timeout and owner not in self._dead_owners:
+                    logger.warning("instance=%s owner %s gone for %.1f s: treating its last "
+                                   "chunks as complete", self._store.instance, owner,
+                                   now - since)
+                    self._dead_owners.add(owner)
+                    self._store.set_owner_dead(owner, True)
+
+    def status(self) -> list[dict[str, Any]]:
+        """Per-peer replication status (``/status``)."""
+        return [
+            {
+                "instance": name,
+                "url": link.peer.url,
+                "up": link.up,
+                "lag_bytes": link.lag_bytes(),
+                "last_seen": link.last_seen,
+                "bytes_replicated": link.bytes_replicated,
+            }
+            for name, link in sorted(self._links.items())
+        ]
+
+
+def _check_ok(resp: aiohttp.ClientResponse, url: str) -> None:
+    if resp.status != 200:
+        raise ReplicationError(f"{url}: HTTP {resp.status}")
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("replication task %s crashed", task.get_name(), exc_info=task.exception())

@@ -1,0 +1,77 @@
+"""Replication between real ``chukcha node`` subprocesses with static ``--peers``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from chukcha.testing import ClusterProcess, run_cluster
+from tests.integration.cluster_helpers import chunks_of, list_chunks, read_all, wait_for, write
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def same_chunks_everywhere(
+    http: aiohttp.ClientSession, cluster: ClusterProcess, category: str
+) -> bool:
+    listings = [chunks_of(await list_chunks(http, url, category)) for url in cluster.urls]
+    return all(listing == listings[0] for listing in listings)
+
+
+async def test_writes_to_every_node_are_readable_exactly_once_everywhere(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    async with run_cluster(tmp_path, args=("--replication-poll-wait", "2s",
+                                           "--max-chunk-size", "4096")) as cluster:
+        sent: list[bytes] = []
+        for i in range(300):
+            node = cluster.urls[i % 3]
+            body = b"".join(f"msg-{i}-{j}-{'x' * 40}\n".encode() for j in range(3))
+            resp = await write(http, node, "events", body)
+            assert resp.status == 200
+            sent.extend(body[:-1].split(b"\n"))
+
+        await wait_for(lambda: same_chunks_everywhere(http, cluster, "events"),
+                       what="every node to hold the same chunks")
+        listing = await list_chunks(http, cluster.urls[0], "events")
+        owners = {c["name"].rpartition("-")[0] for c in listing}
+        assert owners == {"a", "b", "c"}
+        assert len(listing) > 6  # the small max chunk size made several chunks per owner
+        for url in cluster.urls:
+            got = await read_all(http, url, "events")
+            assert Counter(got) == Counter(sent), url  # every message, exactly once
+
+
+async def test_min_sync_replicas_waits_for_replicas_and_refuses_impossible(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    async with run_cluster(tmp_path) as cluster:
+        a, b, c = cluster.urls
+        resp = await write(http, a, "orders", b"one\n", min_sync_replicas="2")
+        assert resp.status == 200
+        # Answered only after both replicas reported holding it: both have it now, no waiting.
+        for url in (b, c):
+            assert chunks_of(await list_chunks(http, url, "orders")) == {"a-chunk000000000": 4}
+
+        resp = await write(http, a, "orders", b"two\n", min_sync_replicas="3")
+        assert resp.status == 500
+        # The error is clear, and the data was still written locally (as documented).
+        async with http.post(f"{a}/write", params={"category": "orders",
+                                                  "min_sync_replicas": "3"},
+                             data=b"three\n") as r:
+            text = await r.text()
+        assert "min_sync_replicas=3" in text and "live" in text
+        assert chunks_of(await list_chunks(http, a, "orders"))["a-chunk000000000"] == 14
+
+        resp = await write(http, a, "orders", b"four\n", min_sync_replicas="x")
+        assert resp.status == 400
