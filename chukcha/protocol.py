@@ -155,45 +155,78 @@ def split_messages(data: bytes) -> list[bytes]:
     return data[:-1].split(b"\n") if data.endswith(b"\n") else data.split(b"\n")
 
 
-_DURATION_RE: Final = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h)")
-_UNITS: Final = {
-    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
+_DURATION_RE: Final = re.compile(r"([0-9]*)(?:\.([0-9]*))?(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_UNIT_NS: Final = {
+    "ns": 1, "us": 1_000, "\u00b5s": 1_000, "\u03bcs": 1_000, "ms": 1_000_000,
+    "s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000,
 }
+_MAX_DURATION_NS: Final = (1 << 63) - 1
 
 
 def parse_go_duration(text: str) -> float:
     """Parse a Go ``time.Duration`` string (``50ms``, ``10s``, ``1h30m``, ``0``) into seconds.
 
+    Like Go's ``time.ParseDuration``: a sequence of decimal numbers with a unit each, an optional
+    sign, ``0`` alone without a unit; computed in whole nanoseconds (the limit is Go's, about
+    292 years).
+
     Raises:
-        ValueError: not Go duration syntax.
+        ValueError: not Go duration syntax, or out of range.
     """
-    s = text.strip()
-    sign = 1.0
-    if s[:1] in "+-" and s:
-        sign = -1.0 if s[0] == "-" else 1.0
+    s = text
+    negative = s[:1] == "-"
+    if s[:1] in ("-", "+"):
         s = s[1:]
     if s == "0":
         return 0.0
     if not s:
         raise ValueError(f"invalid duration {text!r}")
-    total = 0.0
+    total = 0
     pos = 0
     while pos < len(s):
         m = _DURATION_RE.match(s, pos)
-        if m is None or m.group(1) in ("", "."):
+        if m is None or not (m.group(1) or m.group(2)):
             raise ValueError(f"invalid duration {text!r} (use Go syntax such as 50ms, 10s, 1h30m)")
-        total += float(m.group(1)) * _UNITS[m.group(2)]
+        unit = _UNIT_NS[m.group(3)]
+        frac = m.group(2) or ""
+        total += int(m.group(1) or "0") * unit
+        if frac:
+            total += int(frac) * unit // 10 ** len(frac)
+        if total > _MAX_DURATION_NS:
+            raise ValueError(f"duration {text!r} is out of range")
         pos = m.end()
-    return sign * total
+    return (-total if negative else total) / 1e9
 
 
 def format_go_duration(seconds: float) -> str:
-    """Format seconds the way ``--help`` shows defaults (``10m0s`` becomes ``10m``)."""
-    if seconds == 0:
+    """Format seconds in Go ``time.Duration.String()`` syntax (``10m0s``, ``1h30m0s``, ``50ms``).
+
+    Works in whole nanoseconds like Go, so ``parse_go_duration(format_go_duration(x))`` gives
+    ``x`` back to the nanosecond.
+    """
+    ns = round(seconds * 1e9)
+    if ns == 0:
         return "0s"
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    parts = [f"{int(h)}h" if h else "", f"{int(m)}m" if m else "", f"{s:g}s" if s else ""]
-    return "".join(parts)
+    sign = "-" if ns < 0 else ""
+    ns = abs(ns)
+    if ns < 1_000_000_000:
+        # Below a second Go picks the largest unit that keeps an integer part.
+        for unit, size in (("ms", 1_000_000), ("\u00b5s", 1_000), ("ns", 1)):
+            if ns >= size:
+                return sign + _decimal(ns, size) + unit
+    hours, rest = divmod(ns, 3_600_000_000_000)
+    minutes, rest = divmod(rest, 60_000_000_000)
+    text = _decimal(rest, 1_000_000_000) + "s"
+    if hours or minutes:
+        text = f"{minutes}m{text}"
+    if hours:
+        text = f"{hours}h{text}"
+    return sign + text
+
+
+def _decimal(value: int, unit: int) -> str:
+    whole, frac = divmod(value, unit)
+    if not frac:
+        return str(whole)
+    digits = len(str(unit)) - 1
+    return f"{whole}.{frac:0{digits}d}".rstrip("0")

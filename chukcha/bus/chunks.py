@@ -119,6 +119,7 @@ class ChunkStore:
         self._listeners: list[Callable[[StoreEvent], None]] = []
         self._create_lock = asyncio.Lock()
         self._changed: dict[str, asyncio.Future[None]] = {}
+        self._closing = False
 
     @property
     def instance(self) -> str:
@@ -325,8 +326,21 @@ class ChunkStore:
         return cat
 
     def _new_category(self, category: str) -> _Category:
-        (self._dir / category).mkdir(exist_ok=True)
+        try:
+            (self._dir / category).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise DiskWriteError(
+                exc.errno or errno.EIO, f"creating category {category} failed: {exc.strerror}"
+            ) from exc
         return self._load_category(category)
+
+    def _create_chunk_checked(self, cat: _Category) -> str:
+        try:
+            return self._create_chunk(cat)
+        except OSError as exc:
+            raise DiskWriteError(
+                exc.errno or errno.EIO, f"creating a chunk in {cat.name} failed: {exc.strerror}"
+            ) from exc
 
     def _create_chunk(self, cat: _Category) -> str:
         index = cat.last_index.get(self._instance, -1) + 1
@@ -355,11 +369,11 @@ class ChunkStore:
         async with cat.lock:
             created: str | None = None
             if cat.current is None:
-                created = await asyncio.to_thread(self._create_chunk, cat)
+                created = await asyncio.to_thread(self._create_chunk_checked, cat)
             cur = cat.chunks[cat.current or ""]
             if cur.size > 0 and cur.size + len(body) > self._max_chunk_size:
                 prev = cat.current
-                created = await asyncio.to_thread(self._create_chunk, cat)
+                created = await asyncio.to_thread(self._create_chunk_checked, cat)
                 cur = cat.chunks[created]
                 # The previous chunk just became complete; replicas and readers learn it from
                 # the creation event of the new one.
@@ -473,6 +487,8 @@ class ChunkStore:
 
         Returns ``False`` on timeout. Long polls use it instead of sleeping.
         """
+        if self._closing:
+            return False
         fut = self._changed.get(category)
         if fut is None or fut.done():
             fut = self._changed[category] = asyncio.get_running_loop().create_future()
@@ -482,6 +498,15 @@ class ChunkStore:
         except TimeoutError:
             return False
         return True
+
+    def wake_waiters(self) -> None:
+        """Answer every parked long poll now, and new ones at once (the node is stopping, so a
+        graceful stop does not wait out ``wait=`` seconds)."""
+        self._closing = True
+        for fut in self._changed.values():
+            if not fut.done():
+                fut.set_result(None)
+        self._changed.clear()
 
     async def read_wait(
         self, category: str, chunk: str, off: int, max_size: int, wait: float

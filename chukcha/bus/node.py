@@ -143,6 +143,7 @@ class Node:
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=self.config.stop_timeout)
             self._tasks.clear()
+            self.store.wake_waiters()  # parked long-poll reads answer now, not after wait=
             if self._runner is not None:
                 # Stops accepting, then waits (up to shutdown_timeout) for in-flight requests.
                 await self._runner.cleanup()
