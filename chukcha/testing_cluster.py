@@ -68,11 +68,11 @@ class EtcdServer:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.client_port}"
 
-    def _command(self) -> list[str]:
+    def _command(self, binary: str) -> list[str]:
         client = f"http://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
         return [
-            etcd_binary(), "--name", "chukcha-test", "--data-dir", str(self.data_dir),
+            binary, "--name", "chukcha-test", "--data-dir", str(self.data_dir),
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"chukcha-test={peer}",
@@ -84,19 +84,23 @@ class EtcdServer:
         """Start etcd and wait until it serves (``/health``), under ``timeout``."""
         async with asyncio.timeout(timeout):
             keep_ports = self.client_port != 0
+            binary = await asyncio.to_thread(etcd_binary)
             while True:
                 if not keep_ports:
                     self.client_port, self.peer_port = _kernel_port(), _kernel_port()
-                with self.log_path.open("ab") as log:
+                log = await asyncio.to_thread(self.log_path.open, "ab")
+                try:
                     self.proc = await asyncio.create_subprocess_exec(
-                        *self._command(), stdout=log, stderr=subprocess.STDOUT,
+                        *self._command(binary), stdout=log, stderr=subprocess.STDOUT,
                         stdin=subprocess.DEVNULL,
                     )
+                finally:
+                    log.close()
                 try:
                     await base.wait_http_ready(f"{self.endpoint}/health", self.proc, timeout)
                 except RuntimeError:
                     await self.proc.wait()
-                    if "address already in use" not in self.log_text():
+                    if "address already in use" not in await asyncio.to_thread(self.log_text):
                         raise
                     if keep_ports:
                         # A restart on the same ports: the old socket is still being released.
@@ -196,6 +200,7 @@ class ClusterProcess:
         return node
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.base_dir.mkdir, parents=True, exist_ok=True)
         await asyncio.gather(*(n.start() for n in self.nodes.values()))
 
     async def stop(self) -> None:
