@@ -137,7 +137,7 @@ class Client:
         await self.close()
 
     def __del__(self) -> None:
-        if not self._closed and self._own_session and self._session is not None:
+        if getattr(self, "_session", None) is not None and self._own_session and not self._closed:
             warnings.warn("Client was not closed", ResourceWarning, stacklevel=1)
 
     # --- writing ------------------------------------------------------------------------

@@ -250,7 +250,9 @@ class Consumer:
         await self.stop()
 
     def __del__(self) -> None:
-        if not self._closed and any(s.task for s in self._streams.values()):
+        # getattr: __init__ may have failed before setting these.
+        streams: dict[str, _Stream] = getattr(self, "_streams", {})
+        if not getattr(self, "_closed", True) and any(s.task for s in streams.values()):
             warnings.warn(f"Consumer of {self._category!r} was not stopped", ResourceWarning,
                           stacklevel=1)
 
@@ -406,7 +408,9 @@ class Consumer:
             info = self._chunks.get(s.chunk)
             if info is not None and info.complete and s.offset >= info.size:
                 continue  # finished; waiting for the next chunk to show up in a listing
-            wait = 0.0 if info is not None and info.complete else cfg.long_poll
+            # Long-poll only an open chunk already read to its end: after data, a quick read
+            # first, so that an empty answer soon tells the stream is caught up.
+            wait = cfg.long_poll if s.at_end and not (info and info.complete) else 0.0
             size = MAX_MESSAGE_SIZE + 1 if s.big_read else cfg.max_batch_bytes
             s.task = asyncio.create_task(
                 self._fetch(self.url, s.chunk, s.offset, max(size, cfg.max_batch_bytes), wait),
@@ -458,12 +462,12 @@ class Consumer:
             self._advance(s)
             if s.at_end and self._listed_at < r.started:
                 self._list_due = now
-        elif self._listed_at < r.started or r.elapsed < r.wait / 2:
+        else:
             # It may have become complete (the long poll answers at once when it does); or the
             # node does not hold requests at all: then poll it gently.
             if self._listed_at < r.started:
                 self._list_due = now
-            if r.elapsed < r.wait / 2 or r.wait == 0:
+            if cfg.long_poll == 0 or (r.wait > 0 and r.elapsed < r.wait / 2):
                 s.not_before = now + cfg.poll_interval
         return None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from typing import Any, Final
 
 import aiohttp
@@ -59,9 +60,10 @@ class NodeApi:
         timeout: float | None = None,
     ) -> bytes:
         full = f"{url}{path}"
+        payload = _payload(body) if body is not None else None
         try:
             async with asyncio.timeout(timeout or self._timeout):
-                async with self._session.post(full, params=params, data=body) as resp:
+                async with self._session.post(full, params=params, data=payload) as resp:
                     data = await resp.read()
                     if resp.status != 200:
                         raise error_from_status(
@@ -161,6 +163,14 @@ class NodeApi:
     async def get_json(self, url: str, path: str, params: dict[str, str]) -> Any:
         """Any other JSON endpoint."""
         return _json(await self._request(url, path, params), url)
+
+
+def _payload(body: bytes) -> aiohttp.BytesPayload:
+    # aiohttp warns about bodies over 1 MiB given as bytes ("might lock the event loop"): a
+    # write body of a few MiB goes to the socket in one non-blocking call, so it does not.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        return aiohttp.BytesPayload(body)
 
 
 def _json(data: bytes, url: str) -> Any:

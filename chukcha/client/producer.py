@@ -142,7 +142,7 @@ class Producer:
             await self.stop()
 
     def __del__(self) -> None:
-        if self._tasks and not self._closed:
+        if getattr(self, "_tasks", None) and not self._closed:
             warnings.warn(f"Producer for {self._category!r} was not stopped", ResourceWarning,
                           stacklevel=1)
 

@@ -1,0 +1,280 @@
+"""The client against real nodes on loopback: sends, failover, producer, consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from chukcha.bus.node import Node
+from chukcha.client import Batch, Client, ConsumerConfig, Position
+from chukcha.client.consumer import Consumer
+from chukcha.errors import (
+    ConsumerError,
+    MessageTooLargeError,
+    NodeUnavailableError,
+    RequestRejectedError,
+)
+from chukcha.protocol import MAX_MESSAGE_SIZE
+from chukcha.testing import run_node
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{host}:{port}"
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A loopback port that refuses connections (bound by us, never listening)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield url_of(sock)
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def stalled() -> Iterator[socket.socket]:
+    """A loopback port that accepts connections (kernel backlog) but never answers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+async def client(node: Node) -> AsyncIterator[Client]:
+    async with Client([node.url]) as c:
+        yield c
+
+
+async def read_all(consumer: Consumer, count: int, timeout: float = 20) -> list[bytes]:
+    """Read until ``count`` messages arrived (committing each batch)."""
+    got: list[bytes] = []
+    async with asyncio.timeout(timeout):
+        while len(got) < count:
+            for batch in await consumer.read():
+                got += batch.messages()
+                await consumer.commit({batch.owner: batch.position})
+    return got
+
+
+def ids_of(lines: list[bytes]) -> list[str]:
+    return [orjson.loads(m)["id"] for m in lines]
+
+
+async def test_send_and_consume_round_trip(client: Client) -> None:
+    ids = await client.send("orders", [{"n": i} for i in range(50)] + [b'{"id":"raw-1"}'])
+    assert ids[-1] == "raw-1" and len(set(ids)) == 51
+    async with client.consumer("orders") as consumer:
+        got = await read_all(consumer, 51)
+    assert ids_of(got) == ids
+    assert orjson.loads(got[7]) == {"id": ids[7], "n": 7}
+
+
+async def test_large_sends_are_split_under_the_node_limit(client: Client) -> None:
+    event = b"x" * (500 << 10)
+    await client.send("big", [event] * 20)  # 10 MiB: one body would be refused (4 MiB limit)
+    chunks = await client.list_chunks("big")
+    assert sum(c.size for c in chunks) == 20 * (len(event) + 1)
+
+
+async def test_an_oversized_event_is_refused_before_sending(client: Client) -> None:
+    with pytest.raises(MessageTooLargeError):
+        await client.send("c", [b"small", b"y" * (MAX_MESSAGE_SIZE + 1)])
+    assert await client.list_categories() == []
+
+
+async def test_write_fails_over_to_the_next_node(node: Node, refused_url: str) -> None:
+    async with Client([refused_url, node.url]) as c:
+        ids = await c.send("c", [{"k": 1}, {"k": 2}])
+        async with c.consumer("c", node=node.url) as consumer:
+            assert ids_of(await read_all(consumer, 2)) == ids
+
+
+async def test_timed_out_write_fails_over_with_the_same_bytes(
+    node: Node, stalled: socket.socket
+) -> None:
+    stalled_url = url_of(stalled)
+    async with Client([stalled_url, node.url], timeout=0.5) as c:
+        ids = await c.send("c", [{"k": 1}])
+        async with c.consumer("c", node=node.url) as consumer:
+            assert ids_of(await read_all(consumer, 1)) == ids
+
+
+async def test_every_node_failing_reports_each_error(
+    refused_url: str, stalled: socket.socket
+) -> None:
+    stalled_url = url_of(stalled)
+    async with Client([refused_url, stalled_url], timeout=0.5) as c:
+        with pytest.raises(NodeUnavailableError) as info:
+            await c.send("c", [{"k": 1}])
+    assert set(info.value.errors) == {refused_url, stalled_url}
+    assert "failed on every node" in str(info.value)
+
+
+async def test_a_4xx_answer_is_not_retried_on_another_node(tmp_path: Path, node: Node) -> None:
+    async with (
+        run_node(tmp_path / "small", instance="small", max_batch_size=1000,
+                 max_message_size=500) as small,
+        Client([small.url, node.url]) as c,
+    ):
+        with pytest.raises(RequestRejectedError) as info:
+            await c.send("c", [b"z" * 400] * 5)  # 2005 bytes: over small's batch limit
+        assert info.value.status == 400
+        assert await c.api.list_categories(node.url) == []
+
+
+async def test_producer_batches_lingers_and_flushes_on_close(client: Client) -> None:
+    async with client.consumer("p") as consumer:
+        async with client.producer("p", linger=0.01) as producer:
+            first = await producer.send({"n": 0})
+            # Nobody flushes: the linger timer alone must send it.
+            assert ids_of(await read_all(consumer, 1)) == [first]
+            rest = await producer.send_many([{"n": i} for i in range(1, 3000)])
+            last = await producer.send(b'{"id":"last"}')
+        # Stopping the producer flushed everything.
+        got = await read_all(consumer, 3000)
+    assert ids_of(got) == [*rest, last]
+
+
+async def test_producer_back_pressure_and_errors_reach_the_caller(
+    stalled: socket.socket,
+) -> None:
+    url = url_of(stalled)
+    async with Client([url], timeout=30) as c:
+        producer = c.producer("bp", max_batch_bytes=1000, max_buffer_bytes=1000, linger=0)
+        await producer.start()
+        await producer.send(b"a" * 999)  # 1000 bytes: the buffer is full, the write hangs
+        blocked = asyncio.ensure_future(producer.send(b"b"))
+        done, _ = await asyncio.wait([blocked], timeout=0.3)
+        assert not done  # waits for space: the only write in flight never gets an answer
+        stalled.close()  # the pending connection is reset: the write fails on every node
+        with pytest.raises(NodeUnavailableError):
+            async with asyncio.timeout(20):
+                await blocked
+        with pytest.raises(RuntimeError, match="stopped"):
+            await producer.stop()
+            await producer.send(b"c")
+
+
+async def test_flush_raises_when_a_batch_was_lost(refused_url: str) -> None:
+    async with Client([refused_url]) as c:
+        producer = c.producer("lost")
+        await producer.start()
+        await producer.send({"n": 1})
+        with pytest.raises(NodeUnavailableError):
+            await producer.flush()
+        await producer.stop()
+
+
+async def test_restored_positions_continue_exactly_there(tmp_path: Path) -> None:
+    async with (
+        run_node(tmp_path / "d", instance="a", max_chunk_size=300) as node,
+        Client([node.url]) as c,
+    ):
+        ids: list[str] = []
+        for i in range(20):  # ~45 bytes each: several chunks
+            ids += await c.send("r", [{"i": i}, {"i": i, "x": 1}])
+        async with c.consumer("r") as first:
+            got: list[bytes] = []
+            saved: dict[str, Position] = {}
+            while len(got) < 17:
+                batch = (await first.read(timeout=10))[0]
+                got += batch.messages()
+                saved = {batch.owner: batch.position}
+            await first.commit(saved)
+        async with c.consumer("r", positions=saved) as second:
+            got += await read_all(second, 40 - len(got))
+        assert ids_of(got) == ids
+
+
+async def test_acks_follow_commits_only(tmp_path: Path) -> None:
+    async with (
+        run_node(tmp_path / "d", instance="a", max_chunk_size=100) as node,
+        Client([node.url]) as c,
+    ):
+        for i in range(3):  # three bodies -> three chunks, the first two complete
+            await c.send("a", [b"%d" % i * 60])
+        async with c.consumer("a") as consumer:
+            batches: list[Batch] = []
+            async with asyncio.timeout(10):
+                while len(batches) < 3:
+                    batches += await consumer.read()
+                while not consumer.caught_up:
+                    assert await consumer.read(timeout=0.2) == []
+            names = [c.name for c in await c.list_chunks("a")]
+            assert len(names) == 3  # read to the end, but nothing committed: no acks
+            half = Position(batches[0].chunk, batches[0].end - 1)
+            await consumer.commit({"a": half})  # not past the end of chunk 0
+            assert [c.name for c in await c.list_chunks("a")] == names
+            await consumer.commit({"a": batches[1].position})
+            assert [c.name for c in await c.list_chunks("a")] == names[2:]
+            await consumer.commit({"a": batches[2].position})  # incomplete: not acked
+            assert [c.name for c in await c.list_chunks("a")] == names[2:]
+
+
+async def test_a_chunk_not_replicated_yet_is_waited_out(node: Node, client: Client) -> None:
+    await client.send("w", [b"own"])
+    async with client.consumer("w", positions={"b": Position("b-chunk000000000", 0)}) as cons:
+        first = await cons.read(timeout=10)
+        assert [b.messages() for b in first] == [[b"own"]]
+        pending = asyncio.ensure_future(cons.read(timeout=20))
+        done, _ = await asyncio.wait([pending], timeout=0.3)
+        assert not done  # b's chunk answers 404 here: waited out, not an error
+        # "Replicate" b's chunk to this node.
+        await node.store.append_replica("w", "b-chunk000000000", 0, b"from-b\n")
+        batches = await pending
+    assert [(b.owner, b.messages()) for b in batches] == [("b", [b"from-b"])]
+
+
+async def test_idle_consumer_long_polls_instead_of_spinning(
+    node: Node, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await client.send("idle", [b"x"])
+    reads = 0
+    original = node.store.read_wait
+
+    async def counting(category: str, chunk: str, off: int, max_size: int, wait: float) -> Any:
+        nonlocal reads
+        reads += 1
+        return await original(category, chunk, off, max_size, wait)
+
+    monkeypatch.setattr(node.store, "read_wait", counting)
+    async with client.consumer("idle") as consumer:
+        assert [b.data for b in await consumer.read(timeout=10)] == [b"x\n"]
+        assert await consumer.read(timeout=1.5) == []
+        # One long poll parked on the open chunk (plus the first read): no polling loop.
+        assert reads <= 3
+        later = asyncio.ensure_future(consumer.read(timeout=20))
+        await client.send("idle", [b"y"])
+        assert [b.data for b in await later] == [b"y\n"]
+
+
+async def test_consumer_without_long_poll_support_still_reads(client: Client) -> None:
+    # long_poll=0 behaves as against a Go server: the open chunk is polled.
+    consumer = client.consumer("go", config=ConsumerConfig(long_poll=0, poll_interval=0.05))
+    async with consumer:
+        await client.send("go", [b"1"])
+        assert await read_all(consumer, 1) == [b"1"]
+        later = asyncio.ensure_future(read_all(consumer, 1))
+        await client.send("go", [b"2"])
+        assert await later == [b"2"]
+
+
+async def test_a_bad_category_is_a_clear_error(client: Client) -> None:
+    with pytest.raises(ValueError, match="category"):
+        client.consumer("../etc")
+    with pytest.raises(ValueError, match="category"):
+        await client.send("a/b", [b"x"])
+    assert isinstance(ConsumerError("x"), Exception)
