@@ -98,8 +98,11 @@ def parse_chunk_name(name: str) -> ChunkName:
     """
     instance, sep, rest = name.rpartition("-")
     if not sep or _CHUNK_RE.fullmatch(rest) is None:
-        raise BadRequestError(f"invalid chunk name {name!r}")
-    validate_instance(instance)
+        raise BadRequestError(f"invalid chunk name {name!r}: expected <instance>-chunk<digits>")
+    try:
+        validate_instance(instance)
+    except BadRequestError as exc:
+        raise BadRequestError(f"invalid chunk name {name!r}: {exc}") from None
     return ChunkName(instance, int(rest[5:]))
 
 

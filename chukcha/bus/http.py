@@ -146,6 +146,8 @@ class BusApi:
         length = request.content_length
         if length is not None and length > self._max_batch:
             raise BodyTooLargeError(self._max_batch)
+        if length == 0:
+            return b""  # aiohttp's readexactly(0) at EOF raises instead of returning b""
         try:
             if length is not None:
                 return await request.content.readexactly(length)

@@ -1,0 +1,95 @@
+"""Helpers for the node tests: a thin HTTP caller and a snapshot of what is on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from chukcha.bus.node import Node
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    """Raw calls to a node: every test sees the exact status and body."""
+
+    http: aiohttp.ClientSession
+    url: str
+
+    async def call(
+        self,
+        path: str,
+        params: Mapping[str, str | int] | None = None,
+        body: bytes | None = None,
+        method: str = "POST",
+    ) -> Answer:
+        async with asyncio.timeout(30), self.http.request(
+            method, self.url + path, params=params, data=body
+        ) as resp:
+            return Answer(resp.status, await resp.read())
+
+    async def write(self, category: str, body: bytes, **params: str | int) -> None:
+        ans = await self.call("/write", {"category": category, **params}, body)
+        assert (ans.status, ans.body) == (200, b""), ans
+
+    async def read(
+        self, category: str, chunk: str, off: int = 0, max_size: int = 1 << 20, **extra: Any
+    ) -> bytes:
+        ans = await self.call(
+            "/read", {"category": category, "chunk": chunk, "off": off, "max_size": max_size,
+                      **extra}, method="GET",
+        )
+        assert ans.status == 200, ans
+        return ans.body
+
+    async def list_chunks(self, category: str) -> list[dict[str, Any]]:
+        async with asyncio.timeout(30), self.http.get(
+            f"{self.url}/listChunks", params={"category": category}
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            result: list[dict[str, Any]] = await resp.json()
+            return result
+
+    async def ack(self, category: str, chunk: str, size: int) -> Answer:
+        return await self.call("/ack", {"category": category, "chunk": chunk, "size": size})
+
+
+def _snapshot(root: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for d in dirnames:
+            out[os.path.join(rel, d) + "/"] = 0
+        for f in filenames:
+            out[os.path.join(rel, f)] = os.stat(os.path.join(dirpath, f)).st_size
+    return out
+
+
+async def disk_state(root: Path) -> dict[str, int]:
+    """Every file (with its size) and directory under ``root``."""
+    return await asyncio.to_thread(_snapshot, root)
+
+
+async def read_file(path: Path) -> bytes:
+    return await asyncio.to_thread(path.read_bytes)
+
+
+@pytest.fixture
+async def api(node: Node, http: aiohttp.ClientSession) -> AsyncIterator[Api]:
+    yield Api(http, node.url)
