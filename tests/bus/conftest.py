@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,12 +71,9 @@ class Api:
 
 def _snapshot(root: Path) -> dict[str, int]:
     out: dict[str, int] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        for d in dirnames:
-            out[os.path.join(rel, d) + "/"] = 0
-        for f in filenames:
-            out[os.path.join(rel, f)] = os.stat(os.path.join(dirpath, f)).st_size
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        out[rel + "/" if path.is_dir() else rel] = 0 if path.is_dir() else path.stat().st_size
     return out
 
 

@@ -60,7 +60,7 @@ async def test_write_errors(api: Api, node: Node) -> None:
         ({"category": "c"}, b"", 500, "empty write body"),
     ]
     before = await disk_state(node.config.data_dir)
-    assert set(before) == {"./running.lock"}
+    assert set(before) == {"running.lock"}
     for params, body, status, message in cases:
         ans = await api.call("/write", params, body)
         assert ans.status == status, (params, body, ans)
@@ -174,7 +174,7 @@ async def test_ack_tombstones_a_complete_chunk(api: Api, node: Node) -> None:
     assert (ans.status, ans.body) == (200, b"")
     assert await api.list_chunks("c") == [{"name": C1, "complete": False, "size": 5}]
     state = await disk_state(node.config.data_dir / "c")
-    assert state == {f"./{C0}.acknowledged": 0, f"./{C1}": 5}
+    assert state == {f"{C0}.acknowledged": 0, f"{C1}": 5}
     # A tombstone is not readable any more, and acking it again is harmless.
     ans = await api.call("/read", {"category": "c", "chunk": C0, "off": 0, "max_size": 10})
     assert ans.status == 404
@@ -223,8 +223,8 @@ async def test_ack_of_another_owners_last_chunk_is_refused(
         assert "not complete" in ans.text
         assert (await api.ack("c", "kazan-chunk000000001", 3)).status == 200
     assert await disk_state(data / "c") == {
-        "./amur-chunk000000000": 3,
-        "./kazan-chunk000000000.acknowledged": 0,
-        "./kazan-chunk000000001.acknowledged": 0,
-        "./kazan-chunk000000002": 6,
+        "amur-chunk000000000": 3,
+        "kazan-chunk000000000.acknowledged": 0,
+        "kazan-chunk000000001.acknowledged": 0,
+        "kazan-chunk000000002": 6,
     }
