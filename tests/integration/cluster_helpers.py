@@ -65,7 +65,9 @@ async def wait_for(
     """
     try:
         async with asyncio.timeout(timeout):
-            while not await check():
-                await asyncio.sleep(0.05)
+            while True:
+                if await check():
+                    return
+                await asyncio.sleep(0.05)  # bounded poll of a real server's state
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None

@@ -1,7 +1,8 @@
-"""Membership through a real etcd: joins, leaves, catch-up, and etcd going away under the cluster."""
+"""Membership through a real etcd: joins, leaves, catch-up, etcd going away under the cluster."""
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -76,7 +77,8 @@ async def test_cluster_keeps_replicating_while_etcd_is_down_and_resumes_watch(
             return (await cluster.status(name))["coordinator_connected"] is False
 
         for name in ("a", "b", "c"):
-            await wait_for(lambda n=name: etcd_lost(n), what=f"{name} to notice etcd is down")
+            await wait_for(functools.partial(etcd_lost, name),
+                           what=f"{name} to notice etcd is down")
         # Known peers stay; writes with min_sync_replicas still replicate without etcd.
         assert await peer_names(cluster, "a") == {"b", "c"}
         resp = await write(http, cluster["a"].url, "orders", b"while-etcd-down\n",
@@ -89,7 +91,7 @@ async def test_cluster_keeps_replicating_while_etcd_is_down_and_resumes_watch(
         late = cluster.add("d")
         await late.start()
         for name in ("a", "b", "c"):
-            await wait_for(lambda n=name: _has(cluster, n, "d"),
+            await wait_for(functools.partial(_has, cluster, name, "d"),
                            what=f"{name} to see d join after etcd came back")
         await cluster.wait_connected()
 
