@@ -1,0 +1,169 @@
+"""The processor API: :class:`App`, ``@app.processor(category)``, sinks.
+
+An app is a consumer group: ``App("billing", ...)`` reads its categories as group ``billing``
+and keeps one state directory (a LevelDB) shared by all its processors. The run loop is in
+:mod:`chukcha.processors.runner`, the per-batch commit protocol in
+:mod:`chukcha.processors.engine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from chukcha.processors.config import ErrorPolicy, ProcessorConfig
+from chukcha.protocol import validate_category
+
+if TYPE_CHECKING:
+    from chukcha.processors.engine import Context
+
+__all__ = ["App", "EventIdFn", "Handler", "ProcessorFn", "Sink"]
+
+logger = logging.getLogger(__name__)
+
+ProcessorFn = Callable[["Context", Any], "Awaitable[None] | None"]
+"""``def cb(ctx, event) -> None`` or ``async def cb(ctx, event) -> None``."""
+EventIdFn = Callable[[Any], "str | None"]
+"""Returns an event's ID (``None``: derive one from its position)."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S", bound="Sink")
+
+
+class Sink(Protocol):
+    """An external store fed with rows staged by ``ctx.to_sink(name, row)``."""
+
+    async def flush(self, rows: Sequence[Any]) -> None:
+        """Write ``rows`` idempotently. Raise to make the framework retry the SAME rows (with
+        backoff). Called before the state commit (so before the acks)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """One registered processor."""
+
+    category: str
+    fn: ProcessorFn
+    is_async: bool
+
+
+def default_event_id(event: Any) -> str | None:
+    """The ``id`` field of a JSON object (a string or an integer), else ``None``."""
+    if type(event) is dict:
+        value = event.get("id")
+        if type(value) is str:
+            return value
+        if value is not None and type(value) is int:
+            return str(value)
+    return None
+
+
+class App:
+    """A group of processors sharing one state (``state_dir``) and one consumer group (``name``).
+
+    Args:
+        name: the consumer group; also names the default state directory ``./<name>-state``.
+        nodes: node URLs; the app reads from the first one that answers and sends emits to any.
+        state_dir: the LevelDB directory (one running instance per directory).
+        config: :class:`ProcessorConfig`; ``on_error`` and ``event_id`` are shortcuts.
+        on_error: ``"stop"`` or ``"dead_letter"`` (overrides ``config.on_error``).
+        event_id: a function ``event -> str | None`` giving an event's ID (default: its ``id``
+            field). An event without one gets an ID derived from where it is stored,
+            ``"<chunk>:<offset>"``: redeliveries of that copy are deduplicated, but a copy
+            written to a second node is a different event.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        nodes: Sequence[str] = ("http://127.0.0.1:8080",),
+        state_dir: str | Path | None = None,
+        *,
+        config: ProcessorConfig | None = None,
+        on_error: str | ErrorPolicy | None = None,
+        event_id: EventIdFn | None = None,
+    ) -> None:
+        validate_category(name)
+        if not nodes:
+            raise ValueError("an app needs at least one node URL")
+        self.name = name
+        self.nodes = tuple(n if "://" in n else f"http://{n}" for n in nodes)
+        self.state_dir = Path(state_dir) if state_dir is not None else Path(f"{name}-state")
+        cfg = config or ProcessorConfig()
+        if on_error is not None:
+            cfg = replace(cfg, on_error=ErrorPolicy(on_error))
+        self.config = cfg
+        self.event_id: EventIdFn = event_id or default_event_id
+        self._handlers: dict[str, Handler] = {}
+        self._sinks: dict[str, Sink] = {}
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r}, categories={sorted(self._handlers)})"
+
+    @property
+    def handlers(self) -> Mapping[str, Handler]:
+        return self._handlers
+
+    @property
+    def sinks(self) -> Mapping[str, Sink]:
+        return self._sinks
+
+    def processor(self, category: str) -> Callable[[F], F]:
+        """Register ``fn(ctx, event)`` for every event of ``category`` (JSON-decoded)."""
+        validate_category(category)
+
+        def register(fn: F) -> F:
+            if category in self._handlers:
+                raise ValueError(f"category {category!r} already has a processor")
+            is_async = inspect.iscoroutinefunction(fn)
+            self._handlers[category] = Handler(category, fn, is_async)
+            return fn
+
+        return register
+
+    def add_sink(self, name: str, sink: S) -> S:
+        """Register a sink for ``ctx.to_sink(name, row)``; returns ``sink``."""
+        if name in self._sinks:
+            raise ValueError(f"sink {name!r} is already registered")
+        if not callable(getattr(sink, "flush", None)):
+            raise TypeError("a sink needs an async flush(rows) method")
+        self._sinks[name] = sink
+        return sink
+
+    async def run_async(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set (or the task is cancelled), then stop gracefully: finish
+        the batch, commit, ack, close.
+
+        Raises:
+            ProcessorError: a callback failed under the ``stop`` error policy.
+            StateLockedError: another process runs on ``state_dir``.
+        """
+        from chukcha.processors.runner import Runner  # noqa: PLC0415 - imports the client
+
+        if not self._handlers:
+            raise ValueError(f"app {self.name!r} has no processors")
+        await Runner(self).run(stop or asyncio.Event())
+
+    def run(self) -> None:
+        """Run until SIGINT or SIGTERM (blocking)."""
+        from chukcha.cli.node import run_loop  # noqa: PLC0415
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            try:
+                await self.run_async(stop)
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+
+        run_loop(main())

@@ -1,0 +1,262 @@
+"""The run loop of an app against the bus: read, process, commit, send the outbox, ack.
+
+One consumer (group = the app's name) per category, each in its own task; a lock makes
+"process a batch + commit it" one step, so the categories share the state safely. Per step:
+
+1. ``consumer.read()`` -> batches (at most one per owner stream).
+2. :meth:`Engine.process` each batch (dedup, callbacks).
+3. Flush the sink rows of the applied events (retried with backoff until they succeed).
+4. ONE state write: table + dedup + positions + outbox (fsync'ed per the sync policy).
+5. Send the outbox (retried), then ``consumer.commit(positions)`` acks the complete chunks wholly
+   before the committed positions; with a deferred fsync policy only positions that are fsync'ed.
+
+A crash anywhere loses nothing: the next start resumes at the committed positions, resends the
+committed-but-unsent outbox, and the dedup index skips the events already applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from chukcha.client import Client
+from chukcha.client.consumer import Batch, Consumer, Position
+from chukcha.errors import ChukchaError, ClientError
+from chukcha.processors.engine import Engine
+from chukcha.state.leveldb import LevelDBStore
+
+if TYPE_CHECKING:
+    from chukcha.processors.base import App
+
+__all__ = ["Runner"]
+
+logger = logging.getLogger(__name__)
+
+
+class Runner:
+    """Runs one :class:`~chukcha.processors.base.App` until its stop event is set."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Open the state, run every category's loop, stop gracefully when ``stop`` is set."""
+        app = self.app
+        store = await asyncio.to_thread(
+            LevelDBStore, app.state_dir, write_buffer_size=app.config.state.write_buffer_size
+        )
+        try:
+            engine = Engine(app, store)
+            await asyncio.to_thread(engine.load)
+            async with Client(list(app.nodes)) as client:
+                logger.info("app=%s running categories=%s nodes=%s state=%s", app.name,
+                            ",".join(app.handlers), ",".join(app.nodes), app.state_dir)
+                session = _Session(app, engine, store, client)
+                try:
+                    await session.work_until(stop)
+                    await session.finish()
+                finally:
+                    await session.close()
+        finally:
+            await asyncio.to_thread(store.close)
+            logger.info("app=%s stopped", app.name)
+
+
+class _Session:
+    """One run: the open state, the client and the consumers."""
+
+    def __init__(self, app: App, engine: Engine, store: LevelDBStore, client: Client) -> None:
+        self.app = app
+        self.config = app.config
+        self._engine = engine
+        self._store = store
+        self._client = client
+        self._lock = asyncio.Lock()
+        self._last_sync = 0.0
+        self._unsynced = False
+        self._acked_positions: dict[str, dict[str, tuple[str, int]]] = {}
+        self._consumers: dict[str, Consumer] = {}
+        self.commits = 0
+
+    async def close(self) -> None:
+        for consumer in self._consumers.values():
+            await consumer.stop()
+        self._consumers.clear()
+
+    async def work_until(self, stop: asyncio.Event) -> None:
+        work = asyncio.create_task(self._work(stop), name=f"app-{self.app.name}")
+        stopped = asyncio.create_task(stop.wait(), name=f"app-{self.app.name}-stop")
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                logger.info("app=%s stopping: finishing the batch", self.app.name)
+                await asyncio.wait({work}, timeout=self.config.stop_timeout)
+                if not work.done():
+                    logger.warning("app=%s batch did not finish in %.1fs; abandoning it "
+                                   "(it is processed again on restart)", self.app.name,
+                                   self.config.stop_timeout)
+        finally:
+            for task in (work, stopped):
+                task.cancel()
+            await asyncio.wait({work, stopped})
+        if work.cancelled() or work.exception() is not None:
+            # Whatever the unfinished batch staged is dropped; it is read again on restart.
+            self._engine.discard()
+        if not work.cancelled() and (exc := work.exception()) is not None:
+            raise exc
+
+    async def _work(self, stop: asyncio.Event) -> None:
+        engine, client = self._engine, self._client
+        await self._send_outbox()  # what the previous run committed but did not send
+        for category in self.app.handlers:
+            saved = engine.positions.get(category, {})
+            self._consumers[category] = client.consumer(
+                category,
+                group=self.app.name,
+                positions={owner: Position(chunk, off) for owner, (chunk, off) in saved.items()},
+                max_batch_bytes=self.config.max_batch_bytes,
+            )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for category, consumer in self._consumers.items():
+                    tg.create_task(self._consume_loop(category, consumer, stop),
+                                   name=f"app-{self.app.name}-{category}")
+        except BaseExceptionGroup as group:
+            # One failure (ProcessorError, StateLockedError...) is what the caller wants to see.
+            errors = group.exceptions
+            if len(errors) == 1 and isinstance(errors[0], Exception):
+                raise errors[0] from None
+            raise
+
+    async def _consume_loop(self, category: str, consumer: Consumer, stop: asyncio.Event) -> None:
+        timeout = self.config.read_timeout
+        while not stop.is_set():
+            batches = await consumer.read(timeout=timeout)
+            async with self._lock:
+                if batches:
+                    await self._step(category, batches)
+                elif self._unsynced:
+                    await self._sync_now()
+                else:
+                    # Idle: the consumer may have learnt meanwhile that a chunk we finished is
+                    # complete (its owner rotated), or we resume after a predecessor that
+                    # committed but died before acking: ack what is due.
+                    await self._ack_all(force=True)
+            # While the batch was processed, `stop` may have been set: the loop ends here,
+            # after the commit and the acks, never in the middle of a batch.
+
+    async def _step(self, category: str, batches: list[Batch]) -> None:
+        engine = self._engine
+        for b in batches:
+            await engine.process(category, b.owner, b.chunk, b.offset, b.data)
+        await self._flush_sinks()
+        sync = self._sync_due()
+        await self._commit(sync)
+        await self._send_outbox()
+        if sync:
+            await self._ack_all()
+
+    def _sync_due(self) -> bool:
+        interval = self.config.state.sync_interval
+        if interval is None:
+            return False
+        return interval == 0 or time.monotonic() - self._last_sync >= interval
+
+    async def _commit(self, sync: bool) -> None:
+        engine, store = self._engine, self._store
+        plan = engine.prepare()
+        write = asyncio.ensure_future(asyncio.to_thread(store.write, plan.puts, plan.deletes,
+                                                        sync=sync))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # The write cannot be interrupted; wait for it so the state and memory agree.
+            with contextlib.suppress(Exception):
+                await write
+            if write.done() and not write.cancelled() and write.exception() is None:
+                engine.committed()
+            raise
+        except BaseException:
+            engine.discard()
+            raise
+        engine.committed()
+        self.commits += 1
+        if sync:
+            self._last_sync = time.monotonic()
+            self._unsynced = False
+        else:
+            self._unsynced = self.config.state.sync_interval is not None
+        logger.debug("app=%s commit events=%d sync=%s", self.app.name, plan.events, sync)
+
+    async def _sync_now(self) -> None:
+        store = self._store
+        await asyncio.to_thread(store.write, {}, (), sync=True)
+        self._last_sync = time.monotonic()
+        self._unsynced = False
+        await self._ack_all()
+
+    async def _ack_all(self, *, force: bool = False) -> None:
+        """Ack (through each consumer) everything wholly before the committed (and fsync'ed)
+        positions."""
+        engine = self._engine
+        for category, consumer in self._consumers.items():
+            positions = engine.positions.get(category, {})
+            if not force and positions == self._acked_positions.get(category):
+                continue
+            try:
+                await consumer.commit(
+                    {owner: Position(chunk, off) for owner, (chunk, off) in positions.items()}
+                )
+            except ClientError as exc:
+                # Not fatal: the positions are committed; the next commit acks again.
+                logger.warning("app=%s category=%s ack failed: %s", self.app.name, category, exc)
+            else:
+                self._acked_positions[category] = dict(positions)
+
+    async def _flush_sinks(self) -> None:
+        engine = self._engine
+        for name, rows in engine.sink_rows.items():
+            if rows:
+                sink = self.app.sinks[name]
+                await self._retry(f"sink {name!r} flush of {len(rows)} rows",
+                                  lambda s=sink, r=rows: s.flush(r))  # type: ignore[misc]
+
+    async def _send_outbox(self) -> None:
+        engine, client = self._engine, self._client
+        for entry in list(engine.outbox):
+            await self._retry(f"emit of {len(entry.lines())} events to {entry.category!r}",
+                              lambda e=entry: client.send(e.category, e.lines()))  # type: ignore[misc]
+            engine.outbox_sent(entry)
+
+    async def _retry(self, what: str, fn: Callable[[], Awaitable[object]]) -> None:
+        delay = self.config.retry_initial
+        attempt = 1
+        while True:
+            try:
+                await fn()
+            except (ChukchaError, OSError, TimeoutError) as exc:
+                logger.warning("app=%s %s failed (attempt %d), retrying in %.1fs: %s",
+                               self.app.name, what, attempt, delay, exc)
+            except Exception as exc:  # noqa: BLE001 - a user's sink may raise anything
+                logger.warning("app=%s %s failed (attempt %d), retrying in %.1fs: %r",
+                               self.app.name, what, attempt, delay, exc)
+            else:
+                return
+            await asyncio.sleep(delay)  # backoff between attempts, not synchronisation
+            delay = min(delay * 2, self.config.retry_max)
+            attempt += 1
+
+    async def finish(self) -> None:
+        """After the loops: sync, ack, and drop the sent outbox keys."""
+        engine = self._engine
+        async with self._lock:
+            if engine.has_staged:
+                await self._commit(sync=self.config.state.sync_interval is not None)
+            elif self._unsynced:
+                await self._sync_now()
+            with contextlib.suppress(ClientError):
+                await self._ack_all()
