@@ -15,6 +15,7 @@ from aiohttp import web
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.cluster import Cluster
 from chukcha.bus.config import NodeConfig
+from chukcha.bus.groups import ConsumerGroups
 from chukcha.bus.http import BusApi, add_routes, error_middleware
 
 __all__ = ["Node", "NodeState"]
@@ -55,6 +56,10 @@ class Node:
         self.cluster = Cluster(config, self.store)
         self.api.replicas = self.cluster.replica_waiter
         add_routes(self.app, self.cluster.routes())
+        # Consumer groups and retention (issue 4): /ack with group=, /groups/*, /retention.
+        self.groups = ConsumerGroups(self.store)
+        self.api.acks = self.groups
+        add_routes(self.app, self.groups.routes())
         self._runner: web.AppRunner | None = None
         self._sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -84,6 +89,7 @@ class Node:
         cfg = self.config
         await asyncio.to_thread(self.store.open)
         try:
+            await self.groups.start()  # the registry is loaded before any ack is served
             self._sock = self._bind()
             self._runner = web.AppRunner(
                 self.app, access_log=None, shutdown_timeout=cfg.stop_timeout
@@ -91,6 +97,7 @@ class Node:
             await self._runner.setup()
             await web.SockSite(self._runner, self._sock).start()
         except BaseException:
+            await self.groups.stop()
             await self._close_store()
             raise
         self._tasks.append(asyncio.create_task(self._rotate_forever(), name="chunk-rotation"))
@@ -138,6 +145,7 @@ class Node:
             # The cluster first: it ends the never-ending events streams that would otherwise
             # hold the HTTP server's graceful stop up.
             await self.cluster.stop()
+            await self.groups.stop()
             for task in reversed(self._tasks):
                 task.cancel()
             if self._tasks:
