@@ -113,6 +113,12 @@ class _Session:
         engine, client = self._engine, self._client
         await self._send_outbox()  # what the previous run committed but did not send
         for category in self.app.handlers:
+            # On every node, so that no node drops chunks this group has not acked yet.
+            try:
+                await client.register_group(category, self.app.name)
+            except ClientError as exc:
+                logger.warning("app=%s registering group on every node failed (the consumer "
+                               "registers on the node it reads): %s", self.app.name, exc)
             saved = engine.positions.get(category, {})
             self._consumers[category] = client.consumer(
                 category,
