@@ -9,7 +9,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from chukcha.testing import ClusterProcess, run_cluster
+from chukcha.bus.config import Peer, ReplicationConfig
+from chukcha.testing import ClusterProcess, bind_loopback, run_cluster, run_node
 from tests.integration.cluster_helpers import chunks_of, list_chunks, read_all, wait_for, write
 
 pytestmark = pytest.mark.timeout(120)
@@ -75,3 +76,24 @@ async def test_min_sync_replicas_waits_for_replicas_and_refuses_impossible(
 
         resp = await write(http, a, "orders", b"four\n", min_sync_replicas="x")
         assert resp.status == 400
+
+
+async def test_min_sync_replicas_times_out_with_a_clear_error(tmp_path: Path) -> None:
+    # A peer that never answers: its connections wait in the listen backlog forever.
+    ghost = bind_loopback()
+    host, port = ghost.getsockname()[:2]
+    try:
+        async with run_node(
+            tmp_path / "a", "a", peers=(Peer("ghost", f"{host}:{port}"),),
+            replication=ReplicationConfig(min_sync_timeout=0.5),
+        ) as node, aiohttp.ClientSession() as http:
+            resp = await write(http, node.url, "t", b"x\n", min_sync_replicas="1")
+            assert resp.status == 500
+            async with http.post(f"{node.url}/write", params={
+                "category": "t", "min_sync_replicas": "1"}, data=b"y\n") as r:
+                text = await r.text()
+            assert "min_sync_replicas=1" in text and "within 0.5 s" in text
+            # Both writes are on this node all the same (as documented).
+            assert chunks_of(await list_chunks(http, node.url, "t")) == {"a-chunk000000000": 4}
+    finally:
+        ghost.close()
