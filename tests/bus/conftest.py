@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +39,10 @@ class Api:
         body: bytes | None = None,
         method: str = "POST",
     ) -> Answer:
+        # aiohttp warns about big raw bodies (it copies them on the loop); a file object not.
+        data = io.BytesIO(body) if body is not None and len(body) > 1 << 20 else body
         async with asyncio.timeout(30), self.http.request(
-            method, self.url + path, params=params, data=body
+            method, self.url + path, params=params, data=data
         ) as resp:
             return Answer(resp.status, await resp.read())
 
