@@ -17,6 +17,7 @@ __all__ = ["main"]
 # Modules that add subcommands, in --help order.
 _COMMAND_MODULES = (
     "chukcha.cli.node",
+    "chukcha.cli.client",
     "chukcha.cli.run",
 )
 

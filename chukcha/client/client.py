@@ -217,7 +217,7 @@ class Client:
             if index != self._preferred:
                 self._preferred = index
             return result
-        detail = "; ".join(f"{u}: {e}" for u, e in errors.items())
+        detail = "; ".join(str(e) for e in errors.values())
         raise NodeUnavailableError(f"{what} failed on every node: {detail}", errors)
 
     def producer(

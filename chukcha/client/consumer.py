@@ -217,6 +217,7 @@ class Consumer:
         if self._started:
             return
         await self._register(self.url)
+        await self._load_group_acks(self.url)
         await self._relist(asyncio.get_running_loop().time())
         self._started = True
 
@@ -275,6 +276,15 @@ class Consumer:
                 "consume without a group there"
             ) from None
         self._registered.add(url)
+
+    async def _load_group_acks(self, url: str) -> None:
+        # Chunks our group acked before (an earlier run) are done: new streams skip them.
+        if self._group is None:
+            return
+        described = await self._api.list_groups(url, self._category)
+        for g in described.get("groups", []):
+            if g.get("name") == self._group:
+                self._acked.update(str(c) for c in g.get("acked", []))
 
     # --- reading ------------------------------------------------------------------------
 
@@ -370,7 +380,12 @@ class Consumer:
         for owner, lst in by_owner.items():
             s = self._streams.get(owner)
             if s is None:
-                s = self._streams[owner] = _Stream(owner, lst[0].name, 0)
+                todo = [c for c in lst if c.name not in self._acked]
+                if todo:
+                    s = _Stream(owner, todo[0].name, 0)
+                else:  # all acked by our group already: wait for the next chunk
+                    s = _Stream(owner, lst[-1].name, lst[-1].size, at_end=True)
+                self._streams[owner] = s
                 logger.debug("category=%s new stream %s at %s", self._category, owner, s.chunk)
             if (restored := self._restored.get(owner)) is not None:
                 # Chunks before a restored position were committed by our predecessor; it may
@@ -436,6 +451,7 @@ class Consumer:
             err = r.error
             if isinstance(err, RemoteNotFoundError):
                 # Not replicated here yet (or acked meanwhile): a listing tells which.
+                s.at_end = True  # nothing to read here for now
                 s.not_before = now + cfg.poll_interval
                 if self._listed_at < r.started:
                     self._list_due = now

@@ -1,0 +1,273 @@
+"""The client tools: ``chukcha send``, ``chukcha tail``, ``chukcha ls``, ``chukcha status``.
+
+Every command takes ``--node URL`` (repeatable; default ``$CHUKCHA_NODES``, comma-separated, or
+``http://127.0.0.1:8080``). Errors are one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import IO, Any, Final
+
+from chukcha.client import Client, Consumer, parse_nodes
+from chukcha.errors import ChukchaError, ClientError, RemoteNotFoundError
+
+__all__ = ["register"]
+
+DEFAULT_NODE: Final = "http://127.0.0.1:8080"
+_PROGRESS_MIN_BYTES: Final = 8 << 20
+_READ_BLOCK: Final = 1 << 20
+
+
+def _nodes(args: argparse.Namespace) -> list[str]:
+    if args.node:
+        return parse_nodes([n for item in args.node for n in item.split(",")])
+    return parse_nodes(os.environ.get("CHUKCHA_NODES") or DEFAULT_NODE)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--node", "-node", action="append", metavar="URL",
+                   help="a node to talk to (repeatable; default $CHUKCHA_NODES or "
+                        f"{DEFAULT_NODE})")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds one request may take before the next node is tried "
+                        "(default 30)")
+
+
+def register(sub: Any) -> None:
+    """Add ``send``, ``tail``, ``ls`` and ``status`` to the subcommand parsers."""
+    p = sub.add_parser("send", help="send lines of a file (or stdin) as events",
+                       description="Send each non-empty line of FILE (or stdin) as one event. "
+                                   "Lines are sent as they are; with failover between nodes.")
+    p.add_argument("category")
+    p.add_argument("file", nargs="?", default="-", metavar="FILE|-",
+                   help="input file, '-' for stdin (default)")
+    p.add_argument("--sync", action="store_true", help="ask the node to fsync before answering")
+    p.add_argument("--min-sync-replicas", type=int, default=0, metavar="K",
+                   help="answer only when K other nodes hold the data")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    _common(p)
+    p.set_defaults(handler=_send)
+
+    p = sub.add_parser("tail", help="print the events of a category",
+                       description="Print every event of CATEGORY, one per line. Without "
+                                   "--follow it prints what is there and exits. With --group "
+                                   "it reads as that consumer group and acks what it printed.")
+    p.add_argument("category")
+    p.add_argument("--group", metavar="G", help="read as consumer group G (registered if new) "
+                                                "and ack printed chunks for it")
+    p.add_argument("--follow", "-f", action="store_true", help="keep waiting for new events")
+    _common(p)
+    p.set_defaults(handler=_tail)
+
+    p = sub.add_parser("ls", help="list categories, or the chunks of one",
+                       description="Without CATEGORY: the categories with their chunk counts "
+                                   "and sizes. With it: each chunk, its size, whether it is "
+                                   "complete, and which consumer groups have acked it.")
+    p.add_argument("category", nargs="?")
+    _common(p)
+    p.set_defaults(handler=_ls)
+
+    p = sub.add_parser("status", help="show a node's peers and replication lag",
+                       description="Show each --node's /status: its peers, whether they are "
+                                   "up, and the replication lag in bytes.")
+    _common(p)
+    p.set_defaults(handler=_status)
+
+
+# --- plumbing -------------------------------------------------------------------------------
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    try:
+        try:
+            import uvloop  # noqa: PLC0415 - optional speed-up
+        except ImportError:  # pragma: no cover
+            return asyncio.run(main())
+        return uvloop.run(main())
+    except KeyboardInterrupt:
+        return 130
+    except (ChukchaError, OSError, ValueError) as exc:
+        print(f"chukcha: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+async def _write_out(stream: IO[bytes], data: bytes) -> None:
+    # Writing to a pipe can block when the reader is slow: keep it off the event loop.
+    await asyncio.to_thread(_write_flush, stream, data)
+
+
+def _write_flush(stream: IO[bytes], data: bytes) -> None:
+    stream.write(data)
+    stream.flush()
+
+
+# --- send -----------------------------------------------------------------------------------
+
+
+def _send(args: argparse.Namespace) -> int:
+    return _run(lambda: _send_async(args))
+
+
+async def _send_async(args: argparse.Namespace) -> int:
+    nodes = _nodes(args)
+    if args.file == "-":
+        stream: IO[bytes] = sys.stdin.buffer
+        total = None
+    else:
+        stream = await asyncio.to_thread(open, args.file, "rb")
+        total = (await asyncio.to_thread(os.fstat, stream.fileno())).st_size
+    show = (not args.no_progress and sys.stderr.isatty()
+            and (total is None or total >= _PROGRESS_MIN_BYTES))
+    bar = _progress(total) if show else None
+    count = 0
+    started = time.monotonic()
+    try:
+        async with Client(nodes, timeout=args.timeout) as client, client.producer(
+            args.category, sync=args.sync, min_sync_replicas=args.min_sync_replicas,
+            max_batch_bytes=4 << 20,
+        ) as producer:
+            while lines := await asyncio.to_thread(stream.readlines, _READ_BLOCK):
+                events = [ln for ln in lines if ln.strip()]
+                await producer.send_many(events)
+                count += len(events)
+                if bar is not None:
+                    bar.update(sum(map(len, lines)))
+    finally:
+        if bar is not None:
+            bar.close()
+        if stream is not sys.stdin.buffer:
+            await asyncio.to_thread(stream.close)
+    elapsed = time.monotonic() - started
+    print(f"sent {count} events to {args.category} in {elapsed:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _progress(total: int | None) -> Any:
+    from tqdm import tqdm  # noqa: PLC0415 - only on a terminal
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="send",
+                file=sys.stderr)
+
+
+# --- tail -----------------------------------------------------------------------------------
+
+
+def _tail(args: argparse.Namespace) -> int:
+    return _run(lambda: _tail_async(args))
+
+
+async def _tail_async(args: argparse.Namespace) -> int:
+    out = sys.stdout.buffer
+    async with Client(_nodes(args), timeout=args.timeout) as client:
+        consumer = client.consumer(args.category, group=args.group)
+        async with consumer:
+            while True:
+                batches = await consumer.read(timeout=None if args.follow else 0.2)
+                if batches:
+                    await _write_out(out, b"".join(b.data for b in batches))
+                    if args.group:
+                        await consumer.commit({b.owner: b.position for b in batches})
+                elif not args.follow and consumer.caught_up:
+                    break
+            if args.group:
+                await _final_commit(consumer)
+    return 0
+
+
+async def _final_commit(consumer: Consumer) -> None:
+    # One more commit of where we are: the last batches' chunks may have been found complete
+    # only after they were printed.
+    await consumer.commit(consumer.positions())
+
+
+# --- ls -------------------------------------------------------------------------------------
+
+
+def _ls(args: argparse.Namespace) -> int:
+    return _run(lambda: _ls_async(args))
+
+
+async def _ls_async(args: argparse.Namespace) -> int:
+    async with Client(_nodes(args), timeout=args.timeout) as client:
+        if args.category is None:
+            rows: list[tuple[str, ...]] = [("CATEGORY", "CHUNKS", "BYTES")]
+            for cat in await client.list_categories():
+                chunks = await client.list_chunks(cat)
+                rows.append((cat, str(len(chunks)), str(sum(c.size for c in chunks))))
+        else:
+            chunks = await client.list_chunks(args.category)
+            acked_by: dict[str, list[str]] = {}
+            groups: list[str] = []
+            with contextlib.suppress(RemoteNotFoundError):  # a Go node: no groups
+                described = await client.list_groups(args.category)
+                for g in described.get("groups", []):
+                    groups.append(g["name"])
+                    for chunk in g.get("acked", []):
+                        acked_by.setdefault(chunk, []).append(g["name"])
+            rows = [("CHUNK", "BYTES", "COMPLETE", "ACKED BY")]
+            rows += [(c.name, str(c.size), "yes" if c.complete else "no",
+                      ",".join(acked_by.get(c.name, [])) or "-") for c in chunks]
+            if groups:
+                print(f"groups: {', '.join(groups)}")
+        print(_table(rows))
+    return 0
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+        for r in rows
+    )
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def _status(args: argparse.Namespace) -> int:
+    return _run(lambda: _status_async(args))
+
+
+async def _status_async(args: argparse.Namespace) -> int:
+    code = 0
+    async with Client(_nodes(args), timeout=args.timeout) as client:
+        for url in client.nodes:
+            code = max(code, await _one_status(client, url))
+    return code
+
+
+async def _one_status(client: Client, url: str) -> int:
+    try:
+        st = await client.status(url)
+    except RemoteNotFoundError:
+        print(f"{url}: no /status (a standalone node without the cluster extension, or a Go "
+              "node); it answers, so it is up")
+        return 0
+    except ClientError as exc:
+        print(f"chukcha: error: {url}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    print(f"{url}: instance {st.get('instance', '?')} at {st.get('address', '?')}")
+    peers = st.get("peers") or []
+    if not peers:
+        print("  no peers")
+        return 0
+    rows = [("PEER", "URL", "UP", "LAG BYTES", "LAST SEEN")]
+    now = time.time()
+    for p in peers:
+        seen = p.get("last_seen")
+        rows.append((str(p.get("instance", "?")), str(p.get("url", "?")),
+                     "yes" if p.get("up") else "no", str(p.get("lag_bytes", "?")),
+                     f"{now - float(seen):.1f} s ago" if seen is not None else "never"))
+    print("\n".join("  " + line for line in _table(rows).splitlines()))
+    return 0
