@@ -432,7 +432,7 @@ class ChunkStore:
     # --- replicated chunks --------------------------------------------------------------
 
     async def append_replica(
-        self, category: str, chunk: str, offset: int, data: bytes, *, sync: bool = False
+        self, category: str, chunk: str, offset: int, data: bytes | memoryview, *, sync: bool = False
     ) -> int | None:
         """Append downloaded bytes (whole messages) of a peer's chunk at ``offset``.
 
@@ -473,7 +473,7 @@ class ChunkStore:
             self._emit(StoreEventKind.WRITTEN, category, chunk, c.size)
         return c.size
 
-    def _append_file(self, path: Path, chunk: _Chunk, data: bytes, sync: bool) -> None:
+    def _append_file(self, path: Path, chunk: _Chunk, data: bytes | memoryview, sync: bool) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         try:
             self._append(fd, chunk, data, sync)
