@@ -432,7 +432,13 @@ class ChunkStore:
     # --- replicated chunks --------------------------------------------------------------
 
     async def append_replica(
-        self, category: str, chunk: str, offset: int, data: bytes | memoryview, *, sync: bool = False
+        self,
+        category: str,
+        chunk: str,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        sync: bool = False,
     ) -> int | None:
         """Append downloaded bytes (whole messages) of a peer's chunk at ``offset``.
 
