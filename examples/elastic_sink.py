@@ -18,7 +18,7 @@ again with the same entity IDs if it fails, so every change reaches the index at
 Run it against Elasticsearch 8 (or ``examples.es_standin`` in tests)::
 
     ELASTIC_URL=http://127.0.0.1:9200 PRODUCTS_DB=./products.sqlite3 \\
-        chukcha run examples.elastic_sink:app
+        python -m examples.elastic_sink        # or: chukcha run examples.elastic_sink:app
 
 Environment: ``CHUKCHA_NODES``, ``CHUKCHA_STATE_DIR``, ``CHUKCHA_CATEGORY`` (default
 ``product-changes``), ``ELASTIC_URL``, ``ELASTIC_INDEX`` (default ``products``),
@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import sqlite3
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -39,13 +41,18 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
+from chukcha.processors import App, Context, ErrorPolicy, ProcessorConfig
+
 __all__ = [
     "ElasticsearchBulkError",
     "ElasticsearchSink",
     "Entity",
     "EntitySource",
     "ProductCatalog",
+    "app",
+    "build_app",
     "entity_id_of",
+    "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -329,3 +336,69 @@ class ElasticsearchSink:
                 f"{len(reasons)} bulk items failed, first: {reasons[0]}",
                 status=200, reasons=reasons[:10],
             )
+
+
+def build_app(
+    nodes: Sequence[str],
+    state_dir: str,
+    elastic_url: str,
+    catalog: EntitySource,
+    *,
+    index: str = "products",
+    category: str = "product-changes",
+    headers: Mapping[str, str] | None = None,
+    config: ProcessorConfig | None = None,
+) -> tuple[App, ElasticsearchSink]:
+    """The example app: each "product changed" event re-indexes that product's current version.
+
+    Events without a ``product_id`` go to ``<category>.dead``.
+    """
+    cfg = replace(config or ProcessorConfig(), on_error=ErrorPolicy.DEAD_LETTER)
+    the_app = App("elastic-products", nodes=nodes, state_dir=state_dir, config=cfg)
+    sink = the_app.add_sink("elastic", ElasticsearchSink(
+        elastic_url, index, catalog, headers=headers,
+        mappings={"properties": {"name": {"type": "text"}, "price": {"type": "long"},
+                                 "version": {"type": "long"}}},
+    ))
+
+    @the_app.processor(category)
+    def on_change(ctx: Context, event: dict[str, Any]) -> None:
+        # Only the ID: the sink reads the current version when it flushes the batch.
+        ctx.to_sink("elastic", entity_id_of(event))
+
+    return the_app, sink
+
+
+def _from_env() -> tuple[App, ElasticsearchSink]:
+    env = os.environ
+    headers = {}
+    if api_key := env.get("ELASTIC_API_KEY"):
+        headers["Authorization"] = f"ApiKey {api_key}"
+    return build_app(
+        [n.strip() for n in env.get("CHUKCHA_NODES", "http://127.0.0.1:8080").split(",")
+         if n.strip()],
+        env.get("CHUKCHA_STATE_DIR", "./elastic-products-state"),
+        env.get("ELASTIC_URL", "http://127.0.0.1:9200"),
+        ProductCatalog(Path(env.get("PRODUCTS_DB", "./products.sqlite3"))),
+        index=env.get("ELASTIC_INDEX", "products"),
+        category=env.get("CHUKCHA_CATEGORY", "product-changes"),
+        headers=headers,
+    )
+
+
+app, sink = _from_env()
+
+
+async def main() -> None:
+    """Run :data:`app` until SIGINT or SIGTERM, with the sink's session open around it."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with sink:
+        await app.run_async(stop)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(main())

@@ -22,6 +22,7 @@ a tombstone (for external versioning) for the server's lifetime, not ``index.gc_
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
@@ -118,6 +119,7 @@ class ElasticsearchStandin:
         self._runner: web.AppRunner | None = None
         self._sock: socket.socket | None = None
         self.requests = 0  # HTTP requests served (tests check that a flush did or did not call)
+        self._changed = asyncio.Condition()
 
     @property
     def url(self) -> str:
@@ -175,6 +177,19 @@ class ElasticsearchStandin:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    def documents(self, index: str) -> dict[str, dict[str, Any]]:
+        """Every live document of ``index`` as ``GET _doc`` would return it (real time)."""
+        found = self._indices.get(index)
+        if found is None:
+            return {}
+        return {i: d.source for i, d in found.docs.items() if d.source is not None}
+
+    async def wait_until(self, predicate: Any, timeout: float = 30.0) -> None:
+        """Wait (under ``timeout``) until ``predicate(self)`` holds; re-checked after every
+        request that changed something (a push, not a poll)."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: bool(predicate(self)))
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -330,6 +345,8 @@ class ElasticsearchStandin:
                 if name in self._indices:
                     self._indices[name].refresh()
         errors = any("error" in next(iter(item.values())) for item in items)
+        async with self._changed:
+            self._changed.notify_all()
         return _json({"took": 0, "errors": errors, "items": items})
 
     def _parse_bulk(self, raw: bytes, default_index: str | None) -> list[_Action]:
