@@ -417,7 +417,13 @@ class ChunkStore:
                 cur = cat.chunks.get(cat.current) if cat.current else None
                 if cur is None or cur.size == 0:
                     continue
-                name = await asyncio.to_thread(self._create_chunk, cat)
+                try:
+                    name = await asyncio.to_thread(self._create_chunk, cat)
+                except OSError as exc:
+                    # Keep the timer alive: the next write or tick tries again.
+                    logger.warning("instance=%s category=%s cannot rotate: %s",
+                                   self._instance, cat.name, exc)
+                    continue
             rotated.append(f"{cat.name}/{name}")
             self._emit(StoreEventKind.CREATED, cat.name, name, 0)
         return rotated

@@ -27,6 +27,7 @@ __all__ = [
     "Handler",
     "ReplicaWaiter",
     "add_routes",
+    "bool_param",
     "error_middleware",
     "float_param",
     "int_param",
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _JSON: Final = "application/json"
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"", "0", "false", "no", "off"})
 MAX_READ_WAIT: Final = 60.0
 """Longest ``wait`` (seconds) a long-polling ``/read`` may ask for."""
 
@@ -72,6 +74,16 @@ def int_param(request: web.Request, name: str, default: int | None = None) -> in
     if not value.isascii() or not value.isdigit():
         raise BadRequestError(f"parameter {name!r} must be a non-negative integer, got {value!r}")
     return int(value)
+
+
+def bool_param(request: web.Request, name: str) -> bool:
+    """An optional flag: ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``."""
+    value = request.query.get(name, "").lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise BadRequestError(f"parameter {name!r} must be 1 or 0 (true or false), got {value!r}")
 
 
 def float_param(
@@ -166,7 +178,7 @@ class BusApi:
     async def write(self, request: web.Request) -> web.StreamResponse:
         category = validate_category(str_param(request, "category"))
         min_sync = int_param(request, "min_sync_replicas", 0)
-        sync = request.query.get("sync", "").lower() in _TRUE
+        sync = bool_param(request, "sync")
         body = await self._read_body(request)
         check_messages(body, self._max_message)
         result = await self._store.write(category, body, sync=sync)

@@ -56,6 +56,7 @@ async def test_write_errors(api: Api, node: Node) -> None:
         ({"category": "a/b"}, b"a\n", 400, "category"),
         ({"category": "c", "min_sync_replicas": "x"}, b"a\n", 400, "min_sync_replicas"),
         ({"category": "c", "min_sync_replicas": "-1"}, b"a\n", 400, "min_sync_replicas"),
+        ({"category": "c", "sync": "perhaps"}, b"a\n", 400, "sync"),
         ({"category": "c"}, b"a\nb", 500, "must end with a newline"),
         ({"category": "c"}, b"", 500, "empty write body"),
     ]
