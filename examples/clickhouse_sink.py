@@ -36,7 +36,7 @@ from typing import Any, Final
 import aiohttp
 import orjson
 
-from chukcha.processors import App, Context, ErrorPolicy, ProcessorConfig
+from chukcha.processors import App, Context, ErrorPolicy, ProcessorConfig, Sink
 
 __all__ = [
     "ClickHouseInsertError",
@@ -46,6 +46,7 @@ __all__ = [
     "build_app",
     "main",
     "order_row",
+    "orders_sink",
     "orders_table_ddl",
 ]
 
@@ -219,23 +220,20 @@ class ClickHouseSink:
 def build_app(
     nodes: Sequence[str],
     state_dir: str,
-    clickhouse_url: str,
+    sink: Sink,
     *,
-    table: str = "orders",
     category: str = "orders",
     config: ProcessorConfig | None = None,
-) -> tuple[App, ClickHouseSink]:
-    """The example app: every applied order becomes one row of ``table``.
+) -> App:
+    """The example app: every applied order becomes one row for ``sink`` (normally a
+    :class:`ClickHouseSink` for the orders table).
 
-    Orders that are not valid (no ``id``, no ``customer``, a non-integer ``amount``) go to
-    ``<category>.dead`` instead of stopping the app.
+    Orders that are not valid (no ``id``, no ``customer``, a non-integer ``amount``) go to the
+    dead-letter category instead of stopping the app.
     """
     cfg = replace(config or ProcessorConfig(), on_error=ErrorPolicy.DEAD_LETTER)
     the_app = App("clickhouse-orders", nodes=nodes, state_dir=state_dir, config=cfg)
-    sink = the_app.add_sink(
-        "clickhouse",
-        ClickHouseSink(clickhouse_url, table, create_sql=orders_table_ddl(table)),
-    )
+    the_app.add_sink("clickhouse", sink)
 
     @the_app.processor(category)
     def on_order(ctx: Context, order: dict[str, Any]) -> None:
@@ -244,7 +242,12 @@ def build_app(
         # restart, and the ReplacingMergeTree collapses them.
         ctx.to_sink("clickhouse", order_row(order))
 
-    return the_app, sink
+    return the_app
+
+
+def orders_sink(clickhouse_url: str, table: str = "orders") -> ClickHouseSink:
+    """A sink for the orders table that creates the table when it starts."""
+    return ClickHouseSink(clickhouse_url, table, create_sql=orders_table_ddl(table))
 
 
 def _from_env() -> tuple[App, ClickHouseSink]:
@@ -252,15 +255,17 @@ def _from_env() -> tuple[App, ClickHouseSink]:
     config = ProcessorConfig()
     if batch := env.get("CHUKCHA_BATCH_BYTES"):
         config = replace(config, max_batch_bytes=int(batch))
-    return build_app(
+    the_sink = orders_sink(env.get("CLICKHOUSE_URL", "http://127.0.0.1:8123"),
+                           env.get("CLICKHOUSE_TABLE", "orders"))
+    the_app = build_app(
         [n.strip() for n in env.get("CHUKCHA_NODES", "http://127.0.0.1:8080").split(",")
          if n.strip()],
         env.get("CHUKCHA_STATE_DIR", "./clickhouse-orders-state"),
-        env.get("CLICKHOUSE_URL", "http://127.0.0.1:8123"),
-        table=env.get("CLICKHOUSE_TABLE", "orders"),
+        the_sink,
         category=env.get("CHUKCHA_CATEGORY", "orders"),
         config=config,
     )
+    return the_app, the_sink
 
 
 app, sink = _from_env()
