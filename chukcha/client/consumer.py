@@ -422,7 +422,11 @@ class Consumer:
                 continue
             info = self._chunks.get(s.chunk)
             if info is not None and info.complete and s.offset >= info.size:
-                continue  # finished; waiting for the next chunk to show up in a listing
+                self._advance(s)  # finished: on to the next chunk, if listed already
+                if s.chunk == info.name:
+                    s.at_end = True
+                    continue  # waiting for the next chunk to show up in a listing
+                info = self._chunks.get(s.chunk)
             # Long-poll only an open chunk already read to its end: after data, a quick read
             # first, so that an empty answer soon tells the stream is caught up.
             wait = cfg.long_poll if s.at_end and not (info and info.complete) else 0.0

@@ -1,0 +1,57 @@
+"""Two consumer groups read one category concurrently through the client."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+
+from chukcha.client import Client
+from chukcha.client.consumer import Consumer
+from chukcha.testing import run_node
+
+
+async def consume(consumer: Consumer, count: int) -> list[bytes]:
+    """Read ``count`` messages, committing each batch (which acks finished chunks)."""
+    got: list[bytes] = []
+    async with consumer:
+        while len(got) < count:
+            for batch in await consumer.read():
+                got += batch.messages()
+                await consumer.commit({batch.owner: batch.position})
+        # Commit where we are once more: the last chunks may have been seen complete only now.
+        while not consumer.caught_up:
+            assert await consumer.read(timeout=1) == []
+        await consumer.commit(consumer.positions())
+    return got
+
+
+async def test_two_groups_each_see_everything_and_chunks_go_after_both_ack(
+    tmp_path: Path,
+) -> None:
+    async with (
+        run_node(tmp_path / "n", instance="a", max_chunk_size=2000) as node,
+        Client([node.url]) as c,
+    ):
+        await c.register_group("orders", "billing")
+        await c.register_group("orders", "audit")
+        sent: list[str] = []
+        for i in range(20):
+            sent += await c.send("orders", [{"batch": i, "k": k} for k in range(10)])
+        chunks = [x.name for x in await c.list_chunks("orders")]
+        assert len(chunks) > 3
+
+        async with asyncio.timeout(30):
+            billing = await consume(c.consumer("orders", group="billing",
+                                               max_batch_bytes=700), len(sent))
+            # billing acked every complete chunk, but audit has not: nothing is deleted.
+            assert [x.name for x in await c.list_chunks("orders")] == chunks
+            listing = await c.list_groups("orders")
+            acked = {g["name"]: g["acked"] for g in listing["groups"]}
+            assert acked == {"billing": chunks[:-1], "audit": []}
+            audit = await consume(c.consumer("orders", group="audit"), len(sent))
+        assert [x.name for x in await c.list_chunks("orders")] == chunks[-1:]
+
+    assert [orjson.loads(m)["id"] for m in billing] == sent
+    assert [orjson.loads(m)["id"] for m in audit] == sent
