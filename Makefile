@@ -40,8 +40,9 @@ lint: venv
 run: venv
 	$(BIN)/chukcha node
 
-bench: venv
+bench: venv system-deps
 	$(BIN)/python bench/bench_bus.py
+	$(BIN)/python bench/bench_clickhouse.py --runs 3
 
 clean:
 	rm -rf $(VENV) chukcha-data .pytest_cache .mypy_cache .ruff_cache
