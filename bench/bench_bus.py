@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -45,6 +46,7 @@ class Result:
     nbytes: int
     seconds: float
     latencies: tuple[float, ...]
+    node_cpu: float = float("nan")  # CPU seconds the node used per second of the phase
 
     @property
     def mb_s(self) -> float:
@@ -329,7 +331,8 @@ async def run_once(args: argparse.Namespace, bodies: list[bytes]) -> list[Result
         node = NodeProcess(Path(tmp) / "data", "bench", ["--log-level", "WARNING", *args.node_arg])
         try:
             await node.start()
-            results = await _phases(args, bodies, node.url)
+            pid = node.proc.pid if node.proc is not None else None
+            results = await _phases(args, bodies, node.url, pid)
         finally:
             code = await node.stop()
             node.close()
@@ -339,14 +342,33 @@ async def run_once(args: argparse.Namespace, bodies: list[bytes]) -> list[Result
     return results
 
 
-async def _phases(args: argparse.Namespace, bodies: list[bytes], url: str) -> list[Result]:
+def _cpu_seconds(pid: int | None) -> float:
+    """utime + stime of a process (Linux /proc), NaN when unknown."""
+    if pid is None:
+        return float("nan")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _measured(pid: int | None, phase: Awaitable[Result]) -> Result:
+    before = _cpu_seconds(pid)
+    result = await phase
+    used = _cpu_seconds(pid) - before
+    return dataclasses.replace(result, node_cpu=used / result.seconds)
+
+
+async def _phases(
+    args: argparse.Namespace, bodies: list[bytes], url: str, pid: int | None = None
+) -> list[Result]:
     results: list[Result] = []
     # A fresh category per run, so that a node given with --url may hold older data.
     cat = f"{CATEGORY}{time.time_ns()}" if args.url else CATEGORY
     if args.mode in ("write", "read", "all"):
-        results.append(await _write_all(f"{url}/write?category={cat}", bodies, args.c))
+        results.append(await _measured(pid, _write_all(f"{url}/write?category={cat}", bodies,
+                                                       args.c)))
         verifier = Verifier(bodies)
-        read = await _read_all(url, args.read_size, args.c, cat, verifier.chunk)
+        read = await _measured(pid, _read_all(url, args.read_size, args.c, cat,
+                                              verifier.chunk))
         verifier.finish()
         read = dataclasses.replace(read, messages=verifier.messages)
         if read.messages != args.n:
@@ -356,22 +378,25 @@ async def _phases(args: argparse.Namespace, bodies: list[bytes], url: str) -> li
         single_c = args.single_c or args.c
         if args.client == "raw":
             address = url.removeprefix("http://")
-            single = await _single_raw(address, f"{cat}_single", args.single_n, args.s, single_c)
+            single = await _measured(pid, _single_raw(address, f"{cat}_single", args.single_n,
+                                                      args.s, single_c))
         else:
-            single = await _single(f"{url}/write?category={cat}_single", args.single_n, args.s,
-                                   single_c)
+            single = await _measured(pid, _single(f"{url}/write?category={cat}_single",
+                                                  args.single_n, args.s, single_c))
         results.append(single)
         await _check_single(url, f"{cat}_single", args.single_n, args.s)
     return results
 
 
 def print_table(rows: Sequence[Result], title: str) -> None:
-    print(title)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"{title}  (load average {load}; node CPU in cores)")
     print(f"{'phase':<8} {'messages':>10} {'MB':>9} {'sec':>7} {'MB/s':>8} {'msgs/s':>11} "
-          f"{'p50 ms':>8} {'p99 ms':>8}")
+          f"{'p50 ms':>8} {'p99 ms':>8} {'node CPU':>9}")
     for r in rows:
         print(f"{r.phase:<8} {r.messages:>10} {r.nbytes / 1e6:>9.1f} {r.seconds:>7.2f} "
-              f"{r.mb_s:>8.1f} {r.msgs_s:>11.0f} {r.pct(50):>8.2f} {r.pct(99):>8.2f}")
+              f"{r.mb_s:>8.1f} {r.msgs_s:>11.0f} {r.pct(50):>8.2f} {r.pct(99):>8.2f} "
+              f"{r.node_cpu:>9.2f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -403,8 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         medians = []
         for j, first in enumerate(runs[0]):
             pick = sorted((r[j] for r in runs), key=lambda r: r.mb_s)[len(runs) // 2]
-            medians.append(Result(first.phase, pick.messages, pick.nbytes, pick.seconds,
-                                  pick.latencies))
+            medians.append(dataclasses.replace(pick, phase=first.phase))
         print_table(medians, f"median of {args.runs} runs (by MB/s)")
     return 0
 
