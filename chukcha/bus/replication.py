@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -308,14 +308,19 @@ class PeerLink:
         store: ChunkStore,
         config: ReplicationConfig,
         session: aiohttp.ClientSession,
+        buffers: _BufferPool,
     ) -> None:
         self.peer = peer
+        self._buffers = buffers
         self._store = store
         self._config = config
         self._session = session
         self._me = store.instance
         self._categories: dict[str, _CategoryState] = {}
         self._events_task: asyncio.Task[None] | None = None
+        self._report_task: asyncio.Task[None] | None = None
+        self._reports: dict[tuple[str, str], int] = {}
+        self._report_wake = asyncio.Event()
         self._up = asyncio.Event()
         self.last_seen: float | None = None
         """Unix time the peer was last heard from (``None``: never)."""
@@ -341,11 +346,16 @@ class PeerLink:
             self._events_loop(), name=f"events-{self.peer.instance}"
         )
         self._events_task.add_done_callback(_log_crash)
+        self._report_task = asyncio.create_task(
+            self._report_loop(), name=f"reports-{self.peer.instance}"
+        )
+        self._report_task.add_done_callback(_log_crash)
 
     async def stop(self, timeout: float) -> None:
-        tasks = [t for t in [self._events_task, *(s.task for s in self._categories.values())]
+        tasks = [t for t in [self._events_task, self._report_task,
+                             *(s.task for s in self._categories.values())]
                  if t is not None]
-        self._events_task = None
+        self._events_task = self._report_task = None
         for s in self._categories.values():
             s.task = None
         for t in tasks:
@@ -499,7 +509,29 @@ class PeerLink:
                 )
             return await resp.read()
 
-    async def _report(self, category: str, chunk: str, size: int) -> None:
+    def _report(self, category: str, chunk: str, size: int) -> None:
+        """Queue a progress report for the owner; the reporter task sends the latest size per
+        chunk, so downloads never wait for it and a burst of batches costs one request."""
+        self._reports[(category, chunk)] = size
+        self._report_wake.set()
+
+    async def _report_loop(self) -> None:
+        while True:
+            await self._report_wake.wait()
+            self._report_wake.clear()
+            pending, self._reports = self._reports, {}
+            failed = False
+            for (category, chunk), size in pending.items():
+                if failed or not await self._send_report(category, chunk, size):
+                    failed = True
+                    # Keep it (unless a newer report replaced it) and retry: a writer waiting
+                    # on min_sync_replicas may depend on exactly this report.
+                    self._reports.setdefault((category, chunk), size)
+            if failed:
+                self._report_wake.set()
+                await asyncio.sleep(self._config.retry_interval)  # retry backoff
+
+    async def _send_report(self, category: str, chunk: str, size: int) -> bool:
         try:
             async with self._session.get(
                 f"{self.peer.url}/replication/ack",
@@ -508,56 +540,111 @@ class PeerLink:
                 timeout=aiohttp.ClientTimeout(total=10),
             ) as resp:
                 await resp.read()
+                return resp.status == 200
         except (aiohttp.ClientError, TimeoutError) as exc:
-            # Not retried: the next batch reports a larger size anyway.
             logger.debug("reporting %s/%s@%d to %s failed: %s", category, chunk, size,
                          self.peer.instance, exc)
+            return False
 
     async def _download(
         self, category: str, state: _CategoryState, info: ChunkInfo, offset: int
     ) -> None:
         """Download one chunk from ``offset`` until it is complete and fully here, acked, or
-        gone. The next read is in flight while a batch is being written (catch-up speed)."""
-        chunk, complete = info.name, info.complete
-        wait = 0.0 if complete else self._config.poll_wait
-        pending: asyncio.Task[bytes | None] | None = asyncio.create_task(
-            self._read(category, chunk, offset, wait)
-        )
-        try:
-            while pending is not None:
-                data = await pending
-                pending = None
-                if data is None:
-                    return  # acked or removed at the owner; the ack event follows
-                if not data:
-                    if complete:
-                        return
-                    fresh = (await self._list(category, state)).copy()
-                    now = next((c for c in fresh if c.name == chunk), None)
-                    if now is None:
-                        return
-                    complete = now.complete
-                    wait = 0.0 if complete else self._config.poll_wait
-                    pending = asyncio.create_task(self._read(category, chunk, offset, wait))
-                    continue
-                end = offset + len(data)
-                if len(data) >= self._config.batch_size // 2:
-                    # Probably more right behind: ask for it while this batch is written.
-                    pending = asyncio.create_task(
-                        self._read(category, chunk, end, 0.0 if complete else wait)
-                    )
+        gone. An open chunk is followed with the long poll; a complete one is fetched back to
+        back by :meth:`_fetch_complete`."""
+        chunk = info.name
+        wait = self._config.poll_wait
+        while not info.complete:
+            data = await self._read(category, chunk, offset, wait)
+            if data is None:
+                return  # acked or removed at the owner; the ack event follows
+            if data:
                 new_size = await self._store.append_replica(category, chunk, offset, data)
                 if new_size is None:
                     return  # acked meanwhile: dropped, never resurrected
                 self.bytes_replicated += len(data)
                 offset = new_size
-                await self._report(category, chunk, offset)
-                if pending is None:
-                    pending = asyncio.create_task(self._read(category, chunk, offset, wait))
-        finally:
-            if pending is not None:
-                pending.cancel()
-                await asyncio.wait([pending])
+                self._report(category, chunk, offset)
+                continue
+            # Nothing new for `wait` seconds, or the chunk became complete: ask which.
+            fresh = next((c for c in await self._list(category, state) if c.name == chunk), None)
+            if fresh is None:
+                return
+            info = fresh
+        await self._fetch_complete(category, chunk, offset)
+
+    async def _fetch_complete(self, category: str, chunk: str, offset: int) -> None:
+        """Catch-up of a complete chunk: the next read is in flight while the previous batch
+        is written, into two reused buffers (fresh multi-MiB buffers per read cost more in
+        allocation and page faults than the copy itself)."""
+        async with self._buffers.pair() as bufs:
+            i = 0
+            pending: asyncio.Task[int | None] | None = asyncio.create_task(
+                self._read_into(bufs[i], category, chunk, offset)
+            )
+            try:
+                while pending is not None:
+                    n = await pending
+                    pending = None
+                    if not n:
+                        return  # the end (0), or acked/removed at the owner (None)
+                    view = memoryview(bufs[i])[:n]
+                    i ^= 1
+                    pending = asyncio.create_task(
+                        self._read_into(bufs[i], category, chunk, offset + n)
+                    )
+                    new_size = await self._store.append_replica(category, chunk, offset, view)
+                    if new_size is None:
+                        return  # acked meanwhile: dropped, never resurrected
+                    self.bytes_replicated += n
+                    offset = new_size
+                    self._report(category, chunk, offset)
+            finally:
+                if pending is not None:
+                    pending.cancel()
+                    await asyncio.wait([pending])
+
+    async def _read_into(self, buf: bytearray, category: str, chunk: str, off: int) -> int | None:
+        """Like :meth:`_read` (no wait) into ``buf``; returns the length, ``None`` if gone."""
+        params = {"category": category, "chunk": chunk, "off": str(off),
+                  "max_size": str(len(buf))}
+        async with self._session.get(
+            f"{self.peer.url}/read", params=params, timeout=aiohttp.ClientTimeout(total=60)
+        ) as resp:
+            if resp.status == 404:
+                return None
+            if resp.status != 200:
+                raise ReplicationError(
+                    f"read {category}/{chunk}@{off} from {self.peer.instance}: HTTP "
+                    f"{resp.status} {(await resp.text())[:200]}"
+                )
+            n = 0
+            async for piece in resp.content.iter_any():
+                end = n + len(piece)
+                if end > len(buf):
+                    raise ReplicationError(f"{self.peer.instance} sent more than max_size")
+                buf[n:end] = piece
+                n = end
+            return n
+
+
+class _BufferPool:
+    """Download buffers shared by every link: bounds memory (and concurrent catch-ups)."""
+
+    def __init__(self, size: int, pairs: int) -> None:
+        self._size = size
+        self._free: list[tuple[bytearray, bytearray]] = []
+        self._slots = asyncio.Semaphore(pairs)
+
+    @contextlib.asynccontextmanager
+    async def pair(self) -> AsyncIterator[tuple[bytearray, bytearray]]:
+        async with self._slots:
+            bufs = self._free.pop() if self._free else (
+                bytearray(self._size), bytearray(self._size))
+            try:
+                yield bufs
+            finally:
+                self._free.append(bufs)
 
 
 class Replicator:
@@ -575,6 +662,7 @@ class Replicator:
         self._gone_since: dict[str, float] = {}
         self._dead_owners: set[str] = set()
         self._stopping: set[asyncio.Task[None]] = set()
+        self._buffers = _BufferPool(config.batch_size, pairs=4)
 
     @property
     def links(self) -> Mapping[str, PeerLink]:
@@ -588,6 +676,7 @@ class Replicator:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
             auto_decompress=False,
+            read_bufsize=1 << 20,
         )
         self._membership.add_listener(self._on_members)
         self._on_members(self._membership.peers())
@@ -618,7 +707,7 @@ class Replicator:
                 self._stop_later(link)
         for name, peer in peers.items():
             if name not in self._links:
-                link = PeerLink(peer, self._store, self._config, self._session)
+                link = PeerLink(peer, self._store, self._config, self._session, self._buffers)
                 self._links[name] = link
                 link.start()
 
