@@ -378,6 +378,9 @@ class ChunkStore:
                 # The previous chunk just became complete; replicas and readers learn it from
                 # the creation event of the new one.
                 logger.debug("rotated %s/%s by size", category, prev)
+            if created is not None and sync and not self._sync_each_write:
+                # A synced write must survive a power loss, and so must the new file's entry.
+                await asyncio.to_thread(_fsync_dir, cat.path)
             if sync or self._sync_each_write or len(body) > INLINE_WRITE_LIMIT:
                 await asyncio.to_thread(
                     self._append, cat.write_fd, cur, body, sync or self._sync_each_write
