@@ -393,7 +393,7 @@ class PeerLink:
                                    self.peer.instance, exc)
             self._up.clear()
             await asyncio.sleep(backoff)  # reconnect backoff, not synchronisation
-            backoff = min(backoff * 2, 10.0)
+            backoff = min(backoff * 2, 5.0)
 
     async def _on_event(self, line: bytes) -> None:
         if not line.strip():

@@ -108,3 +108,28 @@ async def _has(cluster: ClusterProcess, name: str, peer: str) -> bool:
     return status["coordinator_connected"] is True and peer in {
         p["instance"] for p in status["peers"]
     }
+
+
+async def test_killed_node_drops_out_after_its_lease_and_comes_back(
+    tmp_path: Path, http: aiohttp.ClientSession, etcd: EtcdServer
+) -> None:
+    async with run_cluster(tmp_path / "nodes", ("a", "b"), etcd=etcd.endpoint,
+                           args=("--replication-poll-wait", "2s",
+                                 "--etcd-lease-ttl", "2")) as cluster:
+        assert (await write(http, cluster["a"].url, "m", b"1\n",
+                            min_sync_replicas="1")).status == 200
+        await cluster["b"].kill()  # no graceful leave: only the lease expiry tells
+        await wait_for(lambda: _lacks(cluster, "a", "b"), what="b's lease to expire")
+        # No live peer left: min_sync_replicas=1 is refused at once, with the reason.
+        async with http.post(f"{cluster['a'].url}/write", params={
+                "category": "m", "min_sync_replicas": "1"}, data=b"2\n") as r:
+            assert r.status == 500
+            assert "only 0 other node(s) are live" in await r.text()
+
+        await cluster["b"].start()
+        await cluster.wait_connected()
+        assert (await write(http, cluster["a"].url, "m", b"3\n",
+                            min_sync_replicas="1")).status == 200
+        # b restarted with its data: it holds everything a has, each message once.
+        assert Counter(await read_all(http, cluster["b"].url, "m")) == Counter(
+            [b"1", b"2", b"3"])
