@@ -16,7 +16,7 @@ import logging
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -77,6 +77,11 @@ class DedupIndex:
     def seen(self, key: str) -> bool:
         """True when ``key`` is committed or staged by the current batch."""
         return key in self._ids or key in self._pending
+
+    def views(self) -> tuple[Mapping[str, float], dict[str, None]]:
+        """The committed IDs and the staged ones, for a caller's inlined :meth:`seen` in a hot
+        loop (``key in committed or key in staged``; stage with ``staged[key] = None``)."""
+        return self._ids, self._pending
 
     def add(self, key: str) -> None:
         """Stage ``key`` (the caller checked :meth:`seen` first)."""

@@ -27,7 +27,7 @@ import orjson
 
 from chukcha.dedup.index import DedupIndex, DedupPlan
 from chukcha.errors import ProcessorError
-from chukcha.processors.base import App
+from chukcha.processors.base import App, default_event_id
 from chukcha.processors.config import ErrorPolicy
 from chukcha.protocol import validate_category
 from chukcha.state.base import StateStore
@@ -331,10 +331,11 @@ class Engine:
         fn, is_async = handler.fn, handler.is_async
         ctx = self.ctx
         ctx.category, ctx.owner, ctx.chunk = category, owner, chunk
-        dedup = self.dedup
+        committed_ids, staged_ids = self.dedup.views()
         event_overlay, batch = self._event, self._batch
         event_emits, event_rows = self._event_emits, self._event_rows
         get_id = self._event_id
+        default_id = get_id is default_event_id
         prefix = category + "\x00"
         pos = offset
         for line in data[:-1].split(b"\n") if data else ():
@@ -345,13 +346,16 @@ class Engine:
             except orjson.JSONDecodeError as exc:
                 self._dead_letter(ctx, ev_off, line, f"{chunk}:{ev_off}", f"invalid JSON: {exc}")
                 continue
-            try:
-                eid = get_id(event) or f"{chunk}:{ev_off}"
-            except Exception as exc:  # noqa: BLE001 - a user's key function; policy decides
-                self._failed(ctx, ev_off, line, f"{chunk}:{ev_off}", exc)
-                continue
+            # The common case inline: a JSON object with a string "id" and the default key.
+            eid = event.get("id") if default_id and type(event) is dict else None
+            if type(eid) is not str or not eid:
+                try:
+                    eid = get_id(event) or f"{chunk}:{ev_off}"
+                except Exception as exc:  # noqa: BLE001 - a user's key function; policy decides
+                    self._failed(ctx, ev_off, line, f"{chunk}:{ev_off}", exc)
+                    continue
             key = prefix + eid
-            if dedup.seen(key):
+            if key in committed_ids or key in staged_ids:
                 self.duplicates += 1
                 continue
             ctx.event_id, ctx.offset = eid, ev_off
@@ -364,14 +368,14 @@ class Engine:
                 for staged in (event_overlay, event_emits, event_rows):
                     staged.clear()
                 self._failed(ctx, ev_off, line, eid, exc)
-                dedup.add(key)
+                staged_ids[key] = None
                 continue
             if event_overlay:
                 batch.update(event_overlay)
                 event_overlay.clear()
             if event_emits or event_rows:
                 self._merge_event()
-            dedup.add(key)
+            staged_ids[key] = None
             self.applied += 1
             self.staged_events += 1
         self._positions[(category, owner)] = (chunk, pos)

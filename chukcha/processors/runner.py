@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from chukcha.client import Client
 from chukcha.client.consumer import Batch, Consumer, Position
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 __all__ = ["Runner"]
 
 logger = logging.getLogger(__name__)
+
+_PROGRESS_INTERVAL: Final = 5.0
 
 
 class Runner:
@@ -81,6 +83,7 @@ class _Session:
         self._acked_positions: dict[str, dict[str, tuple[str, int]]] = {}
         self._consumers: dict[str, Consumer] = {}
         self.commits = 0
+        self._progress_at = time.monotonic()
 
     async def close(self) -> None:
         for consumer in self._consumers.values():
@@ -140,20 +143,37 @@ class _Session:
 
     async def _consume_loop(self, category: str, consumer: Consumer, stop: asyncio.Event) -> None:
         timeout = self.config.read_timeout
-        while not stop.is_set():
-            batches = await consumer.read(timeout=timeout)
-            async with self._lock:
-                if batches:
-                    await self._step(category, batches)
-                elif self._unsynced:
-                    await self._sync_now()
-                else:
-                    # Idle: the consumer may have learnt meanwhile that a chunk we finished is
-                    # complete (its owner rotated), or we resume after a predecessor that
-                    # committed but died before acking: ack what is due.
-                    await self._ack_all(force=True)
-            # While the batch was processed, `stop` may have been set: the loop ends here,
-            # after the commit and the acks, never in the middle of a batch.
+        name = f"app-{self.app.name}-{category}"
+        stopped = asyncio.create_task(stop.wait(), name=f"{name}-stop")
+        read: asyncio.Task[list[Batch]] | None = None
+        try:
+            while not stop.is_set():
+                if read is None:
+                    read = asyncio.create_task(consumer.read(timeout=timeout), name=f"{name}-read")
+                await asyncio.wait({read, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    break  # stopping while idle: no batch to finish
+                batches = read.result()
+                # Read ahead: the next batches arrive while this one is processed and committed
+                # (a read-ahead batch that is never processed is simply read again later).
+                read = asyncio.create_task(consumer.read(timeout=timeout), name=f"{name}-read")
+                async with self._lock:
+                    if batches:
+                        await self._step(category, batches)
+                    elif self._unsynced:
+                        await self._sync_now()
+                    else:
+                        # Idle: the consumer may have learnt meanwhile that a chunk we finished
+                        # is complete (its owner rotated), or we resume after a predecessor that
+                        # committed but died before acking: ack what is due.
+                        await self._ack_all(force=True)
+                # If `stop` was set while the batch was processed, the loop ends here: after
+                # the commit and the acks, never in the middle of a batch.
+        finally:
+            for task in (read, stopped):
+                if task is not None:
+                    task.cancel()
+            await asyncio.wait([t for t in (read, stopped) if t is not None])
 
     async def _step(self, category: str, batches: list[Batch]) -> None:
         engine = self._engine
@@ -197,6 +217,12 @@ class _Session:
         else:
             self._unsynced = self.config.state.sync_interval is not None
         logger.debug("app=%s commit events=%d sync=%s", self.app.name, plan.events, sync)
+        if (now := time.monotonic()) - self._progress_at >= _PROGRESS_INTERVAL:
+            self._progress_at = now
+            e = self._engine
+            logger.info("app=%s applied=%d duplicates=%d dead_lettered=%d commits=%d "
+                        "positions=%s", self.app.name, e.applied, e.duplicates, e.dead_lettered,
+                        self.commits, e.positions)
 
     async def _sync_now(self) -> None:
         store = self._store

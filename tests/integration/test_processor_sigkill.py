@@ -1,0 +1,164 @@
+"""The exactly-once proof: a processor subprocess SIGKILLed at random moments while every event
+is written to two different nodes of a real 3-node cluster (so every event arrives twice).
+
+After the last restart: the state equals exactly the expected totals; every receipt (emit) is on
+the bus at least once and, counted by ID, exactly once (copies of one ID are identical); every
+complete chunk of ``orders`` has been acked for the processor's group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from chukcha import Client
+from chukcha.processors.engine import read_table
+from chukcha.state import LevelDBStore
+from chukcha.testing import ClusterProcess, run_cluster
+from tests.integration.cluster_helpers import list_chunks, wait_for
+
+pytestmark = [pytest.mark.timeout(150), pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+KILLS = 22
+PER_ROUND = 300
+CUSTOMERS = 17
+
+
+class Processor:
+    """``chukcha run tests.processors.sigkill_app:app`` as a subprocess."""
+
+    def __init__(self, cluster: ClusterProcess, state_dir: Path, log: Path) -> None:
+        self.cmd = [sys.executable, "-m", "chukcha", "run", "tests.processors.sigkill_app:app",
+                    "--nodes", ",".join(cluster.urls), "--state-dir", str(state_dir),
+                    "--log-level", "INFO"]
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        fd = await asyncio.to_thread(os.open, self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.cmd, stdout=fd, stderr=fd, cwd=ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        finally:
+            os.close(fd)
+
+    async def kill(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        return await self.proc.wait()
+
+    async def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            return await self.proc.wait()
+
+
+def order(i: int, rng: random.Random) -> dict[str, Any]:
+    return {"id": f"o{i}", "customer": f"c{rng.randrange(CUSTOMERS)}",
+            "amount": rng.randrange(1, 1000)}
+
+
+async def read_receipts(client: Client, url: str, want: set[str]) -> dict[str, list[Any]]:
+    """Every receipt on ``url`` (no group, nothing acked) until all IDs in ``want`` are seen."""
+    seen: dict[str, list[Any]] = {}
+    consumer = client.consumer("receipts", node=url)
+    try:
+        async with asyncio.timeout(60):
+            while not want <= seen.keys():
+                for batch in await consumer.read():
+                    for m in batch.messages():
+                        event = orjson.loads(m)
+                        seen.setdefault(event["id"], []).append(event)
+        # Drain what is left (resent duplicates must be identical, extra IDs must not exist).
+        while batches := await consumer.read(timeout=1.0):
+            for batch in batches:
+                for m in batch.messages():
+                    event = orjson.loads(m)
+                    seen.setdefault(event["id"], []).append(event)
+    finally:
+        await consumer.stop()
+    return seen
+
+
+def table_of(state_dir: Path) -> dict[str, Any]:
+    store = LevelDBStore(state_dir)
+    try:
+        return read_table(store)
+    finally:
+        store.close()
+
+
+@pytest.mark.allow_blocking  # subprocess orchestration (os.open of the log file, waits)
+async def test_sigkill_at_random_moments_applies_every_event_exactly_once(
+    tmp_path: Path,
+) -> None:
+    rng = random.Random(1123)  # noqa: S311 - a reproducible kill schedule
+    args = ("--replication-poll-wait", "2s", "--max-chunk-size", "16384")
+    async with run_cluster(tmp_path / "cluster", args=args) as cluster, \
+            Client(cluster.urls) as client:
+        urls = cluster.urls
+        proc = Processor(cluster, tmp_path / "state", tmp_path / "processor.log")
+        expected: dict[str, int] = {}
+        sent = 0
+        exit_codes: list[int] = []
+
+        async def produce(round_no: int) -> None:
+            nonlocal sent
+            events = [order(sent + k, rng) for k in range(PER_ROUND)]
+            sent += PER_ROUND
+            for e in events:
+                expected[e["customer"]] = expected.get(e["customer"], 0) + e["amount"]
+            # Every event to two different nodes: the same ID arrives twice.
+            first, second = urls[round_no % 3], urls[(round_no + 1) % 3]
+            for part in range(0, PER_ROUND, 50):
+                chunk = events[part:part + 50]
+                await client.send_to(first, "orders", chunk)
+                await client.send_to(second, "orders", chunk)
+
+        t0 = asyncio.get_running_loop().time()
+        for round_no in range(KILLS):
+            await proc.start()
+            delay = rng.uniform(0.2, 1.8)
+            # The producer writes while the processor starts, reads, commits and acks.
+            await asyncio.gather(produce(round_no), asyncio.sleep(delay))  # a random moment
+            exit_codes.append(await proc.kill())
+        assert exit_codes == [-signal.SIGKILL] * KILLS
+        print(f"{KILLS} kills in {asyncio.get_running_loop().time() - t0:.1f}s")
+
+        # The last run: let it finish everything, then stop it gracefully.
+        await proc.start()
+        started = asyncio.get_running_loop().time()
+        receipts = await read_receipts(client, urls[0], {f"o{i}/0" for i in range(sent)})
+        print(f"final run caught up in {asyncio.get_running_loop().time() - started:.1f}s")
+        assert await proc.terminate() == 0, proc.log.read_text()[-3000:]
+
+        # 1. Exactly once in the state.
+        assert await asyncio.to_thread(table_of, tmp_path / "state") == expected
+        # 2. Every emit at least once; counted by ID exactly once; resent copies identical.
+        assert receipts.keys() == {f"o{i}/0" for i in range(sent)}
+        assert all(all(c == copies[0] for c in copies) for copies in receipts.values())
+        # 3. Every complete chunk of "orders" is acked for the group: only each owner's open
+        #    chunk is left, on the node the processor read from and (acks replicate) on all.
+        import aiohttp  # noqa: PLC0415
+
+        async with aiohttp.ClientSession() as http:
+            for url in urls:
+                async def only_open_chunks(url: str = url) -> bool:
+                    listing = await list_chunks(http, url, "orders")
+                    return all(not c["complete"] for c in listing) and len(listing) <= 3
+
+                await wait_for(only_open_chunks, timeout=30, what=f"acks on {url}")
+            groups = await client.list_groups("orders")
+        assert "billing" in str(groups)
