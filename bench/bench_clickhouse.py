@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,7 +139,9 @@ def _table(title: str, runs: list[Run]) -> None:
     for i, r in enumerate(runs, 1):
         print(f"{i:>6} {r.events:>9} {r.seconds:>8.2f} {r.events_s:>10.0f} {r.flushes:>8} "
               f"{r.rows_per_flush:>10.0f} {r.insert_seconds:>9.2f} {100 * r.insert_share:>8.1f}%")
-    med = lambda f: statistics.median(f(r) for r in runs)  # noqa: E731
+    def med(f: Callable[[Run], float]) -> float:
+        return statistics.median(f(r) for r in runs)
+
     print(f"{'median':>6} {runs[0].events:>9} {med(lambda r: r.seconds):>8.2f} "
           f"{med(lambda r: r.events_s):>10.0f} {med(lambda r: r.flushes):>8.0f} "
           f"{med(lambda r: r.rows_per_flush):>10.0f} {med(lambda r: r.insert_seconds):>9.2f} "
