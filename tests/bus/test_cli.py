@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from chukcha.bus.config import default_instance_name
-from chukcha.cli import build_parser
+from chukcha.cli import build_parser, main
 from chukcha.cli.node import config_from_args
 from chukcha.testing import bind_loopback, wait_http_ready
 from tests.bus.conftest import Api, disk_state
@@ -90,7 +90,7 @@ async def test_go_style_single_dash_flags_work(
     }
 
 
-@pytest.mark.parametrize(("args", "message"), [
+BAD_FLAGS = [
     (["--max-chunk-size", "lots"], "not a number of bytes"),
     (["-max-chunk-size", "0"], "must be positive"),
     (["--max-chunk-size", "-5"], "must be positive"),
@@ -103,16 +103,34 @@ async def test_go_style_single_dash_flags_work(
     (["--instance", ""], "instance"),
     (["--max-batch-size", "x"], "not a number of bytes"),
     (["--log-level", "LOUD"], "invalid choice"),
-    (["--peers", "nonsense"], "invalid peer"),
+    (["--no-such-flag"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_FLAGS)
+def test_bad_flag_values_give_one_clear_line_and_exit_2(
+    tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["node", "--dirname", str(tmp_path / "d"), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert message in lines[0], err
+    assert not (tmp_path / "d").exists()  # nothing started
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-max-chunk-size", "lots"], "not a number of bytes"),
+    (["--peers", "nonsense"], "invalid peer"),  # refused when the configuration is built
     (["--no-such-flag"], "unrecognized arguments"),
 ])
-async def test_bad_flag_values_give_one_clear_line_and_exit_2(
-    tmp_path: Path, args: list[str], message: str
-) -> None:
+async def test_bad_flags_of_the_real_command(tmp_path: Path, args: list[str], message: str) -> None:
     code, out, err = await run_cli("node", "--dirname", str(tmp_path / "d"), *args)
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert message in lines[0], err
     assert "Traceback" not in err
-    assert not await asyncio.to_thread(os.path.exists, tmp_path / "d")  # nothing started
+    assert not await asyncio.to_thread(os.path.exists, tmp_path / "d")
