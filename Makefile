@@ -40,8 +40,12 @@ lint: venv
 run: venv
 	$(BIN)/chukcha node
 
+demo: venv
+	$(BIN)/python -m examples.demo
+
 bench: venv system-deps
 	$(BIN)/python bench/bench_bus.py
+	$(BIN)/python bench/bench_processor.py --runs 3
 	$(BIN)/python bench/bench_clickhouse.py --runs 3
 
 clean:
