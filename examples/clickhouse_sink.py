@@ -119,9 +119,9 @@ class ClickHouseSinkStats:
 class ClickHouseSink:
     """Writes staged rows to one ClickHouse table, one ``INSERT ... FORMAT JSONEachRow`` per flush.
 
-    ``async with ClickHouseSink(...)`` (or :meth:`start` / :meth:`stop`); a sink that was not
-    started starts itself on the first flush. ``create_sql`` (if given) runs once at start, so
-    the table exists before the first insert.
+    ``async with ClickHouseSink(...)`` (or :meth:`start` / :meth:`stop`) keeps one HTTP session
+    open; a sink that was not started opens a session per flush. ``create_sql`` (if given) runs
+    once, before the first insert.
     """
 
     def __init__(
@@ -141,6 +141,7 @@ class ClickHouseSink:
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
         self._start_lock = asyncio.Lock()
+        self._table_ready = create_sql is None
         self._flushes = 0
         self._rows = 0
         self._insert_seconds = 0.0
@@ -156,8 +157,7 @@ class ClickHouseSink:
                 return
             session = aiohttp.ClientSession()
             try:
-                if self._create_sql is not None:
-                    await self._post(session, self._create_sql.encode(), {})
+                await self._ensure_table(session)
             except BaseException:
                 await session.close()
                 raise
@@ -189,20 +189,27 @@ class ClickHouseSink:
         the same rows; sending them twice is harmless (the table collapses equal IDs)."""
         if not rows:
             return
-        if self._session is None:
-            await self.start()
-        session = self._session
-        if session is None:  # stopped meanwhile
-            raise RuntimeError("clickhouse sink is stopped")
         body = b"".join(orjson.dumps(row) + b"\n" for row in rows)
+        params = {"query": f"INSERT INTO {self.table} FORMAT JSONEachRow"}
         started = time.perf_counter()
-        await self._post(
-            session, body, {"query": f"INSERT INTO {self.table} FORMAT JSONEachRow"}
-        )
+        if (session := self._session) is not None:
+            await self._post(session, body, params)
+        else:
+            # Not started (a runner that does not manage sink lifecycles): a session for this
+            # flush only, so nothing is left open when the process ends.
+            async with aiohttp.ClientSession() as session:
+                await self._ensure_table(session)
+                started = time.perf_counter()
+                await self._post(session, body, params)
         self._insert_seconds += time.perf_counter() - started
         self._flushes += 1
         self._rows += len(rows)
         logger.debug("clickhouse insert table=%s rows=%d", self.table, len(rows))
+
+    async def _ensure_table(self, session: aiohttp.ClientSession) -> None:
+        if not self._table_ready and self._create_sql is not None:
+            await self._post(session, self._create_sql.encode(), {})
+            self._table_ready = True
 
     async def _post(
         self, session: aiohttp.ClientSession, body: bytes, params: Mapping[str, str]

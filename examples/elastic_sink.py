@@ -193,9 +193,9 @@ class ElasticsearchBulkError(RuntimeError):
 class ElasticsearchSink:
     """Indexes the current version of each changed entity, one ``_bulk`` request per flush.
 
-    Rows staged for this sink are entity IDs. ``async with`` (or :meth:`start` / :meth:`stop`);
-    a sink that was not started starts itself on the first flush. :meth:`start` creates the index
-    (with ``mappings`` if given) unless it exists.
+    Rows staged for this sink are entity IDs. ``async with`` (or :meth:`start` / :meth:`stop`)
+    keeps one HTTP session open; a sink that was not started opens a session per flush. The
+    index is created (with ``mappings`` if given) before the first request, unless it exists.
     """
 
     def __init__(
@@ -222,6 +222,7 @@ class ElasticsearchSink:
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
         self._start_lock = asyncio.Lock()
+        self._index_ready = False
         self.stale_skipped = 0  # items refused because a newer version was indexed already
 
     async def start(self) -> None:
@@ -259,16 +260,19 @@ class ElasticsearchSink:
         await self.stop()
 
     async def _create_index(self, session: aiohttp.ClientSession) -> None:
+        if self._index_ready:
+            return
         body = {"mappings": dict(self._mappings)} if self._mappings else {}
         async with (
             asyncio.timeout(self._timeout),
             session.put(f"{self.url}/{self.index}", json=body) as resp,
         ):
             answer = await resp.json(content_type=None)
-            if resp.status == 200:
-                return
             kind = answer.get("error", {}).get("type") if isinstance(answer, dict) else None
-            if resp.status == 400 and kind == "resource_already_exists_exception":
+            if resp.status == 200 or (
+                resp.status == 400 and kind == "resource_already_exists_exception"
+            ):
+                self._index_ready = True
                 return
             raise ElasticsearchBulkError(f"cannot create index {self.index}: {answer}",
                                          status=resp.status)
@@ -299,11 +303,19 @@ class ElasticsearchSink:
         ids = list(dict.fromkeys(rows))
         if not ids:
             return
-        if self._session is None:
-            await self.start()
-        session = self._session
-        if session is None:  # stopped meanwhile
-            raise RuntimeError("elasticsearch sink is stopped")
+        if (session := self._session) is not None:
+            answer = await self._bulk(session, ids)
+        else:
+            # Not started (a runner that does not manage sink lifecycles): a session for this
+            # flush only, so nothing is left open when the process ends.
+            async with aiohttp.ClientSession(headers=self._headers) as session:
+                await self._create_index(session)
+                answer = await self._bulk(session, ids)
+        self._check_items(answer)
+        logger.debug("elasticsearch bulk index=%s entities=%d", self.index, len(ids))
+
+    async def _bulk(self, session: aiohttp.ClientSession, ids: list[str]) -> dict[str, Any]:
+        # Read the source of truth right before the request: the fresher, the fewer 409s.
         current = await self._source.fetch(ids)
         body = self._bulk_body(ids, current)
         async with (
@@ -315,8 +327,7 @@ class ElasticsearchSink:
             if resp.status != 200 or not isinstance(answer, dict):
                 raise ElasticsearchBulkError(f"bulk request failed: {answer}",
                                              status=resp.status)
-        self._check_items(answer)
-        logger.debug("elasticsearch bulk index=%s entities=%d", self.index, len(ids))
+            return answer
 
     def _check_items(self, answer: Mapping[str, Any]) -> None:
         if not answer.get("errors"):

@@ -92,3 +92,13 @@ def test_bad_configuration_and_rows_are_rejected() -> None:
     assert order_row({"id": "e", "customer": "c", "amount": 3}) == {
         "id": "e", "version": 0, "customer": "c", "amount": 3,
     }
+
+
+async def test_a_sink_that_was_never_started_still_works(clickhouse: ClickHouseServer) -> None:
+    # `chukcha run` does not start sinks: each flush then uses a session of its own (nothing is
+    # left open at exit) and the table is created before the first insert.
+    sink = ClickHouseSink(clickhouse.url, "orders", create_sql=orders_table_ddl("orders"))
+    await sink.flush([order_row(_order(1)), order_row(_order(2))])
+    await sink.flush([order_row(_order(2))])
+    assert await _totals(clickhouse, "orders") == (2, 3)
+    assert sink.stats.flushes == 2

@@ -136,3 +136,15 @@ def test_bad_arguments_are_rejected() -> None:
     with pytest.raises(ValueError, match="product_id"):
         entity_id_of({"id": "e1"})
     assert entity_id_of({"id": "e1", "product_id": "p9"}) == "p9"
+
+
+async def test_a_sink_that_was_never_started_still_works(
+    tmp_path: Path, es: ElasticsearchStandin, http: aiohttp.ClientSession
+) -> None:
+    catalog = ProductCatalog(tmp_path / "products.sqlite3")
+    await catalog.create()
+    await catalog.put("p1", "shelf", 9)
+    sink = ElasticsearchSink(es.url, "products", catalog)  # no start(): a session per flush
+    await sink.flush(["p1"])
+    await sink.flush(["p1"])
+    assert await _doc(http, es, "p1") == {"name": "shelf", "price": 9, "version": 1}
