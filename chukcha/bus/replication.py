@@ -399,11 +399,15 @@ class PeerLink:
         if not line.strip():
             return
         msg = orjson.loads(line)
+        chunk_obj = msg.get("Chunk") if isinstance(msg, dict) else None
+        if not isinstance(chunk_obj, dict):
+            return  # not an event we know (or the heartbeat)
         kind = msg.get("Type")
-        chunk_obj = msg.get("Chunk") or {}
-        category = chunk_obj.get("Category", "")
-        chunk = chunk_obj.get("FileName", "")
-        if not kind or not category or not chunk:
+        category = chunk_obj.get("Category")
+        chunk = chunk_obj.get("FileName")
+        if not kind or not isinstance(category, str) or not isinstance(chunk, str):
+            return
+        if not category or not chunk:
             return  # the heartbeat
         try:
             validate_category(category)
