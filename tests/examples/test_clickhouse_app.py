@@ -72,3 +72,46 @@ async def test_failed_flushes_are_retried_with_the_same_rows(
     assert {r["id"] for a in sink.attempts for r in a} == {o["id"] for o in orders}
     text = await clickhouse.query("SELECT count(), sum(amount) FROM late FINAL FORMAT TSV")
     assert text == f"300\t{sum(range(1, 301))}\n"
+
+
+class LostAnswerSink:
+    """The insert reaches ClickHouse but the answer is lost (a timeout, a crash before the
+    commit), once: the framework sends the same rows again."""
+
+    def __init__(self, inner: ClickHouseSink) -> None:
+        self.inner = inner
+        self.calls = 0
+        self.done = asyncio.Event()
+
+    async def flush(self, rows: Sequence[Any]) -> None:
+        self.calls += 1
+        await self.inner.flush(rows)
+        if self.calls == 1:
+            raise TimeoutError("the answer was lost")
+        self.done.set()
+
+
+async def test_an_insert_whose_answer_was_lost_is_sent_again_and_collapses(
+    tmp_path: Path, clickhouse: ClickHouseServer
+) -> None:
+    orders = [{"id": f"o{i}", "customer": "c", "amount": i + 1} for i in range(50)]
+    async with run_node(tmp_path / "node", instance="a") as node, Client([node.url]) as client:
+        await client.send("orders", orders)
+        sink = LostAnswerSink(ClickHouseSink(clickhouse.url, "twice",
+                                             create_sql=orders_table_ddl("twice")))
+        app = build_app([node.url], str(tmp_path / "state"), sink,
+                        config=ProcessorConfig(retry_initial=0.05, retry_max=0.2))
+        stop = asyncio.Event()
+        async with sink.inner, asyncio.TaskGroup() as tg:
+            run = tg.create_task(app.run_async(stop))
+            async with asyncio.timeout(30):
+                await sink.done.wait()
+            stop.set()
+        assert run.exception() is None
+    assert sink.calls == 2
+    # Both copies are in the table; FINAL (and a merge) shows each event once.
+    assert await clickhouse.query("SELECT count() FROM twice FORMAT TSV") == "100\n"
+    final = "SELECT count(), sum(amount) FROM twice FINAL FORMAT TSV"
+    assert await clickhouse.query(final) == f"50\t{sum(range(1, 51))}\n"
+    await clickhouse.query("OPTIMIZE TABLE twice FINAL")
+    assert await clickhouse.query("SELECT count() FROM twice FORMAT TSV") == "50\n"
