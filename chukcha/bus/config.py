@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from chukcha.protocol import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -14,7 +15,14 @@ from chukcha.protocol import (
     validate_instance,
 )
 
-__all__ = ["NodeConfig", "Peer", "ReplicationConfig", "default_instance_name", "parse_peers"]
+__all__ = [
+    "NodeConfig",
+    "Peer",
+    "ReplicationConfig",
+    "default_instance_name",
+    "parse_etcd_endpoint",
+    "parse_peers",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +49,18 @@ def parse_peers(text: str) -> tuple[Peer, ...]:
             raise ValueError(f"invalid peer {item!r}: expected NAME=HOST:PORT")
         peers.append(Peer(validate_instance(name.strip()), addr.strip()))
     return tuple(peers)
+
+
+def parse_etcd_endpoint(url: str) -> tuple[str, int]:
+    """``http://127.0.0.1:2379`` (or ``127.0.0.1:2379``) -> ``("127.0.0.1", 2379)``."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    try:
+        port = parts.port or 2379
+    except ValueError:
+        port = -1
+    if parts.scheme != "http" or not parts.hostname or port < 0 or parts.path not in ("", "/"):
+        raise ValueError(f"invalid etcd endpoint {url!r}: expected http://HOST:PORT")
+    return parts.hostname, port
 
 
 def default_instance_name() -> str:
@@ -130,6 +150,13 @@ class NodeConfig:
             raise ValueError("max_message_size must be positive and at most max_batch_size")
         if self.stop_timeout <= 0:
             raise ValueError("stop_timeout must be positive")
+        for endpoint in self.etcd_endpoints:
+            parse_etcd_endpoint(endpoint)
+        if self.etcd_endpoints:
+            try:
+                validate_instance(self.cluster)  # it becomes part of an etcd key
+            except ValueError as exc:
+                raise ValueError(f"invalid cluster name: {exc}".replace("instance ", "")) from None
         if any(p.instance == self.instance for p in self.peers):
             # The Go server's --peers lists the other nodes; a start-up script that lists every
             # node (itself included) is common, so the own entry is dropped, not refused.

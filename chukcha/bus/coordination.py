@@ -20,13 +20,12 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
-from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
 
-from chukcha.bus.config import Peer
+from chukcha.bus.config import Peer, parse_etcd_endpoint
 from chukcha.errors import CoordinationError
 from chukcha.protocol import validate_instance
 
@@ -107,14 +106,6 @@ class StaticMembership:
 def peers_prefix(cluster: str) -> bytes:
     """The etcd key prefix every node of ``cluster`` registers under."""
     return f"chukcha/{cluster}/peers/".encode()
-
-
-def parse_etcd_endpoint(url: str) -> tuple[str, int]:
-    """``http://127.0.0.1:2379`` (or ``127.0.0.1:2379``) -> ``("127.0.0.1", 2379)``."""
-    parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme not in ("http", "") or not parts.hostname:
-        raise ValueError(f"invalid etcd endpoint {url!r}: expected http://HOST:PORT")
-    return parts.hostname, parts.port or 2379
 
 
 class EtcdMembership:
