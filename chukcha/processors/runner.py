@@ -183,7 +183,7 @@ class _Session:
         sync = self._sync_due()
         await self._commit(sync)
         await self._send_outbox()
-        if sync:
+        if not self._unsynced:  # fsync'ed (or the policy never fsyncs): the acks may follow
             await self._ack_all()
 
     def _sync_due(self) -> bool:

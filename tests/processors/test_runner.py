@@ -12,8 +12,9 @@ import pytest
 
 from chukcha import App, Client, Context, Node
 from chukcha.errors import ProcessorError, StateLockedError
+from chukcha.processors import ErrorPolicy, ProcessorConfig
 from chukcha.processors.engine import read_table
-from chukcha.state import LevelDBStore
+from chukcha.state import LevelDBStore, StateConfig
 from chukcha.testing import run_node
 
 
@@ -163,7 +164,8 @@ async def test_sink_flushed_before_commit_retried_with_same_rows(
 ) -> None:
     app = App("sinky", nodes=[small_node.url], state_dir=tmp_path / "state",
               on_error="dead_letter")
-    app.config = app.config.__class__(retry_initial=0.01, retry_max=0.05)
+    app.config = ProcessorConfig(on_error=ErrorPolicy.DEAD_LETTER, retry_initial=0.01,
+                                 retry_max=0.05)
     sink = app.add_sink("rows", FlakySink())
 
     @app.processor("orders")
@@ -180,3 +182,19 @@ async def test_sink_flushed_before_commit_retried_with_same_rows(
     ((dead_id, record),) = dead.items()
     assert record["event"] == "not json"
     assert dead_id == f"{record['chunk']}:{record['offset']}/dead"
+
+
+@pytest.mark.parametrize("sync_interval", [None, 0.2])
+async def test_deferred_fsync_policies(
+    small_node: Node, tmp_path: Path, sync_interval: float | None
+) -> None:
+    state = tmp_path / "state"
+    app = orders_app(small_node.url, state)
+    app.config = ProcessorConfig(state=StateConfig(sync_interval=sync_interval))
+    async with Client([small_node.url]) as client:
+        items = orders(40)
+        await client.send("orders", items + items[::3])
+        await _run_until_receipts(app, client, asyncio.Event(), {f"o{i}/0" for i in range(40)})
+        assert await asyncio.to_thread(table_of, state) == totals(items)
+        listing = await client.list_chunks("orders")
+        assert [c.complete for c in listing] == [False]  # acked once the commits were synced
