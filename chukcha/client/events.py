@@ -87,23 +87,35 @@ def encode_events(
     events: Iterable[Event], max_message: int = MAX_MESSAGE_SIZE
 ) -> tuple[list[bytes], list[str]]:
     """Encode every event (see :func:`encode_event`); nothing is returned if one is refused."""
-    supply = IdSupply()
+    seq = events if isinstance(events, list | tuple) else list(events)
+    supply: IdSupply | None = None
+    fresh: Iterator[str] | None = None
+    dumps = orjson.dumps
     lines: list[bytes] = []
     ids: list[str] = []
     add_line, add_id = lines.append, ids.append
-    for event in events:
-        # The dict case is inlined: it is the hot path of the producer benchmark.
-        if type(event) is dict and "id" in event:
-            line = orjson.dumps(event)
-            if len(line) > max_message:
-                raise MessageTooLargeError(max_message)
-            eid = event["id"]
-            add_line(line)
-            add_id(eid if isinstance(eid, str) else str(eid))
+    for event in seq:
+        # Dicts are inlined: this loop is the producer's hot path (about 1 us per event).
+        if type(event) is dict:
+            eid = event.get("id")
+            if eid is None:
+                if fresh is None:
+                    fresh = iter(new_ids(len(seq)))  # one reservation for the whole call
+                eid = next(fresh)
+                add_line(dumps({"id": eid, **event}))
+            else:
+                add_line(dumps(event))
+                if type(eid) is not str:
+                    eid = str(eid)
+            add_id(eid)
             continue
+        if supply is None:
+            supply = IdSupply()
         line, ident = encode_event(event, supply, max_message)
         add_line(line)
         add_id(ident)
+    if lines and max(map(len, lines)) > max_message:
+        raise MessageTooLargeError(max_message)
     return lines, ids
 
 

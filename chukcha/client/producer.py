@@ -12,14 +12,19 @@ import asyncio
 import contextlib
 import logging
 import warnings
-from collections.abc import Awaitable, Callable, Iterable
+from bisect import bisect_right
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate, islice
 from types import TracebackType
 from typing import Final
 
+import orjson
+
 from chukcha.client.events import Event, IdSupply, encode_event, encode_events
-from chukcha.errors import ChukchaError
-from chukcha.protocol import DEFAULT_MAX_BATCH_SIZE, validate_category
+from chukcha.client.ids import new_ids
+from chukcha.errors import ChukchaError, MessageTooLargeError
+from chukcha.protocol import DEFAULT_MAX_BATCH_SIZE, MAX_MESSAGE_SIZE, validate_category
 
 __all__ = ["Producer", "ProducerConfig", "WriteBody"]
 
@@ -29,6 +34,7 @@ WriteBody = Callable[[str, bytes], Awaitable[None]]
 """``write(category, body)``: writes one body, with failover; raises when every node failed."""
 
 _STOP_TIMEOUT: Final = 60.0
+_dumps: Final = orjson.dumps
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +73,9 @@ class Producer:
         self._category = validate_category(category)
         self._config = config
         self._ids = IdSupply()
+        self._fresh: Iterator[str] = iter(())
+        self._max_batch = config.max_batch_bytes
+        self._max_buffer = config.max_buffer_bytes
         self._lines: list[bytes] = []
         self._size = 0  # bytes in _lines, newlines included
         self._pending = 0  # accepted, not yet written (buffer + in flight)
@@ -158,12 +167,35 @@ class Producer:
 
         Waits while the buffer is full. The event is written later (see :meth:`flush`).
         """
-        self._check_open()
-        line, ident = encode_event(event, self._ids)
-        if self._pending >= self._config.max_buffer_bytes:
+        if self._error is not None or self._closed or not self._tasks:
+            self._check_open()
+        if type(event) is dict and event.get("id") is None:
+            # The common case inlined (the per-event path is the producer's hot path).
+            ident = next(self._fresh, None) or self._refill()
+            line = _dumps({"id": ident, **event})
+            if len(line) > MAX_MESSAGE_SIZE:
+                raise MessageTooLargeError(MAX_MESSAGE_SIZE)
+        else:
+            line, ident = encode_event(event, self._ids)
+        if self._pending >= self._max_buffer:
             await self._wait_space()
-        self._append([line], len(line) + 1)
+        size = len(line) + 1
+        if not self._lines:
+            self._first_at = asyncio.get_running_loop().time()
+            self._data.set()
+        self._lines.append(line)
+        self._size += size
+        self._pending += size
+        if self._size >= self._max_batch:
+            self._full.set()
+            # A batch is ready: let the sender start writing it now, so that the network and
+            # the node work while the caller produces the next one.
+            await asyncio.sleep(0)
         return ident
+
+    def _refill(self) -> str:
+        self._fresh = iter(new_ids(512))
+        return next(self._fresh)
 
     async def send_many(self, events: Iterable[Event]) -> list[str]:
         """Accept many events (encoded all at once; refused all at once); returns their IDs."""
@@ -175,6 +207,8 @@ class Producer:
         if self._pending >= self._config.max_buffer_bytes:
             await self._wait_space()
         self._append(lines, size)
+        if self._size >= self._config.max_batch_bytes:
+            await asyncio.sleep(0)  # as in send(): let the sender start on the full batch
         return ids
 
     async def flush(self) -> None:
@@ -216,7 +250,6 @@ class Producer:
         self._lines += lines
         self._size += size
         self._pending += size
-        self._idle.clear()
         if self._size >= self._config.max_batch_bytes:
             self._full.set()
 
@@ -226,16 +259,16 @@ class Producer:
         if self._size <= limit:
             batch, self._lines, self._size = lines, [], 0
         else:
-            size = 0
-            i = 0
-            for i, line in enumerate(lines):
-                if size + len(line) + 1 > limit and i > 0:
-                    break
-                size += len(line) + 1
-            else:
-                i = len(lines)
+            # ends[j]: bytes of lines[:j + 1] with their newlines (computed at C speed) over a
+            # prefix a bit longer than what the limit can hold at the average line size.
+            k = min(len(lines), int(limit * len(lines) * 1.5 / self._size) + 2)
+            ends = list(accumulate(map(len, islice(lines, k))))
+            if ends[-1] + k <= limit:
+                ends = list(accumulate(map(len, lines)))
+            i = bisect_right(range(len(ends)), limit, key=lambda j: ends[j] + j + 1)
+            i = max(i, 1)  # one message over the limit goes alone
             batch, self._lines = lines[:i], lines[i:]
-            self._size -= size
+            self._size -= ends[i - 1] + i
         if self._lines:
             self._first_at = asyncio.get_running_loop().time()
         else:
