@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ __all__ = ["ClickHouseError", "ClickHouseServer", "clickhouse_command", "run_cli
 
 logger = logging.getLogger(__name__)
 
+_PR_SET_PDEATHSIG = 1
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin",
                                 "/usr/local/bin", "/usr/local/sbin"])
 
@@ -114,6 +117,15 @@ class ClickHouseServer:
                 return text
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the process that started it dies, so a test
+    run that is killed does not leave ClickHouse servers behind (Linux only; elsewhere a no-op).
+    """
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -188,7 +200,7 @@ async def run_clickhouse(
         try:
             proc = await asyncio.create_subprocess_exec(
                 *cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=root, start_new_session=True,
+                cwd=root, start_new_session=True, preexec_fn=_die_with_parent,
             )
         finally:
             await asyncio.to_thread(log.close)
