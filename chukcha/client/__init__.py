@@ -4,6 +4,7 @@ from chukcha.client.client import Client, parse_nodes
 from chukcha.client.consumer import Batch, Consumer, ConsumerConfig, Position
 from chukcha.client.ids import new_id, new_ids
 from chukcha.client.producer import Producer, ProducerConfig
+from chukcha.client.sync import SyncClient, SyncConsumer
 
 __all__ = [
     "Batch",
@@ -13,6 +14,8 @@ __all__ = [
     "Position",
     "Producer",
     "ProducerConfig",
+    "SyncClient",
+    "SyncConsumer",
     "new_id",
     "new_ids",
     "parse_nodes",

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from chukcha.bus.node import Node
-from chukcha.client import Batch, Client, ConsumerConfig, Position
+from chukcha.client import Batch, Client, ConsumerConfig, Position, SyncClient
 from chukcha.client.consumer import Consumer
 from chukcha.errors import (
     ConsumerError,
@@ -278,3 +278,23 @@ async def test_a_bad_category_is_a_clear_error(client: Client) -> None:
     with pytest.raises(ValueError, match="category"):
         await client.send("a/b", [b"x"])
     assert isinstance(ConsumerError("x"), Exception)
+
+
+def _sync_round_trip(url: str) -> tuple[list[str], list[bytes], list[str]]:
+    with SyncClient([url]) as c:
+        ids = c.send("sync", [{"n": 1}, {"n": 2}])
+        got: list[bytes] = []
+        with c.consumer("sync", group="script") as consumer:
+            while len(got) < 2:
+                for batch in consumer.read(timeout=10):
+                    got += batch.messages()
+                    consumer.commit({batch.owner: batch.position})
+        return ids, got, c.list_categories()
+
+
+async def test_sync_client_in_a_thread_of_its_own(node: Node) -> None:
+    ids, got, categories = await asyncio.to_thread(_sync_round_trip, node.url)
+    assert ids_of(got) == ids
+    assert categories == ["sync"]
+    with pytest.raises(RuntimeError, match="inside an event loop"):
+        SyncClient([node.url])
