@@ -311,7 +311,7 @@ class RawHttp:
 
     @classmethod
     async def connect(cls, host: str, port: int) -> RawHttp:
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(host, port, limit=1 << 22)
         return cls(reader, writer)
 
     async def request(self, method: bytes, target: str, body: bytes = b"") -> tuple[int, bytes]:
