@@ -41,6 +41,7 @@ _TICK = os.sysconf("SC_CLK_TCK")
 @dataclass(frozen=True, slots=True)
 class RunResult:
     catchup_mb_s: tuple[float, ...]  # per replica
+    catchup_mb_per_cpu_s: tuple[float, ...]  # per replica: MB replicated per CPU-second used
     sync_p50_ms: float
     sync_p99_ms: float
     idle_cpu_pct: tuple[float, ...]  # per node
@@ -91,8 +92,14 @@ async def one_run(base: Path, mb: int, n_sync: int, idle: float) -> RunResult:
             # Node start-up (a Python process) is not replication: count from when both serve.
             # They may have downloaded a little before that, so this slightly flatters.
             started = time.perf_counter()
+            replica_pids = [n.proc.pid for n in (b, c) if n.proc is not None]
+            cpu0 = [await asyncio.to_thread(_cpu_seconds, p) for p in replica_pids]
             done = await asyncio.gather(*(_wait_copy(http, n.url, want) for n in (b, c)))
+            cpu1 = [await asyncio.to_thread(_cpu_seconds, p) for p in replica_pids]
             catchup = tuple(size / max(d - started, 1e-3) / 1e6 for d in done)
+            # Wall-clock figures depend on what else runs on the machine; CPU per MB does not.
+            per_cpu = tuple(size / max(y - x, 0.01) / 1e6 for x, y in zip(cpu0, cpu1,
+                                                                          strict=True))
             await cluster.wait_connected()
 
             lat: list[float] = []
@@ -114,7 +121,7 @@ async def one_run(base: Path, mb: int, n_sync: int, idle: float) -> RunResult:
             elapsed = time.perf_counter() - t1
             after = [await asyncio.to_thread(_cpu_seconds, p) for p in pids]
             cpu = tuple(100 * (y - x) / elapsed for x, y in zip(before, after, strict=True))
-            return RunResult(catchup, lat[len(lat) // 2] * 1e3,
+            return RunResult(catchup, per_cpu, lat[len(lat) // 2] * 1e3,
                              lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, cpu)
         finally:
             await cluster.stop()
@@ -127,13 +134,17 @@ async def amain(args: argparse.Namespace) -> None:
             r = await one_run(Path(tmp) / f"run{run}", args.mb, args.n, args.idle)
             results.append(r)
             print(f"run {run + 1}: catch-up {', '.join(f'{x:.0f}' for x in r.catchup_mb_s)} "
-                  f"MB/s; min_sync=1 p50 {r.sync_p50_ms:.2f} ms p99 {r.sync_p99_ms:.2f} ms; "
+                  f"MB/s ({', '.join(f'{x:.0f}' for x in r.catchup_mb_per_cpu_s)} MB per "
+                  f"CPU-s); min_sync=1 p50 {r.sync_p50_ms:.2f} ms p99 {r.sync_p99_ms:.2f} ms; "
                   f"idle CPU {', '.join(f'{x:.2f}' for x in r.idle_cpu_pct)} %",
                   file=sys.stderr)
     med = statistics.median
     rows = [
         ("replication catch-up per replica",
          f"{med(x for r in results for x in r.catchup_mb_s):.0f}", "MB/s", ">= 200 (Go ~60)"),
+        ("catch-up cost per replica",
+         f"{med(x for r in results for x in r.catchup_mb_per_cpu_s):.0f}", "MB/CPU-s",
+         "(wall-clock figure / this = cores busy)"),
         ("min_sync_replicas=1 write p50", f"{med(r.sync_p50_ms for r in results):.2f}", "ms",
          "< 5 (Go 29)"),
         ("min_sync_replicas=1 write p99", f"{med(r.sync_p99_ms for r in results):.2f}", "ms", ""),
@@ -141,7 +152,8 @@ async def amain(args: argparse.Namespace) -> None:
          "% of a core", "< 1 (Go ~4)"),
     ]
     print(f"\n3 nodes on loopback, {args.runs} runs, {args.mb} MiB history, "
-          f"{args.n} min_sync writes, {args.idle:g} s idle; medians")
+          f"{args.n} min_sync writes, {args.idle:g} s idle; medians; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'measure':36} {'value':>9} {'unit':12} target")
     for name, value, unit, target in rows:
         print(f"{name:36} {value:>9} {unit:12} {target}")
