@@ -256,11 +256,18 @@ async def test_enospc_answers_an_error_keeps_the_chunk_whole_and_recovers(
                                                "size": len(expected)}]
         assert await api.read("c", C0, 0, len(expected)) == expected  # reads still work
         # More writes keep failing cleanly while the disk is full ...
-        ans = await api.call("/write", {"category": "c"}, b"%s\n" % (b"f" * 60_000))
+        # (a body over INLINE_WRITE_LIMIT: the worker-thread path)
+        ans = await api.call("/write", {"category": "c"}, b"%s\n" % (b"f" * 70_000))
         assert ans.status == 500
         assert await read_file(path) == expected
-        # ... and work again once there is room.
+        # ... also when part of the body fits: 64 KiB get free, a 100 KB write lands partly in
+        # the file and is rolled back ...
         await asyncio.to_thread(filler.unlink)
+        ans = await api.call("/write", {"category": "c"}, b"%s\n" % (b"g" * 100_000))
+        assert ans.status == 500
+        assert "No space left on device" in ans.text
+        assert await read_file(path) == expected
+        # ... and work again once there is room.
         await api.write("c", b"after\n")
         assert await api.read("c", C0, len(expected)) == b"after\n"
         assert await read_file(path) == expected + b"after\n"
