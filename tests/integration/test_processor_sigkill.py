@@ -9,6 +9,7 @@ complete chunk of ``orders`` has been acked for the processor's group.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import signal
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -24,6 +26,8 @@ from chukcha.processors.engine import read_table
 from chukcha.state import LevelDBStore
 from chukcha.testing import ClusterProcess, run_cluster
 from tests.integration.cluster_helpers import list_chunks, wait_for
+
+logger = logging.getLogger(__name__)
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.slow]
 
@@ -135,13 +139,13 @@ async def test_sigkill_at_random_moments_applies_every_event_exactly_once(
             await asyncio.gather(produce(round_no), asyncio.sleep(delay))  # a random moment
             exit_codes.append(await proc.kill())
         assert exit_codes == [-signal.SIGKILL] * KILLS
-        print(f"{KILLS} kills in {asyncio.get_running_loop().time() - t0:.1f}s")
+        logger.info("%d kills in %.1fs", KILLS, asyncio.get_running_loop().time() - t0)
 
         # The last run: let it finish everything, then stop it gracefully.
         await proc.start()
         started = asyncio.get_running_loop().time()
         receipts = await read_receipts(client, urls[0], {f"o{i}/0" for i in range(sent)})
-        print(f"final run caught up in {asyncio.get_running_loop().time() - started:.1f}s")
+        logger.info("final run caught up in %.1fs", asyncio.get_running_loop().time() - started)
         assert await proc.terminate() == 0, proc.log.read_text()[-3000:]
 
         # 1. Exactly once in the state.
@@ -151,8 +155,6 @@ async def test_sigkill_at_random_moments_applies_every_event_exactly_once(
         assert all(all(c == copies[0] for c in copies) for copies in receipts.values())
         # 3. Every complete chunk of "orders" is acked for the group: only each owner's open
         #    chunk is left, on the node the processor read from and (acks replicate) on all.
-        import aiohttp  # noqa: PLC0415
-
         async with aiohttp.ClientSession() as http:
             for url in urls:
                 async def only_open_chunks(url: str = url) -> bool:

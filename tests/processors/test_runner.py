@@ -198,3 +198,26 @@ async def test_deferred_fsync_policies(
         assert await asyncio.to_thread(table_of, state) == totals(items)
         listing = await client.list_chunks("orders")
         assert [c.complete for c in listing] == [False]  # acked once the commits were synced
+
+
+async def test_stop_finishes_the_batch_in_progress(small_node: Node, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    entered, release = asyncio.Event(), asyncio.Event()
+    app = App("billing", nodes=[small_node.url], state_dir=state)
+
+    @app.processor("orders")
+    async def on_order(ctx: Context, order: dict[str, Any]) -> None:
+        entered.set()
+        await release.wait()
+        ctx.set(order["customer"], ctx.get(order["customer"], 0) + order["amount"])
+
+    async with Client([small_node.url]) as client:
+        await client.send("orders", orders(3))
+        stop = asyncio.Event()
+        task = asyncio.create_task(app.run_async(stop))
+        async with asyncio.timeout(30):
+            await entered.wait()  # inside the first event of the batch
+        stop.set()  # while the batch is in progress: it is finished, committed, then we stop
+        release.set()
+        await asyncio.wait_for(task, 30)
+    assert await asyncio.to_thread(table_of, state) == totals(orders(3))
