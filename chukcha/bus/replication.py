@@ -41,6 +41,7 @@ from aiohttp import web
 from chukcha.bus.chunks import ChunkStore, StoreEvent, StoreEventKind
 from chukcha.bus.config import Peer, ReplicationConfig
 from chukcha.bus.coordination import Membership
+from chukcha.bus.fetch import ChunkFetcher, UnsupportedResponseError
 from chukcha.bus.http import Handler, int_param, str_param
 from chukcha.errors import ChukchaError, ReplicationError, ReplicationTimeoutError
 from chukcha.protocol import (
@@ -326,6 +327,7 @@ class PeerLink:
         """Unix time the peer was last heard from (``None``: never)."""
         self.bytes_replicated = 0
         self.connects = 0
+        self._fetch_unsupported = False
 
     @property
     def up(self) -> bool:
@@ -581,10 +583,10 @@ class PeerLink:
         """Catch-up of a complete chunk: the next read is in flight while the previous batch
         is written, into two reused buffers (fresh multi-MiB buffers per read cost more in
         allocation and page faults than the copy itself)."""
-        async with self._buffers.pair() as bufs:
+        async with self._buffers.pair() as bufs, self._fetcher() as fetcher:
             i = 0
             pending: asyncio.Task[int | None] | None = asyncio.create_task(
-                self._read_into(bufs[i], category, chunk, offset)
+                self._read_fast(fetcher, bufs[i], category, chunk, offset)
             )
             try:
                 while pending is not None:
@@ -595,7 +597,7 @@ class PeerLink:
                     view = memoryview(bufs[i])[:n]
                     i ^= 1
                     pending = asyncio.create_task(
-                        self._read_into(bufs[i], category, chunk, offset + n)
+                        self._read_fast(fetcher, bufs[i], category, chunk, offset + n)
                     )
                     new_size = await self._store.append_replica(category, chunk, offset, view)
                     if new_size is None:
@@ -607,6 +609,42 @@ class PeerLink:
                 if pending is not None:
                     pending.cancel()
                     await asyncio.wait([pending])
+
+    @contextlib.asynccontextmanager
+    async def _fetcher(self) -> AsyncIterator[ChunkFetcher | None]:
+        try:
+            fetcher = ChunkFetcher(self.peer.url)
+        except UnsupportedResponseError:
+            yield None  # not plain http: aiohttp does the reads
+            return
+        async with fetcher:
+            yield fetcher
+
+    async def _read_fast(
+        self, fetcher: ChunkFetcher | None, buf: bytearray, category: str, chunk: str, off: int
+    ) -> int | None:
+        """A catch-up read into ``buf`` (see :mod:`chukcha.bus.fetch`), aiohttp as fallback."""
+        if fetcher is not None and not self._fetch_unsupported:
+            params = {"category": category, "chunk": chunk, "off": str(off),
+                      "max_size": str(len(buf))}
+            try:
+                status, n = await fetcher.read(params, buf)
+            except UnsupportedResponseError as exc:
+                logger.info("instance=%s plain reads from %s: %s", self._me,
+                            self.peer.instance, exc)
+                self._fetch_unsupported = True
+            except OSError as exc:  # ConnectionError included
+                raise ReplicationError(f"read from {self.peer.instance}: {exc}") from exc
+            else:
+                if status == 404:
+                    return None
+                if status != 200:
+                    raise ReplicationError(
+                        f"read {category}/{chunk}@{off} from {self.peer.instance}: HTTP "
+                        f"{status} {bytes(buf[:min(n, 200)])!r}"
+                    )
+                return n
+        return await self._read_into(buf, category, chunk, off)
 
     async def _read_into(self, buf: bytearray, category: str, chunk: str, off: int) -> int | None:
         """Like :meth:`_read` (no wait) into ``buf``; returns the length, ``None`` if gone."""
