@@ -76,8 +76,8 @@ class App:
         on_error: ``"stop"`` or ``"dead_letter"`` (overrides ``config.on_error``).
         event_id: a function ``event -> str | None`` giving an event's ID (default: its ``id``
             field). An event without one gets an ID derived from where it is stored,
-            ``"<chunk>:<offset>"``: redeliveries of that copy are deduplicated, but a copy
-            written to a second node is a different event.
+            ``"<category>:<chunk>:<offset>"``: redeliveries of that copy are deduplicated, but
+            a copy written to a second node is a different event.
     """
 
     def __init__(

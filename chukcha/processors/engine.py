@@ -327,8 +327,7 @@ class Engine:
             ProcessorError: a callback raised under the ``stop`` policy; everything staged
                 since the last commit is discarded.
         """
-        handler = self.app.handlers[category]
-        fn, is_async = handler.fn, handler.is_async
+        fn, is_async = self.app.handlers[category].fn, self.app.handlers[category].is_async
         ctx = self.ctx
         ctx.category, ctx.owner, ctx.chunk = category, owner, chunk
         committed_ids, staged_ids = self.dedup.views()
@@ -337,6 +336,9 @@ class Engine:
         get_id = self._event_id
         default_id = get_id is default_event_id
         prefix = category + "\x00"
+        # The ID of an event without one: where it is stored. Chunk names repeat across
+        # categories, so the category is part of it (its emits' IDs must not collide).
+        place = f"{category}:{chunk}:"
         pos = offset
         for line in data[:-1].split(b"\n") if data else ():
             ev_off = pos
@@ -344,15 +346,15 @@ class Engine:
             try:
                 event = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
-                self._dead_letter(ctx, ev_off, line, f"{chunk}:{ev_off}", f"invalid JSON: {exc}")
+                self._dead_letter(ctx, ev_off, line, f"{place}{ev_off}", f"invalid JSON: {exc}")
                 continue
             # The common case inline: a JSON object with a string "id" and the default key.
             eid = event.get("id") if default_id and type(event) is dict else None
             if type(eid) is not str or not eid:
                 try:
-                    eid = get_id(event) or f"{chunk}:{ev_off}"
+                    eid = get_id(event) or f"{place}{ev_off}"
                 except Exception as exc:  # noqa: BLE001 - a user's key function; policy decides
-                    self._failed(ctx, ev_off, line, f"{chunk}:{ev_off}", exc)
+                    self._failed(ctx, ev_off, line, f"{place}{ev_off}", exc)
                     continue
             key = prefix + eid
             if key in committed_ids or key in staged_ids:

@@ -181,7 +181,7 @@ async def test_sink_flushed_before_commit_retried_with_same_rows(
     assert sink.written == ["a", "b"]
     ((dead_id, record),) = dead.items()
     assert record["event"] == "not json"
-    assert dead_id == f"{record['chunk']}:{record['offset']}/dead"
+    assert dead_id == f"orders:{record['chunk']}:{record['offset']}/dead"
 
 
 @pytest.mark.parametrize("sync_interval", [None, 0.2])

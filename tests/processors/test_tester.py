@@ -112,7 +112,7 @@ async def test_invalid_json_is_dead_lettered_even_under_stop() -> None:
     assert t.table == {"ann": 2}
     (dead,) = t.dead_letters("orders")
     assert dead["event"] == "{not json"
-    assert dead["id"] == "tester-chunk000000000:0/dead"
+    assert dead["id"] == "orders:tester-chunk000000000:0/dead"
     assert "invalid JSON" in dead["error"]
 
 
@@ -132,8 +132,8 @@ async def test_event_without_id_gets_a_position_id_and_context_fields() -> None:
     await t.feed_async("things", {"x": 1}, b"7", {"id": 5})
     await t.feed_async("things", {"x": 1})  # no id: a new position, so a new event
     c = "tester-chunk000000000"
-    assert seen == [(f"{c}:0", c, 0, "tester"), (f"{c}:8", c, 8, "tester"),
-                    ("5", c, 10, "tester"), (f"{c}:19", c, 19, "tester")]
+    assert seen == [(f"things:{c}:0", c, 0, "tester"), (f"things:{c}:8", c, 8, "tester"),
+                    ("5", c, 10, "tester"), (f"things:{c}:19", c, 19, "tester")]
     assert t.table == {"count": 4}
 
 
@@ -224,3 +224,21 @@ def test_app_validation() -> None:
         ProcessorConfig(max_batch_bytes=0)
     with pytest.raises(TypeError, match="flush"):
         app.add_sink("s", object())  # type: ignore[type-var]
+
+
+async def test_events_without_ids_in_two_categories_emit_distinct_ids() -> None:
+    """Chunk names repeat across categories: position-derived IDs (and the emit IDs derived from
+    them) include the category, so downstream dedup does not drop one of them."""
+    app = App("two", nodes=["http://127.0.0.1:1"])
+
+    def forward(ctx: Context, event: Any) -> None:
+        ctx.emit("out", {"from": ctx.category})
+
+    app.processor("a")(forward)
+    app.processor("b")(forward)
+    t = Tester(app)
+    await t.feed_async("a", {"x": 1})
+    await t.feed_async("b", {"x": 1})  # same chunk name and offset in another category
+    ids = [e["id"] for e in t.emitted("out")]
+    assert len(set(ids)) == 2
+    assert [e["from"] for e in t.emitted("out")] == ["a", "b"]
