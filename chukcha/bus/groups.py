@@ -13,9 +13,14 @@ category holds more than ``max_bytes``: Kafka-like expiry for users who want it.
 
 Registrations, group acks and retention policies are kept in ``<data_dir>/.groups.json``
 (written atomically: temp file, fsync, rename), which is not a directory and so never mistaken
-for a category. They are per node: :class:`GroupRegistry` is the seam where an etcd-backed,
-cluster-wide registry will plug in; until then, a group consumer should read from (and so ack
-on) one node, and a chunk that node tombstones is tombstoned everywhere by ack replication.
+for a category.
+
+They are kept per node; the client makes them cluster-wide: a group consumer registers its
+group on every node it knows and, after acking on the node it reads from, copies the ack to the
+other nodes through ``/groups/ack`` (record only: that node may not have the chunk, or all of
+it, yet). A node where every group's ack has arrived tombstones the chunk, and ack replication
+tombstones it everywhere. :class:`GroupRegistry` is the seam where an etcd-backed registry would
+replace this.
 """
 
 from __future__ import annotations
@@ -156,10 +161,10 @@ class GroupRegistry:
     def record_ack(self, category: str, group: str, chunk: str, size: int) -> None:
         self._cat(category).groups[group][chunk] = size
 
-    def forget_chunks(self, category: str, keep: set[str]) -> None:
-        """Drop the acks of chunks that are gone (not in ``keep``)."""
+    def forget_chunks(self, category: str, gone: set[str]) -> None:
+        """Drop the acks of chunks that are gone."""
         for acked in self._cat(category).groups.values():
-            for chunk in [c for c in acked if c not in keep]:
+            for chunk in gone & acked.keys():
                 del acked[chunk]
 
     def set_retention(self, category: str, policy: RetentionPolicy) -> None:
@@ -231,6 +236,32 @@ class ConsumerGroups:
         logger.debug("category=%s group=%s acked %s%s", category, group, chunk,
                      " (all groups: tombstoned)" if done else "")
 
+    async def record_ack(self, category: str, chunk: str, size: int, group: str) -> bool:
+        """``/groups/ack``: record ``group``'s ack of ``chunk`` made on another node (no checks
+        against this node's copy, which may lag); tombstone the chunk here when every group has
+        acked it and it is complete here. Returns whether it was tombstoned."""
+        validate_category(category)
+        parse_chunk_name(chunk)
+        validate_group(group)
+        async with self._lock:
+            groups = self._registry.groups(category)
+            if group not in groups:
+                raise BadRequestError(
+                    f"consumer group {group!r} is not registered for category {category!r}"
+                )
+            if self._store.is_tombstoned(category, chunk) or groups[group].get(chunk) == size:
+                return False
+            self._registry.record_ack(category, group, chunk, size)
+            done = (
+                all(chunk in acked for acked in groups.values())
+                and self._store.is_complete(category, chunk)
+                and (self._store.chunk_size(category, chunk) or 0) <= size
+            )
+            if done:
+                await self._store.ack(category, chunk, None)
+            await self._registry.save()
+        return done
+
     def _check_ack(self, category: str, chunk: str, size: int) -> None:
         # The same checks as ChunkStore.ack, without tombstoning.
         parse_chunk_name(chunk)
@@ -246,8 +277,10 @@ class ConsumerGroups:
             )
 
     def _prune(self, category: str) -> None:
-        live = {c.name for c in self._store.list_chunks(category)}
-        self._registry.forget_chunks(category, live)
+        # Keep acks of chunks not here yet (copied from another node); drop tombstoned ones.
+        gone = {chunk for acked in self._registry.groups(category).values() for chunk in acked
+                if self._store.is_tombstoned(category, chunk)}
+        self._registry.forget_chunks(category, gone)
 
     async def _tombstone_fully_acked(self, category: str) -> list[str]:
         groups = self._registry.groups(category)
@@ -290,13 +323,14 @@ class ConsumerGroups:
         return removed
 
     def describe(self, category: str) -> dict[str, Any]:
-        """``/groups/list``: the groups of ``category`` and the live chunks each has acked."""
+        """``/groups/list``: the groups of ``category`` and the chunks each has acked (live
+        here, or not replicated here yet)."""
         validate_category(category)
-        live = {c.name for c in self._store.list_chunks(category)}
         return {
             "category": category,
             "groups": [
-                {"name": g, "acked": sorted(c for c in acked if c in live)}
+                {"name": g, "acked": sorted(c for c in acked
+                                            if not self._store.is_tombstoned(category, c))}
                 for g, acked in sorted(self._registry.groups(category).items())
             ],
             "retention": self._registry.retention(category).to_json(),
@@ -372,6 +406,7 @@ class ConsumerGroups:
             "/groups/register": self._serve_register,
             "/groups/unregister": self._serve_unregister,
             "/groups/list": self._serve_list,
+            "/groups/ack": self._serve_record_ack,
             "/retention": self._serve_retention,
         }
 
@@ -383,6 +418,13 @@ class ConsumerGroups:
         removed = await self.unregister(str_param(request, "category"),
                                         str_param(request, "group"))
         return web.json_response({"removed": removed})
+
+    async def _serve_record_ack(self, request: web.Request) -> web.StreamResponse:
+        done = await self.record_ack(
+            str_param(request, "category"), str_param(request, "chunk"),
+            int_param(request, "size"), str_param(request, "group"),
+        )
+        return web.json_response({"tombstoned": done})
 
     async def _serve_list(self, request: web.Request) -> web.StreamResponse:
         body = orjson.dumps(self.describe(str_param(request, "category")))

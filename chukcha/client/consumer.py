@@ -104,6 +104,7 @@ class ConsumerConfig:
         poll_interval: the pause between reads of an open chunk when the node does not hold
             requests (a Go server), and while a chunk is not replicated yet (default 0.25 s).
         retry_interval: the pause after a failed request (default 1 s).
+        copy_ack_timeout: how long copying a group ack to another node may take (default 2 s).
     """
 
     max_batch_bytes: int = 1 << 20
@@ -111,6 +112,7 @@ class ConsumerConfig:
     relist_interval: float = 1.0
     poll_interval: float = 0.25
     retry_interval: float = 1.0
+    copy_ack_timeout: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0 < self.max_batch_bytes <= MAX_READ_SIZE:
@@ -217,6 +219,7 @@ class Consumer:
         if self._started:
             return
         await self._register(self.url)
+        await self._register_elsewhere()
         await self._load_group_acks(self.url)
         await self._relist(asyncio.get_running_loop().time())
         self._started = True
@@ -276,6 +279,45 @@ class Consumer:
                 "consume without a group there"
             ) from None
         self._registered.add(url)
+
+    async def _register_elsewhere(self) -> None:
+        # Register on the other nodes too, so that none of them tombstones a chunk that this
+        # group has not acked yet (registrations live on each node; see chukcha.bus.groups).
+        others = [u for u in self._urls if u not in self._registered]
+        results = await asyncio.gather(*(self._register(u) for u in others),
+                                       return_exceptions=True)
+        for url, result in zip(others, results, strict=True):
+            if isinstance(result, ClientError | ConsumerError):
+                logger.warning("category=%s group=%s not registered on %s: %s",
+                               self._category, self._group, url, result)
+            elif isinstance(result, BaseException):
+                raise result
+
+    async def _copy_ack(self, name: str, size: int) -> None:
+        """Record our group's ack on the other nodes (best effort, short timeout)."""
+        if self._group is None or len(self._urls) < 2:
+            return
+        group = self._group
+        timeout = min(self._api.timeout, self._config.copy_ack_timeout)
+
+        async def copy(url: str) -> None:
+            try:
+                await self._api.copy_group_ack(url, self._category, name, size, group,
+                                               timeout=timeout)
+            except RequestRejectedError:
+                # Not registered there (it was down when we started): register, then copy.
+                await self._register(url)
+                await self._api.copy_group_ack(url, self._category, name, size, group,
+                                               timeout=timeout)
+
+        others = [u for u in self._urls if u != self.url]
+        results = await asyncio.gather(*(copy(u) for u in others), return_exceptions=True)
+        for url, result in zip(others, results, strict=True):
+            if isinstance(result, ClientError | ConsumerError):
+                logger.info("category=%s group=%s ack of %s not copied to %s: %s",
+                            self._category, group, name, url, result)
+            elif isinstance(result, BaseException):
+                raise result
 
     async def _load_group_acks(self, url: str) -> None:
         # Chunks our group acked before (an earlier run) are done: new streams skip them.
@@ -524,6 +566,7 @@ class Consumer:
                                    "%s", self._category, name, exc)
                     break
                 self._acked.add(name)
+                await self._copy_ack(name, size)
                 if s is not None:
                     s.finished.pop(name, None)
                 logger.debug("category=%s group=%s acked %s", self._category, self._group, name)

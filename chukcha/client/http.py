@@ -137,6 +137,13 @@ class NodeApi:
         data = await self._request(url, "/listCategories", {})
         return [str(c) for c in (_json(data, url) or [])]
 
+    async def copy_group_ack(
+        self, url: str, category: str, chunk: str, size: int, group: str, *, timeout: float
+    ) -> None:
+        """``/groups/ack`` (extension): record on ``url`` a group ack made on another node."""
+        params = {"category": category, "chunk": chunk, "size": str(size), "group": group}
+        await self._request(url, "/groups/ack", params, timeout=timeout)
+
     async def register_group(self, url: str, category: str, group: str) -> None:
         """``/groups/register`` (extension)."""
         await self._request(url, "/groups/register", {"category": category, "group": group})
