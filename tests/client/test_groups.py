@@ -153,3 +153,19 @@ async def test_bad_retention_parameters_are_refused(client: Client) -> None:
     assert policy == {"max_age": None, "max_bytes": None}
     with pytest.raises(ValueError, match="positive"):
         RetentionPolicy(max_age=0)
+
+
+async def test_a_copied_ack_is_recorded_even_before_the_chunk_is_here(client: Client) -> None:
+    names = await three_chunks(client)
+    api, url = client.api, client.nodes[0]
+    await api.register_group(url, "g", "one")
+    await api.register_group(url, "g", "two")
+    # Made on another node: recorded without checks against this node's copy.
+    await api.copy_group_ack(url, "g", "b-chunk000000004", 10, "one", timeout=5)
+    await api.copy_group_ack(url, "g", names[0], 81, "one", timeout=5)
+    acked = {g["name"]: g["acked"] for g in (await api.list_groups(url, "g"))["groups"]}
+    assert acked == {"one": ["a-chunk000000000", "b-chunk000000004"], "two": []}
+    await api.copy_group_ack(url, "g", names[0], 81, "two", timeout=5)
+    assert await live(client) == names[1:]  # every group acked: tombstoned
+    with pytest.raises(RequestRejectedError, match="not registered"):
+        await api.copy_group_ack(url, "g", names[1], 81, "three", timeout=5)
