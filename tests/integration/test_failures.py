@@ -172,3 +172,48 @@ async def test_owner_gone_longer_than_dead_peer_timeout_has_its_last_chunk_compl
 
         await wait_for(completed, what="b to treat the dead owner's last chunk as complete")
         await cluster["a"].start()  # back: its old chunk is complete anyway (a new one starts)
+
+
+async def test_replica_killed_mid_catch_up_resumes_from_its_local_size(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    cluster = ClusterProcess(tmp_path, ("a", "b"), args=("--replication-poll-wait", "2s",
+                                                         "--max-chunk-size", str(4 << 20)))
+    try:
+        await asyncio.to_thread(tmp_path.mkdir, parents=True, exist_ok=True)
+        await cluster["a"].start()
+        line = b"h" * 1023 + b"\n"
+        for _ in range(96):  # ~94 MiB of history (bodies under aiohttp's 1 MiB warning)
+            assert (await write(http, cluster["a"].url, "hist", line * 1000)).status == 200
+        want = chunks_of(await list_chunks(http, cluster["a"].url, "hist"))
+        total = sum(want.values())
+
+        await cluster["b"].start()
+
+        async def b_partly_there() -> bool:
+            have = chunks_of(await list_chunks(http, cluster["b"].url, "hist"))
+            return 0 < sum(have.values()) < total
+
+        await wait_for(b_partly_there, what="b to be part-way through the history")
+        await cluster["b"].kill()
+        had = sum(chunks_of(await _listing_on_disk(cluster["b"].data_dir)).values())
+        await cluster["b"].start()
+
+        async def b_complete() -> bool:
+            return chunks_of(await list_chunks(http, cluster["b"].url, "hist")) == want
+
+        await wait_for(b_complete, timeout=60, what="b to finish the history")
+        status = await cluster.status("b")
+        fetched = next(p["bytes_replicated"] for p in status["peers"] if p["instance"] == "a")
+        assert fetched <= total - had + (4 << 20)  # resumed: at most one batch fetched again
+        assert await read_all(http, cluster["b"].url, "hist") == await read_all(
+            http, cluster["a"].url, "hist")
+    finally:
+        await cluster.stop()
+
+
+async def _listing_on_disk(data_dir: Path) -> list[dict[str, object]]:
+    def scan() -> list[dict[str, object]]:
+        return [{"name": p.name, "size": p.stat().st_size}
+                for p in sorted((data_dir / "hist").iterdir()) if "." not in p.name]
+    return await asyncio.to_thread(scan)
