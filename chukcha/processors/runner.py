@@ -174,6 +174,10 @@ class _Session:
                 if task is not None:
                     task.cancel()
             await asyncio.wait([t for t in (read, stopped) if t is not None])
+            if read is not None and not read.cancelled() and read.exception() is not None:
+                # A read-ahead that failed while we stopped: its batch is read again later.
+                logger.debug("app=%s category=%s read-ahead failed: %r", self.app.name,
+                             category, read.exception())
 
     async def _step(self, category: str, batches: list[Batch]) -> None:
         engine = self._engine
