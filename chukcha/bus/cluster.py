@@ -12,6 +12,7 @@ status endpoints still answer, nothing is replicated and ``min_sync_replicas`` i
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -98,10 +99,19 @@ class Cluster:
         return await self._status.status(request)
 
     async def stop(self) -> None:
-        """Leave: end events streams, stop downloads, revoke the etcd lease. Idempotent."""
-        await self.server.stop()
+        """Leave: end events streams, stop downloads, revoke the etcd lease. Idempotent.
+
+        Never raises: the node's own stop (HTTP server, chunk files) must run whatever happens
+        here."""
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [("events", self.server.stop)]
         if self.replicator is not None:
-            await self.replicator.stop(self._config.stop_timeout / 2)
-            self.replicator = None
+            replicator, self.replicator = self.replicator, None
+            steps.append(("replication",
+                          lambda: replicator.stop(self._config.stop_timeout / 2)))
         if self.membership is not None:
-            await self.membership.stop()
+            steps.append(("membership", self.membership.stop))
+        for name, step in steps:
+            try:
+                await step()
+            except Exception:
+                logger.exception("instance=%s stopping %s failed", self._config.instance, name)

@@ -710,10 +710,6 @@ class Replicator:
     def links(self) -> Mapping[str, PeerLink]:
         return self._links
 
-    def live_peers(self) -> int:
-        """Members that this node currently hears from (or, static, that are configured)."""
-        return len(self._membership.peers())
-
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
