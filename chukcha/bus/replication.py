@@ -476,8 +476,11 @@ class PeerLink:
             if resp.status != 200:
                 raise ReplicationError(f"{url}: HTTP {resp.status}")
             items = orjson.loads(await resp.read()) or []
-        own = [ChunkInfo.from_json(i) for i in items
-               if str(i.get("name", "")).rpartition("-")[0] == self.peer.instance]
+        try:
+            own = [ChunkInfo.from_json(i) for i in items
+                   if str(i.get("name", "")).rpartition("-")[0] == self.peer.instance]
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise ReplicationError(f"{url}: unexpected listing: {exc}") from None
         state.remote = {c.name: c for c in own}
         return own
 
