@@ -52,6 +52,19 @@ async def test_writes_to_every_node_are_readable_exactly_once_everywhere(
             got = await read_all(http, url, "events")
             assert Counter(got) == Counter(sent), url  # every message, exactly once
 
+        # /status (the agreed shape): every peer up, nothing left to replicate.
+        status = await cluster.status("a")
+        assert status["instance"] == "a"
+        assert status["address"] == cluster["a"].address
+        peers = {p["instance"]: p for p in status["peers"]}
+        assert set(peers) == {"b", "c"}
+        for name, peer in peers.items():
+            assert peer["url"] == cluster[name].url
+            assert peer["up"] is True
+            assert peer["lag_bytes"] == 0
+            assert isinstance(peer["last_seen"], float)
+            assert peer["bytes_replicated"] > 0
+
 
 async def test_min_sync_replicas_waits_for_replicas_and_refuses_impossible(
     tmp_path: Path, http: aiohttp.ClientSession
