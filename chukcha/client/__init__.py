@@ -1,9 +1,9 @@
 """The Chukcha client: :class:`Client` (asyncio), producers, consumers, a blocking wrapper."""
 
 from chukcha.client.client import Client, parse_nodes
-from chukcha.client.consumer import Batch, Consumer, ConsumerConfig, Position
+from chukcha.client.consumer import Batch, Consumer, ConsumerConfig, ConsumerStats, Position
 from chukcha.client.ids import new_id, new_ids
-from chukcha.client.producer import Producer, ProducerConfig
+from chukcha.client.producer import Producer, ProducerConfig, ProducerStats
 from chukcha.client.sync import SyncClient, SyncConsumer
 
 __all__ = [
@@ -11,9 +11,11 @@ __all__ = [
     "Client",
     "Consumer",
     "ConsumerConfig",
+    "ConsumerStats",
     "Position",
     "Producer",
     "ProducerConfig",
+    "ProducerStats",
     "SyncClient",
     "SyncConsumer",
     "new_id",

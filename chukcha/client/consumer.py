@@ -39,7 +39,7 @@ from chukcha.protocol import (
     validate_category,
 )
 
-__all__ = ["Batch", "Consumer", "ConsumerConfig", "Position"]
+__all__ = ["Batch", "Consumer", "ConsumerConfig", "ConsumerStats", "Position"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,17 @@ class ConsumerConfig:
             raise ValueError("intervals must be positive")
 
 
+@dataclass(frozen=True, slots=True)
+class ConsumerStats:
+    """Counters of one consumer (for metrics); ``lag_bytes`` is from the last listing."""
+
+    batches: int
+    bytes_read: int
+    acks: int
+    failed_requests: int
+    lag_bytes: int
+
+
 @dataclass(slots=True)
 class _ReadResult:
     data: bytes = b""
@@ -187,6 +198,28 @@ class Consumer:
         self._buffer: list[Batch] = []
         self._started = False
         self._closed = False
+        self._batches = 0
+        self._bytes_read = 0
+        self._acks = 0
+        self._failures = 0
+
+    @property
+    def stats(self) -> ConsumerStats:
+        return ConsumerStats(self._batches, self._bytes_read, self._acks, self._failures,
+                             self.lag_bytes)
+
+    @property
+    def lag_bytes(self) -> int:
+        """Bytes listed (at the last listing) that have not been read yet."""
+        lag = 0
+        for owner, lst in self._by_owner.items():
+            s = self._streams.get(owner)
+            for c in lst:
+                if s is None or c.name > s.chunk:
+                    lag += c.size
+                elif c.name == s.chunk:
+                    lag += max(0, c.size - s.offset)
+        return lag
 
     @property
     def category(self) -> str:
@@ -402,6 +435,7 @@ class Consumer:
 
     def _failed(self, exc: ClientError) -> None:
         """A request failed (node down?): log, and read from the next node if there is one."""
+        self._failures += 1
         if len(self._urls) > 1:
             self._url_index = (self._url_index + 1) % len(self._urls)
             logger.warning("category=%s %s; switching to %s", self._category, exc, self.url)
@@ -517,6 +551,8 @@ class Consumer:
             start = s.offset
             s.offset += len(r.data)
             s.at_end = False
+            self._batches += 1
+            self._bytes_read += len(r.data)
             return Batch(self._category, s.owner, s.chunk, start, s.offset, r.data)
         s.at_end = True
         info = self._chunks.get(s.chunk)
@@ -566,6 +602,7 @@ class Consumer:
                                    "%s", self._category, name, exc)
                     break
                 self._acked.add(name)
+                self._acks += 1
                 await self._copy_ack(name, size)
                 if s is not None:
                     s.finished.pop(name, None)

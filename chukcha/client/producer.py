@@ -26,7 +26,7 @@ from chukcha.client.ids import new_ids
 from chukcha.errors import ChukchaError, MessageTooLargeError
 from chukcha.protocol import DEFAULT_MAX_BATCH_SIZE, MAX_MESSAGE_SIZE, validate_category
 
-__all__ = ["Producer", "ProducerConfig", "WriteBody"]
+__all__ = ["Producer", "ProducerConfig", "ProducerStats", "WriteBody"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,17 @@ class ProducerConfig:
             raise ValueError("max_in_flight must be at least 1")
 
 
+@dataclass(frozen=True, slots=True)
+class ProducerStats:
+    """Counters of one producer (for metrics)."""
+
+    accepted_events: int
+    written_bytes: int
+    written_batches: int
+    failed_batches: int
+    pending_bytes: int
+
+
 class Producer:
     """Batches events of one category; use ``async with client.producer("orders") as p:``."""
 
@@ -90,6 +101,15 @@ class Producer:
         self._error: BaseException | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._accepted = 0
+        self._written_bytes = 0
+        self._written_batches = 0
+        self._failed_batches = 0
+
+    @property
+    def stats(self) -> ProducerStats:
+        return ProducerStats(self._accepted, self._written_bytes, self._written_batches,
+                             self._failed_batches, self._pending)
 
     @property
     def category(self) -> str:
@@ -168,7 +188,7 @@ class Producer:
         Waits while the buffer is full. The event is written later (see :meth:`flush`).
         """
         if self._error is not None or self._closed or not self._tasks:
-            self._check_open()
+            await self._check_open()
         if type(event) is dict and event.get("id") is None:
             # The common case inlined (the per-event path is the producer's hot path).
             ident = next(self._fresh, None) or self._refill()
@@ -184,6 +204,7 @@ class Producer:
             self._first_at = asyncio.get_running_loop().time()
             self._data.set()
         self._lines.append(line)
+        self._accepted += 1
         self._size += size
         self._pending += size
         if self._size >= self._max_batch:
@@ -199,7 +220,7 @@ class Producer:
 
     async def send_many(self, events: Iterable[Event]) -> list[str]:
         """Accept many events (encoded all at once; refused all at once); returns their IDs."""
-        self._check_open()
+        await self._check_open()
         lines, ids = encode_events(events)
         if not lines:
             return ids
@@ -207,6 +228,7 @@ class Producer:
         if self._pending >= self._config.max_buffer_bytes:
             await self._wait_space()
         self._append(lines, size)
+        self._accepted += len(lines)
         if self._size >= self._config.max_batch_bytes:
             await asyncio.sleep(0)  # as in send(): let the sender start on the full batch
         return ids
@@ -225,12 +247,12 @@ class Producer:
             self._flushing -= 1
         self._raise_error()
 
-    def _check_open(self) -> None:
+    async def _check_open(self) -> None:
         self._raise_error()
         if self._closed:
             raise RuntimeError(f"producer for {self._category!r} is stopped")
         if not self._tasks:
-            raise RuntimeError(f"producer for {self._category!r} is not started")
+            await self.start()  # used without `async with`: the client's close() stops it
 
     async def _wait_space(self) -> None:
         while self._pending >= self._config.max_buffer_bytes:
@@ -292,7 +314,10 @@ class Producer:
             body = self._take()
             try:
                 await self._write(self._category, body)
+                self._written_bytes += len(body)
+                self._written_batches += 1
             except ChukchaError as exc:
+                self._failed_batches += 1
                 logger.error("category=%s a batch of %d bytes was not written: %s",  # noqa: TRY400
                              self._category, len(body), exc)
                 if self._error is None:

@@ -77,8 +77,12 @@ async def test_send_and_consume_round_trip(client: Client) -> None:
     ids = await client.send("orders", [{"n": i} for i in range(50)] + [b'{"id":"raw-1"}'])
     assert ids[-1] == "raw-1" and len(set(ids)) == 51
     async with client.consumer("orders") as consumer:
+        assert consumer.lag_bytes > 0
         got = await read_all(consumer, 51)
+        stats = consumer.stats
     assert ids_of(got) == ids
+    assert stats.bytes_read == sum(map(len, got)) + 51
+    assert stats.lag_bytes == 0 and stats.acks == 0 and stats.batches >= 1
     assert orjson.loads(got[7]) == {"id": ids[7], "n": 7}
 
 
@@ -140,12 +144,16 @@ async def test_producer_batches_lingers_and_flushes_on_close(client: Client) -> 
         async with client.producer("p", linger=0.01) as producer:
             first = await producer.send({"n": 0})
             # Nobody flushes: the linger timer alone must send it.
-            assert ids_of(await read_all(consumer, 1)) == [first]
+            first_lines = await read_all(consumer, 1)
+            assert ids_of(first_lines) == [first]
             rest = await producer.send_many([{"n": i} for i in range(1, 3000)])
             last = await producer.send(b'{"id":"last"}')
         # Stopping the producer flushed everything.
         got = await read_all(consumer, 3000)
     assert ids_of(got) == [*rest, last]
+    stats = producer.stats
+    assert (stats.accepted_events, stats.failed_batches, stats.pending_bytes) == (3001, 0, 0)
+    assert stats.written_bytes == sum(len(m) + 1 for m in first_lines + got)
 
 
 async def test_producer_back_pressure_and_errors_reach_the_caller(
@@ -171,8 +179,7 @@ async def test_producer_back_pressure_and_errors_reach_the_caller(
 async def test_flush_raises_when_a_batch_was_lost(refused_url: str) -> None:
     async with Client([refused_url]) as c:
         producer = c.producer("lost")
-        await producer.start()
-        await producer.send({"n": 1})
+        await producer.send({"n": 1})  # starts it (no `async with` here)
         with pytest.raises(NodeUnavailableError):
             await producer.flush()
         await producer.stop()
@@ -298,3 +305,16 @@ async def test_sync_client_in_a_thread_of_its_own(node: Node) -> None:
     assert categories == ["sync"]
     with pytest.raises(RuntimeError, match="inside an event loop"):
         SyncClient([node.url])
+
+
+async def test_consumer_starts_on_the_next_node_when_the_first_is_down(
+    node: Node, refused_url: str
+) -> None:
+    async with Client([refused_url, node.url]) as c:
+        await c.send_to(node.url, "x", [b"one"])
+        consumer = c.consumer("x", config=ConsumerConfig(retry_interval=0.05))
+        async with asyncio.timeout(20):
+            assert await read_all(consumer, 1) == [b"one"]
+        assert consumer.url == node.url
+        assert consumer.stats.failed_requests >= 1
+        await consumer.stop()
