@@ -22,6 +22,7 @@ import orjson
 import pytest
 
 from chukcha import Client
+from chukcha.client import Batch
 from chukcha.processors.engine import read_table
 from chukcha.state import LevelDBStore
 from chukcha.testing import ClusterProcess, run_cluster
@@ -74,23 +75,32 @@ def order(i: int, rng: random.Random) -> dict[str, Any]:
             "amount": rng.randrange(1, 1000)}
 
 
-async def read_receipts(client: Client, url: str, want: set[str]) -> dict[str, list[Any]]:
+async def read_receipts(
+    client: Client, url: str, want: set[str], log: Path
+) -> dict[str, list[Any]]:
     """Every receipt on ``url`` (no group, nothing acked) until all IDs in ``want`` are seen."""
     seen: dict[str, list[Any]] = {}
+
+    def take(batches: list[Batch]) -> None:
+        for batch in batches:
+            for m in batch.messages():
+                event = orjson.loads(m)
+                seen.setdefault(event["id"], []).append(event)
+
     consumer = client.consumer("receipts", node=url)
     try:
-        async with asyncio.timeout(60):
-            while not want <= seen.keys():
-                for batch in await consumer.read():
-                    for m in batch.messages():
-                        event = orjson.loads(m)
-                        seen.setdefault(event["id"], []).append(event)
+        try:
+            async with asyncio.timeout(60):
+                while not want <= seen.keys():
+                    take(await consumer.read())
+        except TimeoutError:
+            missing = sorted(want - seen.keys())
+            tail = (await asyncio.to_thread(log.read_text))[-4000:]
+            raise AssertionError(f"{len(missing)} receipts missing, e.g. {missing[:5]}; "
+                                 f"processor log:\n{tail}") from None
         # Drain what is left (resent duplicates must be identical, extra IDs must not exist).
         while batches := await consumer.read(timeout=1.0):
-            for batch in batches:
-                for m in batch.messages():
-                    event = orjson.loads(m)
-                    seen.setdefault(event["id"], []).append(event)
+            take(batches)
     finally:
         await consumer.stop()
     return seen
@@ -141,10 +151,18 @@ async def test_sigkill_at_random_moments_applies_every_event_exactly_once(
         assert exit_codes == [-signal.SIGKILL] * KILLS
         logger.info("%d kills in %.1fs", KILLS, asyncio.get_running_loop().time() - t0)
 
-        # The last run: let it finish everything, then stop it gracefully.
+        # The last run: let it finish everything, then stop it gracefully. One more order, sent
+        # only now, can be applied by this instance alone: its receipt proves that it is up (and
+        # so that SIGTERM meets its handler, not Python's start-up).
         await proc.start()
         started = asyncio.get_running_loop().time()
-        receipts = await read_receipts(client, urls[0], {f"o{i}/0" for i in range(sent)})
+        marker = order(sent, rng)
+        sent += 1
+        expected[marker["customer"]] = expected.get(marker["customer"], 0) + marker["amount"]
+        await client.send_to(urls[1], "orders", [marker])
+        await client.send_to(urls[2], "orders", [marker])
+        receipts = await read_receipts(client, urls[0], {f"o{i}/0" for i in range(sent)},
+                                       proc.log)
         logger.info("final run caught up in %.1fs", asyncio.get_running_loop().time() - started)
         assert await proc.terminate() == 0, proc.log.read_text()[-3000:]
 
