@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import os
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import IO, Any, Final
+from typing import IO, Any, Final, cast
 
 from chukcha.client import Client, Consumer, parse_nodes
 from chukcha.errors import ChukchaError, ClientError, RemoteNotFoundError
@@ -122,7 +123,7 @@ def _send(args: argparse.Namespace) -> int:
 async def _send_async(args: argparse.Namespace) -> int:
     nodes = _nodes(args)
     if args.file == "-":
-        stream: IO[bytes] = sys.stdin.buffer
+        stream = cast(io.BufferedReader, sys.stdin.buffer)
         total = None
     else:
         stream = await asyncio.to_thread(open, args.file, "rb")
@@ -137,12 +138,20 @@ async def _send_async(args: argparse.Namespace) -> int:
             args.category, sync=args.sync, min_sync_replicas=args.min_sync_replicas,
             max_batch_bytes=4 << 20,
         ) as producer:
-            while lines := await asyncio.to_thread(stream.readlines, _READ_BLOCK):
+            # read1 returns what is there (from a pipe: without waiting for a full block), so
+            # `tail -f log | chukcha send c` sends each line within the producer's linger.
+            rest = b""
+            while block := await asyncio.to_thread(stream.read1, _READ_BLOCK):
+                lines = (rest + block).split(b"\n")
+                rest = lines.pop()
                 events = [ln for ln in lines if ln.strip()]
                 await producer.send_many(events)
                 count += len(events)
                 if bar is not None:
-                    bar.update(sum(map(len, lines)))
+                    bar.update(len(block))
+            if rest.strip():
+                await producer.send(rest)
+                count += 1
     finally:
         if bar is not None:
             bar.close()

@@ -318,3 +318,29 @@ async def test_consumer_starts_on_the_next_node_when_the_first_is_down(
         assert consumer.url == node.url
         assert consumer.stats.failed_requests >= 1
         await consumer.stop()
+
+
+async def test_consumer_polls_gently_a_node_that_ignores_wait(
+    node: Node, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Make the node answer as the Go server does: `wait` is ignored, an empty read is at once.
+    reads = 0
+    original = node.store.read
+
+    async def no_long_poll(category: str, chunk: str, off: int, max_size: int,
+                           wait: float) -> Any:
+        nonlocal reads
+        reads += 1
+        return await original(category, chunk, off, max_size)
+
+    monkeypatch.setattr(node.store, "read_wait", no_long_poll)
+    await client.send("go", [b"1"])
+    consumer = client.consumer("go", config=ConsumerConfig(poll_interval=0.2))
+    async with consumer:
+        assert await read_all(consumer, 1) == [b"1"]
+        reads = 0
+        assert await consumer.read(timeout=1.0) == []
+        assert reads <= 8  # about one per poll_interval, not a busy loop
+        later = asyncio.ensure_future(read_all(consumer, 1))
+        await client.send("go", [b"2"])
+        assert await later == [b"2"]

@@ -143,3 +143,28 @@ async def test_errors_are_one_line_and_a_failure_exit_code(node: Node) -> None:
     code, _, err = await chukcha("send", "c", str(node.config.data_dir / "missing"),
                                  "--node", node.url)
     assert code == 1 and "No such file" in err
+
+
+async def test_send_streams_stdin_line_by_line(node: Node) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chukcha", "send", "s", "--node", node.url,
+        stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(b"one\n")
+        await proc.stdin.drain()
+        async with Client([node.url]) as c, c.consumer("s") as consumer, asyncio.timeout(30):
+            got: list[bytes] = []
+            while not got:  # arrives while stdin is still open
+                for batch in await consumer.read():
+                    got += batch.messages()
+            assert got == [b"one"]
+            proc.stdin.write(b"two")  # the last line without a newline
+            proc.stdin.close()
+            assert await proc.wait() == 0
+            assert [x.size for x in await c.list_chunks("s")] == [8]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
