@@ -104,7 +104,8 @@ class ConsumerConfig:
         poll_interval: the pause between reads of an open chunk when the node does not hold
             requests (a Go server), and while a chunk is not replicated yet (default 0.25 s).
         retry_interval: the pause after a failed request (default 1 s).
-        copy_ack_timeout: how long copying a group ack to another node may take (default 2 s).
+        copy_ack_timeout: how long registering the group on, or copying a group ack to, a node
+            other than the one read from may take (default 2 s).
     """
 
     max_batch_bytes: int = 1 << 20
@@ -301,11 +302,11 @@ class Consumer:
             self._buffer = await self.read()
         return self._buffer.pop(0)
 
-    async def _register(self, url: str) -> None:
+    async def _register(self, url: str, timeout: float | None = None) -> None:
         if self._group is None or url in self._registered:
             return
         try:
-            await self._api.register_group(url, self._category, self._group)
+            await self._api.register_group(url, self._category, self._group, timeout=timeout)
         except RemoteNotFoundError:
             raise ConsumerError(
                 f"node {url} does not support consumer groups (a Go server?); "
@@ -317,7 +318,8 @@ class Consumer:
         # Register on the other nodes too, so that none of them tombstones a chunk that this
         # group has not acked yet (registrations live on each node; see chukcha.bus.groups).
         others = [u for u in self._urls if u not in self._registered]
-        results = await asyncio.gather(*(self._register(u) for u in others),
+        timeout = min(self._api.timeout, self._config.copy_ack_timeout)
+        results = await asyncio.gather(*(self._register(u, timeout) for u in others),
                                        return_exceptions=True)
         for url, result in zip(others, results, strict=True):
             if isinstance(result, ClientError | ConsumerError):
@@ -339,7 +341,7 @@ class Consumer:
                                                timeout=timeout)
             except RequestRejectedError:
                 # Not registered there (it was down when we started): register, then copy.
-                await self._register(url)
+                await self._register(url, timeout)
                 await self._api.copy_group_ack(url, self._category, name, size, group,
                                                timeout=timeout)
 

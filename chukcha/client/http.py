@@ -144,9 +144,12 @@ class NodeApi:
         params = {"category": category, "chunk": chunk, "size": str(size), "group": group}
         await self._request(url, "/groups/ack", params, timeout=timeout)
 
-    async def register_group(self, url: str, category: str, group: str) -> None:
+    async def register_group(
+        self, url: str, category: str, group: str, *, timeout: float | None = None
+    ) -> None:
         """``/groups/register`` (extension)."""
-        await self._request(url, "/groups/register", {"category": category, "group": group})
+        await self._request(url, "/groups/register", {"category": category, "group": group},
+                            timeout=timeout)
 
     async def unregister_group(self, url: str, category: str, group: str) -> None:
         """``/groups/unregister`` (extension)."""
