@@ -18,6 +18,7 @@ from typing import IO, Any, Final, cast
 
 from chukcha.client import Client, Consumer, parse_nodes
 from chukcha.errors import ChukchaError, ClientError, RemoteNotFoundError
+from chukcha.protocol import format_go_duration, parse_go_duration, validate_category
 
 __all__ = ["register"]
 
@@ -75,6 +76,19 @@ def register(sub: Any) -> None:
     _common(p)
     p.set_defaults(handler=_ls)
 
+    p = sub.add_parser("retention", help="show or set a category's retention",
+                       description="Show, or set on every --node, how long a category keeps "
+                                   "complete chunks (acked or not): by age and by total bytes. "
+                                   "0 turns a limit off.")
+    p.add_argument("category")
+    p.add_argument("--max-age", type=_duration, metavar="DURATION",
+                   help="delete complete chunks older than this (Go syntax: 90m, 24h, 0 = off)")
+    p.add_argument("--max-bytes", type=_bytes, metavar="BYTES",
+                   help="delete the oldest complete chunks while the category holds more "
+                        "(0 = off)")
+    _common(p)
+    p.set_defaults(handler=_retention)
+
     p = sub.add_parser("status", help="show a node's peers and replication lag",
                        description="Show each --node's /status: its peers, whether they are "
                                    "up, and the replication lag in bytes.")
@@ -83,6 +97,22 @@ def register(sub: Any) -> None:
 
 
 # --- plumbing -------------------------------------------------------------------------------
+
+
+def _duration(text: str) -> float:
+    try:
+        value = parse_go_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"duration {text!r} must not be negative")
+    return value
+
+
+def _bytes(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes")
+    return int(text)
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
@@ -239,6 +269,29 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
         for r in rows
     )
+
+
+# --- retention ------------------------------------------------------------------------------
+
+
+def _retention(args: argparse.Namespace) -> int:
+    return _run(lambda: _retention_async(args))
+
+
+async def _retention_async(args: argparse.Namespace) -> int:
+    validate_category(args.category)
+    params = {"category": args.category}
+    if args.max_age is not None:
+        params["max_age"] = f"{args.max_age:g}"
+    if args.max_bytes is not None:
+        params["max_bytes"] = str(args.max_bytes)
+    async with Client(_nodes(args), timeout=args.timeout) as client:
+        for url in client.nodes:
+            policy = await client.api.get_json(url, "/retention", params)
+            age, size = policy.get("max_age"), policy.get("max_bytes")
+            print(f"{url}: {args.category}: max age "
+                  f"{format_go_duration(age) if age else 'off'}, max bytes {size or 'off'}")
+    return 0
 
 
 # --- status ---------------------------------------------------------------------------------

@@ -168,3 +168,13 @@ async def test_send_streams_stdin_line_by_line(node: Node) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_retention_is_set_and_shown(node: Node) -> None:
+    code, out, err = await chukcha("retention", "r", "--max-age", "1h30m", "--max-bytes",
+                                   "5000", "--node", node.url)
+    assert code == 0, err
+    assert out.startswith(f"{node.url}: r: max age 1h30m") and "max bytes 5000" in out
+    assert node.groups.registry.retention("r").max_age == 5400
+    code, _, err = await chukcha("retention", "r", "--max-age", "soon", "--node", node.url)
+    assert code == 2 and "invalid duration" in err
