@@ -333,8 +333,7 @@ class Engine:
         committed_ids, staged_ids = self.dedup.views()
         event_overlay, batch = self._event, self._batch
         event_emits, event_rows = self._event_emits, self._event_rows
-        get_id = self._event_id
-        default_id = get_id is default_event_id
+        default_id = self._event_id is default_event_id
         prefix = category + "\x00"
         # The ID of an event without one: where it is stored. Chunk names repeat across
         # categories, so the category is part of it (its emits' IDs must not collide).
@@ -350,12 +349,10 @@ class Engine:
                 continue
             # The common case inline: a JSON object with a string "id" and the default key.
             eid = event.get("id") if default_id and type(event) is dict else None
-            if type(eid) is not str or not eid:
-                try:
-                    eid = get_id(event) or f"{place}{ev_off}"
-                except Exception as exc:  # noqa: BLE001 - a user's key function; policy decides
-                    self._failed(ctx, ev_off, line, f"{place}{ev_off}", exc)
-                    continue
+            if (type(eid) is not str or not eid) and (
+                eid := self._event_id_of(event, place, ev_off, line)
+            ) is None:
+                continue
             key = prefix + eid
             if key in committed_ids or key in staged_ids:
                 self.duplicates += 1
@@ -381,6 +378,16 @@ class Engine:
             self.applied += 1
             self.staged_events += 1
         self._positions[(category, owner)] = (chunk, pos)
+
+    def _event_id_of(self, event: Any, place: str, offset: int, line: bytes) -> str | None:
+        """The ID from the app's key function (``place + offset`` when it gives none);
+        ``None`` when the function raised and the error policy dead-lettered the event."""
+        try:
+            raw_id = self._event_id(event)
+        except Exception as exc:  # noqa: BLE001 - a user's key function; policy decides
+            self._failed(self.ctx, offset, line, f"{place}{offset}", exc)
+            return None
+        return f"{place}{offset}" if raw_id is None or raw_id == "" else str(raw_id)
 
     def _merge_event(self) -> None:
         self._emits.extend(self._event_emits)

@@ -149,6 +149,12 @@ async def test_custom_event_id_function() -> None:
                        {"key": "b", "id": "1"})
     assert t.table == {"n": 2}
 
+    numbered = App("numbered", nodes=["http://127.0.0.1:1"], event_id=lambda e: e["n"])
+    numbered.processor("things")(on_thing)
+    t = Tester(numbered)
+    await t.feed_async("things", {"n": 1}, {"n": 1}, {"n": 2})  # an int key works too
+    assert t.table == {"n": 2}
+
 
 class ListSink:
     def __init__(self) -> None:
