@@ -56,6 +56,15 @@ async def test_send_a_file_then_tail_and_ls(node: Node, tmp_path: Path) -> None:
                            str(sum(map(len, lines)) + 500)]
 
 
+async def test_options_may_come_between_positionals(node: Node, tmp_path: Path) -> None:
+    path = tmp_path / "two.ndjson"
+    await asyncio.to_thread(path.write_bytes, b'{"id": "a"}\n{"id": "b"}\n')
+    code, _, err = await chukcha("send", "orders", "--node", node.url, str(path))
+    assert code == 0, err
+    code, out, err = await chukcha("tail", "--node", node.url, "orders")
+    assert (code, out) == (0, '{"id": "a"}\n{"id": "b"}\n'), err
+
+
 async def test_send_from_stdin_with_nodes_from_the_environment(node: Node) -> None:
     refused = socket.socket()
     refused.bind(("127.0.0.1", 0))  # never listens: refuses, so the second node is used
