@@ -252,6 +252,10 @@ class ChunkStore:
 
     # --- queries ------------------------------------------------------------------------
 
+    def has_category(self, category: str) -> bool:
+        """Whether ``category`` exists here (its name was validated when it was created)."""
+        return category in self._categories
+
     def categories(self) -> list[str]:
         return sorted(self._categories)
 
@@ -365,7 +369,7 @@ class ChunkStore:
             DiskWriteError: the file could not be written; the chunk is back at its last good
                 size and nothing of the body is visible.
         """
-        cat = await self._category(category)
+        cat = self._categories.get(category) or await self._category(category)
         async with cat.lock:
             created: str | None = None
             if cat.current is None:
@@ -387,7 +391,7 @@ class ChunkStore:
                 )
             else:
                 _append_small(cat.write_fd, cur, body)
-            name = str(cur.name)
+            name = cat.current or str(cur.name)
             end = cur.size  # this write's end, not a later one's
         if created is not None:
             self._emit(StoreEventKind.CREATED, category, created, 0)

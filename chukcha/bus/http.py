@@ -162,7 +162,11 @@ class BusApi:
             return b""  # aiohttp's readexactly(0) at EOF raises instead of returning b""
         try:
             if length is not None:
-                return await request.content.readexactly(length)
+                # A small body usually arrived with the headers: take it without a wait.
+                head = request.content.read_nowait(length)
+                if len(head) == length:
+                    return head
+                return head + await request.content.readexactly(length - len(head))
             parts: list[bytes] = []
             total = 0
             while chunk := await request.content.readany():
@@ -176,7 +180,9 @@ class BusApi:
             raise BadRequestError(f"truncated write body: {exc}") from None
 
     async def write(self, request: web.Request) -> web.StreamResponse:
-        category = validate_category(str_param(request, "category"))
+        category = str_param(request, "category")
+        if not self._store.has_category(category):  # known ones were validated when created
+            validate_category(category)
         min_sync = int_param(request, "min_sync_replicas", 0)
         sync = bool_param(request, "sync")
         body = await self._read_body(request)
