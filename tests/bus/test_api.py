@@ -107,6 +107,9 @@ async def test_read_errors(api: Api) -> None:
         ({"chunk": "kazan-chunk000000000"}, 404, "not found"),
         ({"category": "nope"}, 404, "not found"),
         ({"max_size": "5"}, 500, "smaller than the message"),
+        ({"wait": "61"}, 400, "wait"),  # the long-poll extension: at most 60 s
+        ({"wait": "soon"}, 400, "wait"),
+        ({"wait": "-1"}, 400, "wait"),
     ]
     for change, status, message in cases:
         params = {k: v for k, v in (base | change).items() if v != ""}
@@ -148,6 +151,14 @@ async def test_list_chunks_sorted_and_only_each_owners_last_is_incomplete(
         {"name": "moscow-chunk000000000", "complete": True, "size": 3},
         {"name": "moscow-chunk000000001", "complete": False, "size": 3},
     ]
+
+
+async def test_list_chunks_ignores_from_replication(api: Api) -> None:
+    await api.write("c", b"x\n")
+    plain = await api.call("/listChunks", {"category": "c"}, method="GET")
+    repl = await api.call("/listChunks", {"category": "c", "from_replication": 1}, method="GET")
+    assert plain == repl
+    assert plain.body == b'[{"name":"moscow-chunk000000000","complete":false,"size":2}]'
 
 
 async def test_list_chunks_of_unknown_category_and_bad_category(api: Api) -> None:
