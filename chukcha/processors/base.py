@@ -37,7 +37,13 @@ S = TypeVar("S", bound="Sink")
 
 
 class Sink(Protocol):
-    """An external store fed with rows staged by ``ctx.to_sink(name, row)``."""
+    """An external store fed with rows staged by ``ctx.to_sink(name, row)``.
+
+    Only ``flush`` is required. A sink that is also an async context manager (or has
+    ``async start()`` and ``async stop()``) is entered when the app starts, before anything is
+    read, and closed in reverse registration order when the app stops, also on an error; a
+    sink that fails to start stops the app. So a sink can keep one connection for its lifetime.
+    """
 
     async def flush(self, rows: Sequence[Any]) -> None:
         """Write ``rows`` idempotently. Raise to make the framework retry the SAME rows (with

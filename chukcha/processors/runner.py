@@ -12,6 +12,10 @@ One consumer (group = the app's name) per category, each in its own task; a lock
 
 A crash anywhere loses nothing: the next start resumes at the committed positions, resends the
 committed-but-unsent outbox, and the dedup index skips the events already applied.
+
+Sinks that are async context managers (or have ``start()``/``stop()``) are entered when the app
+starts, before anything is read, and closed in reverse order when it stops, also on an error;
+see :func:`_enter_sinks`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from chukcha.client import Client
 from chukcha.client.consumer import Batch, Consumer, Position
@@ -54,7 +60,9 @@ class Runner:
         try:
             engine = Engine(app, store)
             await asyncio.to_thread(engine.load)
-            async with Client(list(app.nodes)) as client:
+            # Sinks close after the client (reverse order): the last flush happens in finish().
+            async with contextlib.AsyncExitStack() as sinks, Client(list(app.nodes)) as client:
+                await _enter_sinks(sinks, app)
                 logger.info("app=%s running categories=%s nodes=%s state=%s", app.name,
                             ",".join(app.handlers), ",".join(app.nodes), app.state_dir)
                 session = _Session(app, engine, store, client)
@@ -66,6 +74,73 @@ class Runner:
         finally:
             await asyncio.to_thread(store.close)
             logger.info("app=%s stopped", app.name)
+
+
+async def _enter_sinks(stack: contextlib.AsyncExitStack, app: App) -> None:
+    """Start the app's sinks in registration order; ``stack`` closes them in reverse order.
+
+    A sink that is an async context manager is entered (``__aenter__``); else one with
+    ``start()`` and ``stop()`` is started; a sink with neither (only ``flush``) is left alone. A
+    sink object registered under several names is started once. A sink whose start raises stops
+    the app with that error (the sinks started before it are closed): a wrong URL or credentials
+    should fail the start, not look like a running app whose flushes retry forever.
+
+    Closing is bounded by ``config.stop_timeout`` per sink (a sink that does not close in time is
+    left behind with a warning). A sink whose close raises makes the app's stop raise it, unless
+    the app is already stopping on an error: then that error is the one raised and the sink's is
+    logged, so a failing ``stop()`` cannot hide why the app stopped.
+    """
+    timeout = app.config.stop_timeout
+    entered: set[int] = set()
+    for name, sink in app.sinks.items():
+        if id(sink) in entered:
+            continue
+        entered.add(id(sink))
+        kind = type(sink)
+        closer: _SinkCloser
+        if hasattr(kind, "__aenter__") and hasattr(kind, "__aexit__"):
+            cm = cast(AbstractAsyncContextManager[Any], sink)
+            await cm.__aenter__()
+            closer = _SinkCloser(app.name, name, timeout, cm=cm)
+        elif callable(start := getattr(sink, "start", None)) and callable(
+            stop := getattr(sink, "stop", None)
+        ):
+            await start()
+            closer = _SinkCloser(app.name, name, timeout, stop=stop)
+        else:
+            continue
+        logger.info("app=%s sink %s started", app.name, name)
+        stack.push_async_exit(closer)
+
+
+class _SinkCloser:
+    """The exit callback of one started sink (see :func:`_enter_sinks`)."""
+
+    def __init__(self, app_name: str, name: str, timeout: float, *,
+                 cm: AbstractAsyncContextManager[Any] | None = None,
+                 stop: Callable[[], Awaitable[object]] | None = None) -> None:
+        self._app_name, self._name, self._timeout = app_name, name, timeout
+        self._cm, self._stop = cm, stop
+
+    async def __call__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                       tb: TracebackType | None) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout):
+                if self._cm is not None:
+                    await self._cm.__aexit__(exc_type, exc, tb)
+                elif self._stop is not None:
+                    await self._stop()
+        except TimeoutError:
+            logger.warning("app=%s sink %s did not stop within %.1fs; leaving it",
+                           self._app_name, self._name, self._timeout)
+        except Exception:
+            if exc is None:
+                raise
+            logger.exception("app=%s sink %s failed to stop (the app is stopping on %r)",
+                             self._app_name, self._name, exc)
+        else:
+            logger.info("app=%s sink %s stopped", self._app_name, self._name)
+        return False  # never swallow the app's error
 
 
 class _Session:
@@ -291,6 +366,7 @@ class _Session:
         engine = self._engine
         async with self._lock:
             if engine.has_staged:
+                await self._flush_sinks()  # flush before commit, always (normally nothing left)
                 await self._commit(sync=self.config.state.sync_interval is not None)
             elif self._unsynced:
                 await self._sync_now()
