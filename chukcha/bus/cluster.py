@@ -18,8 +18,8 @@ from typing import Any
 from aiohttp import web
 
 from chukcha.bus.chunks import ChunkStore
-from chukcha.bus.config import NodeConfig
-from chukcha.bus.coordination import EtcdMembership, Membership, StaticMembership
+from chukcha.bus.config import NodeConfig, Peer
+from chukcha.bus.coordination import EtcdGroups, EtcdMembership, Membership, StaticMembership
 from chukcha.bus.http import Handler, ReplicaWaiter
 from chukcha.bus.replication import ReplicationServer, Replicator
 from chukcha.bus.status import StatusApi
@@ -56,6 +56,14 @@ class Cluster:
         self._status = StatusApi(
             config.instance, self._address, mode=self.mode, server=self.server
         )
+        # What consumer groups share through (see chukcha.bus.groups); ConsumerGroups starts
+        # and stops them, because the registry must be shared before any ack is served.
+        self.group_store: EtcdGroups | None = None
+        self.group_peers: tuple[Peer, ...] = ()
+        if self.mode == "etcd":
+            self.group_store = EtcdGroups(config.etcd_endpoints, config.cluster, config.instance)
+        elif self.mode == "static":
+            self.group_peers = tuple(p for p in config.peers if p.instance != config.instance)
 
     @property
     def replica_waiter(self) -> ReplicaWaiter | None:

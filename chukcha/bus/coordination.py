@@ -1,4 +1,4 @@
-"""Cluster membership: who the other nodes are, static (``--peers``) or through etcd.
+"""Cluster membership (static ``--peers`` or etcd) and, with etcd, the consumer groups.
 
 Every access to etcd lives in this module (through ``aetcd``), behind the small
 :class:`Membership` protocol, so that the replication code never sees the etcd client and the
@@ -10,6 +10,9 @@ node whose lease expired (killed, partitioned) disappears from everyone's view. 
 unreachable the node keeps the peers it knows and, when etcd is back, resumes the watch from the
 last revision it saw (so no join or leave in between is missed), re-registering if its lease
 expired meanwhile.
+
+Consumer groups (:class:`EtcdGroups`): ``chukcha/<cluster>/groups/<category>/<group>`` registers
+a group, ``.../<group>/<chunk>`` = size records its ack; watched with the same resilience.
 """
 
 from __future__ import annotations
@@ -31,9 +34,14 @@ from chukcha.protocol import validate_instance
 
 __all__ = [
     "DEFAULT_LEASE_TTL",
+    "ETCD_ERRORS",
+    "EtcdGroups",
     "EtcdMembership",
+    "GroupsListener",
+    "GroupsSnapshot",
     "Membership",
     "StaticMembership",
+    "groups_prefix",
     "parse_etcd_endpoint",
     "peers_prefix",
 ]
@@ -54,6 +62,8 @@ _CHANNEL_OPTIONS: Final = {
 _ETCD_ERRORS: Final = (
     aetcd.exceptions.ClientError, aetcd.rpc.RpcError, CoordinationError, OSError, TimeoutError,
 )
+ETCD_ERRORS: Final = _ETCD_ERRORS
+"""What a call of :class:`EtcdGroups` raises when etcd fails (retry later)."""
 
 MembershipListener = Callable[[Mapping[str, Peer]], None]
 
@@ -329,3 +339,221 @@ class EtcdMembership:
 def _log_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("membership task crashed", exc_info=task.exception())
+
+
+# --- consumer groups ------------------------------------------------------------------------
+
+GroupsSnapshot = dict[str, dict[str, dict[str, int]]]
+"""category -> group -> acked chunk -> size: the cluster-wide consumer groups."""
+GroupsListener = Callable[[GroupsSnapshot], None]
+
+
+def groups_prefix(cluster: str) -> bytes:
+    """The etcd key prefix of the consumer groups of ``cluster``.
+
+    ``<prefix><category>/<group>`` registers a group; ``<prefix><category>/<group>/<chunk>`` =
+    size records its ack of a chunk (deleted once the chunk is tombstoned). Category, group and
+    chunk names never hold ``/``.
+    """
+    return f"chukcha/{cluster}/groups/".encode()
+
+
+class EtcdGroups:
+    """Consumer-group registrations and group acks kept in etcd (cluster-wide).
+
+    Every node watches the groups prefix and keeps a mirror (:meth:`snapshot`), handed to the
+    listeners after every change. Like :class:`EtcdMembership`, :meth:`start` returns at once;
+    while etcd is unreachable the mirror keeps the last known set and, when etcd is back, the
+    watch resumes from the last revision seen (a full re-read if that history was compacted).
+
+    The writes (:meth:`register`, :meth:`ack`, ...) and the linearizable :meth:`read` go through
+    the watching session and raise :class:`~chukcha.errors.CoordinationError` (or an etcd
+    error, see :data:`ETCD_ERRORS`) when there is none: callers keep them in an outbox and
+    retry.
+    """
+
+    def __init__(
+        self,
+        endpoints: tuple[str, ...],
+        cluster: str,
+        instance: str,
+        *,
+        retry_interval: float = 0.2,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is needed")
+        self._endpoints = [parse_etcd_endpoint(e) for e in endpoints]
+        self._prefix = groups_prefix(cluster)
+        self._instance = instance
+        self._retry = retry_interval
+        self._mirror: GroupsSnapshot = {}
+        self._listeners: list[GroupsListener] = []
+        self._client_obj: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._endpoint_index = 0
+        self.revision = 0
+        self.synced = False
+        """Whether the mirror has been read from etcd at least once (since start)."""
+
+    @property
+    def connected(self) -> bool:
+        return self._client_obj is not None
+
+    def snapshot(self) -> GroupsSnapshot:
+        return {c: {g: dict(a) for g, a in gs.items()} for c, gs in self._mirror.items()}
+
+    def add_listener(self, callback: GroupsListener) -> None:
+        self._listeners.append(callback)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run_forever(),
+                                             name=f"etcd-groups-{self._instance}")
+            self._task.add_done_callback(_log_crash)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait([task], timeout=_RPC_TIMEOUT)
+
+    # --- writes and reads ----------------------------------------------------------------
+
+    def _key(self, category: str, group: str, chunk: str | None = None) -> bytes:
+        tail = f"{category}/{group}" if chunk is None else f"{category}/{group}/{chunk}"
+        return self._prefix + tail.encode()
+
+    def _session_client(self) -> Any:
+        client = self._client_obj
+        if client is None:
+            raise CoordinationError("etcd is unreachable")
+        return client
+
+    async def register(self, category: str, group: str) -> None:
+        await self._session_client().put(self._key(category, group), b"1")
+
+    async def unregister(self, category: str, group: str) -> None:
+        """Delete the registration and every ack of ``group``."""
+        client = self._session_client()
+        await client.delete_prefix(self._key(category, group) + b"/")
+        await client.delete(self._key(category, group))
+
+    async def ack(self, category: str, group: str, chunk: str, size: int) -> None:
+        await self._session_client().put(self._key(category, group, chunk), str(size).encode())
+
+    async def forget(self, category: str, chunk: str, groups: list[str]) -> None:
+        """Delete the acks of ``chunk`` (it is tombstoned: they are not needed any more)."""
+        client = self._session_client()
+        for group in groups:
+            await client.delete(self._key(category, group, chunk))
+
+    async def read(self, category: str) -> dict[str, dict[str, int]]:
+        """The groups of ``category`` and their acks, read from etcd now (linearizable)."""
+        resp = await self._session_client().get_prefix(self._prefix + f"{category}/".encode())
+        result: dict[str, dict[str, int]] = {}
+        for kv in resp:
+            self._apply(result, kv.key, kv.value, category)
+        return result
+
+    # --- the watching session ------------------------------------------------------------
+
+    def _parse(self, key: bytes) -> tuple[str, str, str | None] | None:
+        parts = key[len(self._prefix):].decode(errors="replace").split("/")
+        if len(parts) == 2:
+            return parts[0], parts[1], None
+        if len(parts) == 3:
+            return parts[0], parts[1], parts[2]
+        logger.warning("ignoring etcd key %r: not a group or a group ack", key)
+        return None
+
+    def _apply(
+        self, groups: dict[str, dict[str, int]], key: bytes, value: bytes | None, only: str
+    ) -> None:
+        parsed = self._parse(key)
+        if parsed is None or parsed[0] != only:
+            return
+        _, group, chunk = parsed
+        if value is None:  # deleted
+            if chunk is None:
+                groups.pop(group, None)
+            elif group in groups:
+                groups[group].pop(chunk, None)
+            return
+        acked = groups.setdefault(group, {})  # an ack implies the registration
+        if chunk is not None:
+            try:
+                acked[chunk] = int(value)
+            except ValueError:
+                logger.warning("ignoring etcd key %r: size %r is not a number", key, value)
+
+    async def _run_forever(self) -> None:
+        backoff = self._retry
+        while True:
+            host, port = self._endpoints[self._endpoint_index % len(self._endpoints)]
+            client = aetcd.Client(host, port, timeout=_RPC_TIMEOUT,
+                                  options=dict(_CHANNEL_OPTIONS))
+            started = time.monotonic()
+            try:
+                await self._session(client)
+            except _ETCD_ERRORS as exc:
+                if self._client_obj is not None:
+                    logger.warning("instance=%s lost etcd (%s); keeping the known consumer "
+                                   "groups", self._instance, exc)
+                else:
+                    logger.debug("instance=%s etcd unreachable: %s", self._instance, exc)
+            finally:
+                self._client_obj = None
+                with contextlib.suppress(*_ETCD_ERRORS):
+                    await client.close()
+            if time.monotonic() - started > 10 * self._retry:
+                backoff = self._retry
+            self._endpoint_index += 1
+            await asyncio.sleep(backoff)  # retry backoff, not synchronisation
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    async def _session(self, client: Any) -> None:
+        if not self.synced:
+            await self._resync(client)
+        try:
+            watch = await client.watch_prefix(self._prefix, start_revision=self.revision + 1)
+        except aetcd.exceptions.RevisionCompactedError:
+            await self._resync(client)
+            watch = await client.watch_prefix(self._prefix, start_revision=self.revision + 1)
+        self._client_obj = client
+        logger.info("instance=%s watching consumer groups %s from revision %d",
+                    self._instance, self._prefix.decode(), self.revision + 1)
+        async for event in watch:
+            kv = event.kv
+            self.revision = max(self.revision, kv.mod_revision)
+            parsed = self._parse(kv.key)
+            if parsed is None:
+                continue
+            cat = self._mirror.setdefault(parsed[0], {})
+            self._apply(cat, kv.key, kv.value if event.kind == "PUT" else None, parsed[0])
+            if not cat:
+                del self._mirror[parsed[0]]
+            self._notify()
+        raise CoordinationError("etcd watch ended")
+
+    async def _resync(self, client: Any) -> None:
+        resp = await client.get_prefix(self._prefix)
+        mirror: GroupsSnapshot = {}
+        for kv in resp:
+            parsed = self._parse(kv.key)
+            if parsed is not None:
+                self._apply(mirror.setdefault(parsed[0], {}), kv.key, kv.value, parsed[0])
+        self._mirror = mirror
+        self.revision = resp.header.revision
+        self.synced = True
+        self._notify()
+
+    def _notify(self) -> None:
+        snapshot = self.snapshot()
+        for cb in list(self._listeners):
+            try:
+                cb(snapshot)
+            except Exception:
+                logger.exception("consumer groups listener failed")

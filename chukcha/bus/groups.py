@@ -11,16 +11,38 @@ Retention (``/retention?category=C&max_age=SECONDS&max_bytes=BYTES``) deletes th
 *complete* chunks of a category, acked or not, once they are older than ``max_age`` or while the
 category holds more than ``max_bytes``: Kafka-like expiry for users who want it.
 
-Registrations, group acks and retention policies are kept in ``<data_dir>/.groups.json``
-(written atomically: temp file, fsync, rename), which is not a directory and so never mistaken
-for a category.
+Registrations, group acks, retention policies and the outbox (below) are kept in
+``<data_dir>/.groups.json`` (written atomically: temp file, fsync, rename), which is not a
+directory and so never mistaken for a category.
 
-They are kept per node; the client makes them cluster-wide: a group consumer registers its
-group on every node it knows and, after acking on the node it reads from, copies the ack to the
-other nodes through ``/groups/ack`` (record only: that node may not have the chunk, or all of
-it, yet). A node where every group's ack has arrived tombstones the chunk, and ack replication
-tombstones it everywhere. :class:`GroupRegistry` is the seam where an etcd-backed registry would
-replace this.
+Groups are cluster-wide. A chunk's tombstone replicates to every node, so a node must not
+tombstone a chunk that a group registered *anywhere* has not acked:
+
+- **With etcd** (``--etcd``) registrations and group acks live in etcd
+  (:class:`~chukcha.bus.coordination.EtcdGroups`: ``chukcha/<cluster>/groups/<category>/<group>``
+  and ``.../<group>/<chunk>`` = size) and every node watches them (its listing and its check of
+  "is this group registered" use that mirror, which keeps the last known set while etcd is down).
+  A node never decides from its mirror alone: after writing a group ack to etcd it reads the
+  category's groups and acks from etcd (a linearizable read) and tombstones the chunk only if
+  every group registered in the cluster at that moment has acked it; then it deletes the acks
+  of that chunk. Unregistering re-checks the category the same way. A write that etcd cannot
+  take now waits in the outbox, so while etcd is down group acks are accepted and recorded but
+  nothing is tombstoned for a group ack.
+- **With static peers** (``--peers``) the node that receives a registration, an unregistration
+  or a group ack from a client records it and forwards it to every peer (``/groups/register``,
+  ``/groups/unregister``, ``/groups/ack`` with ``from=<instance>``, which is not forwarded again)
+  from a durable outbox: the entry is saved in the same write as the change itself and removed
+  only when the peer has confirmed it, retried with backoff meanwhile, so a peer that is down
+  gets it when it is back. A forwarded ack implies its group's registration (the forwards of two
+  origins may arrive in any order). Each node then decides locally, as a single node does. The
+  window that remains: a peer that has not received a registration yet (it was unreachable)
+  does not know the group, and if every group it does know acks a chunk there, it tombstones
+  the chunk, which then replicates. Register a group before its data is consumed by others, or
+  use etcd.
+
+The client still registers a group consumer on every node it knows and copies its acks to
+them (belt and braces: the copy is synchronous, so another node's listing shows the ack as soon
+as the commit returns); correctness no longer depends on it.
 """
 
 from __future__ import annotations
@@ -35,13 +57,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from chukcha.bus.chunks import ChunkStore
+from chukcha.bus.config import Peer
+from chukcha.bus.coordination import ETCD_ERRORS, EtcdGroups, GroupsSnapshot
 from chukcha.bus.http import Handler, float_param, int_param, str_param
-from chukcha.errors import BadRequestError, InvalidAckError
-from chukcha.protocol import parse_chunk_name, validate_category
+from chukcha.errors import BadRequestError, ChukchaError, InvalidAckError, ReplicationError
+from chukcha.protocol import parse_chunk_name, validate_category, validate_instance
 
 __all__ = [
     "GROUPS_FILE",
@@ -57,6 +82,17 @@ GROUPS_FILE: Final = ".groups.json"
 _GROUP_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}")
 _JSON: Final = "application/json"
 _MAX_AGE: Final = 100 * 365 * 86400.0
+_ETCD: Final = "etcd"
+"""The outbox destination of etcd writes (peer destinations are instance names)."""
+_MAX_BACKOFF: Final = 2.0
+_BATCH: Final = 64
+_INLINE_TIMEOUT: Final = 5.0
+"""How long a request waits for etcd to take its change before leaving it to the outbox."""
+_FORWARD_PATHS: Final = {
+    "register": "/groups/register",
+    "unregister": "/groups/unregister",
+    "ack": "/groups/ack",
+}
 
 
 def validate_group(name: str) -> str:
@@ -107,6 +143,8 @@ class GroupRegistry:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._cats: dict[str, _CategoryGroups] = {}
+        self.outbox: dict[str, list[dict[str, Any]]] = {}
+        """Destination (peer instance, or ``"etcd"``) -> changes not confirmed there yet."""
 
     async def load(self) -> None:
         raw = await asyncio.to_thread(_read_file, self._path)
@@ -121,6 +159,8 @@ class GroupRegistry:
                             for g, acked in obj.get("groups", {}).items()},
                     retention=RetentionPolicy(ret.get("max_age"), ret.get("max_bytes")),
                 )
+            self.outbox = {str(dest): [dict(e) for e in entries]
+                           for dest, entries in data.get("outbox", {}).items() if entries}
         except (orjson.JSONDecodeError, ValueError, AttributeError, TypeError) as exc:
             raise ValueError(f"{self._path} is damaged: {exc}") from exc
 
@@ -130,7 +170,8 @@ class GroupRegistry:
                 cat: {"groups": cg.groups, "retention": cg.retention.to_json()}
                 for cat, cg in sorted(self._cats.items())
                 if cg.groups or cg.retention.enabled
-            }
+            },
+            "outbox": {dest: entries for dest, entries in self.outbox.items() if entries},
         }
         await asyncio.to_thread(_write_atomic, self._path, orjson.dumps(data))
 
@@ -159,7 +200,31 @@ class GroupRegistry:
         return self._cat(category).groups.pop(group, None) is not None
 
     def record_ack(self, category: str, group: str, chunk: str, size: int) -> None:
-        self._cat(category).groups[group][chunk] = size
+        self._cat(category).groups.setdefault(group, {})[chunk] = size
+
+    def replace_groups(self, snapshot: GroupsSnapshot) -> None:
+        """Make the groups and acks those of ``snapshot`` (etcd's); retention stays."""
+        for cg in self._cats.values():
+            cg.groups = {}
+        for category, groups in snapshot.items():
+            self._cat(category).groups = {g: dict(acked) for g, acked in groups.items()}
+
+    def apply(self, entry: dict[str, Any]) -> None:
+        """Apply an outbox entry to this registry (it is not in etcd's snapshot yet)."""
+        category, group = entry["category"], entry["group"]
+        if entry["op"] == "register":
+            self.register(category, group)
+        elif entry["op"] == "unregister":
+            self.unregister(category, group)
+        else:
+            self.record_ack(category, group, entry["chunk"], entry["size"])
+
+    def enqueue(self, destinations: list[str], entry: dict[str, Any]) -> None:
+        """Queue ``entry`` for each destination (not twice in a row)."""
+        for dest in destinations:
+            box = self.outbox.setdefault(dest, [])
+            if not box or box[-1] != entry:
+                box.append(entry)
 
     def forget_chunks(self, category: str, gone: set[str]) -> None:
         """Drop the acks of chunks that are gone."""
@@ -172,35 +237,98 @@ class GroupRegistry:
 
 
 class ConsumerGroups:
-    """The node's :class:`~chukcha.bus.http.AckHandler` with groups, their routes, retention."""
+    """The node's :class:`~chukcha.bus.http.AckHandler` with groups, their routes, retention.
 
-    def __init__(self, store: ChunkStore, *, retention_interval: float = 10.0) -> None:
-        if retention_interval <= 0:
-            raise ValueError("retention_interval must be positive")
+    Args:
+        store: the node's chunk store.
+        retention_interval: seconds between retention passes.
+        peers: static peers (``--peers``) to forward registrations and group acks to.
+        etcd: the etcd-backed groups (``--etcd``); this component starts and stops it.
+        retry_interval: first pause before a failed forward (or etcd write) is retried; it
+            doubles up to 2 s.
+    """
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        *,
+        retention_interval: float = 10.0,
+        peers: tuple[Peer, ...] = (),
+        etcd: EtcdGroups | None = None,
+        retry_interval: float = 0.2,
+    ) -> None:
+        if retention_interval <= 0 or retry_interval <= 0:
+            raise ValueError("retention_interval and retry_interval must be positive")
+        if peers and etcd is not None:
+            raise ValueError("groups are shared through etcd or static peers, not both")
         self._store = store
         self._registry = GroupRegistry(store.data_dir / GROUPS_FILE)
         self._retention_interval = retention_interval
+        self._peers = {p.instance: p for p in peers if p.instance != store.instance}
+        self._etcd = etcd
+        self._retry = retry_interval
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._forwarders: list[asyncio.Task[None]] = []
+        self._wake: dict[str, asyncio.Event] = {}
+        self._pump_locks: dict[str, asyncio.Lock] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._mirror_dirty = False
 
     @property
     def registry(self) -> GroupRegistry:
         return self._registry
 
+    def _destinations(self) -> list[str]:
+        return [_ETCD] if self._etcd is not None else sorted(self._peers)
+
+    def pending(self) -> dict[str, int]:
+        """Outbox entries not confirmed yet, per destination (for tests and status)."""
+        return {dest: len(box) for dest, box in self._registry.outbox.items() if box}
+
     # --- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the registry (after the store is open) and start the retention loop."""
+        """Load the registry (after the store is open), start sharing it with the cluster
+        and the retention loop."""
+        if self._task is not None:
+            return
         await self._registry.load()
-        if self._task is None:
-            self._task = asyncio.create_task(self._retention_forever(), name="retention")
+        dests = self._destinations()
+        for dest in list(self._registry.outbox):
+            if dest not in dests:
+                logger.warning("instance=%s dropping %d group change(s) queued for %s: not a "
+                               "peer any more", self._store.instance,
+                               len(self._registry.outbox[dest]), dest)
+                del self._registry.outbox[dest]
+        if self._etcd is not None:
+            self._etcd.add_listener(self._on_etcd)
+            await self._etcd.start()
+        if self._peers:
+            self._session = aiohttp.ClientSession()
+        for dest in dests:
+            self._wake[dest] = asyncio.Event()
+            self._wake[dest].set()  # deliver what a previous run left
+            self._pump_locks[dest] = asyncio.Lock()
+            task = asyncio.create_task(self._forward_forever(dest), name=f"groups-to-{dest}")
+            task.add_done_callback(_log_crash)
+            self._forwarders.append(task)
+        self._task = asyncio.create_task(self._retention_forever(), name="retention")
 
     async def stop(self) -> None:
+        """Stop forwarding (the outbox stays on disk) and the retention loop. Idempotent."""
         if (task := self._task) is None:
             return
         self._task = None
-        task.cancel()
-        await asyncio.wait([task])
+        tasks, self._forwarders = [task, *self._forwarders], []
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks)
+        if self._etcd is not None:
+            await self._etcd.stop()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def __aenter__(self) -> ConsumerGroups:
         await self.start()
@@ -217,6 +345,7 @@ class ConsumerGroups:
             await self._store.ack(category, chunk, size)
             return
         validate_group(group)
+        done = False
         async with self._lock:
             groups = self._registry.groups(category)
             if group not in groups:
@@ -227,33 +356,49 @@ class ConsumerGroups:
             if self._store.is_tombstoned(category, chunk):
                 return
             self._check_ack(category, chunk, size)
+            new = groups[group].get(chunk) != size
             self._registry.record_ack(category, group, chunk, size)
-            done = all(chunk in acked for acked in groups.values())
-            if done:
-                await self._store.ack(category, chunk, size)
-                self._prune(category)
+            if self._etcd is None:
+                # Static peers or a single node: decide here (see the module docstring).
+                done = all(chunk in acked for acked in groups.values())
+                if done:
+                    await self._store.ack(category, chunk, size)
+                    self._prune(category)
+            if new:
+                self._registry.enqueue(self._destinations(), _entry("ack", category, group,
+                                                                    chunk, size))
             await self._registry.save()
         logger.debug("category=%s group=%s acked %s%s", category, group, chunk,
                      " (all groups: tombstoned)" if done else "")
+        if new:
+            await self._sent()
 
-    async def record_ack(self, category: str, chunk: str, size: int, group: str) -> bool:
+    async def record_ack(
+        self, category: str, chunk: str, size: int, group: str, origin: str | None = None
+    ) -> bool:
         """``/groups/ack``: record ``group``'s ack of ``chunk`` made on another node (no checks
         against this node's copy, which may lag); tombstone the chunk here when every group has
-        acked it and it is complete here. Returns whether it was tombstoned."""
+        acked it and it is complete here (not with etcd: there the node that took the ack
+        decides). ``origin`` is the forwarding peer (its ack implies the registration). Returns
+        whether the chunk was tombstoned."""
         validate_category(category)
         parse_chunk_name(chunk)
         validate_group(group)
         async with self._lock:
             groups = self._registry.groups(category)
             if group not in groups:
-                raise BadRequestError(
-                    f"consumer group {group!r} is not registered for category {category!r}"
-                )
+                if origin is None:
+                    raise BadRequestError(
+                        f"consumer group {group!r} is not registered for category {category!r}"
+                    )
+                self._registry.register(category, group)
+                groups = self._registry.groups(category)
             if self._store.is_tombstoned(category, chunk) or groups[group].get(chunk) == size:
                 return False
             self._registry.record_ack(category, group, chunk, size)
             done = (
-                all(chunk in acked for acked in groups.values())
+                self._etcd is None
+                and all(chunk in acked for acked in groups.values())
                 and self._store.is_complete(category, chunk)
                 and (self._store.chunk_size(category, chunk) or 0) <= size
             )
@@ -295,31 +440,47 @@ class ConsumerGroups:
 
     # --- registration -------------------------------------------------------------------
 
-    async def register(self, category: str, group: str) -> bool:
+    async def register(self, category: str, group: str, origin: str | None = None) -> bool:
+        """Register ``group`` for ``category``; ``origin`` is the forwarding peer, if any."""
         validate_category(category)
         validate_group(group)
         async with self._lock:
             created = self._registry.register(category, group)
-            if created:
+            # With etcd always (re)written: the local view may be stale while etcd is down.
+            share = origin is None and (created or self._etcd is not None)
+            if share:
+                self._registry.enqueue(self._destinations(), _entry("register", category, group))
+            if created or share:
                 await self._registry.save()
         if created:
-            logger.info("instance=%s category=%s registered group %s",
-                        self._store.instance, category, group)
+            logger.info("instance=%s category=%s registered group %s%s", self._store.instance,
+                        category, group, f" (from {origin})" if origin else "")
+        if share:
+            await self._sent()
         return created
 
-    async def unregister(self, category: str, group: str) -> bool:
-        """Remove ``group``; chunks every remaining group has acked are tombstoned now."""
+    async def unregister(self, category: str, group: str, origin: str | None = None) -> bool:
+        """Remove ``group``; chunks every remaining group has acked are tombstoned now (with
+        etcd: once etcd has taken the change, checked against etcd)."""
         validate_category(category)
         validate_group(group)
         async with self._lock:
             removed = self._registry.unregister(category, group)
-            if removed:
+            if removed and self._etcd is None:
                 await self._tombstone_fully_acked(category)
                 self._prune(category)
+            share = origin is None and (removed or self._etcd is not None)
+            if share:
+                self._registry.enqueue(self._destinations(),
+                                       _entry("unregister", category, group))
+            if removed or share:
                 await self._registry.save()
         if removed:
-            logger.info("instance=%s category=%s unregistered group %s",
-                        self._store.instance, category, group)
+            logger.info("instance=%s category=%s unregistered group %s%s",
+                        self._store.instance, category, group,
+                        f" (from {origin})" if origin else "")
+        if share:
+            await self._sent()
         return removed
 
     def describe(self, category: str) -> dict[str, Any]:
@@ -335,6 +496,137 @@ class ConsumerGroups:
             ],
             "retention": self._registry.retention(category).to_json(),
         }
+
+    # --- sharing with the cluster ---------------------------------------------------------
+
+    async def _sent(self) -> None:
+        """A change was queued: wake the forwarders. With etcd, deliver it now when etcd
+        answers, so the reply to the request means "cluster-wide" (and a last ack tombstones
+        before it returns); what fails stays queued for the forwarder."""
+        for event in self._wake.values():
+            event.set()
+        if self._etcd is None or not self._etcd.connected or _ETCD not in self._pump_locks:
+            return
+        try:
+            async with asyncio.timeout(_INLINE_TIMEOUT):
+                await self._pump(_ETCD)
+        except (*ETCD_ERRORS, ChukchaError) as exc:
+            logger.info("instance=%s etcd did not take a group change (%s); retrying",
+                        self._store.instance, exc)
+            self._wake[_ETCD].set()
+
+    def _on_etcd(self, snapshot: GroupsSnapshot) -> None:
+        # etcd's view, plus what this node has queued for etcd but not written yet.
+        self._registry.replace_groups(snapshot)
+        for entry in self._registry.outbox.get(_ETCD, []):
+            self._registry.apply(entry)
+        self._mirror_dirty = True
+        if (event := self._wake.get(_ETCD)) is not None:
+            event.set()  # the forwarder saves the mirror (last known set across restarts)
+
+    async def _forward_forever(self, dest: str) -> None:
+        wake = self._wake[dest]
+        backoff = self._retry
+        while True:
+            await wake.wait()
+            wake.clear()
+            try:
+                await self._pump(dest)
+            except (aiohttp.ClientError, TimeoutError, ChukchaError, *ETCD_ERRORS) as exc:
+                logger.debug("instance=%s group changes to %s not delivered (%d left): %s",
+                             self._store.instance, dest,
+                             len(self._registry.outbox.get(dest, [])), exc)
+                wake.set()
+                await asyncio.sleep(backoff)  # retry backoff, not synchronisation
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+                continue
+            backoff = self._retry
+
+    async def _pump(self, dest: str) -> None:
+        """Deliver ``dest``'s outbox in order; each entry leaves it only once confirmed."""
+        async with self._pump_locks[dest]:
+            if self._mirror_dirty:
+                self._mirror_dirty = False
+                async with self._lock:
+                    await self._registry.save()
+            while batch := list(self._registry.outbox.get(dest, [])[:_BATCH]):
+                done = 0
+                try:
+                    for entry in batch:
+                        await self._deliver(dest, entry)
+                        done += 1
+                finally:
+                    if done:
+                        async with self._lock:
+                            # Only this (locked) pump removes; new entries go to the end.
+                            del self._registry.outbox[dest][:done]
+                            await self._registry.save()
+
+    async def _deliver(self, dest: str, entry: dict[str, Any]) -> None:
+        if dest == _ETCD:
+            await self._deliver_etcd(entry)
+            return
+        peer, session = self._peers.get(dest), self._session
+        if peer is None or session is None:
+            return
+        op = entry["op"]
+        params = {k: str(v) for k, v in entry.items() if k != "op"}
+        params["from"] = self._store.instance
+        async with asyncio.timeout(10), session.get(f"{peer.url}{_FORWARD_PATHS[op]}",
+                                                    params=params) as resp:
+            text = await resp.text()
+        if resp.status == 200:
+            return
+        if 400 <= resp.status < 500 and resp.status not in (408, 429):
+            # It can never succeed (say, the peer is a Go server without groups).
+            logger.warning("instance=%s peer %s refused %s of %s/%s: HTTP %d %s; dropping it",
+                           self._store.instance, dest, op, entry["category"], entry["group"],
+                           resp.status, text.strip()[:200])
+            return
+        raise ReplicationError(f"forwarding {op} to {dest}: HTTP {resp.status} {text[:200]}")
+
+    async def _deliver_etcd(self, entry: dict[str, Any]) -> None:
+        etcd = self._etcd
+        if etcd is None:
+            return
+        op, category, group = entry["op"], entry["category"], entry["group"]
+        if op == "register":
+            await etcd.register(category, group)
+        elif op == "unregister":
+            await etcd.unregister(category, group)
+            await self._settle(etcd, category, None)
+        else:
+            await etcd.ack(category, group, entry["chunk"], entry["size"])
+            await self._settle(etcd, category, entry["chunk"])
+
+    async def _settle(self, etcd: EtcdGroups, category: str, chunk: str | None) -> None:
+        """Tombstone ``chunk`` (or every chunk of ``category`` with acks) if every group
+        registered in etcd has acked it, read from etcd now; then delete its acks there."""
+        groups = await etcd.read(category)
+        if not groups:
+            return
+        names = [chunk] if chunk is not None else sorted(
+            {c for acked in groups.values() for c in acked})
+        tombstoned = False
+        for name in names:
+            if self._store.is_tombstoned(category, name):
+                # Gone another way (a plain ack, retention): its group acks are litter.
+                await etcd.forget(category, name, sorted(groups))
+                continue
+            if not all(name in acked for acked in groups.values()):
+                continue
+            try:
+                await self._store.tombstone_replica(category, name)
+            except ChukchaError as exc:
+                logger.warning("instance=%s category=%s every group acked %s but it cannot be "
+                               "tombstoned: %s", self._store.instance, category, name, exc)
+                continue
+            tombstoned = True
+            logger.debug("category=%s every group acked %s: tombstoned", category, name)
+            await etcd.forget(category, name, sorted(groups))
+        if tombstoned:
+            async with self._lock:
+                self._prune(category)
 
     # --- retention ----------------------------------------------------------------------
 
@@ -411,18 +703,19 @@ class ConsumerGroups:
         }
 
     async def _serve_register(self, request: web.Request) -> web.StreamResponse:
-        created = await self.register(str_param(request, "category"), str_param(request, "group"))
+        created = await self.register(str_param(request, "category"),
+                                      str_param(request, "group"), _origin(request))
         return web.json_response({"created": created})
 
     async def _serve_unregister(self, request: web.Request) -> web.StreamResponse:
         removed = await self.unregister(str_param(request, "category"),
-                                        str_param(request, "group"))
+                                        str_param(request, "group"), _origin(request))
         return web.json_response({"removed": removed})
 
     async def _serve_record_ack(self, request: web.Request) -> web.StreamResponse:
         done = await self.record_ack(
             str_param(request, "category"), str_param(request, "chunk"),
-            int_param(request, "size"), str_param(request, "group"),
+            int_param(request, "size"), str_param(request, "group"), _origin(request),
         )
         return web.json_response({"tombstoned": done})
 
@@ -440,6 +733,26 @@ class ConsumerGroups:
             )
         body = orjson.dumps(self._registry.retention(category).to_json())
         return web.Response(body=body, content_type=_JSON)
+
+
+def _origin(request: web.Request) -> str | None:
+    """``from=<instance>``: the request is a peer's forward (not forwarded again)."""
+    origin = request.query.get("from")
+    return validate_instance(origin) if origin else None
+
+
+def _entry(
+    op: str, category: str, group: str, chunk: str | None = None, size: int | None = None
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {"op": op, "category": category, "group": group}
+    if chunk is not None:
+        entry["chunk"], entry["size"] = chunk, size
+    return entry
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("group task %s crashed", task.get_name(), exc_info=task.exception())
 
 
 def _read_file(path: Path) -> bytes | None:

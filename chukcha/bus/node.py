@@ -57,7 +57,10 @@ class Node:
         self.api.replicas = self.cluster.replica_waiter
         add_routes(self.app, self.cluster.routes())
         # Consumer groups and retention (issue 4): /ack with group=, /groups/*, /retention.
-        self.groups = ConsumerGroups(self.store)
+        self.groups = ConsumerGroups(
+            self.store, peers=self.cluster.group_peers, etcd=self.cluster.group_store,
+            retry_interval=config.replication.retry_interval,
+        )
         self.api.acks = self.groups
         add_routes(self.app, self.groups.routes())
         self._runner: web.AppRunner | None = None

@@ -315,8 +315,9 @@ class Consumer:
         self._registered.add(url)
 
     async def _register_elsewhere(self) -> None:
-        # Register on the other nodes too, so that none of them tombstones a chunk that this
-        # group has not acked yet (registrations live on each node; see chukcha.bus.groups).
+        # Register on the other nodes too. The nodes share registrations themselves (etcd, or
+        # forwarding between static peers; see chukcha.bus.groups); this only narrows the
+        # window in which a node that the registering node cannot reach does not know it.
         others = [u for u in self._urls if u not in self._registered]
         timeout = min(self._api.timeout, self._config.copy_ack_timeout)
         results = await asyncio.gather(*(self._register(u, timeout) for u in others),
@@ -329,7 +330,10 @@ class Consumer:
                 raise result
 
     async def _copy_ack(self, name: str, size: int) -> None:
-        """Record our group's ack on the other nodes (best effort, short timeout)."""
+        """Record our group's ack on the other nodes (best effort, short timeout).
+
+        The node forwards the ack durably itself; this copy only makes it visible on the other
+        nodes before :meth:`commit` returns."""
         if self._group is None or len(self._urls) < 2:
             return
         group = self._group

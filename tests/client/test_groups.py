@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 
+from chukcha.bus.config import Peer
 from chukcha.bus.groups import GROUPS_FILE, RetentionPolicy
 from chukcha.bus.node import Node
 from chukcha.client import Client
@@ -169,3 +171,62 @@ async def test_a_copied_ack_is_recorded_even_before_the_chunk_is_here(client: Cl
     assert await live(client) == names[1:]  # every group acked: tombstoned
     with pytest.raises(RequestRejectedError, match="not registered"):
         await api.copy_group_ack(url, "g", names[1], 81, "three", timeout=5)
+
+
+@pytest.fixture
+def dead_peer() -> Iterator[Peer]:
+    """A peer that refuses connections (bound, never listening)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        host, port = sock.getsockname()[:2]
+        yield Peer("z", f"{host}:{port}")
+
+
+async def test_changes_for_an_unreachable_peer_wait_in_a_durable_outbox(
+    tmp_path: Path, dead_peer: Peer
+) -> None:
+    data = tmp_path / "d"
+    async with (
+        run_node(data, instance="a", max_chunk_size=100, peers=(dead_peer,)) as n,
+        Client([n.url]) as c,
+    ):
+        names = await three_chunks(c)
+        await c.api.register_group(n.url, "g", "billing")
+        await c.api.register_group(n.url, "g", "billing")  # not queued twice
+        await c.api.ack(n.url, "g", names[0], 81, group="billing")
+        assert n.groups.pending() == {"z": 2}
+        assert await live(c) == names[1:]  # the only group known here acked it
+    saved = orjson.loads(await asyncio.to_thread((data / GROUPS_FILE).read_bytes))
+    assert saved["outbox"] == {"z": [
+        {"op": "register", "category": "g", "group": "billing"},
+        {"op": "ack", "category": "g", "group": "billing", "chunk": names[0], "size": 81},
+    ]}
+    async with run_node(data, instance="a", max_chunk_size=100, peers=(dead_peer,)) as n:
+        assert n.groups.pending() == {"z": 2}  # still queued after a restart
+
+
+async def test_forwards_from_peers_are_applied_and_not_forwarded_again(
+    tmp_path: Path, dead_peer: Peer
+) -> None:
+    async with (
+        run_node(tmp_path / "d", instance="a", max_chunk_size=100, peers=(dead_peer,)) as n,
+        Client([n.url]) as c,
+    ):
+        names = await three_chunks(c)
+        api, url = c.api, n.url
+        await api.get_json(url, "/groups/register", {"category": "g", "group": "billing",
+                                                     "from": "z"})
+        # An ack forwarded by a peer implies its group's registration (forwards of two
+        # origins may arrive in any order).
+        await api.get_json(url, "/groups/ack", {"category": "g", "group": "audit",
+                                                "chunk": names[0], "size": "81", "from": "z"})
+        assert n.groups.pending() == {}
+        acked = {g["name"]: g["acked"] for g in (await api.list_groups(url, "g"))["groups"]}
+        assert acked == {"audit": [names[0]], "billing": []}
+        assert await live(c) == names  # billing has not acked
+        await api.get_json(url, "/groups/ack", {"category": "g", "group": "billing",
+                                                "chunk": names[0], "size": "81", "from": "z"})
+        assert await live(c) == names[1:]
+        with pytest.raises(RequestRejectedError, match=r"instance .no/pe."):
+            await api.get_json(url, "/groups/register", {"category": "g", "group": "x",
+                                                         "from": "no/pe"})
