@@ -43,6 +43,8 @@ class Sink(Protocol):
     ``async start()`` and ``async stop()``) is entered when the app starts, before anything is
     read, and closed in reverse registration order when the app stops, also on an error; a
     sink that fails to start stops the app. So a sink can keep one connection for its lifetime.
+    The app owns that lifecycle: a sink that is also entered elsewhere must tolerate a second
+    start (as ``examples.clickhouse_sink.ClickHouseSink`` does: start and stop are idempotent).
     """
 
     async def flush(self, rows: Sequence[Any]) -> None:
