@@ -46,6 +46,7 @@ demo: venv
 bench: venv system-deps
 	$(BIN)/python bench/bench_bus.py
 	$(BIN)/python bench/bench_cluster.py --runs 3
+	$(BIN)/python bench/bench_client.py --runs 3
 	$(BIN)/python bench/bench_processor.py --runs 3
 	$(BIN)/python bench/bench_clickhouse.py --runs 3
 

@@ -10,10 +10,14 @@ if ! command -v clickhouse-server >/dev/null 2>&1 && ! command -v clickhouse >/d
   need+=(clickhouse-server clickhouse-client)
 fi
 if ((${#need[@]})); then
+  SUDO=
   if [[ $(id -u) -ne 0 ]]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+      echo "The test suite needs ${need[*]} (Debian packages) and this user is not root and" >&2
+      echo "has no sudo: install them as root (apt-get install ${need[*]}) and run again." >&2
+      exit 1
+    fi
     SUDO=sudo
-  else
-    SUDO=
   fi
   echo "installing ${need[*]} (apt)"
   $SUDO apt-get update -qq
