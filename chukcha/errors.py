@@ -76,11 +76,15 @@ class WriteRejectedError(ChukchaError, ValueError):
 
 
 class MessageTooLargeError(WriteRejectedError):
-    """One message of a write body is over the message limit."""
+    """One message of a write body is over the message limit (``size`` when known)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"a message is over the limit of {limit} bytes")
+    def __init__(self, limit: int, *, size: int | None = None, what: str = "a message") -> None:
+        if size is None:
+            super().__init__(f"{what} is over the limit of {limit} bytes")
+        else:
+            super().__init__(f"{what} is {size} bytes, over the limit of {limit} bytes")
         self.limit = limit
+        self.size = size
 
 
 class ReadBufferTooSmallError(ChukchaError, ValueError):

@@ -26,13 +26,14 @@ from typing import Any, Final
 import orjson
 
 from chukcha.dedup.index import DedupIndex, DedupPlan
-from chukcha.errors import ProcessorError
+from chukcha.errors import MessageTooLargeError, ProcessorError
 from chukcha.processors.base import App, default_event_id
 from chukcha.processors.config import ErrorPolicy
-from chukcha.protocol import validate_category
+from chukcha.protocol import MAX_MESSAGE_SIZE, validate_category
 from chukcha.state.base import StateStore
 
 __all__ = [
+    "DEAD_LETTER_MAX_EVENT",
     "OUTBOX_PREFIX",
     "POSITION_PREFIX",
     "TABLE_PREFIX",
@@ -50,6 +51,13 @@ logger = logging.getLogger(__name__)
 TABLE_PREFIX: Final = b"t/"
 POSITION_PREFIX: Final = b"p/"
 OUTBOX_PREFIX: Final = b"o/"
+
+DEAD_LETTER_MAX_EVENT: Final = 64 * 1024
+"""A dead letter embeds at most this many bytes of the event (``truncated: true`` when cut;
+its ``chunk`` and ``offset`` locate the whole event). JSON escaping can make an embedded event
+up to 6 times longer, so a whole event near the message limit would not fit."""
+_DEAD_LETTER_MAX_ERROR: Final = 8 * 1024  # characters of the error's repr
+_DEAD_LETTER_MAX_ID: Final = 1024  # a longer event ID is replaced by its position
 
 
 class _Marker:
@@ -225,7 +233,12 @@ class Context:
     def emit(self, category: str, event: dict[str, Any] | bytes) -> str:
         """Stage ``event`` for ``category``; it is sent after the commit. Returns its ID: the
         event's own ``id``, else ``"<input id>/<n>"`` (n counts this input's emits), so a resend
-        is a duplicate downstream."""
+        is a duplicate downstream.
+
+        Raises:
+            MessageTooLargeError: the encoded event is over the bus's message limit (1 MiB);
+                raised in the callback, so the error policy decides (stop or dead-letter).
+        """
         if category not in self._categories:
             validate_category(category)
             self._categories.add(category)
@@ -248,6 +261,12 @@ class Context:
             line = orjson.dumps(event)
         else:
             raise TypeError(f"emit takes a dict or bytes, not {type(event).__name__}")
+        if len(line) > MAX_MESSAGE_SIZE:
+            # Refused here, inside the callback, so the error policy handles it before anything
+            # is committed: an over-size message in the outbox could never be sent.
+            raise MessageTooLargeError(
+                MAX_MESSAGE_SIZE, size=len(line), what=f"an event emitted to {category!r}"
+            )
         self._emits.append((category, line + b"\n"))
         return str(eid)
 
@@ -426,14 +445,18 @@ class Engine:
 
     def _dead_letter(self, ctx: Context, offset: int, line: bytes, eid: str, error: str) -> None:
         category, chunk = ctx.category, ctx.chunk
-        record = {
+        if len(eid) > _DEAD_LETTER_MAX_ID:
+            eid = f"{category}:{chunk}:{offset}"
+        record: dict[str, Any] = {
             "id": f"{eid}/dead",
             "category": category,
             "chunk": chunk,
             "offset": offset,
-            "error": error,
-            "event": line.decode(errors="replace"),
+            "error": error[:_DEAD_LETTER_MAX_ERROR],
+            "event": line[:DEAD_LETTER_MAX_EVENT].decode(errors="replace"),
         }
+        if len(line) > DEAD_LETTER_MAX_EVENT:
+            record["truncated"] = True
         self._emits.append((f"{category}.dead", orjson.dumps(record) + b"\n"))
         self.dead_lettered += 1
         self.staged_events += 1

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from chukcha.client import Client
 from chukcha.client.consumer import Batch, Consumer, Position
-from chukcha.errors import ChukchaError, ClientError
+from chukcha.errors import ClientError
 from chukcha.processors.engine import Engine
 from chukcha.state.leveldb import LevelDBStore
 
@@ -344,15 +344,19 @@ class _Session:
             engine.outbox_sent(entry)
 
     async def _retry(self, what: str, fn: Callable[[], Awaitable[object]]) -> None:
+        """Await ``fn()`` until it succeeds, with backoff; an error whose class says it is not
+        retriable (``retriable = False``, e.g. :class:`~chukcha.errors.MessageTooLargeError`)
+        is raised at once: retrying it would block the app forever at the same place."""
         delay = self.config.retry_initial
         attempt = 1
         while True:
             try:
                 await fn()
-            except (ChukchaError, OSError, TimeoutError) as exc:
-                logger.warning("app=%s %s failed (attempt %d), retrying in %.1fs: %s",
-                               self.app.name, what, attempt, delay, exc)
-            except Exception as exc:  # noqa: BLE001 - a user's sink may raise anything
+            except Exception as exc:  # a user's sink may raise anything
+                if not getattr(exc, "retriable", True):
+                    logger.error("app=%s %s failed (attempt %d), not retriable: %r",  # noqa: TRY400
+                                 self.app.name, what, attempt, exc)
+                    raise
                 logger.warning("app=%s %s failed (attempt %d), retrying in %.1fs: %r",
                                self.app.name, what, attempt, delay, exc)
             else:

@@ -24,9 +24,10 @@ from typing import Any
 
 import orjson
 
+from chukcha.errors import MessageTooLargeError
 from chukcha.processors.base import App
 from chukcha.processors.engine import Engine, read_table
-from chukcha.protocol import chunk_file_name, validate_category
+from chukcha.protocol import MAX_MESSAGE_SIZE, chunk_file_name, validate_category
 from chukcha.state.memory import MemoryStore
 
 __all__ = ["Tester"]
@@ -53,8 +54,12 @@ class Tester:
     async def feed_async(self, category: str, *events: dict[str, Any] | bytes) -> None:
         """Process ``events`` of ``category`` as one batch and commit it.
 
+        The bus's message limit (1 MiB) holds here too: an event over it is refused, as a node
+        would refuse it, and an emit over it raises in the callback, as in the runner.
+
         Raises:
             ProcessorError: a callback raised under the ``stop`` policy (nothing committed).
+            MessageTooLargeError: an event of ``events`` is over the message limit.
         """
         validate_category(category)
         if category not in self.app.handlers:
@@ -64,6 +69,8 @@ class Tester:
             line = event if isinstance(event, bytes) else orjson.dumps(event)
             if b"\n" in line:
                 raise ValueError("an event must be one line")
+            if len(line) > MAX_MESSAGE_SIZE:
+                raise MessageTooLargeError(MAX_MESSAGE_SIZE, size=len(line), what="a fed event")
             lines.append(line + b"\n")
         data = b"".join(lines)
         chunk = chunk_file_name(self.owner, 0)
@@ -77,6 +84,13 @@ class Tester:
         engine.committed()
         self._offsets[category] = offset + len(data)
         for entry in list(engine.outbox):
+            for line in entry.lines():
+                # The engine refuses over-size emits; this guards what it writes itself (dead
+                # letters), which the runner could never send.
+                if len(line) > MAX_MESSAGE_SIZE:
+                    raise MessageTooLargeError(
+                        MAX_MESSAGE_SIZE, size=len(line), what=f"an event for {entry.category!r}"
+                    )
             self._emitted.setdefault(entry.category, []).extend(
                 orjson.loads(line) for line in entry.lines()
             )
