@@ -3,9 +3,14 @@
 In the Go server an ack deletes a chunk for everyone. Here a consumer group registers for a
 category (``/groups/register?category=C&group=G``); ``/ack?...&group=G`` then only records that
 G is done with the chunk, and the chunk is tombstoned when *every* group registered for the
-category has acked it. An ack without ``group`` keeps the Go behaviour: the chunk is tombstoned
-at once. An ack for a group that is not registered is refused (400), so a typo in a group name
-cannot silently keep data forever or, worse, delete it early.
+category has acked it. An ack without ``group`` keeps the Go behaviour while no group is
+registered for the category: the chunk is tombstoned at once. While groups are registered, it is
+an ack of the group ``default`` (:data:`DEFAULT_GROUP`), which that ack registers (cluster-wide,
+like any registration), so one Go consumer cannot delete the other groups' input: the chunk goes
+when every registered group, ``default`` included, has acked it. (With etcd, "no group is
+registered" is checked against etcd when it answers, not only against this node's mirror.) An
+ack for a named group that is not registered is refused (400), so a typo in a group name cannot
+silently keep data forever or, worse, delete it early.
 
 Retention (``/retention?category=C&max_age=SECONDS&max_bytes=BYTES``) deletes the oldest
 *complete* chunks of a category, acked or not, once they are older than ``max_age`` or while the
@@ -69,6 +74,7 @@ from chukcha.errors import BadRequestError, ChukchaError, InvalidAckError, Repli
 from chukcha.protocol import parse_chunk_name, validate_category, validate_instance
 
 __all__ = [
+    "DEFAULT_GROUP",
     "GROUPS_FILE",
     "ConsumerGroups",
     "GroupRegistry",
@@ -79,6 +85,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 GROUPS_FILE: Final = ".groups.json"
+DEFAULT_GROUP: Final = "default"
+"""The group of an ack without ``group`` while other groups are registered for the category."""
 _GROUP_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}")
 _JSON: Final = "application/json"
 _MAX_AGE: Final = 100 * 365 * 86400.0
@@ -341,22 +349,32 @@ class ConsumerGroups:
 
     async def ack(self, category: str, chunk: str, size: int, group: str | None) -> None:
         """Apply ``/ack``; see the module docstring."""
+        implicit = group is None
         if group is None:
-            await self._store.ack(category, chunk, size)
-            return
+            if not await self._has_groups(category):
+                await self._store.ack(category, chunk, size)  # the Go behaviour
+                return
+            group = DEFAULT_GROUP
         validate_group(group)
         done = False
         async with self._lock:
             groups = self._registry.groups(category)
-            if group not in groups:
+            if self._store.is_tombstoned(category, chunk):
+                return
+            if group not in groups and not implicit:
                 raise BadRequestError(
                     f"consumer group {group!r} is not registered for category {category!r}; "
                     f"register it first (/groups/register?category={category}&group={group})"
                 )
-            if self._store.is_tombstoned(category, chunk):
-                return
             self._check_ack(category, chunk, size)
-            new = groups[group].get(chunk) != size
+            registered = False
+            if group not in groups:
+                # A plain ack while groups are registered: the default group registers
+                # (cluster-wide, like any registration) by acking.
+                registered = self._registry.register(category, group)
+                self._registry.enqueue(self._destinations(), _entry("register", category, group))
+                groups = self._registry.groups(category)
+            new = registered or groups[group].get(chunk) != size
             self._registry.record_ack(category, group, chunk, size)
             if self._etcd is None:
                 # Static peers or a single node: decide here (see the module docstring).
@@ -368,10 +386,29 @@ class ConsumerGroups:
                 self._registry.enqueue(self._destinations(), _entry("ack", category, group,
                                                                     chunk, size))
             await self._registry.save()
+        if registered:
+            logger.info("instance=%s category=%s registered group %s (a plain ack while "
+                        "groups are registered)", self._store.instance, category, group)
         logger.debug("category=%s group=%s acked %s%s", category, group, chunk,
                      " (all groups: tombstoned)" if done else "")
         if new:
             await self._sent()
+
+    async def _has_groups(self, category: str) -> bool:
+        """Whether any group is registered for ``category``: this node's view, and with etcd
+        (when it answers) etcd's, since the mirror may not have seen a new registration."""
+        if self._registry.groups(category):
+            return True
+        etcd = self._etcd
+        if etcd is None or not etcd.connected:
+            return False
+        try:
+            async with asyncio.timeout(_INLINE_TIMEOUT):
+                return bool(await etcd.read(category))
+        except ETCD_ERRORS as exc:
+            logger.info("instance=%s category=%s etcd did not answer (%s); deciding a plain ack "
+                        "from the known groups", self._store.instance, category, exc)
+            return False
 
     async def record_ack(
         self, category: str, chunk: str, size: int, group: str, origin: str | None = None

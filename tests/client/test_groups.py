@@ -85,12 +85,31 @@ async def test_group_acks_are_checked_like_plain_acks(client: Client) -> None:
     assert issubclass(InvalidAckError, ValueError)
 
 
-async def test_ack_without_group_keeps_the_go_behaviour(client: Client) -> None:
+async def test_ack_without_group_and_no_groups_keeps_the_go_behaviour(client: Client) -> None:
+    names = await three_chunks(client)
+    api, url = client.api, client.nodes[0]
+    await api.ack(url, "g", names[0], 81)
+    assert await live(client) == names[1:]
+    assert (await api.list_groups(url, "g"))["groups"] == []
+
+
+async def test_ack_without_group_is_the_default_group_while_groups_are_registered(
+    client: Client,
+) -> None:
     names = await three_chunks(client)
     api, url = client.api, client.nodes[0]
     await api.register_group(url, "g", "billing")
+    # A Go consumer's plain ack must not delete billing's input.
     await api.ack(url, "g", names[0], 81)
-    assert await live(client) == names[1:]
+    assert await live(client) == names
+    assert (await api.list_groups(url, "g"))["groups"] == [
+        {"name": "billing", "acked": []}, {"name": "default", "acked": [names[0]]}]
+    await api.ack(url, "g", names[1], 81, group="billing")
+    assert await live(client) == names  # default has not acked names[1]
+    await api.ack(url, "g", names[0], 81, group="billing")
+    assert await live(client) == names[1:]  # both groups acked names[0]
+    with pytest.raises(ServerError, match="not been read to the end"):
+        await api.ack(url, "g", names[1], 10)
 
 
 async def test_unregistering_a_group_releases_what_the_others_acked(client: Client) -> None:

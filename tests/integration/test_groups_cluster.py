@@ -165,3 +165,26 @@ async def test_with_etcd_down_group_acks_are_kept_and_tombstone_once_it_is_back(
         await etcd.start()
         await wait_for(functools.partial(gone_everywhere, api, [a, b], "orders", {first.name}),
                        what="the chunk to go once etcd has both acks")
+
+
+async def test_with_etcd_a_plain_ack_is_the_default_group_cluster_wide(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    async with run_cluster(tmp_path / "nodes", ("a", "b"), etcd=etcd.endpoint,
+                           args=ARGS) as cluster, Client([cluster["a"].url]) as api:
+        a, b = cluster["a"].url, cluster["b"].url
+        for i in range(4):
+            await api.send_to(a, "orders", [{"batch": i, "k": k} for k in range(10)])
+        first = next(x for x in await api.list_chunks("orders") if x.complete)
+        await api.api.register_group(b, "orders", "billing")
+        await wait_for(functools.partial(knows, api, a, "orders", "billing", frozenset()),
+                       what="a to know billing")
+        # A Go consumer's plain ack on a: recorded for "default", which b learns through etcd.
+        await api.api.ack(a, "orders", first.name, first.size)
+        await wait_for(functools.partial(knows, api, b, "orders", "default",
+                                         frozenset({first.name})),
+                       what="b to see default's ack through etcd")
+        assert first.name in await live(api, a, "orders")
+        await api.api.ack(a, "orders", first.name, first.size, group="billing")
+        await wait_for(functools.partial(gone_everywhere, api, [a, b], "orders", {first.name}),
+                       what="the chunk to go once default and billing acked it")
