@@ -18,11 +18,11 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from chukcha.errors import (
     AlreadyRunningError,
@@ -46,6 +46,8 @@ from chukcha.protocol import (
 __all__ = ["INLINE_WRITE_LIMIT", "ChunkStore", "StoreEvent", "StoreEventKind", "WriteResult"]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 LOCK_FILE: Final = "running.lock"
 INLINE_WRITE_LIMIT: Final = 64 << 10
@@ -326,7 +328,7 @@ class ChunkStore:
         async with self._create_lock:  # two first writes must not load it twice
             cat = self._categories.get(category)
             if cat is None:
-                cat = await asyncio.to_thread(self._new_category, category)
+                cat = await _finish(asyncio.to_thread(self._new_category, category))
         return cat
 
     def _new_category(self, category: str) -> _Category:
@@ -373,11 +375,11 @@ class ChunkStore:
         async with cat.lock:
             created: str | None = None
             if cat.current is None:
-                created = await asyncio.to_thread(self._create_chunk_checked, cat)
+                created = await _finish(self._start_chunk(cat))
             cur = cat.chunks[cat.current or ""]
             if cur.size > 0 and cur.size + len(body) > self._max_chunk_size:
                 prev = cat.current
-                created = await asyncio.to_thread(self._create_chunk_checked, cat)
+                created = await _finish(self._start_chunk(cat))
                 cur = cat.chunks[created]
                 # The previous chunk just became complete; replicas and readers learn it from
                 # the creation event of the new one.
@@ -385,18 +387,29 @@ class ChunkStore:
             if created is not None and sync and not self._sync_each_write:
                 # A synced write must survive a power loss, and so must the new file's entry.
                 await asyncio.to_thread(_fsync_dir, cat.path)
+            name = cat.current or str(cur.name)
             if sync or self._sync_each_write or len(body) > INLINE_WRITE_LIMIT:
-                await asyncio.to_thread(
-                    self._append, cat.write_fd, cur, body, sync or self._sync_each_write
-                )
+                await _finish(self._append_in_thread(
+                    cat, cur, body, sync or self._sync_each_write
+                ))
             else:
                 _append_small(cat.write_fd, cur, body)
-            name = cat.current or str(cur.name)
+                self._emit(StoreEventKind.WRITTEN, category, name, cur.size)
             end = cur.size  # this write's end, not a later one's
-        if created is not None:
-            self._emit(StoreEventKind.CREATED, category, created, 0)
-        self._emit(StoreEventKind.WRITTEN, category, name, end)
         return WriteResult(name, end)
+
+    async def _start_chunk(self, cat: _Category) -> str:
+        """A new own chunk, announced (run under ``cat.lock`` through :func:`_finish`)."""
+        name = await asyncio.to_thread(self._create_chunk_checked, cat)
+        self._emit(StoreEventKind.CREATED, cat.name, name, 0)
+        return name
+
+    async def _append_in_thread(
+        self, cat: _Category, cur: _Chunk, body: bytes, sync: bool
+    ) -> None:
+        """A large or synced append in a worker thread (under ``cat.lock``, via :func:`_finish`)."""
+        await asyncio.to_thread(self._append, cat.write_fd, cur, body, sync)
+        self._emit(StoreEventKind.WRITTEN, cat.name, str(cur.name), cur.size)
 
     @staticmethod
     def _append(fd: int, chunk: _Chunk, body: bytes | memoryview, sync: bool) -> None:
@@ -425,7 +438,7 @@ class ChunkStore:
                 if cur is None or cur.size == 0:
                     continue
                 try:
-                    name = await asyncio.to_thread(self._create_chunk, cat)
+                    name = await _finish(asyncio.to_thread(self._create_chunk, cat))
                 except OSError as exc:
                     # Keep the timer alive: the next write or tick tries again.
                     logger.warning("instance=%s category=%s cannot rotate: %s",
@@ -469,28 +482,35 @@ class ChunkStore:
         async with cat.lock:
             if chunk in cat.tombstones:
                 return None
-            created = False
             c = cat.chunks.get(chunk)
-            if c is None:
-                if offset != 0:
-                    raise ReplicationError(f"{category}/{chunk} is not here; cannot resume at "
-                                           f"{offset}")
-                await asyncio.to_thread(_create_empty, cat.path / chunk)
-                c = cat.chunks[chunk] = _Chunk(cname, 0)
-                prev = cat.last_index.get(cname.instance, -1)
-                cat.last_index[cname.instance] = max(prev, cname.index)
-                created = True
-            if offset != c.size:
+            if c is None and offset != 0:
+                raise ReplicationError(f"{category}/{chunk} is not here; cannot resume at "
+                                       f"{offset}")
+            if c is not None and offset != c.size:
                 raise ReplicationError(
                     f"{category}/{chunk}: download at {offset} but local size is {c.size}"
                 )
-            if data:
-                await asyncio.to_thread(self._append_file, cat.path / chunk, c, data, sync)
-        if created:
-            self._emit(StoreEventKind.CREATED, category, chunk, 0)
+            if c is None or data:
+                c = await _finish(self._store_replica(cat, cname, c, data, sync))
+            return c.size
+
+    async def _store_replica(
+        self, cat: _Category, cname: ChunkName, c: _Chunk | None, data: bytes | memoryview,
+        sync: bool,
+    ) -> _Chunk:
+        """Create and/or append to a replicated chunk: the file, the index and the events
+        change together (run under ``cat.lock`` through :func:`_finish`)."""
+        chunk = str(cname)
+        if c is None:
+            await asyncio.to_thread(_create_empty, cat.path / chunk)
+            c = cat.chunks[chunk] = _Chunk(cname, 0)
+            prev = cat.last_index.get(cname.instance, -1)
+            cat.last_index[cname.instance] = max(prev, cname.index)
+            self._emit(StoreEventKind.CREATED, cat.name, chunk, 0)
         if data:
-            self._emit(StoreEventKind.WRITTEN, category, chunk, c.size)
-        return c.size
+            await asyncio.to_thread(self._append_file, cat.path / chunk, c, data, sync)
+            self._emit(StoreEventKind.WRITTEN, cat.name, chunk, c.size)
+        return c
 
     def _append_file(self, path: Path, chunk: _Chunk, data: bytes | memoryview, sync: bool) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
@@ -621,13 +641,8 @@ class ChunkStore:
                     f"size {size} is smaller than chunk {chunk} ({c.size} bytes): "
                     "it has not been read to the end"
                 )
-            await asyncio.to_thread(_tombstone, cat.path, chunk)
-            del cat.chunks[chunk]
-            cat.tombstones.add(chunk)
-            cat.last_index[cname.instance] = max(cat.last_index.get(cname.instance, -1),
-                                                 cname.index)
+            await _finish(self._apply_tombstone(cat, cname, c.size, missing_ok=False))
         logger.debug("instance=%s category=%s acked %s", self._instance, category, chunk)
-        self._emit(StoreEventKind.ACKED, category, chunk, c.size)
         return True
 
     async def tombstone_replica(self, category: str, chunk: str) -> bool:
@@ -640,12 +655,43 @@ class ChunkStore:
             if chunk in cat.tombstones or chunk in cat.chunks:
                 return False
             cname = parse_chunk_name(chunk)
-            await asyncio.to_thread(_tombstone, cat.path, chunk, missing_ok=True)
-            cat.tombstones.add(chunk)
-            prev = cat.last_index.get(cname.instance, -1)
-            cat.last_index[cname.instance] = max(prev, cname.index)
-        self._emit(StoreEventKind.ACKED, category, chunk, 0)
+            await _finish(self._apply_tombstone(cat, cname, 0, missing_ok=True))
         return True
+
+    async def _apply_tombstone(
+        self, cat: _Category, cname: ChunkName, size: int, *, missing_ok: bool
+    ) -> None:
+        """Tombstone the file, then the index, then tell the listeners (under ``cat.lock``,
+        through :func:`_finish`)."""
+        chunk = str(cname)
+        await asyncio.to_thread(_tombstone, cat.path, chunk, missing_ok=missing_ok)
+        cat.chunks.pop(chunk, None)
+        cat.tombstones.add(chunk)
+        cat.last_index[cname.instance] = max(cat.last_index.get(cname.instance, -1), cname.index)
+        self._emit(StoreEventKind.ACKED, cat.name, chunk, size)
+
+
+async def _finish(step: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``step`` to its end even if the caller is cancelled meanwhile, then re-raise.
+
+    ``step`` changes a file in a worker thread and then the index to match, under ``cat.lock``.
+    Cancelling ``await asyncio.to_thread(...)`` does not stop the thread: the caller would leave
+    the ``async with cat.lock`` block while the thread is still appending, and the next holder
+    of the lock (a download of the same chunk restarted at the same offset, say, when a peer
+    link is replaced) would see the old size and append the same bytes a second time; the index
+    would miss what the thread did after all. So a cancelled caller waits here, still holding
+    the lock, until the change (file and index) is complete, and only then is cancelled.
+    """
+    task = asyncio.ensure_future(step)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still wait
+                await asyncio.wait([task])
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.debug("a cancelled store change failed: %s", exc)
+        raise
 
 
 def _pread(path: Path, n: int, off: int) -> bytes:

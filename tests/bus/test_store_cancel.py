@@ -1,0 +1,101 @@
+"""Cancelling a store call never releases the category lock while a worker thread still changes
+the chunk file (a restarted download would otherwise append the same bytes twice)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chukcha.bus.chunks import INLINE_WRITE_LIMIT, ChunkStore, WriteResult
+from chukcha.errors import ReplicationError
+
+PEER_CHUNK = "peer-chunk000000000"
+
+
+class _Gate:
+    """Blocks the first ``ChunkStore._append`` in its worker thread until :meth:`open`."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self._calls = 0
+        self.entered = threading.Event()
+        self._open = threading.Event()
+
+    def append(self, fd: int, chunk: Any, data: bytes | memoryview, sync: bool) -> None:
+        self._calls += 1
+        if self._calls == 1:
+            self.entered.set()
+            self._open.wait(10)
+        self._real(fd, chunk, data, sync)
+
+    def open(self) -> None:
+        self._open.set()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[ChunkStore]:
+    s = ChunkStore(tmp_path / "data", "me", max_chunk_size=1 << 20)
+    await asyncio.to_thread(s.open)
+    try:
+        yield s
+    finally:
+        await asyncio.to_thread(s.close)
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> _Gate:
+    g = _Gate(ChunkStore._append)
+    monkeypatch.setattr(ChunkStore, "_append", staticmethod(g.append))
+    return g
+
+
+async def _let_others_run() -> None:
+    # Yields only (no timed sleep): everything that can run without the blocked worker runs.
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_cancelled_replica_append_holds_the_lock_until_the_thread_is_done(
+    store: ChunkStore, gate: _Gate, tmp_path: Path
+) -> None:
+    data = b"one\ntwo\n"
+    first = asyncio.create_task(store.append_replica("c", PEER_CHUNK, 0, data))
+    await asyncio.to_thread(gate.entered.wait, 5)  # the worker is inside the append
+    first.cancel()
+    # The old link is stopped in the background and a new one starts the same download.
+    second = asyncio.create_task(store.append_replica("c", PEER_CHUNK, 0, data))
+    await _let_others_run()
+    assert not first.done()  # still waiting for its thread, and still holding the lock
+    gate.open()
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert isinstance(results[1], ReplicationError)  # "download at 0 but local size is 8"
+    path = tmp_path / "data" / "c" / PEER_CHUNK
+    assert await asyncio.to_thread(path.read_bytes) == data  # once, not twice
+    assert store.chunk_size("c", PEER_CHUNK) == len(data)
+    assert await store.append_replica("c", PEER_CHUNK, len(data), b"three\n") == len(data) + 6
+
+
+async def test_cancelled_large_write_completes_before_the_next_write(
+    store: ChunkStore, gate: _Gate, tmp_path: Path
+) -> None:
+    big = b"b" * INLINE_WRITE_LIMIT + b"\n"  # over the inline limit: the worker-thread path
+    first = asyncio.create_task(store.write("c", big))
+    await asyncio.to_thread(gate.entered.wait, 5)
+    first.cancel()
+    second = asyncio.create_task(store.write("c", b"after\n"))
+    await _let_others_run()
+    assert not first.done() and not second.done()
+    gate.open()
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    chunk = "me-chunk000000000"
+    path = tmp_path / "data" / "c" / chunk
+    assert await asyncio.to_thread(path.read_bytes) == big + b"after\n"
+    assert store.chunk_size("c", chunk) == len(big) + 6
+    assert results[1] == WriteResult(chunk, len(big) + 6)
