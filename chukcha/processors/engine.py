@@ -67,8 +67,13 @@ class _Marker:
 _MISSING: Final = _Marker()  # not looked up yet
 _ABSENT: Final = _Marker()  # looked up: no such key
 
-# A staged table change: (value, encoded) for a put, (None, None) for a delete.
+# A staged table change: (frozen, encoded) for a put, (None, None) for a delete. ``frozen`` is
+# the value itself when it is an immutable scalar, else its encoding (bytes, never a JSON value):
+# ``get`` decodes a fresh object from it each time, so a callback that changes a value in place
+# and then fails cannot change the staged, cached or committed state (see ``Context``). The
+# cache holds values in the same frozen form.
 _Staged = tuple[Any, bytes | None]
+_SCALARS: Final = frozenset({int, str, float, bool, type(None)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +142,10 @@ class Context:
     """What a callback gets besides the event: its ID and position, the group's table
     (``get``/``set``/``delete``), ``emit`` and ``to_sink``.
 
-    Values are JSON (orjson) values. Treat values returned by :meth:`get` as read-only: change
-    a copy and :meth:`set` it.
+    Values are JSON (orjson) values. :meth:`get` returns a fresh copy each time and
+    :meth:`set` stores a snapshot of the value as it is at the call: changing an object in
+    place changes the table only through :meth:`set`, so the changes of an event that fails
+    (stop or dead-letter policy) are rolled back entirely.
     """
 
     __slots__ = (
@@ -196,7 +203,10 @@ class Context:
         """The value of ``key`` in the group's table (including changes staged so far)."""
         staged = self._event.get(key) or self._batch.get(key)
         if staged is not None:
-            return default if staged[1] is None else staged[0]
+            if staged[1] is None:
+                return default
+            frozen = staged[0]
+            return orjson.loads(frozen) if type(frozen) is bytes else frozen
         value = self._cache.get(key, _MISSING)
         if value is _MISSING:
             # A cache miss is a synchronous LevelDB point read on the event loop, by decision:
@@ -214,15 +224,22 @@ class Context:
             # not patched functions (only Python-level I/O such as os.read is), so the runner's
             # tests (a restart reading committed values back) run with it enabled.
             raw = self._store.get(TABLE_PREFIX + key.encode())
-            value = _ABSENT if raw is None else orjson.loads(raw)
-            self._cache[key] = value
-        return default if value is _ABSENT else value
+            if raw is None:
+                self._cache[key] = _ABSENT
+                return default
+            value = orjson.loads(raw)
+            self._cache[key] = value if type(value) in _SCALARS else raw
+            return value  # a fresh object: the cache keeps the bytes
+        if value is _ABSENT:
+            return default
+        return orjson.loads(value) if type(value) is bytes else value
 
     def set(self, key: str, value: Any) -> None:
         """Stage ``key = value`` (committed with the batch, only if this event succeeds)."""
         if type(key) is not str:
             raise TypeError(f"table keys are strings, not {type(key).__name__}")
-        self._event[key] = (value, orjson.dumps(value))
+        enc = orjson.dumps(value)
+        self._event[key] = (value if type(value) in _SCALARS else enc, enc)
 
     def delete(self, key: str) -> None:
         """Stage the removal of ``key``."""
@@ -283,11 +300,11 @@ class Context:
         for raw_key, raw in self._store.scan(TABLE_PREFIX):
             merged[raw_key[n:].decode()] = orjson.loads(raw)
         for staged in (self._batch, self._event):
-            for key, (value, enc) in staged.items():
+            for key, (_, enc) in staged.items():
                 if enc is None:
                     merged.pop(key, None)
                 else:
-                    merged[key] = value
+                    merged[key] = orjson.loads(enc)
         return iter(sorted(merged.items()))
 
 
@@ -495,8 +512,8 @@ class Engine:
             # Forget the oldest-cached half; they are read again from LevelDB when needed.
             for key in list(itertools.islice(cache, len(cache) // 2 + len(self._batch))):
                 del cache[key]
-        for key, (value, enc) in self._batch.items():
-            cache[key] = _ABSENT if enc is None else value
+        for key, (frozen, enc) in self._batch.items():
+            cache[key] = _ABSENT if enc is None else frozen
         self._batch.clear()
         self.dedup.committed(self._dedup_plan)
         self.sink_rows.clear()
