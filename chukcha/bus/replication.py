@@ -393,6 +393,12 @@ class PeerLink:
                 if self.up:
                     logger.warning("instance=%s lost events stream of %s: %s", self._me,
                                    self.peer.instance, exc)
+            except Exception:
+                # Anything else (an OSError applying an ack, a bug) must not end replication
+                # from this peer until a restart: log it, back off, subscribe again (the replay
+                # brings back what was being applied). CancelledError is not an Exception.
+                logger.exception("instance=%s events from %s failed; resubscribing", self._me,
+                                 self.peer.instance)
             self._up.clear()
             await asyncio.sleep(backoff)  # reconnect backoff, not synchronisation
             backoff = min(backoff * 2, 5.0)
@@ -457,9 +463,15 @@ class PeerLink:
             state.wake.clear()
             try:
                 busy = await self._sync_category(category, state)
-            except (aiohttp.ClientError, TimeoutError, ChukchaError, ValueError) as exc:
-                logger.debug("instance=%s replicating %s/%s: %s", self._me,
-                             self.peer.instance, category, exc)
+            except Exception as exc:
+                # Expected (the peer is down, a race with an ack) or not (an OSError here): never
+                # let the downloader die, it would stay dead until the peer announces a chunk.
+                if isinstance(exc, aiohttp.ClientError | TimeoutError | ChukchaError | ValueError):
+                    logger.debug("instance=%s replicating %s/%s: %s", self._me,
+                                 self.peer.instance, category, exc)
+                else:
+                    logger.exception("instance=%s replicating %s/%s failed", self._me,
+                                     self.peer.instance, category)
                 # Retry after a pause, or at once when the peer announces something.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._config.retry_interval):
@@ -531,7 +543,7 @@ class PeerLink:
             pending, self._reports = self._reports, {}
             failed = False
             for (category, chunk), size in pending.items():
-                if failed or not await self._send_report(category, chunk, size):
+                if failed or not await self._send_report_safe(category, chunk, size):
                     failed = True
                     # Keep it (unless a newer report replaced it) and retry: a writer waiting
                     # on min_sync_replicas may depend on exactly this report.
@@ -539,6 +551,15 @@ class PeerLink:
             if failed:
                 self._report_wake.set()
                 await asyncio.sleep(self._config.retry_interval)  # retry backoff
+
+    async def _send_report_safe(self, category: str, chunk: str, size: int) -> bool:
+        try:
+            return await self._send_report(category, chunk, size)
+        except Exception:
+            # Never let the reporter die: writers waiting on min_sync_replicas depend on it.
+            logger.exception("instance=%s reporting %s/%s@%d to %s failed", self._me, category,
+                             chunk, size, self.peer.instance)
+            return False
 
     async def _send_report(self, category: str, chunk: str, size: int) -> bool:
         try:
@@ -766,24 +787,31 @@ class Replicator:
         period = min(max(timeout / 10, 0.05), 60.0)
         while True:
             await asyncio.sleep(period)  # a coarse timer over a timeout measured in minutes
-            now = time.monotonic()
-            owners = {o for c in self._store.categories() for o in self._store.owners(c)}
-            owners.discard(self._store.instance)
-            for owner in owners:
-                link = self._links.get(owner)
-                if link is not None and link.up:
-                    self._gone_since.pop(owner, None)
-                    if owner in self._dead_owners:
-                        self._dead_owners.discard(owner)
-                        self._store.set_owner_dead(owner, False)
-                    continue
-                since = self._gone_since.setdefault(owner, now)
-                if now - since >= timeout and owner not in self._dead_owners:
-                    logger.warning("instance=%s owner %s gone for %.1f s: treating its last "
-                                   "chunks as complete", self._store.instance, owner,
-                                   now - since)
-                    self._dead_owners.add(owner)
-                    self._store.set_owner_dead(owner, True)
+            try:
+                self._mark_dead_owners(timeout)
+            except Exception:
+                logger.exception("instance=%s checking for dead owners failed",
+                                 self._store.instance)
+
+    def _mark_dead_owners(self, timeout: float) -> None:
+        now = time.monotonic()
+        owners = {o for c in self._store.categories() for o in self._store.owners(c)}
+        owners.discard(self._store.instance)
+        for owner in owners:
+            link = self._links.get(owner)
+            if link is not None and link.up:
+                self._gone_since.pop(owner, None)
+                if owner in self._dead_owners:
+                    self._dead_owners.discard(owner)
+                    self._store.set_owner_dead(owner, False)
+                continue
+            since = self._gone_since.setdefault(owner, now)
+            if now - since >= timeout and owner not in self._dead_owners:
+                logger.warning("instance=%s owner %s gone for %.1f s: treating its last "
+                               "chunks as complete", self._store.instance, owner,
+                               now - since)
+                self._dead_owners.add(owner)
+                self._store.set_owner_dead(owner, True)
 
     def status(self) -> list[dict[str, Any]]:
         """Per-peer replication status (``/status``)."""

@@ -1,0 +1,74 @@
+"""A replica's link to one peer, in process: the peer is a real node on loopback, the replica a
+bare store with a :class:`PeerLink` (no second node needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from chukcha.bus import chunks
+from chukcha.bus.chunks import ChunkStore, StoreEvent, StoreEventKind
+from chukcha.bus.config import Peer, ReplicationConfig
+from chukcha.bus.replication import PeerLink, _BufferPool
+from chukcha.testing import run_node
+from tests.bus.conftest import Api
+
+C0 = "a-chunk000000000"
+
+
+@pytest.fixture
+async def replica(tmp_path: Path) -> AsyncIterator[ChunkStore]:
+    store = ChunkStore(tmp_path / "b", "b", max_chunk_size=1 << 20)
+    await asyncio.to_thread(store.open)
+    try:
+        yield store
+    finally:
+        await asyncio.to_thread(store.close)
+
+
+async def test_events_loop_survives_an_unexpected_error_and_resubscribes(
+    tmp_path: Path, replica: ChunkStore, http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with run_node(tmp_path / "a", instance="a") as owner:
+        api = Api(http, owner.url)
+        await api.write("c", b"x\n")
+        await owner.store.rotate()
+        await api.write("c", b"y\n")
+        assert (await api.ack("c", C0, 2)).status == 200
+
+        # Applying the replicated ack hits a raw OSError once (a disk hiccup).
+        real = chunks._tombstone
+        calls = 0
+
+        def flaky_tombstone(dir_path: Path, chunk: str, *, missing_ok: bool = False) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise OSError(errno.EIO, "injected I/O error")
+            real(dir_path, chunk, missing_ok=missing_ok)
+
+        monkeypatch.setattr(chunks, "_tombstone", flaky_tombstone)
+        applied = asyncio.Event()
+
+        def on_event(event: StoreEvent) -> None:
+            if event.kind is StoreEventKind.ACKED and event.chunk == C0:
+                applied.set()
+
+        replica.add_listener(on_event)
+        link = PeerLink(Peer("a", owner.address), replica, ReplicationConfig(retry_interval=0.05),
+                        http, _BufferPool(1 << 20, 1))
+        link.start()
+        try:
+            async with asyncio.timeout(10):
+                await applied.wait()  # on the second subscription's replay
+        finally:
+            await link.stop(5)
+        assert calls == 2
+        assert link.connects >= 2
+        assert replica.is_tombstoned("c", C0)
