@@ -3,7 +3,8 @@
 Entries live in the processor's state store under ``d/<key>`` (value: sequence number and time),
 so they are committed in the SAME write batch as the state changes they guard. The whole index
 is mirrored in memory (an insertion-ordered dict, oldest first), so :meth:`DedupIndex.seen` never
-touches the disk, and pruning by age and count pops from the front.
+touches the disk, and pruning by age and count pops from the front (never the IDs being
+committed).
 
 Protocol per commit: :meth:`seen` / :meth:`add` while processing a batch, :meth:`stage` to put
 the new entries and the pruned keys into the write batch, then :meth:`committed` after the write
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 PREFIX: Final = b"d/"
 _VALUE: Final = struct.Struct(">Qd")  # sequence number, unix time of the commit
+_WARN_INTERVAL: Final = 60.0  # seconds between warnings about young IDs pruned by count
 
 
 class _Scannable(Protocol):
@@ -36,11 +38,16 @@ class _Scannable(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class DedupPlan:
-    """What one commit does to the index: IDs added and how many of the oldest are pruned."""
+    """What one commit does to the index: IDs added and how many of the oldest are pruned
+    (``by_count`` of them because of ``max_count``, ``young`` of those younger than
+    ``min_age``; ``youngest`` is the commit time of the youngest one pruned)."""
 
     added: tuple[str, ...]
     pruned: int
     now: float
+    by_count: int = 0
+    young: int = 0
+    youngest: float = 0.0
 
 
 class DedupIndex:
@@ -54,6 +61,12 @@ class DedupIndex:
         self._ids: OrderedDict[str, float] = OrderedDict()  # committed: id -> time, oldest first
         self._pending: dict[str, None] = {}
         self._seq = 0
+        self.pruned_by_age = 0
+        self.pruned_by_count = 0
+        self.pruned_young = 0
+        """IDs younger than ``min_age`` pruned by the count limit (since the start)."""
+        self._unwarned_young = 0
+        self._warned_at = float("-inf")
 
     def load(self, store: _Scannable) -> None:
         """Rebuild the mirror from the store (blocking: call it from a worker thread)."""
@@ -91,23 +104,30 @@ class DedupIndex:
         """Put the staged IDs and the pruned keys into the commit's write batch."""
         now = self._clock()
         cfg = self.config
-        # Prune the oldest: past the count limit (counting the staged ones) or past the age.
-        over = max(0, len(self._ids) + len(self._pending) - cfg.max_count)
+        # Prune the oldest committed IDs: first those past the age, then as many as the count
+        # limit (counting the staged ones) asks for. The staged IDs are always written: the
+        # events they guard are applied in this very commit.
+        over = len(self._ids) + len(self._pending) - cfg.max_count
         cutoff = now - cfg.max_age
-        pruned = 0
+        young_after = now - min(cfg.min_age, cfg.max_age)
+        pruned = by_count = young = 0
+        youngest = 0.0
         for key, ts in self._ids.items():
-            if pruned < over or ts < cutoff:
-                deletes.append(PREFIX + key.encode())
-                pruned += 1
-            else:
-                break
-        # More staged than the limit allows: the oldest staged ones are not even written.
-        added = tuple(self._pending)[max(0, over - len(self._ids)):]
+            if ts >= cutoff:
+                if pruned >= over:
+                    break
+                by_count += 1
+                if ts > young_after:
+                    young += 1
+                youngest = ts
+            deletes.append(PREFIX + key.encode())
+            pruned += 1
+        added = tuple(self._pending)
         seq = self._seq
         for key in added:
             puts[PREFIX + key.encode()] = _VALUE.pack(seq, now)
             seq += 1
-        return DedupPlan(added, pruned, now)
+        return DedupPlan(added, pruned, now, by_count, young, youngest)
 
     def committed(self, plan: DedupPlan) -> None:
         """The write batch holding ``plan`` is committed: update the mirror."""
@@ -118,6 +138,22 @@ class DedupIndex:
             ids[key] = plan.now
         self._seq += len(plan.added)
         self._pending.clear()
+        self.pruned_by_age += plan.pruned - plan.by_count
+        self.pruned_by_count += plan.by_count
+        if plan.young:
+            self.pruned_young += plan.young
+            self._unwarned_young += plan.young
+            if plan.now - self._warned_at >= _WARN_INTERVAL:
+                self._warned_at = plan.now
+                logger.warning(
+                    "dedup max_count=%d pruned %d IDs younger than min_age=%.0fs (the youngest "
+                    "%.0fs old; %d since the start): a duplicate arriving later than that is "
+                    "applied again; raise max_count to peak events/s x the lateness window",
+                    self.config.max_count, self._unwarned_young,
+                    min(self.config.min_age, self.config.max_age), plan.now - plan.youngest,
+                    self.pruned_young,
+                )
+                self._unwarned_young = 0
 
     def discard(self) -> None:
         """Forget the staged IDs (their batch was not committed)."""

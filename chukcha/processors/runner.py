@@ -300,8 +300,9 @@ class _Session:
             self._progress_at = now
             e = self._engine
             logger.info("app=%s applied=%d duplicates=%d dead_lettered=%d commits=%d "
-                        "positions=%s", self.app.name, e.applied, e.duplicates, e.dead_lettered,
-                        self.commits, e.positions)
+                        "dedup_ids=%d dedup_pruned_young=%d positions=%s", self.app.name,
+                        e.applied, e.duplicates, e.dead_lettered, self.commits, len(e.dedup),
+                        e.dedup.pruned_young, e.positions)
 
     async def _sync_now(self) -> None:
         store = self._store

@@ -127,6 +127,8 @@ class Tester:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: ``applied``, ``duplicates``, ``dead_lettered``."""
+        """Counters: ``applied``, ``duplicates``, ``dead_lettered``, ``dedup_pruned_young`` (IDs
+        younger than ``DedupConfig.min_age`` that the count limit pruned)."""
         e = self.engine
-        return {"applied": e.applied, "duplicates": e.duplicates, "dead_lettered": e.dead_lettered}
+        return {"applied": e.applied, "duplicates": e.duplicates, "dead_lettered": e.dead_lettered,
+                "dedup_pruned_young": e.dedup.pruned_young}

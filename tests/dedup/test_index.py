@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chukcha import App, Context
 from chukcha.dedup import DedupConfig, DedupIndex
+from chukcha.processors import ProcessorConfig
+from chukcha.processors.tester import Tester
 from chukcha.state import LevelDBStore, MemoryStore
 
 
@@ -65,12 +69,15 @@ def test_retention_by_count_prunes_oldest_on_disk_too() -> None:
     reloaded = DedupIndex(DedupConfig(max_count=3))
     reloaded.load(store)
     assert list(reloaded.committed_ids()) == ["c", "d", "e"]
-    # More staged in one batch than the limit: the oldest staged go at once.
+    # More staged in one batch than the limit: all of them are kept (the events they guard are
+    # applied in that commit); only the committed ones make room. The next commit prunes.
     for key in ("f", "g", "h", "i"):
         index.add(key)
     commit(index, store)
+    assert list(index.committed_ids()) == ["f", "g", "h", "i"]
+    assert [k for k, _ in store.scan(b"d/")] == [b"d/f", b"d/g", b"d/h", b"d/i"]
+    commit(index, store)
     assert list(index.committed_ids()) == ["g", "h", "i"]
-    assert [k for k, _ in store.scan(b"d/")] == [b"d/g", b"d/h", b"d/i"]
 
 
 def test_retention_by_age() -> None:
@@ -93,11 +100,60 @@ def test_retention_by_age() -> None:
     assert list(store.scan(b"d/")) == []
 
 
+def test_age_first_then_count_and_young_ids_pruned_by_count_are_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    store = MemoryStore()
+    index = DedupIndex(DedupConfig(max_count=3, max_age=1000.0, min_age=100.0), clock=clock)
+
+    def at(now: float, *keys: str) -> None:
+        clock.now = now
+        for key in keys:
+            index.add(key)
+        commit(index, store)
+
+    at(0, "a")
+    at(500, "b", "c")
+    at(1100, "d", "e")  # "a" goes by age (1100 s old), "b" by count (600 s old: not young)
+    at(1150, "f")  # "c" by count, 650 s old
+    assert list(index.committed_ids()) == ["d", "e", "f"]
+    assert (index.pruned_by_age, index.pruned_by_count, index.pruned_young) == (1, 2, 0)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    with caplog.at_level("WARNING", logger="chukcha.dedup.index"):
+        at(1160, "g", "h")  # the count limit forces out "d" and "e", only 60 s old
+    assert list(index.committed_ids()) == ["f", "g", "h"]
+    assert index.pruned_young == 2
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "pruned 2 IDs younger than min_age=100s" in warning.getMessage()
+    assert "the youngest 60s old" in warning.getMessage()
+
+
+def test_an_app_batch_larger_than_max_count_is_deduplicated_exactly() -> None:
+    """Every ID of a batch is written even when the batch alone exceeds max_count, so a
+    redelivery of that batch is skipped entirely."""
+    app = App("big", nodes=["http://127.0.0.1:1"],
+              config=ProcessorConfig(dedup=DedupConfig(max_count=2)))
+
+    @app.processor("adds")
+    def on_add(ctx: Context, event: dict[str, Any]) -> None:
+        ctx.set("n", ctx.get("n", 0) + 1)
+
+    t = Tester(app)
+    events = [{"id": f"e{i}"} for i in range(3)]
+    t.feed("adds", *events)
+    t.feed("adds", *events)  # redelivered
+    assert t.table == {"n": 3}
+    assert t.stats["duplicates"] == 3
+
+
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="max_count"):
         DedupConfig(max_count=0)
     with pytest.raises(ValueError, match="max_age"):
         DedupConfig(max_age=-1)
+    with pytest.raises(ValueError, match="min_age"):
+        DedupConfig(min_age=-1)
 
 
 @settings(max_examples=200, deadline=None)
