@@ -252,7 +252,14 @@ class Context:
         event's own ``id``, else ``"<input id>/<n>"`` (n counts this input's emits), so a resend
         is a duplicate downstream.
 
+        ``event`` is a dict or the bytes of one JSON object (one line). Bytes without an ``id``
+        get the derived one spliced in front (``{"id":"<input id>/<n>",...``); the rest of the
+        bytes is kept as it is.
+
         Raises:
+            ValueError: bytes that are not one line holding a JSON object: without an ID of
+                its own an emit would be deduplicated downstream only by where it is stored,
+                so a resend after a crash would be applied twice.
             MessageTooLargeError: the encoded event is over the bus's message limit (1 MiB);
                 raised in the callback, so the error policy decides (stop or dead-letter).
         """
@@ -260,14 +267,7 @@ class Context:
             validate_category(category)
             self._categories.add(category)
         if isinstance(event, bytes):
-            if b"\n" in event:
-                raise ValueError("an emitted event must be one line")
-            line = event
-            try:
-                obj = orjson.loads(event)
-            except orjson.JSONDecodeError:
-                obj = None
-            eid = str(obj.get("id", "")) if isinstance(obj, dict) else ""
+            line, eid = self._bytes_emit(event)
         elif isinstance(event, dict):
             own_id: Any = event.get("id")
             if own_id is None:
@@ -286,6 +286,28 @@ class Context:
             )
         self._emits.append((category, line + b"\n"))
         return str(eid)
+
+    def _bytes_emit(self, event: bytes) -> tuple[bytes, str]:
+        """The line and ID of an event emitted as bytes (see :meth:`emit`)."""
+        if b"\n" in event:
+            raise ValueError("an emitted event must be one line")
+        try:
+            obj = orjson.loads(event)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"an event emitted as bytes must be a JSON object: {exc}") from None
+        if type(obj) is not dict:
+            raise ValueError(
+                f"an event emitted as bytes must be a JSON object, not {type(obj).__name__}"
+            )
+        own = obj.get("id")
+        if own is not None:
+            return event, str(own)
+        eid = f"{self.event_id}/{len(self._emits)}"
+        if "id" in obj:  # "id": null; a second "id" key would be ambiguous: re-encode
+            return orjson.dumps({**obj, "id": eid}), eid
+        rest = event.lstrip()[1:].lstrip()  # after the "{"
+        comma = b"" if rest.startswith(b"}") else b","
+        return b'{"id":' + orjson.dumps(eid) + comma + rest, eid
 
     def to_sink(self, name: str, row: Any) -> None:
         """Stage ``row`` for sink ``name``; flushed before the commit."""
