@@ -21,7 +21,8 @@ every subscriber; applying a replicated ack is idempotent and emits only when it
 something, so acks spread transitively and stop. An ack that could not be delivered (the peer was
 down) is not lost: when a peer (re)subscribes it is first sent the state — ``chunk_created`` for
 our latest chunk of every category and ``chunk_ack`` for the most recent tombstones per
-(category, owner) — which also survives restarts, because tombstones are files.
+(category, owner) — which also survives restarts, because tombstones are files. Older acks of
+the peer's own stream are inferred from its listing when a replica syncs (``_drop_acked``).
 """
 
 from __future__ import annotations
@@ -499,7 +500,9 @@ class PeerLink:
     async def _sync_category(self, category: str, state: _CategoryState) -> bool:
         """Download what the peer has. Returns False when there is nothing to wait on but a
         new chunk (everything here is complete)."""
-        for info in await self._list(category, state):
+        listing = await self._list(category, state)
+        await self._drop_acked(category, listing)
+        for info in listing:
             if self._store.is_tombstoned(category, info.name):
                 continue
             local = self._store.chunk_size(category, info.name) or 0
@@ -508,6 +511,28 @@ class PeerLink:
             await self._download(category, state, info, local)
             return True
         return False
+
+    async def _drop_acked(self, category: str, listing: list[ChunkInfo]) -> None:
+        """Tombstone the peer's own chunks that were acked while no ack event could reach us.
+
+        The (re)subscription replay re-sends only the newest ``REPLAY_TOMBSTONES`` acks per
+        (category, owner); older ones would stay live here forever. But the peer's listing of
+        its OWN stream is authoritative (the owner creates its chunks, and only an ack removes
+        one), so a chunk of its stream that we hold, older than the oldest one it lists and not
+        listed, was acked there. Chunks of other owners are never touched here.
+        """
+        if not listing:
+            return  # nothing to compare with (a wiped owner is not a reason to drop data)
+        owner = self.peer.instance
+        listed = {c.name for c in listing}
+        oldest = min(parse_chunk_name(c.name).index for c in listing)
+        for info in self._store.list_chunks(category):
+            cname = parse_chunk_name(info.name)
+            if cname.instance != owner or cname.index >= oldest or info.name in listed:
+                continue
+            if await self._store.tombstone_replica(category, info.name):
+                logger.info("instance=%s category=%s dropped %s: acked at its owner while we "
+                            "were apart", self._me, category, info.name)
 
     async def _read(
         self, category: str, chunk: str, off: int, wait: float

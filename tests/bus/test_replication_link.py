@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from chukcha.bus import chunks
+from chukcha.bus import chunks, replication
 from chukcha.bus.chunks import ChunkStore, StoreEvent, StoreEventKind
 from chukcha.bus.config import Peer, ReplicationConfig
 from chukcha.bus.replication import PeerLink, _BufferPool
@@ -72,3 +72,62 @@ async def test_events_loop_survives_an_unexpected_error_and_resubscribes(
         assert calls == 2
         assert link.connects >= 2
         assert replica.is_tombstoned("c", C0)
+
+
+async def _until(store: ChunkStore, check: Callable[[], bool]) -> None:
+    """Wait (pushed by the store's events, bounded) until ``check()`` holds."""
+    changed = asyncio.Event()
+
+    def on_event(_: StoreEvent) -> None:
+        changed.set()
+
+    store.add_listener(on_event)
+    try:
+        async with asyncio.timeout(10):
+            while not check():
+                await changed.wait()
+                changed.clear()
+    finally:
+        store.remove_listener(on_event)
+
+
+async def test_acks_past_the_replay_cap_made_while_the_replica_was_away_are_applied(
+    tmp_path: Path, replica: ChunkStore, http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(replication, "REPLAY_TOMBSTONES", 4)
+    # Another owner's chunk on the replica: never dropped because of a's listing.
+    assert await replica.append_replica("c", "z-chunk000000000", 0, b"zz\n") == 3
+    config = ReplicationConfig(retry_interval=0.05, poll_wait=0.5)
+    names = [f"a-chunk{i:09d}" for i in range(12)]
+    async with run_node(tmp_path / "a", instance="a") as owner:
+        api = Api(http, owner.url)
+        for i in range(12):
+            await api.write("c", b"m%02d\n" % i)
+            if i < 11:
+                await owner.store.rotate()
+
+        link = PeerLink(Peer("a", owner.address), replica, config, http, _BufferPool(1 << 20, 1))
+        link.start()
+        try:
+            await _until(replica, lambda: all(replica.chunk_size("c", n) == 4 for n in names))
+        finally:
+            await link.stop(5)
+
+        # The replica is away while 10 chunks are acked at their owner: more than the replay
+        # re-sends (4 per owner).
+        for name in names[:10]:
+            assert (await api.ack("c", name, 4)).status == 200
+
+        link = PeerLink(Peer("a", owner.address), replica, config, http, _BufferPool(1 << 20, 1))
+        link.start()
+        try:
+            await _until(replica, lambda: all(replica.is_tombstoned("c", n) for n in names[:10]))
+        finally:
+            await link.stop(5)
+    assert [c.name for c in replica.list_chunks("c")] == [*names[10:], "z-chunk000000000"]
+    cat_dir = tmp_path / "b" / "c"
+    files = await asyncio.to_thread(lambda: sorted(p.name for p in cat_dir.iterdir()))
+    assert link.connects == 1  # the second link's first subscription did it
+    assert files == sorted([*(n + ".acknowledged" for n in names[:10]), *names[10:],
+                            "z-chunk000000000"])
