@@ -12,7 +12,8 @@ last revision it saw (so no join or leave in between is missed), re-registering 
 expired meanwhile.
 
 Consumer groups (:class:`EtcdGroups`): ``chukcha/<cluster>/groups/<category>/<group>`` registers
-a group, ``.../<group>/<chunk>`` = size records its ack; watched with the same resilience.
+a group, ``.../<group>/<chunk>`` = size records its ack (written only while the registration
+exists, in one transaction; an ack key without one is ignored); watched with the same resilience.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, Final, Protocol
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
+import aetcd.utils
 
 from chukcha.bus.config import Peer, parse_etcd_endpoint
 from chukcha.errors import CoordinationError
@@ -436,13 +438,31 @@ class EtcdGroups:
         await self._session_client().put(self._key(category, group), b"1")
 
     async def unregister(self, category: str, group: str) -> None:
-        """Delete the registration and every ack of ``group``."""
+        """Delete the registration and every ack of ``group``, in one transaction."""
         client = self._session_client()
-        await client.delete_prefix(self._key(category, group) + b"/")
-        await client.delete(self._key(category, group))
+        key, acks = self._key(category, group), self._key(category, group) + b"/"
+        await client.transaction(
+            compare=[],
+            success=[
+                client.transactions.delete(key),
+                client.transactions.delete(acks, range_end=aetcd.utils.prefix_range_end(acks)),
+            ],
+            failure=[],
+        )
 
-    async def ack(self, category: str, group: str, chunk: str, size: int) -> None:
-        await self._session_client().put(self._key(category, group, chunk), str(size).encode())
+    async def ack(self, category: str, group: str, chunk: str, size: int) -> bool:
+        """Record ``group``'s ack of ``chunk`` if ``group`` is registered (checked in the same
+        transaction); returns whether it was. A late ack (say, from an outbox) of a group
+        unregistered meanwhile is dropped: it must not bring the group back."""
+        client = self._session_client()
+        registered = client.transactions.version(self._key(category, group)) > 0
+        succeeded, _ = await client.transaction(
+            compare=[registered],
+            success=[client.transactions.put(self._key(category, group, chunk),
+                                             str(size).encode())],
+            failure=[],
+        )
+        return bool(succeeded)
 
     async def forget(self, category: str, chunk: str, groups: list[str]) -> None:
         """Delete the acks of ``chunk`` (it is tombstoned: they are not needed any more)."""
@@ -454,7 +474,7 @@ class EtcdGroups:
         """The groups of ``category`` and their acks, read from etcd now (linearizable)."""
         resp = await self._session_client().get_prefix(self._prefix + f"{category}/".encode())
         result: dict[str, dict[str, int]] = {}
-        for kv in resp:
+        for kv in self._registrations_first(resp):
             self._apply(result, kv.key, kv.value, category)
         return result
 
@@ -469,6 +489,11 @@ class EtcdGroups:
         logger.warning("ignoring etcd key %r: not a group or a group ack", key)
         return None
 
+    def _registrations_first(self, kvs: Any) -> list[Any]:
+        """``kvs`` with the registration keys before the ack keys (``<category>/<group>/<chunk>``),
+        so that an ack is applied only to a group that is registered."""
+        return sorted(kvs, key=lambda kv: kv.key[len(self._prefix):].count(b"/") > 1)
+
     def _apply(
         self, groups: dict[str, dict[str, int]], key: bytes, value: bytes | None, only: str
     ) -> None:
@@ -482,12 +507,18 @@ class EtcdGroups:
             elif group in groups:
                 groups[group].pop(chunk, None)
             return
-        acked = groups.setdefault(group, {})  # an ack implies the registration
-        if chunk is not None:
-            try:
-                acked[chunk] = int(value)
-            except ValueError:
-                logger.warning("ignoring etcd key %r: size %r is not a number", key, value)
+        if chunk is None:
+            groups.setdefault(group, {})
+            return
+        acked = groups.get(group)
+        if acked is None:
+            # An ack without a registration (written before acks were conditional, or left
+            # by an unregistration) is litter: it must not make the group look registered.
+            return
+        try:
+            acked[chunk] = int(value)
+        except ValueError:
+            logger.warning("ignoring etcd key %r: size %r is not a number", key, value)
 
     async def _run_forever(self) -> None:
         backoff = self._retry
@@ -541,11 +572,11 @@ class EtcdGroups:
     async def _resync(self, client: Any) -> None:
         resp = await client.get_prefix(self._prefix)
         mirror: GroupsSnapshot = {}
-        for kv in resp:
+        for kv in self._registrations_first(resp):
             parsed = self._parse(kv.key)
             if parsed is not None:
                 self._apply(mirror.setdefault(parsed[0], {}), kv.key, kv.value, parsed[0])
-        self._mirror = mirror
+        self._mirror = {cat: groups for cat, groups in mirror.items() if groups}
         self.revision = resp.header.revision
         self.synced = True
         self._notify()

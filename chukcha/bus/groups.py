@@ -32,7 +32,10 @@ tombstone a chunk that a group registered *anywhere* has not acked:
   every group registered in the cluster at that moment has acked it; then it deletes the acks
   of that chunk. Unregistering re-checks the category the same way. A write that etcd cannot
   take now waits in the outbox, so while etcd is down group acks are accepted and recorded but
-  nothing is tombstoned for a group ack.
+  nothing is tombstoned for a group ack. A group ack is written only if the group is still
+  registered (one etcd transaction), an unregistration deletes the group and its acks in one
+  transaction, and an ack key without its registration is ignored: a late ack from an outbox
+  cannot bring an unregistered group back (which would keep its category's chunks forever).
 - **With static peers** (``--peers``) the node that receives a registration, an unregistration
   or a group ack from a client records it and forwards it to every peer (``/groups/register``,
   ``/groups/unregister``, ``/groups/ack`` with ``from=<instance>``, which is not forwarded again)
@@ -632,9 +635,12 @@ class ConsumerGroups:
         elif op == "unregister":
             await etcd.unregister(category, group)
             await self._settle(etcd, category, None)
-        else:
-            await etcd.ack(category, group, entry["chunk"], entry["size"])
+        elif await etcd.ack(category, group, entry["chunk"], entry["size"]):
             await self._settle(etcd, category, entry["chunk"])
+        else:
+            logger.info("instance=%s category=%s dropped group %s's ack of %s: the group is "
+                        "not registered (any more)", self._store.instance, category, group,
+                        entry["chunk"])
 
     async def _settle(self, etcd: EtcdGroups, category: str, chunk: str | None) -> None:
         """Tombstone ``chunk`` (or every chunk of ``category`` with acks) if every group

@@ -3,13 +3,17 @@ data on every node (static peers: forwarded from a durable outbox; etcd: kept in
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import gc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aetcd
 import orjson
 import pytest
 
+from chukcha.bus.coordination import EtcdGroups, GroupsSnapshot, groups_prefix
 from chukcha.client import Client
 from chukcha.client.consumer import Consumer
 from chukcha.testing import ClusterProcess, EtcdServer, run_cluster, run_etcd
@@ -188,3 +192,61 @@ async def test_with_etcd_a_plain_ack_is_the_default_group_cluster_wide(
         await api.api.ack(a, "orders", first.name, first.size, group="billing")
         await wait_for(functools.partial(gone_everywhere, api, [a, b], "orders", {first.name}),
                        what="the chunk to go once default and billing acked it")
+
+
+# grpc (etcd's client, in this process here) joins its poller thread on the loop when its last
+# channel is freed: blocking by design, not ours.
+@pytest.mark.allow_blocking
+async def test_with_etcd_a_late_ack_does_not_bring_an_unregistered_group_back(
+    etcd: EtcdServer,
+) -> None:
+    marked = asyncio.Event()
+
+    def on_change(snapshot: GroupsSnapshot) -> None:
+        if "marker" in snapshot:
+            marked.set()
+
+    groups = EtcdGroups((etcd.endpoint,), "t", "a", retry_interval=0.05)
+    groups.add_listener(on_change)
+    await groups.start()
+    try:
+
+        async def connected() -> bool:
+            return groups.connected
+
+        await wait_for(connected, what="the groups' etcd session")
+        await groups.register("orders", "billing")
+        await groups.ack("orders", "billing", "a-chunk000000000", 10)
+        assert await groups.read("orders") == {"billing": {"a-chunk000000000": 10}}
+        await groups.unregister("orders", "billing")
+        # A late ack (say, from a node's outbox) of the unregistered group is not written.
+        written = await groups.ack("orders", "billing", "a-chunk000000001", 10)
+        assert await groups.read("orders") == {}
+        assert written is False
+
+        # An ack key without its registration (as written before acks were conditional) is
+        # ignored, in a read, in the watched mirror and in a fresh mirror.
+        raw = aetcd.Client("127.0.0.1", etcd.client_port)
+        try:
+            await raw.put(groups_prefix("t") + b"orders/audit/a-chunk000000002", b"5")
+        finally:
+            await raw.close()
+        assert await groups.read("orders") == {}
+        await groups.register("marker", "m")  # watched after the orphan ack
+        async with asyncio.timeout(5):
+            await marked.wait()
+        assert "orders" not in groups.snapshot()
+    finally:
+        await groups.stop()
+    fresh = EtcdGroups((etcd.endpoint,), "t", "b", retry_interval=0.05)
+    await fresh.start()
+    try:
+
+        async def synced() -> bool:
+            return fresh.synced
+
+        await wait_for(synced, what="a fresh mirror")
+        assert fresh.snapshot() == {"marker": {"m": {}}}
+    finally:
+        await fresh.stop()
+        gc.collect()  # free grpc's channels inside this test (see the marker)
