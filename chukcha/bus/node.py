@@ -99,14 +99,30 @@ class Node:
             )
             await self._runner.setup()
             await web.SockSite(self._runner, self._sock).start()
+            self._tasks.append(
+                asyncio.create_task(self._rotate_forever(), name="chunk-rotation")
+            )
+            await self.cluster.start(self.address)
         except BaseException:
-            await self.groups.stop()
-            await self._close_store()
+            await self._abort_start()
             raise
-        self._tasks.append(asyncio.create_task(self._rotate_forever(), name="chunk-rotation"))
-        await self.cluster.start(self.address)
         self._state = NodeState.RUNNING
         logger.info("instance=%s serving %s on http://%s", cfg.instance, cfg.data_dir, self.address)
+
+    async def _abort_start(self) -> None:
+        """Undo a start that failed part-way (whatever got started), in reverse order, so that
+        nothing keeps running and ``running.lock`` is released."""
+        await self.cluster.stop()  # never raises; copes with a cluster that did not start
+        await self.groups.stop()
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.config.stop_timeout)
+        self._tasks.clear()
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+        await self._close_store()
 
     def _bind(self) -> socket.socket:
         cfg = self.config
