@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -31,6 +32,7 @@ import aetcd.rpc
 import aetcd.utils
 
 from chukcha.bus.config import Peer, parse_etcd_endpoint
+from chukcha.bus.tasks import log_task_crash
 from chukcha.errors import CoordinationError
 from chukcha.protocol import validate_instance
 
@@ -338,9 +340,7 @@ class EtcdMembership:
                 logger.exception("membership listener failed")
 
 
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("membership task crashed", exc_info=task.exception())
+_log_crash: Final = functools.partial(log_task_crash, what="membership")
 
 
 # --- consumer groups ------------------------------------------------------------------------

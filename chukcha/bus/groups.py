@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -73,6 +74,7 @@ from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import Peer
 from chukcha.bus.coordination import ETCD_ERRORS, EtcdGroups, GroupsSnapshot
 from chukcha.bus.http import Handler, float_param, int_param, str_param
+from chukcha.bus.tasks import log_task_crash
 from chukcha.errors import BadRequestError, ChukchaError, InvalidAckError, ReplicationError
 from chukcha.protocol import parse_chunk_name, validate_category, validate_instance
 
@@ -793,9 +795,7 @@ def _entry(
     return entry
 
 
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("group task %s crashed", task.get_name(), exc_info=task.exception())
+_log_crash: Final = functools.partial(log_task_crash, what="group")
 
 
 def _read_file(path: Path) -> bytes | None:

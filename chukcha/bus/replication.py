@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -44,6 +45,7 @@ from chukcha.bus.config import Peer, ReplicationConfig
 from chukcha.bus.coordination import Membership
 from chukcha.bus.fetch import ChunkFetcher, UnsupportedResponseError
 from chukcha.bus.http import Handler, int_param, str_param
+from chukcha.bus.tasks import log_task_crash
 from chukcha.errors import ChukchaError, ReplicationError, ReplicationTimeoutError
 from chukcha.protocol import (
     ChunkInfo,
@@ -858,6 +860,4 @@ def _check_ok(resp: aiohttp.ClientResponse, url: str) -> None:
         raise ReplicationError(f"{url}: HTTP {resp.status}")
 
 
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("replication task %s crashed", task.get_name(), exc_info=task.exception())
+_log_crash: Final = functools.partial(log_task_crash, what="replication")
