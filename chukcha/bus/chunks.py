@@ -473,11 +473,18 @@ class ChunkStore:
         is never resurrected).
 
         Raises:
-            ReplicationError: ``offset`` is not the local size (another download raced us).
+            ReplicationError: ``offset`` is not the local size (another download raced us), or
+                ``data`` does not end in ``\n`` (a peer must send whole messages only: a
+                partial one stored here would be served to readers).
         """
         cname = parse_chunk_name(chunk)
         if cname.instance == self._instance:
             raise ReplicationError(f"refusing to replicate own chunk {chunk}")
+        if data and data[-1] != 0x0A:
+            raise ReplicationError(
+                f"refusing {len(data)} bytes of {category}/{chunk} at {offset}: they do not end "
+                "in a newline (a partial message)"
+            )
         cat = await self._category(category)
         async with cat.lock:
             if chunk in cat.tombstones:

@@ -39,6 +39,7 @@ from typing import Any, Final
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 
 from chukcha.bus.chunks import ChunkStore, StoreEvent, StoreEventKind
 from chukcha.bus.config import Peer, ReplicationConfig
@@ -70,6 +71,10 @@ HEARTBEAT_INTERVAL: Final = 10.0
 REPLAY_TOMBSTONES: Final = 1024
 """Tombstones per (category, owner) re-sent to a (re)subscribing peer: the bound of the replay."""
 _MAX_QUEUE: Final = 100_000
+_MAX_EVENT_LINE: Final = 64 << 10
+"""Longest line read from a peer's events stream (an event is ~100 bytes)."""
+_MAX_LISTING: Final = 64 << 20
+"""Largest ``/listChunks`` answer read from a peer (~70 bytes per chunk: ~1M chunks)."""
 _EMPTY: Final = b'{"Type":"","Chunk":{"Owner":"","Category":"","FileName":""}}\n'
 _NDJSON: Final = "application/x-ndjson"
 
@@ -389,7 +394,7 @@ class PeerLink:
                     backoff = self._config.retry_interval
                     logger.info("instance=%s subscribed to %s events", self._me,
                                 self.peer.instance)
-                    async for line in resp.content:
+                    async for line in _lines(resp.content, _MAX_EVENT_LINE):
                         self.last_seen = time.time()
                         await self._on_event(line)
             except (aiohttp.ClientError, TimeoutError, ReplicationError, ValueError) as exc:
@@ -490,7 +495,7 @@ class PeerLink:
         ) as resp:
             if resp.status != 200:
                 raise ReplicationError(f"{url}: HTTP {resp.status}")
-            items = orjson.loads(await resp.read()) or []
+            items = orjson.loads(await _read_capped(resp, _MAX_LISTING)) or []
         try:
             own = [ChunkInfo.from_json(i) for i in items
                    if str(i.get("name", "")).rpartition("-")[0] == self.peer.instance]
@@ -853,6 +858,32 @@ class Replicator:
             }
             for name, link in sorted(self._links.items())
         ]
+
+
+async def _lines(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    """Lines of a peer's NDJSON stream, none longer than ``limit`` (a peer cannot make us
+    buffer without bound)."""
+    while True:
+        try:
+            line = await content.readline(max_line_length=limit)
+        except LineTooLong:
+            raise ReplicationError(f"a line of the events stream is over {limit} bytes") from None
+        if not line:
+            return
+        yield line
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """A peer's whole (JSON) answer, refused when it is over ``limit`` bytes."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ReplicationError(f"{resp.url}: answer of {resp.content_length} bytes is over "
+                               f"{limit}")
+    buf = bytearray()
+    async for piece in resp.content.iter_any():
+        buf += piece
+        if len(buf) > limit:
+            raise ReplicationError(f"{resp.url}: answer is over {limit} bytes")
+    return bytes(buf)
 
 
 def _check_ok(resp: aiohttp.ClientResponse, url: str) -> None:
