@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from chukcha.bus.chunks import INLINE_WRITE_LIMIT
 from chukcha.bus.node import Node
 from chukcha.protocol import MAX_MESSAGE_SIZE
 from chukcha.testing import run_node
@@ -271,3 +273,45 @@ async def test_enospc_answers_an_error_keeps_the_chunk_whole_and_recovers(
         await api.write("c", b"after\n")
         assert await api.read("c", C0, len(expected)) == b"after\n"
         assert await read_file(path) == expected + b"after\n"
+
+
+class _FullDisk:
+    """``os.write`` that lets ``budget`` more bytes into one fd, then fails with ENOSPC (other
+    fds are untouched): a full disk in process, without root or a tmpfs."""
+
+    def __init__(
+        self, real: Callable[[int, bytes | memoryview], int], fd: int, budget: int
+    ) -> None:
+        self._real, self.fd, self.budget = real, fd, budget
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        if fd != self.fd:
+            return self._real(fd, data)
+        if self.budget <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = self._real(fd, memoryview(data)[: self.budget])
+        self.budget -= n
+        return n
+
+
+async def test_enospc_in_process_rolls_the_chunk_back_and_the_node_recovers(
+    node: Node, api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await api.write("c", b"good\n")
+    path = tmp_path / "data" / "c" / C0
+    disk = _FullDisk(os.write, node.store._categories["c"].write_fd, budget=3)
+    monkeypatch.setattr("chukcha.bus.chunks.os.write", disk.write)
+    small, big = b"abcdefgh\n", b"%s\n" % (b"f" * (INLINE_WRITE_LIMIT + 10))
+    for body in (small, big, small):  # on the loop, in a worker thread, and again
+        ans = await api.call("/write", {"category": "c"}, body)
+        assert ans.status == 500, ans
+        assert "No space left on device" in ans.text
+        assert await read_file(path) == b"good\n"  # rolled back to the last good length
+        assert await api.list_chunks("c") == [{"name": C0, "complete": False, "size": 5}]
+        assert await api.read("c", C0) == b"good\n"  # reads still work
+        assert await api.read("c", C0, 5) == b""
+    disk.budget = 1 << 30  # room again
+    await api.write("c", b"after\n")
+    await api.write("c", big)
+    assert await api.read("c", C0, 0, 1 << 20) == b"good\nafter\n" + big
+    assert await read_file(path) == b"good\nafter\n" + big
