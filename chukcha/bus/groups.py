@@ -48,6 +48,8 @@ tombstone a chunk that a group registered *anywhere* has not acked:
   the chunk, which then replicates. Register a group before its data is consumed by others, or
   use etcd.
 
+The outbox's delivery (to etcd or to the peers) lives in :mod:`chukcha.bus.group_forwarding`.
+
 The client still registers a group consumer on every node it knows and copies its acks to
 them (belt and braces: the copy is synchronous, so another node's listing shows the ack as soon
 as the commit returns); correctness no longer depends on it.
@@ -57,7 +59,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import re
@@ -66,16 +67,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import Peer
 from chukcha.bus.coordination import ETCD_ERRORS, EtcdGroups, GroupsSnapshot
+from chukcha.bus.group_forwarding import INLINE_TIMEOUT, GroupForwarder, outbox_entry
 from chukcha.bus.http import Handler, float_param, int_param, str_param
-from chukcha.bus.tasks import log_task_crash
-from chukcha.errors import BadRequestError, ChukchaError, InvalidAckError, ReplicationError
+from chukcha.errors import BadRequestError, InvalidAckError
 from chukcha.protocol import parse_chunk_name, validate_category, validate_instance
 
 __all__ = [
@@ -95,17 +95,6 @@ DEFAULT_GROUP: Final = "default"
 _GROUP_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}")
 _JSON: Final = "application/json"
 _MAX_AGE: Final = 100 * 365 * 86400.0
-_ETCD: Final = "etcd"
-"""The outbox destination of etcd writes (peer destinations are instance names)."""
-_MAX_BACKOFF: Final = 2.0
-_BATCH: Final = 64
-_INLINE_TIMEOUT: Final = 5.0
-"""How long a request waits for etcd to take its change before leaving it to the outbox."""
-_FORWARD_PATHS: Final = {
-    "register": "/groups/register",
-    "unregister": "/groups/unregister",
-    "ack": "/groups/ack",
-}
 
 
 def validate_group(name: str) -> str:
@@ -277,27 +266,23 @@ class ConsumerGroups:
         self._store = store
         self._registry = GroupRegistry(store.data_dir / GROUPS_FILE)
         self._retention_interval = retention_interval
-        self._peers = {p.instance: p for p in peers if p.instance != store.instance}
         self._etcd = etcd
-        self._retry = retry_interval
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._forwarders: list[asyncio.Task[None]] = []
-        self._wake: dict[str, asyncio.Event] = {}
-        self._pump_locks: dict[str, asyncio.Lock] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._mirror_dirty = False
+        self._forwarder = GroupForwarder(store, self._registry, self._lock, peers=peers,
+                                         etcd=etcd, retry_interval=retry_interval,
+                                         on_tombstoned=self._prune)
 
     @property
     def registry(self) -> GroupRegistry:
         return self._registry
 
     def _destinations(self) -> list[str]:
-        return [_ETCD] if self._etcd is not None else sorted(self._peers)
+        return self._forwarder.destinations()
 
     def pending(self) -> dict[str, int]:
         """Outbox entries not confirmed yet, per destination (for tests and status)."""
-        return {dest: len(box) for dest, box in self._registry.outbox.items() if box}
+        return self._forwarder.pending()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -307,25 +292,7 @@ class ConsumerGroups:
         if self._task is not None:
             return
         await self._registry.load()
-        dests = self._destinations()
-        for dest in list(self._registry.outbox):
-            if dest not in dests:
-                logger.warning("instance=%s dropping %d group change(s) queued for %s: not a "
-                               "peer any more", self._store.instance,
-                               len(self._registry.outbox[dest]), dest)
-                del self._registry.outbox[dest]
-        if self._etcd is not None:
-            self._etcd.add_listener(self._on_etcd)
-            await self._etcd.start()
-        if self._peers:
-            self._session = aiohttp.ClientSession()
-        for dest in dests:
-            self._wake[dest] = asyncio.Event()
-            self._wake[dest].set()  # deliver what a previous run left
-            self._pump_locks[dest] = asyncio.Lock()
-            task = asyncio.create_task(self._forward_forever(dest), name=f"groups-to-{dest}")
-            task.add_done_callback(_log_crash)
-            self._forwarders.append(task)
+        await self._forwarder.start()
         self._task = asyncio.create_task(self._retention_forever(), name="retention")
 
     async def stop(self) -> None:
@@ -333,15 +300,9 @@ class ConsumerGroups:
         if (task := self._task) is None:
             return
         self._task = None
-        tasks, self._forwarders = [task, *self._forwarders], []
-        for t in tasks:
-            t.cancel()
-        await asyncio.wait(tasks)
-        if self._etcd is not None:
-            await self._etcd.stop()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        task.cancel()
+        await asyncio.wait([task])
+        await self._forwarder.stop()
 
     async def __aenter__(self) -> ConsumerGroups:
         await self.start()
@@ -377,7 +338,8 @@ class ConsumerGroups:
                 # A plain ack while groups are registered: the default group registers
                 # (cluster-wide, like any registration) by acking.
                 registered = self._registry.register(category, group)
-                self._registry.enqueue(self._destinations(), _entry("register", category, group))
+                self._registry.enqueue(self._destinations(),
+                                       outbox_entry("register", category, group))
                 groups = self._registry.groups(category)
             new = registered or groups[group].get(chunk) != size
             self._registry.record_ack(category, group, chunk, size)
@@ -388,8 +350,8 @@ class ConsumerGroups:
                     await self._store.ack(category, chunk, size)
                     self._prune(category)
             if new:
-                self._registry.enqueue(self._destinations(), _entry("ack", category, group,
-                                                                    chunk, size))
+                self._registry.enqueue(self._destinations(),
+                                       outbox_entry("ack", category, group, chunk, size))
             await self._registry.save()
         if registered:
             logger.info("instance=%s category=%s registered group %s (a plain ack while "
@@ -397,7 +359,7 @@ class ConsumerGroups:
         logger.debug("category=%s group=%s acked %s%s", category, group, chunk,
                      " (all groups: tombstoned)" if done else "")
         if new:
-            await self._sent()
+            await self._forwarder.sent()
 
     async def _has_groups(self, category: str) -> bool:
         """Whether any group is registered for ``category``: this node's view, and with etcd
@@ -408,7 +370,7 @@ class ConsumerGroups:
         if etcd is None or not etcd.connected:
             return False
         try:
-            async with asyncio.timeout(_INLINE_TIMEOUT):
+            async with asyncio.timeout(INLINE_TIMEOUT):
                 return bool(await etcd.read(category))
         except ETCD_ERRORS as exc:
             logger.info("instance=%s category=%s etcd did not answer (%s); deciding a plain ack "
@@ -491,14 +453,15 @@ class ConsumerGroups:
             # With etcd always (re)written: the local view may be stale while etcd is down.
             share = origin is None and (created or self._etcd is not None)
             if share:
-                self._registry.enqueue(self._destinations(), _entry("register", category, group))
+                self._registry.enqueue(self._destinations(),
+                                       outbox_entry("register", category, group))
             if created or share:
                 await self._registry.save()
         if created:
             logger.info("instance=%s category=%s registered group %s%s", self._store.instance,
                         category, group, f" (from {origin})" if origin else "")
         if share:
-            await self._sent()
+            await self._forwarder.sent()
         return created
 
     async def unregister(self, category: str, group: str, origin: str | None = None) -> bool:
@@ -514,7 +477,7 @@ class ConsumerGroups:
             share = origin is None and (removed or self._etcd is not None)
             if share:
                 self._registry.enqueue(self._destinations(),
-                                       _entry("unregister", category, group))
+                                       outbox_entry("unregister", category, group))
             if removed or share:
                 await self._registry.save()
         if removed:
@@ -522,7 +485,7 @@ class ConsumerGroups:
                         self._store.instance, category, group,
                         f" (from {origin})" if origin else "")
         if share:
-            await self._sent()
+            await self._forwarder.sent()
         return removed
 
     def describe(self, category: str) -> dict[str, Any]:
@@ -538,140 +501,6 @@ class ConsumerGroups:
             ],
             "retention": self._registry.retention(category).to_json(),
         }
-
-    # --- sharing with the cluster ---------------------------------------------------------
-
-    async def _sent(self) -> None:
-        """A change was queued: wake the forwarders. With etcd, deliver it now when etcd
-        answers, so the reply to the request means "cluster-wide" (and a last ack tombstones
-        before it returns); what fails stays queued for the forwarder."""
-        for event in self._wake.values():
-            event.set()
-        if self._etcd is None or not self._etcd.connected or _ETCD not in self._pump_locks:
-            return
-        try:
-            async with asyncio.timeout(_INLINE_TIMEOUT):
-                await self._pump(_ETCD)
-        except (*ETCD_ERRORS, ChukchaError) as exc:
-            logger.info("instance=%s etcd did not take a group change (%s); retrying",
-                        self._store.instance, exc)
-            self._wake[_ETCD].set()
-
-    def _on_etcd(self, snapshot: GroupsSnapshot) -> None:
-        # etcd's view, plus what this node has queued for etcd but not written yet.
-        self._registry.replace_groups(snapshot)
-        for entry in self._registry.outbox.get(_ETCD, []):
-            self._registry.apply(entry)
-        self._mirror_dirty = True
-        if (event := self._wake.get(_ETCD)) is not None:
-            event.set()  # the forwarder saves the mirror (last known set across restarts)
-
-    async def _forward_forever(self, dest: str) -> None:
-        wake = self._wake[dest]
-        backoff = self._retry
-        while True:
-            await wake.wait()
-            wake.clear()
-            try:
-                await self._pump(dest)
-            except (aiohttp.ClientError, TimeoutError, ChukchaError, *ETCD_ERRORS) as exc:
-                logger.debug("instance=%s group changes to %s not delivered (%d left): %s",
-                             self._store.instance, dest,
-                             len(self._registry.outbox.get(dest, [])), exc)
-                wake.set()
-                await asyncio.sleep(backoff)  # retry backoff, not synchronisation
-                backoff = min(backoff * 2, _MAX_BACKOFF)
-                continue
-            backoff = self._retry
-
-    async def _pump(self, dest: str) -> None:
-        """Deliver ``dest``'s outbox in order; each entry leaves it only once confirmed."""
-        async with self._pump_locks[dest]:
-            if self._mirror_dirty:
-                self._mirror_dirty = False
-                async with self._lock:
-                    await self._registry.save()
-            while batch := list(self._registry.outbox.get(dest, [])[:_BATCH]):
-                done = 0
-                try:
-                    for entry in batch:
-                        await self._deliver(dest, entry)
-                        done += 1
-                finally:
-                    if done:
-                        async with self._lock:
-                            # Only this (locked) pump removes; new entries go to the end.
-                            del self._registry.outbox[dest][:done]
-                            await self._registry.save()
-
-    async def _deliver(self, dest: str, entry: dict[str, Any]) -> None:
-        if dest == _ETCD:
-            await self._deliver_etcd(entry)
-            return
-        peer, session = self._peers.get(dest), self._session
-        if peer is None or session is None:
-            return
-        op = entry["op"]
-        params = {k: str(v) for k, v in entry.items() if k != "op"}
-        params["from"] = self._store.instance
-        async with asyncio.timeout(10), session.get(f"{peer.url}{_FORWARD_PATHS[op]}",
-                                                    params=params) as resp:
-            text = await resp.text()
-        if resp.status == 200:
-            return
-        if 400 <= resp.status < 500 and resp.status not in (408, 429):
-            # It can never succeed (say, the peer is a Go server without groups).
-            logger.warning("instance=%s peer %s refused %s of %s/%s: HTTP %d %s; dropping it",
-                           self._store.instance, dest, op, entry["category"], entry["group"],
-                           resp.status, text.strip()[:200])
-            return
-        raise ReplicationError(f"forwarding {op} to {dest}: HTTP {resp.status} {text[:200]}")
-
-    async def _deliver_etcd(self, entry: dict[str, Any]) -> None:
-        etcd = self._etcd
-        if etcd is None:
-            return
-        op, category, group = entry["op"], entry["category"], entry["group"]
-        if op == "register":
-            await etcd.register(category, group)
-        elif op == "unregister":
-            await etcd.unregister(category, group)
-            await self._settle(etcd, category, None)
-        elif await etcd.ack(category, group, entry["chunk"], entry["size"]):
-            await self._settle(etcd, category, entry["chunk"])
-        else:
-            logger.info("instance=%s category=%s dropped group %s's ack of %s: the group is "
-                        "not registered (any more)", self._store.instance, category, group,
-                        entry["chunk"])
-
-    async def _settle(self, etcd: EtcdGroups, category: str, chunk: str | None) -> None:
-        """Tombstone ``chunk`` (or every chunk of ``category`` with acks) if every group
-        registered in etcd has acked it, read from etcd now; then delete its acks there."""
-        groups = await etcd.read(category)
-        if not groups:
-            return
-        names = [chunk] if chunk is not None else sorted(
-            {c for acked in groups.values() for c in acked})
-        tombstoned = False
-        for name in names:
-            if self._store.is_tombstoned(category, name):
-                # Gone another way (a plain ack, retention): its group acks are litter.
-                await etcd.forget(category, name, sorted(groups))
-                continue
-            if not all(name in acked for acked in groups.values()):
-                continue
-            try:
-                await self._store.tombstone_replica(category, name)
-            except ChukchaError as exc:
-                logger.warning("instance=%s category=%s every group acked %s but it cannot be "
-                               "tombstoned: %s", self._store.instance, category, name, exc)
-                continue
-            tombstoned = True
-            logger.debug("category=%s every group acked %s: tombstoned", category, name)
-            await etcd.forget(category, name, sorted(groups))
-        if tombstoned:
-            async with self._lock:
-                self._prune(category)
 
     # --- retention ----------------------------------------------------------------------
 
@@ -784,18 +613,6 @@ def _origin(request: web.Request) -> str | None:
     """``from=<instance>``: the request is a peer's forward (not forwarded again)."""
     origin = request.query.get("from")
     return validate_instance(origin) if origin else None
-
-
-def _entry(
-    op: str, category: str, group: str, chunk: str | None = None, size: int | None = None
-) -> dict[str, Any]:
-    entry: dict[str, Any] = {"op": op, "category": category, "group": group}
-    if chunk is not None:
-        entry["chunk"], entry["size"] = chunk, size
-    return entry
-
-
-_log_crash: Final = functools.partial(log_task_crash, what="group")
 
 
 def _read_file(path: Path) -> bytes | None:
