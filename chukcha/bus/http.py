@@ -185,14 +185,15 @@ class BusApi:
             validate_category(category)
         min_sync = int_param(request, "min_sync_replicas", 0)
         sync = bool_param(request, "sync")
+        if min_sync > 0 and self.replicas is None:
+            # Refused before anything is written: waiting could never help a standalone node.
+            raise BadRequestError(
+                f"min_sync_replicas={min_sync} but this node has no peers to replicate to"
+            )
         body = await self._read_body(request)
         check_messages(body, self._max_message)
         result = await self._store.write(category, body, sync=sync)
-        if min_sync > 0:
-            if self.replicas is None:
-                raise BadRequestError(
-                    f"min_sync_replicas={min_sync} but this node has no peers to replicate to"
-                )
+        if min_sync > 0 and self.replicas is not None:
             await self.replicas.wait_replicas(category, result.chunk, result.end, min_sync)
         return web.Response()
 

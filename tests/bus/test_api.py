@@ -240,3 +240,15 @@ async def test_ack_of_another_owners_last_chunk_is_refused(
         "kazan-chunk000000001.acknowledged": 0,
         "kazan-chunk000000002": 6,
     }
+
+
+async def test_min_sync_replicas_on_a_standalone_node_is_refused_before_writing(
+    api: Api, node: Node
+) -> None:
+    before = await disk_state(node.config.data_dir)
+    ans = await api.call("/write", {"category": "solo", "min_sync_replicas": 1}, b"a\n")
+    assert ans.status == 400
+    assert "min_sync_replicas=1" in ans.text and "no peers" in ans.text
+    assert await disk_state(node.config.data_dir) == before
+    ans = await api.call("/listCategories", method="GET")
+    assert ans.body == b"[]"
