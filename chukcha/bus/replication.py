@@ -145,7 +145,22 @@ class ReplicationServer:
         store.add_listener(self._on_store_event)
 
     def routes(self) -> dict[str, Handler]:
-        return {"/replication/events": self.events, "/replication/ack": self.ack}
+        return {
+            "/replication/events": self.events,
+            "/replication/ack": self.ack,
+            "/replication/tombstones": self.tombstones,
+        }
+
+    async def tombstones(self, request: web.Request) -> web.StreamResponse:
+        """Extension: the chunks of OUR stream in ``category`` that were acknowledged here.
+
+        A replica that missed ack events asks for them before it drops its copies: a chunk is
+        dropped only when its owner confirms the ack (a chunk the owner merely lost is kept).
+        """
+        category = validate_category(str_param(request, "category"))
+        prefix = f"{self._instance}-"
+        names = [n for n in self._store.tombstones(category) if n.startswith(prefix)]
+        return web.Response(body=orjson.dumps(names), content_type="application/json")
 
     def subscribers(self) -> list[str]:
         return sorted(self._subscribers)
@@ -523,23 +538,49 @@ class PeerLink:
         """Tombstone the peer's own chunks that were acked while no ack event could reach us.
 
         The (re)subscription replay re-sends only the newest ``REPLAY_TOMBSTONES`` acks per
-        (category, owner); older ones would stay live here forever. But the peer's listing of
-        its OWN stream is authoritative (the owner creates its chunks, and only an ack removes
-        one), so a chunk of its stream that we hold, older than the oldest one it lists and not
-        listed, was acked there. Chunks of other owners are never touched here.
+        (category, owner); older ones would stay live here forever. A chunk of the peer's stream
+        that we hold, older than the oldest one it lists and not listed, is a candidate; it is
+        dropped only if the owner confirms it acked it (``/replication/tombstones``), because a
+        chunk the owner lost some other way (a wiped or restored data directory) must keep its
+        last copies. Chunks of other owners are never touched here.
         """
         if not listing:
             return  # nothing to compare with (a wiped owner is not a reason to drop data)
         owner = self.peer.instance
         listed = {c.name for c in listing}
         oldest = min(parse_chunk_name(c.name).index for c in listing)
+        candidates = []
         for info in self._store.list_chunks(category):
             cname = parse_chunk_name(info.name)
-            if cname.instance != owner or cname.index >= oldest or info.name in listed:
+            if cname.instance == owner and cname.index < oldest and info.name not in listed:
+                candidates.append(info.name)
+        if not candidates:
+            return
+        confirmed = await self._acked_at_owner(category)
+        for name in candidates:
+            if name not in confirmed:
+                logger.warning("instance=%s category=%s keeping %s: its owner no longer lists "
+                               "it but does not report acking it", self._me, category, name)
                 continue
-            if await self._store.tombstone_replica(category, info.name):
+            if await self._store.tombstone_replica(category, name):
                 logger.info("instance=%s category=%s dropped %s: acked at its owner while we "
-                            "were apart", self._me, category, info.name)
+                            "were apart", self._me, category, name)
+
+    async def _acked_at_owner(self, category: str) -> set[str]:
+        """Names of the peer's own chunks it acknowledged (empty for a peer without the
+        extension, e.g. a Go node: then nothing is dropped by inference)."""
+        url = f"{self.peer.url}/replication/tombstones"
+        async with self._session.get(
+            url, params={"category": category}, timeout=aiohttp.ClientTimeout(total=30)
+        ) as resp:
+            if resp.status == 404:
+                return set()
+            if resp.status != 200:
+                raise ReplicationError(f"{url}: HTTP {resp.status}")
+            names = orjson.loads(await _read_capped(resp, _MAX_LISTING))
+        if not isinstance(names, list):
+            raise ReplicationError(f"{url}: unexpected answer")
+        return {n for n in names if isinstance(n, str)}
 
     async def _read(
         self, category: str, chunk: str, off: int, wait: float

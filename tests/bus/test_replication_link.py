@@ -131,3 +131,40 @@ async def test_acks_past_the_replay_cap_made_while_the_replica_was_away_are_appl
     assert link.connects == 1  # the second link's first subscription did it
     assert files == sorted([*(n + ".acknowledged" for n in names[:10]), *names[10:],
                             "z-chunk000000000"])
+
+
+async def test_chunks_an_owner_lost_without_acking_them_keep_their_copies(
+    tmp_path: Path, replica: ChunkStore, http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(replication, "REPLAY_TOMBSTONES", 4)
+    config = ReplicationConfig(retry_interval=0.05, poll_wait=0.5)
+    names = [f"a-chunk{i:09d}" for i in range(3)]
+    async with run_node(tmp_path / "a", instance="a") as owner:
+        api = Api(http, owner.url)
+        for i in range(3):
+            await api.write("c", b"m%02d\n" % i)
+            if i < 2:
+                await owner.store.rotate()
+        link = PeerLink(Peer("a", owner.address), replica, config, http, _BufferPool(1 << 20, 1))
+        link.start()
+        try:
+            await _until(replica, lambda: all(replica.chunk_size("c", n) == 4 for n in names))
+        finally:
+            await link.stop(5)
+    # The owner loses its two oldest chunk files (a restore from an old backup, a slip of rm):
+    # they were never acked, so the replica's copies are the last ones and must stay.
+    for name in names[:2]:
+        await asyncio.to_thread((tmp_path / "a" / "c" / name).unlink)
+    async with run_node(tmp_path / "a", instance="a") as owner:
+        # On start the owner closes chunk 2 by starting chunk 3; once the replica holds what is
+        # written there, the sync pass that looked at the old chunks is over.
+        await Api(http, owner.url).write("c", b"new\n")
+        link = PeerLink(Peer("a", owner.address), replica, config, http, _BufferPool(1 << 20, 1))
+        link.start()
+        try:
+            await _until(replica, lambda: replica.chunk_size("c", "a-chunk000000003") == 4)
+        finally:
+            await link.stop(5)
+    assert [c.name for c in replica.list_chunks("c")] == [*names, "a-chunk000000003"]
+    assert not any(replica.is_tombstoned("c", n) for n in names)
