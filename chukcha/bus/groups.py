@@ -325,13 +325,14 @@ class ConsumerGroups:
         done = False
         async with self._lock:
             groups = self._registry.groups(category)
-            if self._store.is_tombstoned(category, chunk):
-                return
+            # A mistyped group is refused even for a chunk that is gone already.
             if group not in groups and not implicit:
                 raise BadRequestError(
                     f"consumer group {group!r} is not registered for category {category!r}; "
                     f"register it first (/groups/register?category={category}&group={group})"
                 )
+            if self._store.is_tombstoned(category, chunk):
+                return
             self._check_ack(category, chunk, size)
             registered = False
             if group not in groups:

@@ -58,6 +58,9 @@ async def test_chunk_is_tombstoned_only_when_every_group_acked(client: Client) -
     await api.ack(url, "g", names[0], 81, group="audit")
     assert await live(client) == names[1:]
     await api.ack(url, "g", names[0], 81, group="audit")  # acking a tombstone is fine
+    # ... but not for a group nobody registered (a typo must not pass silently).
+    with pytest.raises(RequestRejectedError, match="not registered"):
+        await api.ack(url, "g", names[0], 81, group="audti")
 
 
 async def test_unregistered_group_ack_is_refused_and_changes_nothing(client: Client) -> None:
