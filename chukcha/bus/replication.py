@@ -321,6 +321,7 @@ class _CategoryState:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     remote: dict[str, ChunkInfo] = field(default_factory=dict)  # last listing, own chunks
     task: asyncio.Task[None] | None = None
+    warned: float = float("-inf")  # monotonic time of the last warning about this category
 
 
 class PeerLink:
@@ -489,9 +490,17 @@ class PeerLink:
             except Exception as exc:
                 # Expected (the peer is down, a race with an ack) or not (an OSError here): never
                 # let the downloader die, it would stay dead until the peer announces a chunk.
-                if isinstance(exc, aiohttp.ClientError | TimeoutError | ChukchaError | ValueError):
+                if isinstance(exc, aiohttp.ClientError | TimeoutError):
+                    # The peer is down or restarting: /status shows it; not worth a warning.
                     logger.debug("instance=%s replicating %s/%s: %s", self._me,
                                  self.peer.instance, category, exc)
+                elif isinstance(exc, ChukchaError | ValueError):
+                    # Refused data or a race: visible, but at most once a minute per category.
+                    now = time.monotonic()
+                    if now - state.warned >= 60.0:
+                        state.warned = now
+                        logger.warning("instance=%s replicating %s/%s: %s", self._me,
+                                       self.peer.instance, category, exc)
                 else:
                     logger.exception("instance=%s replicating %s/%s failed", self._me,
                                      self.peer.instance, category)
