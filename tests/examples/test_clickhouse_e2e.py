@@ -33,14 +33,25 @@ class ExampleProcess:
         self._log_path = log_path
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
+        self._log_start = 0
 
     async def start(self) -> None:
+        self._log_start = len(self.log())  # where this instance's lines begin
         with self._log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "examples.clickhouse_sink", cwd=ROOT, env=self._env,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
         self.starts += 1
+
+    async def wait_running(self) -> None:
+        """Until the latest instance logged that it runs (its SIGTERM handler is installed by
+        then: a SIGTERM during Python's start-up would kill it with the default action)."""
+        async with asyncio.timeout(60):
+            while " running categories=" not in self.log()[self._log_start:]:
+                assert self.proc is not None
+                assert self.proc.returncode is None, self.log()[-3000:]
+                await asyncio.sleep(0.05)  # polling the process's log: it has no other signal
 
     async def kill(self) -> None:
         assert self.proc is not None
@@ -140,6 +151,7 @@ async def test_sigkilled_processor_leaves_each_event_once_with_exact_sums(
         await app.kill()
         await app.start()
         assert await _wait_rows(clickhouse, app, total) == total
+        await app.wait_running()
         assert await app.terminate() == 0, app.log()[-3000:]
 
     expected = Counter[str]()
