@@ -122,13 +122,115 @@ def peers_prefix(cluster: str) -> bytes:
     return f"chukcha/{cluster}/peers/".encode()
 
 
-class EtcdMembership:
+class _EtcdWatcher:
+    """What :class:`EtcdMembership` and :class:`EtcdGroups` share: a background session with
+    etcd that watches one key prefix.
+
+    :meth:`start` returns at once. The session is (re)established in the background, rotating
+    over the endpoints with backoff for as long as etcd is unreachable; the watch resumes from
+    the last revision seen (:attr:`revision`), or re-reads the prefix (:meth:`_resync`) when
+    that history was compacted. Subclasses implement :meth:`_session` and :meth:`_resync`.
+    """
+
+    _what = "session"  # for task names and log lines
+
+    def __init__(
+        self, endpoints: tuple[str, ...], prefix: bytes, instance: str, retry_interval: float
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is needed")
+        self._endpoints = [parse_etcd_endpoint(e) for e in endpoints]
+        self._prefix = prefix
+        self._instance = instance
+        self._retry = retry_interval
+        self._task: asyncio.Task[None] | None = None
+        self._endpoint_index = 0
+        self._live: Any = None  # the client of the working session, None without one
+        self.revision = 0
+        self.synced = False
+        """Whether the prefix has been read from etcd at least once (since start)."""
+
+    @property
+    def connected(self) -> bool:
+        return self._live is not None
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(
+                self._run_forever(), name=f"etcd-{self._what}-{self._instance}"
+            )
+            self._task.add_done_callback(
+                functools.partial(log_task_crash, what=f"etcd {self._what}")
+            )
+
+    async def stop(self) -> None:
+        """Stop the session (idempotent)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task], timeout=_RPC_TIMEOUT)
+
+    def _client(self) -> Any:
+        host, port = self._endpoints[self._endpoint_index % len(self._endpoints)]
+        return aetcd.Client(host, port, timeout=_RPC_TIMEOUT, options=dict(_CHANNEL_OPTIONS))
+
+    async def _run_forever(self) -> None:
+        backoff = self._retry
+        while True:
+            client = self._client()
+            started = time.monotonic()
+            try:
+                await self._session(client)
+            except _ETCD_ERRORS as exc:
+                if self._live is not None:
+                    logger.warning("instance=%s lost etcd (%s); keeping %s", self._instance,
+                                   exc, self._kept())
+                else:
+                    logger.debug("instance=%s etcd unreachable: %s", self._instance, exc)
+            finally:
+                self._live = None
+                with contextlib.suppress(*_ETCD_ERRORS):
+                    await client.close()
+            if time.monotonic() - started > 10 * self._retry:
+                backoff = self._retry  # the session had been working: retry quickly
+            self._endpoint_index += 1
+            await asyncio.sleep(backoff)  # retry backoff, not synchronisation
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    async def _watch(self, client: Any) -> Any:
+        """Read the prefix if never read, then watch it from the last revision seen; the
+        session counts as working from here on."""
+        if not self.synced:
+            await self._resync(client)
+        try:
+            watch = await client.watch_prefix(self._prefix, start_revision=self.revision + 1)
+        except aetcd.exceptions.RevisionCompactedError:
+            # The history since our revision is gone: re-read the whole prefix instead.
+            await self._resync(client)
+            watch = await client.watch_prefix(self._prefix, start_revision=self.revision + 1)
+        self._live = client
+        return watch
+
+    async def _session(self, client: Any) -> None:
+        raise NotImplementedError
+
+    async def _resync(self, client: Any) -> None:
+        raise NotImplementedError
+
+    def _kept(self) -> str:
+        """What stays known while etcd is away (for the log line)."""
+        raise NotImplementedError
+
+
+class EtcdMembership(_EtcdWatcher):
     """Membership through etcd: register under a kept-alive lease, watch the peer prefix.
 
     :meth:`start` returns at once; connecting, registering and watching happen in the
     background and are retried (with backoff) for as long as etcd is unreachable, so a node
     starts and serves even while etcd is down. :attr:`revision` is the last etcd revision seen.
     """
+
+    _what = "membership"
 
     def __init__(
         self,
@@ -140,32 +242,19 @@ class EtcdMembership:
         lease_ttl: int = DEFAULT_LEASE_TTL,
         retry_interval: float = 0.2,
     ) -> None:
-        if not endpoints:
-            raise ValueError("at least one etcd endpoint is needed")
-        self._endpoints = [parse_etcd_endpoint(e) for e in endpoints]
-        self._prefix = peers_prefix(cluster)
-        self._instance = instance
+        super().__init__(endpoints, peers_prefix(cluster), instance, retry_interval)
         self._address = address
         self._ttl = lease_ttl
-        self._retry = retry_interval
         self._peers: dict[str, Peer] = {}
         self._listeners: list[MembershipListener] = []
         self._lease_id: int | None = None
-        self.revision = 0
-        self._connected = False
         self._registered = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._endpoint_index = 0
         self.sessions = 0
         """How many etcd sessions were established (reconnects + 1); for tests and status."""
 
     @property
     def key(self) -> bytes:
         return self._prefix + self._instance.encode()
-
-    @property
-    def connected(self) -> bool:
-        return self._connected
 
     def peers(self) -> Mapping[str, Peer]:
         return self._peers
@@ -180,19 +269,11 @@ class EtcdMembership:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    async def start(self) -> None:
-        if self._task is not None:
-            return
-        self._task = asyncio.create_task(self._run_forever(), name=f"etcd-{self._instance}")
-        self._task.add_done_callback(_log_crash)
-
     async def stop(self) -> None:
         """Stop watching and leave the cluster (revoke the lease) if etcd answers quickly."""
-        task, self._task = self._task, None
-        if task is None:
+        if self._task is None:
             return
-        task.cancel()
-        await asyncio.wait([task], timeout=_RPC_TIMEOUT)
+        await super().stop()
         lease, self._lease_id = self._lease_id, None
         if lease is not None:
             # A graceful leave: the others see us go now instead of after the lease TTL.
@@ -205,48 +286,15 @@ class EtcdMembership:
             finally:
                 with contextlib.suppress(*_ETCD_ERRORS):
                     await client.close()
-        self._connected = False
 
     # --- the session ---------------------------------------------------------------------
 
-    def _client(self) -> Any:
-        host, port = self._endpoints[self._endpoint_index % len(self._endpoints)]
-        return aetcd.Client(host, port, timeout=_RPC_TIMEOUT, options=dict(_CHANNEL_OPTIONS))
-
-    async def _run_forever(self) -> None:
-        backoff = self._retry
-        while True:
-            client = self._client()
-            started = time.monotonic()
-            try:
-                await self._session(client)
-            except _ETCD_ERRORS as exc:
-                if self._connected:
-                    logger.warning("instance=%s lost etcd (%s); keeping %d known peers",
-                                   self._instance, exc, len(self._peers))
-                else:
-                    logger.debug("instance=%s etcd unreachable: %s", self._instance, exc)
-            finally:
-                self._connected = False
-                with contextlib.suppress(*_ETCD_ERRORS):
-                    await client.close()
-            if time.monotonic() - started > 10 * self._retry:
-                backoff = self._retry  # the session had been working: retry quickly
-            self._endpoint_index += 1
-            await asyncio.sleep(backoff)  # retry backoff, not synchronisation
-            backoff = min(backoff * 2, _MAX_BACKOFF)
+    def _kept(self) -> str:
+        return f"{len(self._peers)} known peers"
 
     async def _session(self, client: Any) -> None:
         await self._register(client)
-        if self.revision == 0:
-            await self._resync(client)
-        try:
-            watch = await client.watch_prefix(self._prefix, start_revision=self.revision + 1)
-        except aetcd.exceptions.RevisionCompactedError:
-            # The history since our revision is gone: re-read the whole prefix instead.
-            await self._resync(client)
-            watch = await client.watch_prefix(self._prefix, start_revision=self.revision + 1)
-        self._connected = True
+        watch = await self._watch(client)
         self.sessions += 1
         logger.info("instance=%s etcd session %d: watching %s from revision %d",
                     self._instance, self.sessions, self._prefix.decode(), self.revision + 1)
@@ -288,6 +336,7 @@ class EtcdMembership:
             if peer is not None:
                 peers[peer.instance] = peer
         self.revision = resp.header.revision
+        self.synced = True
         self._set_peers(peers)
 
     async def _keepalive_loop(self, client: Any) -> None:
@@ -340,9 +389,6 @@ class EtcdMembership:
                 logger.exception("membership listener failed")
 
 
-_log_crash: Final = functools.partial(log_task_crash, what="membership")
-
-
 # --- consumer groups ------------------------------------------------------------------------
 
 GroupsSnapshot = dict[str, dict[str, dict[str, int]]]
@@ -360,7 +406,7 @@ def groups_prefix(cluster: str) -> bytes:
     return f"chukcha/{cluster}/groups/".encode()
 
 
-class EtcdGroups:
+class EtcdGroups(_EtcdWatcher):
     """Consumer-group registrations and group acks kept in etcd (cluster-wide).
 
     Every node watches the groups prefix and keeps a mirror (:meth:`snapshot`), handed to the
@@ -374,6 +420,8 @@ class EtcdGroups:
     retry.
     """
 
+    _what = "groups"
+
     def __init__(
         self,
         endpoints: tuple[str, ...],
@@ -382,45 +430,15 @@ class EtcdGroups:
         *,
         retry_interval: float = 0.2,
     ) -> None:
-        if not endpoints:
-            raise ValueError("at least one etcd endpoint is needed")
-        self._endpoints = [parse_etcd_endpoint(e) for e in endpoints]
-        self._prefix = groups_prefix(cluster)
-        self._instance = instance
-        self._retry = retry_interval
+        super().__init__(endpoints, groups_prefix(cluster), instance, retry_interval)
         self._mirror: GroupsSnapshot = {}
         self._listeners: list[GroupsListener] = []
-        self._client_obj: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self._endpoint_index = 0
-        self.revision = 0
-        self.synced = False
-        """Whether the mirror has been read from etcd at least once (since start)."""
-
-    @property
-    def connected(self) -> bool:
-        return self._client_obj is not None
 
     def snapshot(self) -> GroupsSnapshot:
         return {c: {g: dict(a) for g, a in gs.items()} for c, gs in self._mirror.items()}
 
     def add_listener(self, callback: GroupsListener) -> None:
         self._listeners.append(callback)
-
-    # --- lifecycle -----------------------------------------------------------------------
-
-    async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run_forever(),
-                                             name=f"etcd-groups-{self._instance}")
-            self._task.add_done_callback(_log_crash)
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        await asyncio.wait([task], timeout=_RPC_TIMEOUT)
 
     # --- writes and reads ----------------------------------------------------------------
 
@@ -429,7 +447,7 @@ class EtcdGroups:
         return self._prefix + tail.encode()
 
     def _session_client(self) -> Any:
-        client = self._client_obj
+        client = self._live
         if client is None:
             raise CoordinationError("etcd is unreachable")
         return client
@@ -520,40 +538,11 @@ class EtcdGroups:
         except ValueError:
             logger.warning("ignoring etcd key %r: size %r is not a number", key, value)
 
-    async def _run_forever(self) -> None:
-        backoff = self._retry
-        while True:
-            host, port = self._endpoints[self._endpoint_index % len(self._endpoints)]
-            client = aetcd.Client(host, port, timeout=_RPC_TIMEOUT,
-                                  options=dict(_CHANNEL_OPTIONS))
-            started = time.monotonic()
-            try:
-                await self._session(client)
-            except _ETCD_ERRORS as exc:
-                if self._client_obj is not None:
-                    logger.warning("instance=%s lost etcd (%s); keeping the known consumer "
-                                   "groups", self._instance, exc)
-                else:
-                    logger.debug("instance=%s etcd unreachable: %s", self._instance, exc)
-            finally:
-                self._client_obj = None
-                with contextlib.suppress(*_ETCD_ERRORS):
-                    await client.close()
-            if time.monotonic() - started > 10 * self._retry:
-                backoff = self._retry
-            self._endpoint_index += 1
-            await asyncio.sleep(backoff)  # retry backoff, not synchronisation
-            backoff = min(backoff * 2, _MAX_BACKOFF)
+    def _kept(self) -> str:
+        return "the known consumer groups"
 
     async def _session(self, client: Any) -> None:
-        if not self.synced:
-            await self._resync(client)
-        try:
-            watch = await client.watch_prefix(self._prefix, start_revision=self.revision + 1)
-        except aetcd.exceptions.RevisionCompactedError:
-            await self._resync(client)
-            watch = await client.watch_prefix(self._prefix, start_revision=self.revision + 1)
-        self._client_obj = client
+        watch = await self._watch(client)
         logger.info("instance=%s watching consumer groups %s from revision %d",
                     self._instance, self._prefix.decode(), self.revision + 1)
         async for event in watch:
