@@ -14,6 +14,7 @@ import pytest
 from chukcha.bus import chunks, replication
 from chukcha.bus.chunks import ChunkStore, StoreEvent, StoreEventKind
 from chukcha.bus.config import Peer, ReplicationConfig
+from chukcha.bus.node import Node
 from chukcha.bus.replication import PeerLink, _BufferPool
 from chukcha.testing import run_node
 from tests.bus.conftest import Api
@@ -91,6 +92,32 @@ async def _until(store: ChunkStore, check: Callable[[], bool]) -> None:
         store.remove_listener(on_event)
 
 
+_LINK_CONFIG = ReplicationConfig(retry_interval=0.05, poll_wait=0.5)
+
+
+async def _write_chunks(api: Api, owner: Node, count: int) -> list[str]:
+    """One 4-byte message in each of ``count`` chunks of ``c`` (the last one left open)."""
+    for i in range(count):
+        await api.write("c", b"m%02d\n" % i)
+        if i < count - 1:
+            await owner.store.rotate()
+    return [f"a-chunk{i:09d}" for i in range(count)]
+
+
+async def _link_until(
+    owner: Node, replica: ChunkStore, http: aiohttp.ClientSession, check: Callable[[], bool]
+) -> PeerLink:
+    """Replicate from ``owner`` until ``check()`` holds, then stop the link."""
+    link = PeerLink(Peer("a", owner.address), replica, _LINK_CONFIG, http,
+                    _BufferPool(1 << 20, 1))
+    link.start()
+    try:
+        await _until(replica, check)
+    finally:
+        await link.stop(5)
+    return link
+
+
 async def test_acks_past_the_replay_cap_made_while_the_replica_was_away_are_applied(
     tmp_path: Path, replica: ChunkStore, http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
@@ -98,33 +125,20 @@ async def test_acks_past_the_replay_cap_made_while_the_replica_was_away_are_appl
     monkeypatch.setattr(replication, "REPLAY_TOMBSTONES", 4)
     # Another owner's chunk on the replica: never dropped because of a's listing.
     assert await replica.append_replica("c", "z-chunk000000000", 0, b"zz\n") == 3
-    config = ReplicationConfig(retry_interval=0.05, poll_wait=0.5)
-    names = [f"a-chunk{i:09d}" for i in range(12)]
     async with run_node(tmp_path / "a", instance="a") as owner:
         api = Api(http, owner.url)
-        for i in range(12):
-            await api.write("c", b"m%02d\n" % i)
-            if i < 11:
-                await owner.store.rotate()
-
-        link = PeerLink(Peer("a", owner.address), replica, config, http, _BufferPool(1 << 20, 1))
-        link.start()
-        try:
-            await _until(replica, lambda: all(replica.chunk_size("c", n) == 4 for n in names))
-        finally:
-            await link.stop(5)
+        names = await _write_chunks(api, owner, 12)
+        await _link_until(owner, replica, http,
+                          lambda: all(replica.chunk_size("c", n) == 4 for n in names))
 
         # The replica is away while 10 chunks are acked at their owner: more than the replay
         # re-sends (4 per owner).
         for name in names[:10]:
             assert (await api.ack("c", name, 4)).status == 200
 
-        link = PeerLink(Peer("a", owner.address), replica, config, http, _BufferPool(1 << 20, 1))
-        link.start()
-        try:
-            await _until(replica, lambda: all(replica.is_tombstoned("c", n) for n in names[:10]))
-        finally:
-            await link.stop(5)
+        link = await _link_until(
+            owner, replica, http, lambda: all(replica.is_tombstoned("c", n) for n in names[:10])
+        )
     assert [c.name for c in replica.list_chunks("c")] == [*names[10:], "z-chunk000000000"]
     cat_dir = tmp_path / "b" / "c"
     files = await asyncio.to_thread(lambda: sorted(p.name for p in cat_dir.iterdir()))
@@ -138,20 +152,10 @@ async def test_chunks_an_owner_lost_without_acking_them_keep_their_copies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(replication, "REPLAY_TOMBSTONES", 4)
-    config = ReplicationConfig(retry_interval=0.05, poll_wait=0.5)
-    names = [f"a-chunk{i:09d}" for i in range(3)]
     async with run_node(tmp_path / "a", instance="a") as owner:
-        api = Api(http, owner.url)
-        for i in range(3):
-            await api.write("c", b"m%02d\n" % i)
-            if i < 2:
-                await owner.store.rotate()
-        link = PeerLink(Peer("a", owner.address), replica, config, http, _BufferPool(1 << 20, 1))
-        link.start()
-        try:
-            await _until(replica, lambda: all(replica.chunk_size("c", n) == 4 for n in names))
-        finally:
-            await link.stop(5)
+        names = await _write_chunks(Api(http, owner.url), owner, 3)
+        await _link_until(owner, replica, http,
+                          lambda: all(replica.chunk_size("c", n) == 4 for n in names))
     # The owner loses its two oldest chunk files (a restore from an old backup, a slip of rm):
     # they were never acked, so the replica's copies are the last ones and must stay.
     for name in names[:2]:
@@ -160,11 +164,7 @@ async def test_chunks_an_owner_lost_without_acking_them_keep_their_copies(
         # On start the owner closes chunk 2 by starting chunk 3; once the replica holds what is
         # written there, the sync pass that looked at the old chunks is over.
         await Api(http, owner.url).write("c", b"new\n")
-        link = PeerLink(Peer("a", owner.address), replica, config, http, _BufferPool(1 << 20, 1))
-        link.start()
-        try:
-            await _until(replica, lambda: replica.chunk_size("c", "a-chunk000000003") == 4)
-        finally:
-            await link.stop(5)
+        await _link_until(owner, replica, http,
+                          lambda: replica.chunk_size("c", "a-chunk000000003") == 4)
     assert [c.name for c in replica.list_chunks("c")] == [*names, "a-chunk000000003"]
     assert not any(replica.is_tombstoned("c", n) for n in names)
