@@ -16,6 +16,7 @@ import pytest
 from chukcha.bus.coordination import EtcdGroups, GroupsSnapshot, groups_prefix
 from chukcha.client import Client
 from chukcha.client.consumer import Consumer
+from chukcha.protocol import ChunkInfo
 from chukcha.testing import ClusterProcess, EtcdServer, run_cluster, run_etcd
 from tests.integration.cluster_helpers import wait_for
 
@@ -64,6 +65,14 @@ async def gone_everywhere(c: Client, urls: list[str], category: str, chunks: set
         if chunks & await live(c, url, category):
             return False
     return True
+
+
+async def complete_chunk(c: Client, url: str) -> ChunkInfo:
+    """Send four batches of orders to ``url`` (the cluster's chunks are small) and return its
+    first complete chunk."""
+    for i in range(4):
+        await c.send_to(url, "orders", [{"batch": i, "k": k} for k in range(10)])
+    return next(x for x in await c.list_chunks("orders") if x.complete)
 
 
 async def scenario(cluster: ClusterProcess) -> None:
@@ -118,9 +127,7 @@ async def test_a_peer_that_was_down_gets_registrations_and_acks_later(tmp_path: 
         a, c = cluster["a"].url, cluster["c"].url
         await cluster["c"].stop()
         async with Client([a]) as api:
-            for i in range(4):
-                await api.send_to(a, "orders", [{"batch": i, "k": k} for k in range(10)])
-            first = next(x for x in await api.list_chunks("orders") if x.complete)
+            first = await complete_chunk(api, a)
             await api.api.register_group(a, "orders", "billing")
             await api.api.register_group(a, "orders", "audit")
             await api.api.ack(a, "orders", first.name, first.size, group="audit")
@@ -149,9 +156,7 @@ async def test_with_etcd_down_group_acks_are_kept_and_tombstone_once_it_is_back(
     async with run_cluster(tmp_path / "nodes", ("a", "b"), etcd=etcd.endpoint,
                            args=ARGS) as cluster, Client([cluster["a"].url]) as api:
         a, b = cluster["a"].url, cluster["b"].url
-        for i in range(4):
-            await api.send_to(a, "orders", [{"batch": i, "k": k} for k in range(10)])
-        first = next(x for x in await api.list_chunks("orders") if x.complete)
+        first = await complete_chunk(api, a)
         await api.api.register_group(a, "orders", "billing")
         await api.api.register_group(a, "orders", "audit")
         await api.api.ack(a, "orders", first.name, first.size, group="audit")
@@ -177,9 +182,7 @@ async def test_with_etcd_a_plain_ack_is_the_default_group_cluster_wide(
     async with run_cluster(tmp_path / "nodes", ("a", "b"), etcd=etcd.endpoint,
                            args=ARGS) as cluster, Client([cluster["a"].url]) as api:
         a, b = cluster["a"].url, cluster["b"].url
-        for i in range(4):
-            await api.send_to(a, "orders", [{"batch": i, "k": k} for k in range(10)])
-        first = next(x for x in await api.list_chunks("orders") if x.complete)
+        first = await complete_chunk(api, a)
         await api.api.register_group(b, "orders", "billing")
         await wait_for(functools.partial(knows, api, a, "orders", "billing", frozenset()),
                        what="a to know billing")
