@@ -633,12 +633,14 @@ class ChunkStore:
         cat = self._categories.get(category)
         if cat is not None and chunk in cat.tombstones:
             return False
-        c = cat.chunks.get(chunk) if cat else None
-        if cat is None or c is None:
+        if cat is None or chunk not in cat.chunks:
             raise InvalidAckError(f"chunk {category}/{chunk} not found")
         async with cat.lock:
             if chunk in cat.tombstones:
                 return False
+            c = cat.chunks.get(chunk)
+            if c is None:
+                raise InvalidAckError(f"chunk {category}/{chunk} not found")
             if chunk == cat.current:
                 raise InvalidAckError(f"chunk {chunk} is the current write chunk; cannot ack it")
             if size is not None and not self._is_complete(cat, cname):
@@ -653,16 +655,27 @@ class ChunkStore:
         return True
 
     async def tombstone_replica(self, category: str, chunk: str) -> bool:
-        """Apply an ack replicated from a peer: tombstone ``chunk`` even if it is not here yet,
-        so a download in progress is dropped and the chunk is never downloaded again."""
+        """Apply an ack replicated from a peer: tombstone ``chunk`` whether it is here, not
+        here yet, or being created or appended by a download right now (the decision is taken
+        under the category lock, so the ack wins: the download then finds the tombstone and
+        drops its data). Returns ``False`` if it was a tombstone already.
+
+        Raises:
+            InvalidAckError: the chunk is this node's current write chunk.
+        """
+        validate_category(category)
+        cname = parse_chunk_name(chunk)
         cat = await self._category(category)
-        if chunk in cat.chunks:
-            return await self.ack(category, chunk, None)
         async with cat.lock:
-            if chunk in cat.tombstones or chunk in cat.chunks:
+            if chunk in cat.tombstones:
                 return False
-            cname = parse_chunk_name(chunk)
-            await _finish(self._apply_tombstone(cat, cname, 0, missing_ok=True))
+            if chunk == cat.current:
+                raise InvalidAckError(f"chunk {chunk} is the current write chunk; cannot ack it")
+            c = cat.chunks.get(chunk)
+            await _finish(self._apply_tombstone(cat, cname, c.size if c else 0,
+                                                missing_ok=c is None))
+        logger.debug("instance=%s category=%s replicated ack of %s", self._instance, category,
+                     chunk)
         return True
 
     async def _apply_tombstone(

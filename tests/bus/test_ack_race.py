@@ -1,0 +1,62 @@
+"""An ack replicated from a peer wins whatever a download of the same chunk is doing: a chunk
+acked anywhere is never served again (issue 11, point 1)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from chukcha.bus import chunks as chunks_module
+from chukcha.bus.chunks import ChunkStore
+from chukcha.errors import ChunkNotFoundError
+
+PEER_CHUNK = "peer-chunk000000000"
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[ChunkStore]:
+    s = ChunkStore(tmp_path / "data", "me", max_chunk_size=1 << 20)
+    await asyncio.to_thread(s.open)
+    try:
+        yield s
+    finally:
+        await asyncio.to_thread(s.close)
+
+
+async def test_replicated_ack_during_the_download_that_creates_the_chunk(
+    store: ChunkStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+    real_create = chunks_module._create_empty
+
+    def gated_create(path: Path) -> None:
+        if path.name == PEER_CHUNK:  # the download's creation, not the tombstone's
+            entered.set()
+            release.wait(10)
+        real_create(path)
+
+    monkeypatch.setattr(chunks_module, "_create_empty", gated_create)
+    download = asyncio.create_task(store.append_replica("c", PEER_CHUNK, 0, b"one\ntwo\n"))
+    # The download holds the category lock and is creating the file in a worker thread.
+    assert await asyncio.to_thread(entered.wait, 5)
+    ack = asyncio.create_task(store.tombstone_replica("c", PEER_CHUNK))
+    for _ in range(10):
+        await asyncio.sleep(0)  # yields only: the ack gets as far as it can without the lock
+    release.set()
+    await download
+    await ack
+    assert store.is_tombstoned("c", PEER_CHUNK)
+    assert store.chunk_size("c", PEER_CHUNK) is None
+    assert PEER_CHUNK not in [c.name for c in store.list_chunks("c")]
+    with pytest.raises(ChunkNotFoundError):
+        await store.read("c", PEER_CHUNK, 0, 1 << 20)
+    cat_dir = tmp_path / "data" / "c"
+    names = await asyncio.to_thread(lambda: sorted(p.name for p in cat_dir.iterdir()))
+    assert names == [PEER_CHUNK + ".acknowledged"]
+    # A later download of it is dropped: never resurrected.
+    assert await store.append_replica("c", PEER_CHUNK, 0, b"one\n") is None
+    assert store.chunk_size("c", PEER_CHUNK) is None
