@@ -31,6 +31,7 @@ __all__ = [
     "RequestRejectedError",
     "ServerError",
     "StateLockedError",
+    "UnknownPeerError",
     "WriteRejectedError",
     "error_from_status",
 ]
@@ -121,6 +122,12 @@ class ReplicationError(ChukchaError):
     """Replication from a peer failed; it is retried."""
 
     retriable = True
+
+
+class UnknownPeerError(ChukchaError, PermissionError):
+    """A replication report names an instance that is not a peer of this node."""
+
+    http_status = 403
 
 
 class ReplicationTimeoutError(ReplicationError, TimeoutError):

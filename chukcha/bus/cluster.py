@@ -52,7 +52,8 @@ class Cluster:
         self._address = _Address()
         self.membership: Membership | None = None
         self.replicator: Replicator | None = None
-        self.server = ReplicationServer(store, config.replication, self._live_peers)
+        self.server = ReplicationServer(store, config.replication, self._live_peers,
+                                        self._is_peer)
         self._status = StatusApi(
             config.instance, self._address, mode=self.mode, server=self.server
         )
@@ -72,6 +73,9 @@ class Cluster:
 
     def _live_peers(self) -> int:
         return len(self.membership.peers()) if self.membership is not None else 0
+
+    def _is_peer(self, instance: str) -> bool:
+        return self.membership is not None and instance in self.membership.peers()
 
     def routes(self) -> dict[str, Handler]:
         return {**self.server.routes(), "/status": self._serve_status}

@@ -47,7 +47,12 @@ from chukcha.bus.coordination import Membership
 from chukcha.bus.fetch import ChunkFetcher, UnsupportedResponseError
 from chukcha.bus.http import Handler, int_param, str_param
 from chukcha.bus.tasks import log_task_crash
-from chukcha.errors import ChukchaError, ReplicationError, ReplicationTimeoutError
+from chukcha.errors import (
+    ChukchaError,
+    ReplicationError,
+    ReplicationTimeoutError,
+    UnknownPeerError,
+)
 from chukcha.protocol import (
     ChunkInfo,
     chunk_file_name,
@@ -131,11 +136,13 @@ class ReplicationServer:
         store: ChunkStore,
         config: ReplicationConfig,
         live_peers: Callable[[], int],
+        is_peer: Callable[[str], bool] = lambda _name: False,
     ) -> None:
         self._store = store
         self._config = config
         self._instance = store.instance
         self._live_peers = live_peers
+        self._is_peer = is_peer
         self._subscribers: dict[str, _Subscriber] = {}
         # (category, replica) -> highest (chunk, size) of OUR stream it reported holding. A
         # replica downloads strictly in order, so holding (c, n) means holding everything before.
@@ -252,6 +259,14 @@ class ReplicationServer:
         owner = parse_chunk_name(chunk).instance
         instance = validate_instance(str_param(request, "instance"))
         size = int_param(request, "size")
+        if not self._is_peer(instance):
+            # Only a member's report may count towards min_sync_replicas (a forged one would
+            # answer a write 200 with no replica holding it). A peer that joined a moment ago
+            # and is not in our view yet retries its report.
+            raise UnknownPeerError(
+                f"instance {instance!r} is not a peer of {self._instance}; its replication "
+                "report is ignored"
+            )
         if owner == self._instance:
             self.record(category, chunk, instance, size)
         return web.Response()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -108,5 +109,41 @@ async def test_min_sync_replicas_times_out_with_a_clear_error(tmp_path: Path) ->
             assert "min_sync_replicas=1" in text and "within 0.5 s" in text
             # Both writes are on this node all the same (as documented).
             assert chunks_of(await list_chunks(http, node.url, "t")) == {"a-chunk000000000": 4}
+    finally:
+        ghost.close()
+
+
+async def test_replication_reports_count_only_from_known_peers(tmp_path: Path) -> None:
+    # The only peer never answers; a stranger forges its progress reports (issue 11, point 7).
+    ghost = bind_loopback()
+    host, port = ghost.getsockname()[:2]
+    try:
+        async with run_node(
+            tmp_path / "a", "a", peers=(Peer("ghost", f"{host}:{port}"),),
+            replication=ReplicationConfig(min_sync_timeout=1.0),
+        ) as node, aiohttp.ClientSession() as http:
+            async def forge(instance: str, size: int) -> int:
+                params = {"category": "t", "chunk": "a-chunk000000000", "instance": instance,
+                          "size": str(size)}
+                async with http.get(f"{node.url}/replication/ack", params=params) as r:
+                    return r.status
+
+            async def written(size: int) -> bool:
+                return chunks_of(await list_chunks(http, node.url, "t")).get(
+                    "a-chunk000000000") == size
+
+            pending = asyncio.create_task(write(http, node.url, "t", b"x\n",
+                                                min_sync_replicas="1"))
+            await wait_for(lambda: written(2), what="the write to land")
+            assert await forge("stranger", 2) == 403  # refused, and counts for nothing
+            resp = await pending
+            assert resp.status == 500  # timed out: no replica holds it
+
+            # The known peer's report (not forged here: a stand-in for it) does count.
+            pending = asyncio.create_task(write(http, node.url, "t", b"y\n",
+                                                min_sync_replicas="1"))
+            await wait_for(lambda: written(4), what="the second write to land")
+            assert await forge("ghost", 4) == 200
+            assert (await pending).status == 200
     finally:
         ghost.close()
