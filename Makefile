@@ -5,22 +5,34 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv test pytest lint run demo bench clean system-deps
+.PHONY: help venv lock test pytest lint run demo bench clean system-deps
 
 help:
 	@echo "make demo   - start a standalone node, run the orders example, show the totals"
 	@echo "make run    - run a standalone node on 127.0.0.1:8080 (data in ./chukcha-data)"
 	@echo "make test   - install everything, run the whole test suite, ruff and mypy"
 	@echo "make bench  - run the benchmarks"
+	@echo "make lock   - refresh requirements.lock (exact versions) from pyproject.toml's ranges"
 
-$(STAMP): pyproject.toml
+# pyproject.toml gives ranges; requirements.lock the exact versions development and CI use.
+$(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[test]'
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Re-resolve the newest versions within pyproject.toml's ranges into requirements.lock.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet '.[test]'
+	{ echo "# Exact versions for development and CI (make lock regenerates; pyproject.toml has the ranges)."; \
+	  .lock-venv/bin/pip freeze --exclude chukcha; } > requirements.lock
+	rm -rf .lock-venv
 
 system-deps:
 	@./scripts/install-system-deps.sh

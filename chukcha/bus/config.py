@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,25 @@ from chukcha.protocol import (
 )
 
 __all__ = [
+    "ETCD_EXTRA_MISSING",
     "NodeConfig",
     "Peer",
     "ReplicationConfig",
     "default_instance_name",
+    "etcd_installed",
     "parse_etcd_endpoint",
     "parse_peers",
 ]
+
+ETCD_EXTRA_MISSING = (
+    "etcd support is not installed (--etcd needs the aetcd package): "
+    "pip install 'chukcha[etcd]'"
+)
+
+
+def etcd_installed() -> bool:
+    """Whether the ``chukcha[etcd]`` extra (the aetcd client) is installed."""
+    return importlib.util.find_spec("aetcd") is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +166,8 @@ class NodeConfig:
         for endpoint in self.etcd_endpoints:
             parse_etcd_endpoint(endpoint)
         if self.etcd_endpoints:
+            if not etcd_installed():
+                raise ValueError(ETCD_EXTRA_MISSING)
             try:
                 validate_instance(self.cluster)  # it becomes part of an etcd key
             except ValueError as exc:

@@ -26,15 +26,28 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
 
-import aetcd
-import aetcd.exceptions
-import aetcd.rpc
-import aetcd.utils
-
-from chukcha.bus.config import Peer, parse_etcd_endpoint
+from chukcha.bus.config import ETCD_EXTRA_MISSING, Peer, etcd_installed, parse_etcd_endpoint
 from chukcha.bus.tasks import log_task_crash
 from chukcha.errors import CoordinationError
 from chukcha.protocol import validate_instance
+
+# aetcd (with grpcio and protobuf) comes with the chukcha[etcd] extra; a standalone node or a
+# static cluster runs without it.
+if etcd_installed():
+    import aetcd
+    import aetcd.exceptions
+    import aetcd.rpc
+    import aetcd.utils
+
+    _AETCD_ERRORS: tuple[type[Exception], type[Exception]] = (
+        aetcd.exceptions.ClientError, aetcd.rpc.RpcError,
+    )
+else:  # pragma: no cover - the tests run with the extra
+
+    class _EtcdAbsentError(Exception):
+        """Never raised: stands in for aetcd's errors where aetcd is not installed."""
+
+    _AETCD_ERRORS = (_EtcdAbsentError, _EtcdAbsentError)
 
 __all__ = [
     "DEFAULT_LEASE_TTL",
@@ -63,9 +76,7 @@ _CHANNEL_OPTIONS: Final = {
     "grpc.max_reconnect_backoff_ms": 1000,
 }
 # What a broken etcd session raises: aetcd wraps most gRPC errors, not all.
-_ETCD_ERRORS: Final = (
-    aetcd.exceptions.ClientError, aetcd.rpc.RpcError, CoordinationError, OSError, TimeoutError,
-)
+_ETCD_ERRORS: Final = (*_AETCD_ERRORS, CoordinationError, OSError, TimeoutError)
 ETCD_ERRORS: Final = _ETCD_ERRORS
 """What a call of :class:`EtcdGroups` raises when etcd fails (retry later)."""
 
@@ -139,6 +150,8 @@ class _EtcdWatcher:
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
+        if not etcd_installed():
+            raise CoordinationError(ETCD_EXTRA_MISSING)
         self._endpoints = [parse_etcd_endpoint(e) for e in endpoints]
         self._prefix = prefix
         self._instance = instance

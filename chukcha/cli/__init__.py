@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main", "version"]
 
 # Modules that add subcommands, in --help order.
 _COMMAND_MODULES = (
@@ -47,12 +48,21 @@ class _CommandParser(_Parser):
             self._parsing = False
 
 
+def version() -> str:
+    """The installed distribution's version (``chukcha --version``)."""
+    try:
+        return importlib.metadata.version("chukcha")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="chukcha",
         description="Chukcha: a persistent, distributed event bus and exactly-once processors.",
         allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=f"chukcha {version()}")
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser
     )
