@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from chukcha import App, Client, Context
-from chukcha.cli.node import run_loop
+from chukcha.loop import run_loop
 from chukcha.processors import ProcessorConfig
 from chukcha.processors.engine import read_table
 from chukcha.state import LevelDBStore

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from chukcha import Client
-from chukcha.cli.node import run_loop
+from chukcha.loop import run_loop
 from chukcha.processors.engine import read_table
 from chukcha.state import LevelDBStore
 from chukcha.testing import spawn_node

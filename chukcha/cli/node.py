@@ -12,6 +12,7 @@ from typing import Any
 
 from chukcha.bus.config import NodeConfig, ReplicationConfig, default_instance_name, parse_peers
 from chukcha.errors import ChukchaError
+from chukcha.loop import run_loop
 from chukcha.protocol import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_CHUNK_SIZE,
@@ -188,13 +189,3 @@ def _run(args: argparse.Namespace) -> int:
         logger.error("cannot start: %s", exc)  # noqa: TRY400
         return 1
     return 0
-
-
-def run_loop(main: Any) -> None:
-    """Run ``main`` on uvloop when it is installed (it is a dependency), else asyncio."""
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:  # pragma: no cover
-        asyncio.run(main)
-    else:
-        uvloop.run(main)

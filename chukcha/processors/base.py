@@ -1,17 +1,16 @@
 """The processor API: :class:`App`, ``@app.processor(category)``, sinks.
 
 An app is a consumer group: ``App("billing", ...)`` reads its categories as group ``billing``
-and keeps one state directory (a LevelDB) shared by all its processors. The run loop is in
-:mod:`chukcha.processors.runner`, the per-batch commit protocol in
-:mod:`chukcha.processors.engine`.
+and keeps one state directory shared by all its processors. :class:`App` is a pure definition
+(handlers, sinks, key and ID functions, config): this module imports nothing that runs. Running
+it is :mod:`chukcha.processors.runner`'s job (``App.run`` hands over to it); the commit protocol
+is :mod:`chukcha.processors.checkpoint` over :mod:`chukcha.processors.engine`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
-import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +20,9 @@ from chukcha.processors.config import ErrorPolicy, ProcessorConfig
 from chukcha.protocol import validate_category
 
 if TYPE_CHECKING:
-    from chukcha.processors.engine import Context
+    import asyncio
+
+    from chukcha.processors.context import Context
 
 __all__ = ["App", "EventIdFn", "Handler", "ProcessorFn", "Sink"]
 
@@ -147,31 +148,21 @@ class App:
 
     async def run_async(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or the task is cancelled), then stop gracefully: finish
-        the batch, commit, ack, close.
+        the batch, commit, ack, close. Same as
+        :func:`chukcha.processors.runner.run_app_async`.
 
         Raises:
             ProcessorError: a callback failed under the ``stop`` error policy.
             StateLockedError: another process runs on ``state_dir``.
         """
-        from chukcha.processors.runner import Runner  # noqa: PLC0415 - imports the client
+        # The definition does not import the machinery that runs it; this is the hand-over.
+        from chukcha.processors.runner import run_app_async  # noqa: PLC0415
 
-        if not self._handlers:
-            raise ValueError(f"app {self.name!r} has no processors")
-        await Runner(self).run(stop or asyncio.Event())
+        await run_app_async(self, stop)
 
     def run(self) -> None:
-        """Run until SIGINT or SIGTERM (blocking)."""
-        from chukcha.cli.node import run_loop  # noqa: PLC0415
+        """Run until SIGINT or SIGTERM (blocking). Same as
+        :func:`chukcha.processors.runner.run_app`."""
+        from chukcha.processors.runner import run_app  # noqa: PLC0415
 
-        async def main() -> None:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            try:
-                await self.run_async(stop)
-            finally:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
-
-        run_loop(main())
+        run_app(self)

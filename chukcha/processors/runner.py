@@ -1,17 +1,12 @@
-"""The run loop of an app against the bus: read, process, commit, send the outbox, ack.
+"""The run loop of an app against the bus: read, process, then the checkpoint commits.
 
 One consumer (group = the app's name) per category, each in its own task; a lock makes
 "process a batch + commit it" one step, so the categories share the state safely. Per step:
-
-1. ``consumer.read()`` -> batches (at most one per owner stream).
-2. :meth:`Engine.process` each batch (dedup, callbacks).
-3. Flush the sink rows of the applied events (retried with backoff until they succeed).
-4. ONE state write: table + dedup + positions + outbox (fsync'ed per the sync policy).
-5. Send the outbox (retried), then ``consumer.commit(positions)`` acks the complete chunks wholly
-   before the committed positions; with a deferred fsync policy only positions that are fsync'ed.
-
-A crash anywhere loses nothing: the next start resumes at the committed positions, resends the
-committed-but-unsent outbox, and the dedup index skips the events already applied.
+``consumer.read()`` -> batches (at most one per owner stream), :meth:`Engine.process` each
+batch (dedup, callbacks), then :meth:`Checkpoint.commit
+<chukcha.processors.checkpoint.Checkpoint.commit>` (flush sinks, one write, fsync, send the
+outbox, ack). :class:`_BusIO` is where the checkpoint's effects go: the sinks, the client, and
+``consumer.commit(positions)``, which acks the complete chunks wholly before the positions.
 
 Sinks that are async context managers (or have ``start()``/``stop()``) are entered when the app
 starts, before anything is read, and closed in reverse order when it stops, also on an error;
@@ -23,26 +18,56 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from chukcha.client import Client
 from chukcha.client.consumer import Batch, Consumer, Position
 from chukcha.errors import ClientError
+from chukcha.loop import run_loop
+from chukcha.processors.checkpoint import Checkpoint
 from chukcha.processors.engine import Engine
 from chukcha.state.leveldb import LevelDBStore
 
 if TYPE_CHECKING:
     from chukcha.processors.base import App
 
-__all__ = ["Runner"]
+__all__ = ["Runner", "run_app", "run_app_async"]
 
 logger = logging.getLogger(__name__)
 
-_PROGRESS_INTERVAL: Final = 5.0
+
+async def run_app_async(app: App, stop: asyncio.Event | None = None) -> None:
+    """Run ``app`` until ``stop`` is set (or the task is cancelled), then stop gracefully:
+    finish the batch, commit, ack, close.
+
+    Raises:
+        ProcessorError: a callback failed under the ``stop`` error policy.
+        StateLockedError: another process runs on ``app.state_dir``.
+    """
+    if not app.handlers:
+        raise ValueError(f"app {app.name!r} has no processors")
+    await Runner(app).run(stop or asyncio.Event())
+
+
+def run_app(app: App) -> None:
+    """Run ``app`` until SIGINT or SIGTERM (blocking)."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await run_app_async(app, stop)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    run_loop(main())
 
 
 class Runner:
@@ -143,22 +168,50 @@ class _SinkCloser:
         return False  # never swallow the app's error
 
 
+class _BusIO:
+    """Where the checkpoint's effects go in a real run: the app's sinks, the bus, the acks."""
+
+    def __init__(self, app: App, client: Client, consumers: dict[str, Consumer]) -> None:
+        self._app = app
+        self._client = client
+        self._consumers = consumers
+        self._acked: dict[str, dict[str, tuple[str, int]]] = {}
+
+    async def flush(self, sink: str, rows: list[Any]) -> None:
+        await self._app.sinks[sink].flush(rows)
+
+    async def send(self, category: str, lines: list[bytes]) -> None:
+        await self._client.send(category, lines)
+
+    async def ack(self, checkpoint: Checkpoint, *, force: bool) -> None:
+        """Ack (through each consumer) everything wholly before the committed positions."""
+        positions_of = checkpoint.engine.positions
+        for category, consumer in self._consumers.items():
+            positions = positions_of.get(category, {})
+            if not force and positions == self._acked.get(category):
+                continue
+            try:
+                await consumer.commit(
+                    {owner: Position(chunk, off) for owner, (chunk, off) in positions.items()}
+                )
+            except ClientError as exc:
+                # Not fatal: the positions are committed; the next commit acks again.
+                logger.warning("app=%s category=%s ack failed: %s", self._app.name, category, exc)
+            else:
+                self._acked[category] = dict(positions)
+
+
 class _Session:
     """One run: the open state, the client and the consumers."""
 
     def __init__(self, app: App, engine: Engine, store: LevelDBStore, client: Client) -> None:
         self.app = app
         self.config = app.config
-        self._engine = engine
-        self._store = store
         self._client = client
         self._lock = asyncio.Lock()
-        self._last_sync = 0.0
-        self._unsynced = False
-        self._acked_positions: dict[str, dict[str, tuple[str, int]]] = {}
         self._consumers: dict[str, Consumer] = {}
-        self.commits = 0
-        self._progress_at = time.monotonic()
+        self._checkpoint = Checkpoint(engine, store, _BusIO(app, client, self._consumers),
+                                      app.config, name=app.name)
 
     async def close(self) -> None:
         for consumer in self._consumers.values():
@@ -183,13 +236,13 @@ class _Session:
             await asyncio.wait({work, stopped})
         if work.cancelled() or work.exception() is not None:
             # Whatever the unfinished batch staged is dropped; it is read again on restart.
-            self._engine.discard()
+            self._checkpoint.engine.discard()
         if not work.cancelled() and (exc := work.exception()) is not None:
             raise exc
 
     async def _work(self, stop: asyncio.Event) -> None:
-        engine, client = self._engine, self._client
-        await self._send_outbox()  # what the previous run committed but did not send
+        checkpoint, client = self._checkpoint, self._client
+        await checkpoint.send_outbox()  # what the previous run committed but did not send
         for category in self.app.handlers:
             # On every node, so that no node drops chunks this group has not acked yet.
             try:
@@ -197,7 +250,7 @@ class _Session:
             except ClientError as exc:
                 logger.warning("app=%s registering group on every node failed (the consumer "
                                "registers on the node it reads): %s", self.app.name, exc)
-            saved = engine.positions.get(category, {})
+            saved = checkpoint.engine.positions.get(category, {})
             self._consumers[category] = client.consumer(
                 category,
                 group=self.app.name,
@@ -235,13 +288,8 @@ class _Session:
                 async with self._lock:
                     if batches:
                         await self._step(category, batches)
-                    elif self._unsynced:
-                        await self._sync_now()
                     else:
-                        # Idle: the consumer may have learnt meanwhile that a chunk we finished
-                        # is complete (its owner rotated), or we resume after a predecessor that
-                        # committed but died before acking: ack what is due.
-                        await self._ack_all(force=True)
+                        await self._checkpoint.idle()
                 # If `stop` was set while the batch was processed, the loop ends here: after
                 # the commit and the acks, never in the middle of a batch.
         finally:
@@ -255,125 +303,13 @@ class _Session:
                              category, read.exception())
 
     async def _step(self, category: str, batches: list[Batch]) -> None:
-        engine = self._engine
+        checkpoint = self._checkpoint
+        engine = checkpoint.engine
         for b in batches:
             await engine.process(category, b.owner, b.chunk, b.offset, b.data)
-        await self._flush_sinks()
-        sync = self._sync_due()
-        await self._commit(sync)
-        await self._send_outbox()
-        if not self._unsynced:  # fsync'ed (or the policy never fsyncs): the acks may follow
-            await self._ack_all()
-
-    def _sync_due(self) -> bool:
-        interval = self.config.state.sync_interval
-        if interval is None:
-            return False
-        return interval == 0 or time.monotonic() - self._last_sync >= interval
-
-    async def _commit(self, sync: bool) -> None:
-        engine, store = self._engine, self._store
-        plan = engine.prepare()
-        write = asyncio.ensure_future(asyncio.to_thread(store.write, plan.puts, plan.deletes,
-                                                        sync=sync))
-        try:
-            await asyncio.shield(write)
-        except asyncio.CancelledError:
-            # The write cannot be interrupted; wait for it so the state and memory agree.
-            with contextlib.suppress(Exception):
-                await write
-            if write.done() and not write.cancelled() and write.exception() is None:
-                engine.committed()
-            raise
-        except BaseException:
-            engine.discard()
-            raise
-        engine.committed()
-        self.commits += 1
-        if sync:
-            self._last_sync = time.monotonic()
-            self._unsynced = False
-        else:
-            self._unsynced = self.config.state.sync_interval is not None
-        logger.debug("app=%s commit events=%d sync=%s", self.app.name, plan.events, sync)
-        if (now := time.monotonic()) - self._progress_at >= _PROGRESS_INTERVAL:
-            self._progress_at = now
-            e = self._engine
-            logger.info("app=%s applied=%d duplicates=%d dead_lettered=%d commits=%d "
-                        "dedup_ids=%d dedup_pruned_young=%d positions=%s", self.app.name,
-                        e.applied, e.duplicates, e.dead_lettered, self.commits, len(e.dedup),
-                        e.dedup.pruned_young, e.positions)
-
-    async def _sync_now(self) -> None:
-        store = self._store
-        await asyncio.to_thread(store.write, {}, (), sync=True)
-        self._last_sync = time.monotonic()
-        self._unsynced = False
-        await self._ack_all()
-
-    async def _ack_all(self, *, force: bool = False) -> None:
-        """Ack (through each consumer) everything wholly before the committed (and fsync'ed)
-        positions."""
-        engine = self._engine
-        for category, consumer in self._consumers.items():
-            positions = engine.positions.get(category, {})
-            if not force and positions == self._acked_positions.get(category):
-                continue
-            try:
-                await consumer.commit(
-                    {owner: Position(chunk, off) for owner, (chunk, off) in positions.items()}
-                )
-            except ClientError as exc:
-                # Not fatal: the positions are committed; the next commit acks again.
-                logger.warning("app=%s category=%s ack failed: %s", self.app.name, category, exc)
-            else:
-                self._acked_positions[category] = dict(positions)
-
-    async def _flush_sinks(self) -> None:
-        engine = self._engine
-        for name, rows in engine.sink_rows.items():
-            if rows:
-                sink = self.app.sinks[name]
-                await self._retry(f"sink {name!r} flush of {len(rows)} rows",
-                                  lambda s=sink, r=rows: s.flush(r))  # type: ignore[misc]
-
-    async def _send_outbox(self) -> None:
-        engine, client = self._engine, self._client
-        for entry in list(engine.outbox):
-            await self._retry(f"emit of {len(entry.lines())} events to {entry.category!r}",
-                              lambda e=entry: client.send(e.category, e.lines()))  # type: ignore[misc]
-            engine.outbox_sent(entry)
-
-    async def _retry(self, what: str, fn: Callable[[], Awaitable[object]]) -> None:
-        """Await ``fn()`` until it succeeds, with backoff; an error whose class says it is not
-        retriable (``retriable = False``, e.g. :class:`~chukcha.errors.MessageTooLargeError`)
-        is raised at once: retrying it would block the app forever at the same place."""
-        delay = self.config.retry_initial
-        attempt = 1
-        while True:
-            try:
-                await fn()
-            except Exception as exc:  # a user's sink may raise anything
-                if not getattr(exc, "retriable", True):
-                    logger.error("app=%s %s failed (attempt %d), not retriable: %r",  # noqa: TRY400
-                                 self.app.name, what, attempt, exc)
-                    raise
-                logger.warning("app=%s %s failed (attempt %d), retrying in %.1fs: %r",
-                               self.app.name, what, attempt, delay, exc)
-            else:
-                return
-            await asyncio.sleep(delay)  # backoff between attempts, not synchronisation
-            delay = min(delay * 2, self.config.retry_max)
-            attempt += 1
+        await checkpoint.commit()
 
     async def finish(self) -> None:
-        """After the loops: sync, ack, and drop the sent outbox keys."""
-        engine = self._engine
+        """After the loops: commit what is left, sync, ack."""
         async with self._lock:
-            if engine.has_staged:
-                await self._flush_sinks()  # flush before commit, always (normally nothing left)
-                await self._commit(sync=self.config.state.sync_interval is not None)
-            elif self._unsynced:
-                await self._sync_now()
-            with contextlib.suppress(ClientError):
-                await self._ack_all()
+            await self._checkpoint.finish()

@@ -12,7 +12,8 @@ assert t.table == {"ann": 30}
 ```
 
 Each :meth:`Tester.feed` call is one batch and one commit, through the same
-:class:`~chukcha.processors.engine.Engine` as the real runner, on a
+:class:`~chukcha.processors.checkpoint.Checkpoint` (and so the same commit order: flush sinks,
+one write, fsync per policy, send the outbox, ack) as the real runner, on a
 :class:`~chukcha.state.memory.MemoryStore`. Sinks are not called: their rows are collected.
 """
 
@@ -26,6 +27,7 @@ import orjson
 
 from chukcha.errors import MessageTooLargeError
 from chukcha.processors.base import App
+from chukcha.processors.checkpoint import Checkpoint
 from chukcha.processors.engine import Engine, read_table
 from chukcha.protocol import MAX_MESSAGE_SIZE, chunk_file_name, validate_category
 from chukcha.state.memory import MemoryStore
@@ -47,9 +49,10 @@ class Tester:
         self.store = MemoryStore()
         self.engine = Engine(app, self.store)
         self.engine.load()
+        self._io = _TesterIO()
+        self.checkpoint = Checkpoint(self.engine, self.store, self._io, app.config,
+                                     name=app.name)
         self._offsets: dict[str, int] = {}
-        self._emitted: dict[str, list[Any]] = {}
-        self._rows: dict[str, list[Any]] = {}
 
     async def feed_async(self, category: str, *events: dict[str, Any] | bytes) -> None:
         """Process ``events`` of ``category`` as one batch and commit it.
@@ -75,26 +78,9 @@ class Tester:
         data = b"".join(lines)
         chunk = chunk_file_name(self.owner, 0)
         offset = self._offsets.get(category, 0)
-        engine = self.engine
-        await engine.process(category, self.owner, chunk, offset, data)
-        for name, rows in engine.sink_rows.items():
-            self._rows.setdefault(name, []).extend(rows)
-        plan = engine.prepare()
-        self.store.write(plan.puts, plan.deletes, sync=True)
-        engine.committed()
+        await self.engine.process(category, self.owner, chunk, offset, data)
+        await self.checkpoint.commit()
         self._offsets[category] = offset + len(data)
-        for entry in list(engine.outbox):
-            for line in entry.lines():
-                # The engine refuses over-size emits; this guards what it writes itself (dead
-                # letters), which the runner could never send.
-                if len(line) > MAX_MESSAGE_SIZE:
-                    raise MessageTooLargeError(
-                        MAX_MESSAGE_SIZE, size=len(line), what=f"an event for {entry.category!r}"
-                    )
-            self._emitted.setdefault(entry.category, []).extend(
-                orjson.loads(line) for line in entry.lines()
-            )
-            engine.outbox_sent(entry)
 
     def feed(self, category: str, *events: dict[str, Any] | bytes) -> None:
         """:meth:`feed_async` for synchronous tests (not inside a running event loop)."""
@@ -115,7 +101,7 @@ class Tester:
 
     def emitted(self, category: str) -> list[Any]:
         """Events emitted to ``category`` so far (decoded, in order, with their IDs)."""
-        return list(self._emitted.get(category, []))
+        return list(self._io.emitted.get(category, []))
 
     def dead_letters(self, category: str) -> list[Any]:
         """Events of ``category`` that were dead-lettered (with their errors)."""
@@ -123,7 +109,7 @@ class Tester:
 
     def sink_rows(self, name: str) -> list[Any]:
         """Rows staged for sink ``name`` by applied events."""
-        return list(self._rows.get(name, []))
+        return list(self._io.rows.get(name, []))
 
     @property
     def stats(self) -> dict[str, int]:
@@ -132,3 +118,27 @@ class Tester:
         e = self.engine
         return {"applied": e.applied, "duplicates": e.duplicates, "dead_lettered": e.dead_lettered,
                 "dedup_pruned_young": e.dedup.pruned_young}
+
+
+class _TesterIO:
+    """The tester's effects: sink rows and emits are collected, acks are no-ops."""
+
+    def __init__(self) -> None:
+        self.emitted: dict[str, list[Any]] = {}
+        self.rows: dict[str, list[Any]] = {}
+
+    async def flush(self, sink: str, rows: list[Any]) -> None:
+        self.rows.setdefault(sink, []).extend(rows)
+
+    async def send(self, category: str, lines: list[bytes]) -> None:
+        for line in lines:
+            # The engine refuses over-size emits; this guards what it writes itself (dead
+            # letters), which the runner could never send (not retriable: raised at once).
+            if len(line) > MAX_MESSAGE_SIZE:
+                raise MessageTooLargeError(
+                    MAX_MESSAGE_SIZE, size=len(line), what=f"an event for {category!r}"
+                )
+        self.emitted.setdefault(category, []).extend(orjson.loads(line) for line in lines)
+
+    async def ack(self, checkpoint: Checkpoint, *, force: bool) -> None:
+        """Nothing to ack in memory (the positions are committed in the store)."""

@@ -1,0 +1,195 @@
+"""One partition's commit protocol, in one object that the runner and the tester both drive.
+
+After a batch was staged by the partition's :class:`~chukcha.processors.engine.Engine`,
+:meth:`Checkpoint.commit` does, in this order and nowhere else:
+
+1. flush the sink rows of the applied events (retried with backoff until they succeed);
+2. write ONE batch to the partition's store: table + dedup + positions + outbox;
+3. fsync it per the policy (``StateConfig.sync_interval``);
+4. send the outbox (retried), scheduling its keys for deletion in the next commit;
+5. ack, through :class:`CheckpointIO`, what lies wholly before the committed positions, but
+   only once they are fsync'ed (or the policy never fsyncs).
+
+A crash anywhere loses nothing: the next start resumes at the committed positions, resends the
+committed-but-unsent outbox (:meth:`Checkpoint.send_outbox`), and the dedup index skips what
+was applied. Where the effects go (the bus, or the tester's lists) is the :class:`CheckpointIO`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Protocol
+
+from chukcha.processors.config import ProcessorConfig
+from chukcha.processors.engine import Engine
+from chukcha.state.base import StateStore
+
+__all__ = ["Checkpoint", "CheckpointIO"]
+
+logger = logging.getLogger(__name__)
+
+_PROGRESS_INTERVAL: Final = 5.0
+
+
+class CheckpointIO(Protocol):
+    """The effects of a commit: the runner's bus and sinks, or the tester's lists."""
+
+    async def flush(self, sink: str, rows: list[Any]) -> None:
+        """Write ``rows`` to sink ``sink`` (raise to be retried with the same rows)."""
+        ...
+
+    async def send(self, category: str, lines: list[bytes]) -> None:
+        """Send emitted events (JSON lines) to ``category`` (raise to be retried)."""
+        ...
+
+    async def ack(self, checkpoint: Checkpoint, *, force: bool) -> None:
+        """Ack the input wholly before ``checkpoint.engine.positions`` (durable when called).
+        ``force``: even if those positions were acked already (a chunk may have completed)."""
+        ...
+
+
+class Checkpoint:
+    """The commit protocol of one partition: its engine (staging), its store, its fsync state.
+
+    Args:
+        engine: the partition's engine (it stages batches).
+        store: the partition's store (the engine's).
+        io: where flushes, emits and acks go.
+        config: retry delays and the fsync policy.
+        name: for logs (``app`` or ``app/p003``).
+    """
+
+    def __init__(self, engine: Engine, store: StateStore, io: CheckpointIO,
+                 config: ProcessorConfig, *, name: str) -> None:
+        self.engine = engine
+        self.store = store
+        self._io = io
+        self._config = config
+        self.name = name
+        self._last_sync = 0.0
+        self.unsynced = False
+        """A commit was written without fsync: its positions must not be acked yet."""
+        self.commits = 0
+        self._progress_at = time.monotonic()
+
+    async def load(self) -> None:
+        """Read the partition's dedup index, positions and unsent outbox."""
+        await asyncio.to_thread(self.engine.load)
+
+    async def commit(self) -> None:
+        """Steps 1-5 for everything staged since the last commit."""
+        await self.flush_sinks()
+        await self._write(self._sync_due())
+        await self.send_outbox()
+        if not self.unsynced:  # fsync'ed (or the policy never fsyncs): the acks may follow
+            await self._io.ack(self, force=False)
+
+    async def idle(self) -> None:
+        """Nothing new to process: fsync a pending commit (then ack), or ack what is due (a
+        chunk may have completed meanwhile, or a predecessor committed but died before
+        acking)."""
+        if self.unsynced:
+            await self.sync()
+        else:
+            await self._io.ack(self, force=True)
+
+    async def sync(self) -> None:
+        """fsync the store now, then ack."""
+        await asyncio.to_thread(self.store.write, {}, (), sync=True)
+        self._last_sync = time.monotonic()
+        self.unsynced = False
+        await self._io.ack(self, force=False)
+
+    async def finish(self) -> None:
+        """At a graceful stop: commit what is staged (fsync'ed unless the policy never
+        fsyncs), or fsync a pending commit, then ack. A failing ack is the IO's to report: the
+        positions are committed, the next start acks again."""
+        if self.engine.has_staged:
+            await self.flush_sinks()  # flush before commit, always (normally nothing left)
+            await self._write(sync=self._config.state.sync_interval is not None)
+        elif self.unsynced:
+            await asyncio.to_thread(self.store.write, {}, (), sync=True)
+            self.unsynced = False
+        await self._io.ack(self, force=False)
+
+    async def flush_sinks(self) -> None:
+        """Step 1: write the staged sink rows (retried until they succeed)."""
+        for name, rows in self.engine.sink_rows.items():
+            if rows:
+                await self.retry(f"sink {name!r} flush of {len(rows)} rows",
+                                 lambda n=name, r=rows: self._io.flush(n, r))  # type: ignore[misc]
+
+    async def send_outbox(self) -> None:
+        """Step 4: send the committed outbox (also what a previous run left unsent)."""
+        engine = self.engine
+        for entry in list(engine.outbox):
+            await self.retry(f"emit of {len(entry.lines())} events to {entry.category!r}",
+                             lambda e=entry: self._io.send(e.category, e.lines()))  # type: ignore[misc]
+            engine.outbox_sent(entry)
+
+    def _sync_due(self) -> bool:
+        interval = self._config.state.sync_interval
+        if interval is None:
+            return False
+        return interval == 0 or time.monotonic() - self._last_sync >= interval
+
+    async def _write(self, sync: bool) -> None:
+        """Steps 2-3: one write batch, fsync'ed when ``sync``."""
+        engine, store = self.engine, self.store
+        plan = engine.prepare()
+        write = asyncio.ensure_future(asyncio.to_thread(store.write, plan.puts, plan.deletes,
+                                                        sync=sync))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # The write cannot be interrupted; wait for it so the state and memory agree.
+            with contextlib.suppress(Exception):
+                await write
+            if write.done() and not write.cancelled() and write.exception() is None:
+                engine.committed()
+            raise
+        except BaseException:
+            engine.discard()
+            raise
+        engine.committed()
+        self.commits += 1
+        if sync:
+            self._last_sync = time.monotonic()
+            self.unsynced = False
+        else:
+            self.unsynced = self._config.state.sync_interval is not None
+        logger.debug("app=%s commit events=%d sync=%s", self.name, plan.events, sync)
+        if (now := time.monotonic()) - self._progress_at >= _PROGRESS_INTERVAL:
+            self._progress_at = now
+            e = self.engine
+            logger.info("app=%s applied=%d duplicates=%d dead_lettered=%d commits=%d "
+                        "dedup_ids=%d dedup_pruned_young=%d positions=%s", self.name,
+                        e.applied, e.duplicates, e.dead_lettered, self.commits, len(e.dedup),
+                        e.dedup.pruned_young, e.positions)
+
+    async def retry(self, what: str, fn: Callable[[], Awaitable[object]]) -> None:
+        """Await ``fn()`` until it succeeds, with backoff; an error whose class says it is not
+        retriable (``retriable = False``, e.g. :class:`~chukcha.errors.MessageTooLargeError`)
+        is raised at once: retrying it would block the app forever at the same place."""
+        cfg = self._config
+        delay = cfg.retry_initial
+        attempt = 1
+        while True:
+            try:
+                await fn()
+            except Exception as exc:  # a user's sink may raise anything
+                if not getattr(exc, "retriable", True):
+                    logger.error("app=%s %s failed (attempt %d), not retriable: %r",  # noqa: TRY400
+                                 self.name, what, attempt, exc)
+                    raise
+                logger.warning("app=%s %s failed (attempt %d), retrying in %.1fs: %r",
+                               self.name, what, attempt, delay, exc)
+            else:
+                return
+            await asyncio.sleep(delay)  # backoff between attempts, not synchronisation
+            delay = min(delay * 2, cfg.retry_max)
+            attempt += 1
