@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
     "DEFAULT_MAX_CHUNK_SIZE",
     "DEFAULT_ROTATE_INTERVAL",
+    "MAX_INT_PARAM",
     "MAX_MESSAGE_SIZE",
     "MAX_READ_SIZE",
     "ChunkInfo",
@@ -27,6 +28,7 @@ __all__ = [
     "format_go_duration",
     "parse_chunk_name",
     "parse_go_duration",
+    "parse_uint",
     "split_messages",
     "validate_category",
     "validate_instance",
@@ -41,6 +43,10 @@ MAX_READ_SIZE: Final = 16 << 20
 DEFAULT_MAX_CHUNK_SIZE: Final = 20 << 20
 DEFAULT_ROTATE_INTERVAL: Final = 600.0
 ACK_SUFFIX: Final = ".acknowledged"
+MAX_INT_PARAM: Final = (1 << 63) - 1
+"""Largest value of an integer request parameter (offsets, sizes, byte limits, counts): Go's
+``int64``, and what the consumer-group registry (JSON) and etcd can hold. A larger one is a 400
+before anything changes."""
 
 _CHUNK_RE: Final = re.compile(r"chunk([0-9]{1,18})")
 _FORBIDDEN: Final = re.compile(r"[/\\\x00-\x1f\x7f]")
@@ -62,6 +68,24 @@ def _validate_name(kind: str, name: str) -> str:
     if name != name.strip():
         raise BadRequestError(f"{kind} {name!r} must not start or end with white space")
     return name
+
+
+def parse_uint(name: str, value: str, maximum: int = MAX_INT_PARAM) -> int:
+    """The non-negative integer parameter ``name`` = ``value`` (decimal digits), at most
+    ``maximum``.
+
+    Raises:
+        BadRequestError: not digits, or out of range (checked on the text first: Python refuses
+            to convert more than 4,300 digits).
+    """
+    if not value.isascii() or not value.isdigit():
+        raise BadRequestError(f"parameter {name!r} must be a non-negative integer, got "
+                              f"{value[:40]!r}")
+    digits = value.lstrip("0")
+    if len(digits) > len(str(maximum)) or (digits and int(digits) > maximum):
+        raise BadRequestError(f"parameter {name!r} must be between 0 and {maximum}, got "
+                              f"{value[:40]}{'...' if len(value) > 40 else ''}")
+    return int(digits or "0")
 
 
 def validate_category(name: str) -> str:

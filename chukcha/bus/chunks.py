@@ -18,12 +18,13 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
+from chukcha.bus.tasks import run_to_end as _finish
 from chukcha.errors import (
     AlreadyRunningError,
     BadRequestError,
@@ -689,29 +690,6 @@ class ChunkStore:
         cat.tombstones.add(chunk)
         cat.last_index[cname.instance] = max(cat.last_index.get(cname.instance, -1), cname.index)
         self._emit(StoreEventKind.ACKED, cat.name, chunk, size)
-
-
-async def _finish(step: Coroutine[Any, Any, _T]) -> _T:
-    """Run ``step`` to its end even if the caller is cancelled meanwhile, then re-raise.
-
-    ``step`` changes a file in a worker thread and then the index to match, under ``cat.lock``.
-    Cancelling ``await asyncio.to_thread(...)`` does not stop the thread: the caller would leave
-    the ``async with cat.lock`` block while the thread is still appending, and the next holder
-    of the lock (a download of the same chunk restarted at the same offset, say, when a peer
-    link is replaced) would see the old size and append the same bytes a second time; the index
-    would miss what the thread did after all. So a cancelled caller waits here, still holding
-    the lock, until the change (file and index) is complete, and only then is cancelled.
-    """
-    task = asyncio.ensure_future(step)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):  # cancelled again: still wait
-                await asyncio.wait([task])
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            logger.debug("a cancelled store change failed: %s", exc)
-        raise
 
 
 def _pread(path: Path, n: int, off: int) -> bytes:

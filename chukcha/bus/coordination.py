@@ -28,8 +28,8 @@ from typing import Any, Final, Protocol
 
 from chukcha.bus.config import ETCD_EXTRA_MISSING, Peer, etcd_installed, parse_etcd_endpoint
 from chukcha.bus.tasks import log_task_crash
-from chukcha.errors import CoordinationError
-from chukcha.protocol import validate_instance
+from chukcha.errors import BadRequestError, CoordinationError
+from chukcha.protocol import parse_uint, validate_instance
 
 # aetcd (with grpcio and protobuf) comes with the chukcha[etcd] extra; a standalone node or a
 # static cluster runs without it.
@@ -547,9 +547,9 @@ class EtcdGroups(_EtcdWatcher):
             # by an unregistration) is litter: it must not make the group look registered.
             return
         try:
-            acked[chunk] = int(value)
-        except ValueError:
-            logger.warning("ignoring etcd key %r: size %r is not a number", key, value)
+            acked[chunk] = parse_uint("size", value.decode())
+        except (BadRequestError, UnicodeDecodeError):
+            logger.warning("ignoring etcd key %r: size %r is not a number in range", key, value)
 
     def _kept(self) -> str:
         return "the known consumer groups"

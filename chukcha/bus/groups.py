@@ -59,10 +59,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -75,8 +77,9 @@ from chukcha.bus.config import Peer
 from chukcha.bus.coordination import ETCD_ERRORS, EtcdGroups, GroupsSnapshot
 from chukcha.bus.group_forwarding import INLINE_TIMEOUT, GroupForwarder, outbox_entry
 from chukcha.bus.http import Handler, float_param, int_param, str_param
-from chukcha.errors import BadRequestError, InvalidAckError
-from chukcha.protocol import parse_chunk_name, validate_category, validate_instance
+from chukcha.bus.tasks import run_to_end
+from chukcha.errors import BadRequestError, DiskWriteError, InvalidAckError
+from chukcha.protocol import MAX_INT_PARAM, parse_chunk_name, validate_category, validate_instance
 
 __all__ = [
     "DEFAULT_GROUP",
@@ -118,8 +121,8 @@ class RetentionPolicy:
     def __post_init__(self) -> None:
         if self.max_age is not None and self.max_age <= 0:
             raise ValueError("max_age must be positive")
-        if self.max_bytes is not None and self.max_bytes <= 0:
-            raise ValueError("max_bytes must be positive")
+        if self.max_bytes is not None and not 0 < self.max_bytes <= MAX_INT_PARAM:
+            raise ValueError(f"max_bytes must be between 1 and {MAX_INT_PARAM}")
 
     @property
     def enabled(self) -> bool:
@@ -147,35 +150,85 @@ class GroupRegistry:
         self._cats: dict[str, _CategoryGroups] = {}
         self.outbox: dict[str, list[dict[str, Any]]] = {}
         """Destination (peer instance, or ``"etcd"``) -> changes not confirmed there yet."""
+        self._on_disk: bytes | None = None  # the document last written (or loaded)
 
     async def load(self) -> None:
         raw = await asyncio.to_thread(_read_file, self._path)
-        if raw is None:
-            return
+        if raw is not None:
+            self._decode(raw)
+            self._on_disk = raw
+
+    def _decode(self, raw: bytes) -> None:
+        """Make memory the registry document ``raw`` (all or nothing)."""
         try:
             data = orjson.loads(raw)
+            cats: dict[str, _CategoryGroups] = {}
             for cat, obj in data.get("categories", {}).items():
                 ret = obj.get("retention") or {}
-                self._cats[validate_category(cat)] = _CategoryGroups(
-                    groups={validate_group(g): {str(c): int(s) for c, s in acked.items()}
+                cats[validate_category(cat)] = _CategoryGroups(
+                    groups={validate_group(g): {str(c): _size(s) for c, s in acked.items()}
                             for g, acked in obj.get("groups", {}).items()},
                     retention=RetentionPolicy(ret.get("max_age"), ret.get("max_bytes")),
                 )
-            self.outbox = {str(dest): [dict(e) for e in entries]
-                           for dest, entries in data.get("outbox", {}).items() if entries}
+            outbox = {str(dest): [dict(e) for e in entries]
+                      for dest, entries in data.get("outbox", {}).items() if entries}
         except (orjson.JSONDecodeError, ValueError, AttributeError, TypeError) as exc:
             raise ValueError(f"{self._path} is damaged: {exc}") from exc
+        self._cats, self.outbox = cats, outbox
 
-    async def save(self) -> None:
-        data = {
+    def _encode(self) -> bytes:
+        return orjson.dumps({
             "categories": {
                 cat: {"groups": cg.groups, "retention": cg.retention.to_json()}
                 for cat, cg in sorted(self._cats.items())
                 if cg.groups or cg.retention.enabled
             },
             "outbox": {dest: entries for dest, entries in self.outbox.items() if entries},
-        }
-        await asyncio.to_thread(_write_atomic, self._path, orjson.dumps(data))
+        })
+
+    async def save(self) -> None:
+        """Write the registry out (atomically, fsync'ed).
+
+        Raises:
+            DiskWriteError: the file could not be written (memory is left as it is: use
+                :meth:`change` to have it put back).
+        """
+        try:
+            await run_to_end(self._write(self._encode()))
+        except OSError as exc:
+            raise DiskWriteError(
+                exc.errno or errno.EIO,
+                f"saving the consumer-group registry {self._path} failed: {exc.strerror}; "
+                "nothing was changed",
+            ) from exc
+
+    async def _write(self, data: bytes) -> None:
+        await asyncio.to_thread(_write_atomic, self._path, data)
+        self._on_disk = data
+
+    @contextlib.asynccontextmanager
+    async def change(self) -> AsyncIterator[None]:
+        """One durable change: the block changes memory, the exit saves it, and if either
+        fails memory is put back as it was, so a change answered 200 is on disk and a failed
+        one is nowhere (the caller holds the :class:`ConsumerGroups` lock)."""
+        before = self._encode()
+        try:
+            yield
+            if self._on_disk != self._encode():
+                await self.save()
+        except BaseException:
+            # Unless the file has it after all (cancelled after the write), put memory back.
+            if self._on_disk != self._encode():
+                self._decode(before)
+            raise
+
+    async def save_quietly(self, what: str) -> None:
+        """Save a change that needs no rollback (dropping the acks of tombstoned chunks: the
+        next save writes it); a failure is logged."""
+        try:
+            await self.save()
+        except DiskWriteError as exc:
+            logger.warning("%s: %s", what, exc)
 
     def groups(self, category: str) -> dict[str, dict[str, int]]:
         cg = self._cats.get(category)
@@ -335,25 +388,26 @@ class ConsumerGroups:
                 return
             self._check_ack(category, chunk, size)
             registered = False
-            if group not in groups:
-                # A plain ack while groups are registered: the default group registers
-                # (cluster-wide, like any registration) by acking.
-                registered = self._registry.register(category, group)
-                self._registry.enqueue(self._destinations(),
-                                       outbox_entry("register", category, group))
-                groups = self._registry.groups(category)
-            new = registered or groups[group].get(chunk) != size
-            self._registry.record_ack(category, group, chunk, size)
-            if self._etcd is None:
+            async with self._registry.change():
+                if group not in groups:
+                    # A plain ack while groups are registered: the default group registers
+                    # (cluster-wide, like any registration) by acking.
+                    registered = self._registry.register(category, group)
+                    self._registry.enqueue(self._destinations(),
+                                           outbox_entry("register", category, group))
+                    groups = self._registry.groups(category)
+                new = registered or groups[group].get(chunk) != size
+                self._registry.record_ack(category, group, chunk, size)
                 # Static peers or a single node: decide here (see the module docstring).
-                done = all(chunk in acked for acked in groups.values())
-                if done:
-                    await self._store.ack(category, chunk, size)
-                    self._prune(category)
-            if new:
-                self._registry.enqueue(self._destinations(),
-                                       outbox_entry("ack", category, group, chunk, size))
-            await self._registry.save()
+                done = self._etcd is None and all(chunk in acked for acked in groups.values())
+                if new:
+                    self._registry.enqueue(self._destinations(),
+                                           outbox_entry("ack", category, group, chunk, size))
+            if done:
+                # Only once the ack is durable: a tombstone cannot be taken back.
+                await self._store.ack(category, chunk, size)
+                self._prune(category)
+                await self._registry.save_quietly(f"category={category}")
         if registered:
             logger.info("instance=%s category=%s registered group %s (a plain ack while "
                         "groups are registered)", self._store.instance, category, group)
@@ -391,25 +445,28 @@ class ConsumerGroups:
         validate_group(group)
         async with self._lock:
             groups = self._registry.groups(category)
-            if group not in groups:
-                if origin is None:
-                    raise BadRequestError(
-                        f"consumer group {group!r} is not registered for category {category!r}"
-                    )
-                self._registry.register(category, group)
-                groups = self._registry.groups(category)
-            if self._store.is_tombstoned(category, chunk) or groups[group].get(chunk) == size:
+            if group not in groups and origin is None:
+                raise BadRequestError(
+                    f"consumer group {group!r} is not registered for category {category!r}"
+                )
+            if self._store.is_tombstoned(category, chunk) or (
+                    groups.get(group, {}).get(chunk) == size):
                 return False
-            self._registry.record_ack(category, group, chunk, size)
-            done = (
-                self._etcd is None
-                and all(chunk in acked for acked in groups.values())
-                and self._store.is_complete(category, chunk)
-                and (self._store.chunk_size(category, chunk) or 0) <= size
-            )
+            async with self._registry.change():
+                if group not in groups:
+                    self._registry.register(category, group)
+                    groups = self._registry.groups(category)
+                self._registry.record_ack(category, group, chunk, size)
+                done = (
+                    self._etcd is None
+                    and all(chunk in acked for acked in groups.values())
+                    and self._store.is_complete(category, chunk)
+                    and (self._store.chunk_size(category, chunk) or 0) <= size
+                )
             if done:
                 await self._store.ack(category, chunk, None)
-            await self._registry.save()
+                self._prune(category)
+                await self._registry.save_quietly(f"category={category}")
         return done
 
     def _check_ack(self, category: str, chunk: str, size: int) -> None:
@@ -449,15 +506,13 @@ class ConsumerGroups:
         """Register ``group`` for ``category``; ``origin`` is the forwarding peer, if any."""
         validate_category(category)
         validate_group(group)
-        async with self._lock:
+        async with self._lock, self._registry.change():
             created = self._registry.register(category, group)
             # With etcd always (re)written: the local view may be stale while etcd is down.
             share = origin is None and (created or self._etcd is not None)
             if share:
                 self._registry.enqueue(self._destinations(),
                                        outbox_entry("register", category, group))
-            if created or share:
-                await self._registry.save()
         if created:
             logger.info("instance=%s category=%s registered group %s%s", self._store.instance,
                         category, group, f" (from {origin})" if origin else "")
@@ -471,16 +526,16 @@ class ConsumerGroups:
         validate_category(category)
         validate_group(group)
         async with self._lock:
-            removed = self._registry.unregister(category, group)
-            if removed and self._etcd is None:
-                await self._tombstone_fully_acked(category)
+            async with self._registry.change():
+                removed = self._registry.unregister(category, group)
+                share = origin is None and (removed or self._etcd is not None)
+                if share:
+                    self._registry.enqueue(self._destinations(),
+                                           outbox_entry("unregister", category, group))
+            # Only once the unregistration is durable: tombstones cannot be taken back.
+            if removed and self._etcd is None and await self._tombstone_fully_acked(category):
                 self._prune(category)
-            share = origin is None and (removed or self._etcd is not None)
-            if share:
-                self._registry.enqueue(self._destinations(),
-                                       outbox_entry("unregister", category, group))
-            if removed or share:
-                await self._registry.save()
+                await self._registry.save_quietly(f"category={category}")
         if removed:
             logger.info("instance=%s category=%s unregistered group %s%s",
                         self._store.instance, category, group,
@@ -507,9 +562,8 @@ class ConsumerGroups:
 
     async def set_retention(self, category: str, policy: RetentionPolicy) -> None:
         validate_category(category)
-        async with self._lock:
+        async with self._lock, self._registry.change():
             self._registry.set_retention(category, policy)
-            await self._registry.save()
         logger.info("instance=%s category=%s retention max_age=%s max_bytes=%s",
                     self._store.instance, category, policy.max_age, policy.max_bytes)
 
@@ -552,7 +606,7 @@ class ConsumerGroups:
                     deleted.append(f"{category}/{name}")
             if victims:
                 self._prune(category)
-                await self._registry.save()
+                await self._registry.save_quietly(f"category={category} retention")
         if deleted:
             logger.info("instance=%s category=%s retention deleted %s", self._store.instance,
                         category, ", ".join(deleted))
@@ -614,6 +668,13 @@ def _origin(request: web.Request) -> str | None:
     """``from=<instance>``: the request is a peer's forward (not forwarded again)."""
     origin = request.query.get("from")
     return validate_instance(origin) if origin else None
+
+
+def _size(value: Any) -> int:
+    """A recorded ack size from the registry file (an int in the parameter range)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT_PARAM:
+        raise ValueError(f"ack size {value!r} is not an integer between 0 and {MAX_INT_PARAM}")
+    return value
 
 
 def _read_file(path: Path) -> bytes | None:

@@ -18,7 +18,13 @@ from aiohttp import ClientPayloadError, web
 
 from chukcha.bus.chunks import ChunkStore
 from chukcha.errors import BadRequestError, BodyTooLargeError, ChukchaError
-from chukcha.protocol import check_messages, parse_chunk_name, validate_category
+from chukcha.protocol import (
+    MAX_INT_PARAM,
+    check_messages,
+    parse_chunk_name,
+    parse_uint,
+    validate_category,
+)
 
 __all__ = [
     "MAX_READ_WAIT",
@@ -64,16 +70,17 @@ def str_param(request: web.Request, name: str) -> str:
     return value
 
 
-def int_param(request: web.Request, name: str, default: int | None = None) -> int:
-    """A non-negative integer query parameter (required unless ``default`` is given)."""
+def int_param(
+    request: web.Request, name: str, default: int | None = None, *, maximum: int = MAX_INT_PARAM
+) -> int:
+    """A non-negative integer query parameter, at most ``maximum`` (required unless ``default``
+    is given)."""
     value = request.query.get(name)
     if value is None or value == "":
         if default is None:
             raise BadRequestError(f"missing parameter {name!r}")
         return default
-    if not value.isascii() or not value.isdigit():
-        raise BadRequestError(f"parameter {name!r} must be a non-negative integer, got {value!r}")
-    return int(value)
+    return parse_uint(name, value, maximum)
 
 
 def bool_param(request: web.Request, name: str) -> bool:
