@@ -44,7 +44,14 @@ from chukcha.protocol import (
     validate_category,
 )
 
-__all__ = ["INLINE_WRITE_LIMIT", "ChunkStore", "StoreEvent", "StoreEventKind", "WriteResult"]
+__all__ = [
+    "INLINE_WRITE_LIMIT",
+    "ChunkStore",
+    "StoreEvent",
+    "StoreEventKind",
+    "Traffic",
+    "WriteResult",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +87,23 @@ class WriteResult:
 
 
 @dataclass(slots=True)
+class Traffic:
+    """What one category saw on this node since it started (read by :mod:`chukcha.bus.metrics`).
+
+    Plain integers bumped on the hot path (a few attribute increments per request); nothing
+    else reads them, so no lock is needed on the event loop.
+    """
+
+    writes: int = 0
+    bytes_written: int = 0
+    messages_written: int = 0
+    reads: int = 0
+    bytes_read: int = 0
+    bytes_replicated: int = 0
+    chunks_acked: int = 0
+
+
+@dataclass(slots=True)
 class _Chunk:
     name: ChunkName
     size: int
@@ -95,6 +119,7 @@ class _Category:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     current: str | None = None  # own chunk being written
     write_fd: int = -1
+    traffic: Traffic = field(default_factory=Traffic)
 
 
 class ChunkStore:
@@ -262,6 +287,17 @@ class ChunkStore:
     def categories(self) -> list[str]:
         return sorted(self._categories)
 
+    def traffic(self) -> dict[str, Traffic]:
+        """Per-category counters since this node started (live objects: read, never write)."""
+        return {name: cat.traffic for name, cat in self._categories.items()}
+
+    def mtime(self, category: str, chunk: str) -> float | None:
+        """Last modification time of a live chunk's file (blocking: call it in a thread)."""
+        try:
+            return (self._dir / category / chunk).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
     def list_chunks(self, category: str) -> list[ChunkInfo]:
         """Live chunks of ``category``, by name; only each owner's last one is incomplete."""
         validate_category(category)
@@ -397,6 +433,10 @@ class ChunkStore:
                 _append_small(cat.write_fd, cur, body)
                 self._emit(StoreEventKind.WRITTEN, category, name, cur.size)
             end = cur.size  # this write's end, not a later one's
+            traffic = cat.traffic
+            traffic.writes += 1
+            traffic.bytes_written += len(body)
+            traffic.messages_written += body.count(b"\n")
         return WriteResult(name, end)
 
     async def _start_chunk(self, cat: _Category) -> str:
@@ -500,6 +540,7 @@ class ChunkStore:
                 )
             if c is None or data:
                 c = await _finish(self._store_replica(cat, cname, c, data, sync))
+                cat.traffic.bytes_replicated += len(data)
             return c.size
 
     async def _store_replica(
@@ -599,6 +640,7 @@ class ChunkStore:
         if cat is None or c is None:
             raise ChunkNotFoundError(f"chunk {category}/{chunk} not found")
         limit = c.size  # committed size: never past a write in progress
+        cat.traffic.reads += 1
         if off >= limit:
             return b""
         want = min(max_size, limit - off)
@@ -613,6 +655,7 @@ class ChunkStore:
                     f"max_size {max_size} is smaller than the message at offset {off}"
                 )
             return b""
+        cat.traffic.bytes_read += cut
         return data if cut == len(data) else memoryview(data)[:cut]
 
     # --- acks ---------------------------------------------------------------------------
@@ -688,6 +731,7 @@ class ChunkStore:
         await asyncio.to_thread(_tombstone, cat.path, chunk, missing_ok=missing_ok)
         cat.chunks.pop(chunk, None)
         cat.tombstones.add(chunk)
+        cat.traffic.chunks_acked += 1
         cat.last_index[cname.instance] = max(cat.last_index.get(cname.instance, -1), cname.index)
         self._emit(StoreEventKind.ACKED, cat.name, chunk, size)
 

@@ -136,6 +136,8 @@ class NodeConfig:
         etcd_endpoints: etcd URLs; empty means no etcd.
         cluster: the cluster name, the etcd key prefix ``chukcha/<cluster>/``.
         stop_timeout: seconds a graceful stop may take.
+        metrics: serve ``/metrics`` and time every request (default on; see
+            :mod:`chukcha.bus.metrics` and ``bench/bench_metrics.py`` for the cost).
     """
 
     instance: str
@@ -151,6 +153,7 @@ class NodeConfig:
     etcd_endpoints: tuple[str, ...] = ()
     cluster: str = "default"
     stop_timeout: float = 10.0
+    metrics: bool = True
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
 
     def __post_init__(self) -> None:

@@ -325,6 +325,11 @@ class ConsumerGroups:
         self._forwarder = GroupForwarder(store, self._registry, self._lock, peers=peers,
                                          etcd=etcd, retry_interval=retry_interval,
                                          on_tombstoned=self._prune)
+        self.acks: dict[tuple[str, str], int] = {}
+        """(category, group) -> ``/ack`` requests accepted here since start (group ``""``: a
+        plain ack that tombstoned at once, the Go behaviour); read by the metrics."""
+        self.retention_deleted: dict[str, int] = {}
+        """category -> chunks the retention policy deleted here since start."""
 
     @property
     def registry(self) -> GroupRegistry:
@@ -372,6 +377,7 @@ class ConsumerGroups:
         if group is None:
             if not await self._has_groups(category):
                 await self._store.ack(category, chunk, size)  # the Go behaviour
+                self._count_ack(category, "")
                 return
             group = DEFAULT_GROUP
         validate_group(group)
@@ -408,6 +414,7 @@ class ConsumerGroups:
                 await self._store.ack(category, chunk, size)
                 self._prune(category)
                 await self._registry.save_quietly(f"category={category}")
+        self._count_ack(category, group)
         if registered:
             logger.info("instance=%s category=%s registered group %s (a plain ack while "
                         "groups are registered)", self._store.instance, category, group)
@@ -415,6 +422,10 @@ class ConsumerGroups:
                      " (all groups: tombstoned)" if done else "")
         if new:
             await self._forwarder.sent()
+
+    def _count_ack(self, category: str, group: str) -> None:
+        key = (category, group)
+        self.acks[key] = self.acks.get(key, 0) + 1
 
     async def _has_groups(self, category: str) -> bool:
         """Whether any group is registered for ``category``: this node's view, and with etcd
@@ -608,6 +619,9 @@ class ConsumerGroups:
                 self._prune(category)
                 await self._registry.save_quietly(f"category={category} retention")
         if deleted:
+            self.retention_deleted[category] = (
+                self.retention_deleted.get(category, 0) + len(deleted)
+            )
             logger.info("instance=%s category=%s retention deleted %s", self._store.instance,
                         category, ", ".join(deleted))
         return deleted

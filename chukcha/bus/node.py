@@ -17,6 +17,8 @@ from chukcha.bus.cluster import Cluster
 from chukcha.bus.config import NodeConfig
 from chukcha.bus.groups import ConsumerGroups
 from chukcha.bus.http import BusApi, add_routes, error_middleware
+from chukcha.bus.lag import LagApi, LagMeter
+from chukcha.bus.metrics import NodeMetrics
 
 __all__ = ["Node", "NodeState"]
 
@@ -50,19 +52,32 @@ class Node:
             max_batch_size=config.max_batch_size,
             max_message_size=config.max_message_size,
         )
-        self.app = web.Application(middlewares=[error_middleware])
-        add_routes(self.app, self.api.routes())
         # Replication, membership and /status (issue 3).
         self.cluster = Cluster(config, self.store)
         self.api.replicas = self.cluster.replica_waiter
-        add_routes(self.app, self.cluster.routes())
         # Consumer groups and retention (issue 4): /ack with group=, /groups/*, /retention.
         self.groups = ConsumerGroups(
             self.store, peers=self.cluster.group_peers, etcd=self.cluster.group_store,
             retry_interval=config.replication.retry_interval,
         )
         self.api.acks = self.groups
+        # Operations (issue 12): /groups/lag and /metrics.
+        self.lag = LagMeter(self.store, self.groups.registry)
+        self.metrics: NodeMetrics | None = None
+        middlewares = [error_middleware]
+        if config.metrics:
+            self.metrics = NodeMetrics(
+                config.instance, self.cluster.mode, store=self.store, groups=self.groups,
+                replicator=lambda: self.cluster.replicator, lag=self.lag,
+            )
+            middlewares.insert(0, self.metrics.middleware)  # outermost: sees every status
+        self.app = web.Application(middlewares=middlewares)
+        add_routes(self.app, self.api.routes())
+        add_routes(self.app, self.cluster.routes())
         add_routes(self.app, self.groups.routes())
+        add_routes(self.app, LagApi(self.lag).routes())
+        if self.metrics is not None:
+            add_routes(self.app, self.metrics.routes())
         self._runner: web.AppRunner | None = None
         self._sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []

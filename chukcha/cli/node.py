@@ -114,6 +114,8 @@ def register(sub: Any) -> None:
           help="etcd lease TTL: how long a killed node stays registered")
     _flag(ext, "replication-poll-wait", type=_duration, default="10s", metavar="DURATION",
           help="how long a replica's long poll on a peer's open chunk lasts when idle")
+    _flag(ext, "no-metrics", action="store_true",
+          help="do not serve /metrics nor time requests (for comparison benchmarks)")
     _flag(ext, "listen-fd", type=int, default=None, metavar="FD",
           help="serve on this already bound listening socket (socket activation)")
     _flag(ext, "log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -136,6 +138,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         sync_each_write=args.sync_each_write,
         etcd_endpoints=tuple(e.strip() for e in args.etcd.split(",") if e.strip()),
         cluster=args.cluster,
+        metrics=not args.no_metrics,
         replication=ReplicationConfig(
             dead_peer_timeout=args.dead_peer_timeout,
             lease_ttl=args.etcd_lease_ttl,
