@@ -11,6 +11,7 @@ from typing import ClassVar
 
 __all__ = [
     "AlreadyRunningError",
+    "AppConfigError",
     "BadRequestError",
     "BodyTooLargeError",
     "ChukchaError",
@@ -20,6 +21,7 @@ __all__ = [
     "CoordinationError",
     "CoordinationTimeoutError",
     "DiskWriteError",
+    "InstanceTakenOverError",
     "InvalidAckError",
     "MessageTooLargeError",
     "NodeUnavailableError",
@@ -30,6 +32,7 @@ __all__ = [
     "ReplicationTimeoutError",
     "RequestRejectedError",
     "ServerError",
+    "StaleEpochError",
     "StateLockedError",
     "UnknownPeerError",
     "WriteRejectedError",
@@ -113,6 +116,21 @@ class AlreadyRunningError(ChukchaError, RuntimeError):
 
 class StateLockedError(ChukchaError, RuntimeError):
     """Another process holds the processor's state directory."""
+
+
+class AppConfigError(ChukchaError, ValueError):
+    """An app instance's settings contradict its group's (say, another partition count)."""
+
+
+class InstanceTakenOverError(ChukchaError, RuntimeError):
+    """Another process registered under this app instance's name; this one must stop."""
+
+
+class StaleEpochError(ChukchaError):
+    """A fenced ack (``partition`` + ``epoch``) came from an owner that lost the partition: the
+    claim in etcd has another epoch now. The sender must stop processing that partition."""
+
+    http_status = 409
 
 
 # --- cluster ------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Every access to etcd lives in this module (through ``aetcd``), behind the small
 :class:`Membership` protocol, so that the replication code never sees the etcd client and the
-client library can be swapped.
+client library can be swapped; :mod:`chukcha.bus.app_coordination` (the instances of an app and
+their partition claims) is the other half of this one etcd layer and shares its session base.
 
 etcd layout: ``chukcha/<cluster>/peers/<instance>`` = ``host:port``, put under a lease that the
 node keeps alive. Every node watches the prefix, so joins and leaves are seen without restarts; a

@@ -1,0 +1,515 @@
+"""The instances of an app in etcd: registration, partition claims with epochs, hand-over.
+
+Part of the one etcd layer (with :mod:`chukcha.bus.coordination`, whose session base it shares):
+nothing else talks to etcd. Layout under ``chukcha/<cluster>/apps/<app>/``:
+
+- ``partitions`` = the app's partition count, written by the first instance (no lease); an
+  instance started with another count is refused (:class:`~chukcha.errors.AppConfigError`).
+- ``members/<instance>`` = ``{"incarnation": ..., "pid": ...}`` under the instance's lease,
+  kept alive every TTL/3.
+- ``claims/<partition:04d>`` = the owner's instance name, under the owner's lease. The claim's
+  etcd ``mod_revision`` is its **epoch**: a new claim (or an adoption) always has a larger one.
+  A node checks an ack's epoch against it in a transaction (:func:`claim_key`).
+
+Every instance watches the prefix and computes the same target with
+:func:`chukcha.assignment.assign` (live members, current claims). An instance then *releases*
+the partitions the target gives to others (orderly: :meth:`PartitionListener.revoking` finishes
+the batch and commits, then the claim is deleted if its epoch is unchanged) and *claims* the free
+ones the target gives to it (a transaction that succeeds only if nobody holds the claim), so a
+partition never has two owners and the new owner starts only after the old one let go. A killed
+instance's lease expires after its TTL and its claims vanish with it; the others then claim them.
+
+An instance restarted under the same name while its previous incarnation's lease is still
+alive *adopts* that incarnation's claims in one transaction (member key and claims re-put under
+the new lease: new epochs, so anything the old incarnation still does is fenced), then revokes the
+old lease: a quick restart keeps its partitions. If the old incarnation was in fact alive (two
+processes given one name), it sees its member key taken and stops with an error.
+
+Ownership is only used while it can be proven: when the lease has not been renewed for its TTL
+(minus a margin) the instance calls :meth:`PartitionListener.lost` for every partition and
+processes nothing until etcd answers again (then it resumes those its lease still holds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import orjson
+
+from chukcha.assignment import assign
+from chukcha.bus.config import parse_etcd_endpoint
+from chukcha.bus.coordination import DEFAULT_LEASE_TTL, ETCD_ERRORS, _EtcdWatcher
+from chukcha.bus.tasks import log_task_crash
+from chukcha.errors import AppConfigError, CoordinationError, InstanceTakenOverError
+from chukcha.protocol import validate_instance
+
+__all__ = [
+    "AppInstances",
+    "AppView",
+    "Claim",
+    "PartitionListener",
+    "app_prefix",
+    "claim_key",
+    "read_app",
+]
+
+logger = logging.getLogger(__name__)
+
+_RPC_TIMEOUT: Final = 5
+
+
+def app_prefix(cluster: str, app: str) -> bytes:
+    """The etcd key prefix of ``app`` in ``cluster``."""
+    return f"chukcha/{cluster}/apps/{app}/".encode()
+
+
+def claim_key(cluster: str, app: str, partition: int) -> bytes:
+    """The etcd key of the claim of ``partition``; its ``mod_revision`` is the owner's epoch."""
+    return app_prefix(cluster, app) + f"claims/{partition:04d}".encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One partition's owner as etcd has it."""
+
+    partition: int
+    owner: str
+    epoch: int
+    lease: int
+
+
+@dataclass(slots=True)
+class AppView:
+    """What etcd holds about one app (a mirror, or one read by :func:`read_app`)."""
+
+    partitions: int | None = None
+    members: dict[str, dict[str, Any]] = field(default_factory=dict)
+    member_leases: dict[str, int] = field(default_factory=dict)
+    claims: dict[int, Claim] = field(default_factory=dict)
+
+    def apply(self, prefix: bytes, key: bytes, value: bytes | None, mod_revision: int,
+              lease: int) -> None:
+        """Apply one key (``value`` None: deleted) under ``prefix``."""
+        name = key[len(prefix):].decode(errors="replace")
+        kind, _, rest = name.partition("/")
+        try:
+            if name == "partitions":
+                self.partitions = int(value) if value is not None else None
+            elif kind == "members" and rest:
+                if value is None:
+                    self.members.pop(rest, None)
+                    self.member_leases.pop(rest, None)
+                else:
+                    self.members[validate_instance(rest)] = orjson.loads(value)
+                    self.member_leases[rest] = lease
+            elif kind == "claims" and rest:
+                p = int(rest)
+                if value is None:
+                    self.claims.pop(p, None)
+                else:
+                    self.claims[p] = Claim(p, value.decode(), mod_revision, lease)
+        except (ValueError, orjson.JSONDecodeError):
+            logger.warning("ignoring etcd key %r: not an app member, claim or count", key)
+
+    def owners(self) -> dict[int, str]:
+        return {p: c.owner for p, c in self.claims.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "partitions": self.partitions,
+            "members": sorted(self.members),
+            "claims": {str(p): {"owner": c.owner, "epoch": c.epoch}
+                       for p, c in sorted(self.claims.items())},
+        }
+
+
+class PartitionListener(Protocol):
+    """What an instance does when it gains or gives up a partition."""
+
+    async def assigned(self, partition: int, epoch: int) -> None:
+        """``partition`` is ours from ``epoch`` on: open its store, start processing."""
+        ...
+
+    async def revoking(self, partition: int) -> None:
+        """``partition`` goes to another instance: finish the batch, commit, stop. The claim is
+        released when this returns (the new owner starts only after)."""
+        ...
+
+    async def lost(self, partition: int) -> None:
+        """``partition`` can no longer be proven ours (lease not renewed, claim gone): stop
+        processing it now; its acks would be refused."""
+        ...
+
+
+class _NoListener:
+    async def assigned(self, partition: int, epoch: int) -> None:
+        return
+
+    async def revoking(self, partition: int) -> None:
+        return
+
+    async def lost(self, partition: int) -> None:
+        return
+
+
+class AppInstances(_EtcdWatcher):
+    """One instance of an app in etcd: registers, claims its share of partitions, hands over.
+
+    :meth:`start` returns at once (the session is established and retried in the background);
+    :meth:`owned` is what this instance may process now, with each partition's epoch;
+    :meth:`stop` hands every partition over in order and leaves. :meth:`wait_failed` returns the
+    error that made the instance give up for good (another process took its name, another
+    partition count), if one does.
+    """
+
+    _what = "app"
+
+    def __init__(
+        self,
+        endpoints: tuple[str, ...],
+        cluster: str,
+        app: str,
+        instance: str,
+        partitions: int,
+        *,
+        listener: PartitionListener | None = None,
+        lease_ttl: int = DEFAULT_LEASE_TTL,
+        retry_interval: float = 0.2,
+    ) -> None:
+        if not 1 <= partitions <= 1024:
+            raise ValueError("partitions must be in 1..1024")
+        if lease_ttl < 1:
+            raise ValueError("lease_ttl must be at least 1 s")
+        super().__init__(endpoints, app_prefix(cluster, app), validate_instance(instance),
+                         retry_interval)
+        self.app = app
+        self.partitions = partitions
+        self._listener: PartitionListener = listener or _NoListener()
+        self._ttl = lease_ttl
+        self._margin = min(1.0, lease_ttl * 0.2)
+        self._incarnation = uuid.uuid4().hex
+        self.view = AppView()
+        self._lease_id: int | None = None
+        self._registered_at = 0  # the etcd revision of our member key's last write by us
+        self._valid_until = 0.0  # monotonic time until which our lease is proven alive
+        self._active: dict[int, int] = {}  # partition -> epoch handed to the listener
+        self._changed = asyncio.Event()
+        self._renewed = asyncio.Event()
+        self._failed: asyncio.Future[BaseException] | None = None
+        self._expiry: asyncio.Task[None] | None = None
+        self._busy = asyncio.Lock()  # one reconcile (or stop) at a time
+
+    # --- public view ---------------------------------------------------------------------
+
+    def owned(self) -> Mapping[int, int]:
+        """Partitions this instance may process now -> their epoch."""
+        return dict(self._active)
+
+    @property
+    def member_key(self) -> bytes:
+        return self._prefix + b"members/" + self._instance.encode()
+
+    async def wait_failed(self) -> BaseException:
+        """Wait until the instance gives up for good; returns why."""
+        if self._failed is None:
+            self._failed = asyncio.get_running_loop().create_future()
+        return await self._failed
+
+    def _fail(self, exc: BaseException) -> None:
+        logger.error("app=%s instance=%s: %s", self.app, self._instance, exc)
+        if self._failed is None:
+            self._failed = asyncio.get_running_loop().create_future()
+        if not self._failed.done():
+            self._failed.set_result(exc)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await super().start()
+        if self._expiry is None:
+            self._expiry = asyncio.create_task(self._expiry_loop(),
+                                               name=f"app-lease-{self._instance}")
+            self._expiry.add_done_callback(functools.partial(log_task_crash, what="app lease"))
+
+    async def stop(self) -> None:
+        """Hand every partition over in order (the listener finishes and commits each), then
+        leave: revoking the lease deletes the member key and every claim at once. Idempotent."""
+        if self._task is None:
+            return
+        expiry, self._expiry = self._expiry, None
+        if expiry is not None:
+            expiry.cancel()
+            await asyncio.wait([expiry])
+        await super().stop()
+        async with self._busy:
+            for p in sorted(self._active):
+                await self._listener.revoking(p)
+                del self._active[p]
+                logger.info("app=%s instance=%s partition %d released (stopping)",
+                            self.app, self._instance, p)
+        lease, self._lease_id = self._lease_id, None
+        if lease is not None:
+            client = self._client()
+            try:
+                async with asyncio.timeout(2):
+                    await client.revoke_lease(lease)
+            except ETCD_ERRORS as exc:
+                logger.info("app=%s instance=%s could not revoke its lease (%s): its claims "
+                            "expire after %d s", self.app, self._instance, exc, self._ttl)
+            finally:
+                with contextlib.suppress(*ETCD_ERRORS):
+                    await client.close()
+
+    # --- the session ---------------------------------------------------------------------
+
+    def _kept(self) -> str:
+        return f"partitions {sorted(self._active)} while the lease lasts"
+
+    async def _session(self, client: Any) -> None:
+        await self._check_partitions(client)
+        await self._register(client)
+        watch = await self._watch(client)
+        logger.info("app=%s instance=%s joined (lease ttl %d s, %d partitions)", self.app,
+                    self._instance, self._ttl, self.partitions)
+        self._changed.set()
+        tasks = [
+            asyncio.create_task(self._keepalive_loop(client), name="app-keepalive"),
+            asyncio.create_task(self._watch_loop(watch), name="app-watch"),
+            asyncio.create_task(self._reconcile_loop(client), name="app-reconcile"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks)
+        for t in done:
+            t.result()
+
+    async def _check_partitions(self, client: Any) -> None:
+        key = self._prefix + b"partitions"
+        ok, responses = await client.transaction(
+            compare=[client.transactions.version(key) == 0],
+            success=[client.transactions.put(key, str(self.partitions).encode())],
+            failure=[client.transactions.get(key)],
+        )
+        if ok:
+            return
+        stored = int(responses[0][0][0]) if responses and responses[0] else self.partitions
+        if stored != self.partitions:
+            exc = AppConfigError(
+                f"app {self.app!r} has {stored} partitions in etcd, this instance was started "
+                f"with {self.partitions}: start it with partitions={stored} (changing the count "
+                "of a running app needs a migration)"
+            )
+            self._fail(exc)
+            raise exc
+
+    async def _register(self, client: Any) -> None:
+        value = orjson.dumps({"incarnation": self._incarnation, "pid": os.getpid()})
+        tx = client.transactions
+        if self._lease_id is not None:
+            started = time.monotonic()
+            reply = await client.refresh_lease(self._lease_id)
+            if reply is not None and reply.TTL > 0:
+                # Our lease survived the outage, so did our member key and claims.
+                self._proven(started, reply.TTL)
+                return
+            logger.warning("app=%s instance=%s lease expired while etcd was away; its "
+                           "partitions are gone, joining again", self.app, self._instance)
+            self._lease_id = None
+        started = time.monotonic()
+        lease = await client.lease(self._ttl)
+        member = await client.get(self.member_key)
+        compare = [tx.version(self.member_key) == 0] if member is None else [
+            tx.mod(self.member_key) == member.mod_revision]
+        ops = [tx.put(self.member_key, value, lease=lease.id)]
+        adopted: list[int] = []
+        if member is not None:
+            # A previous incarnation under our name: adopt its claims (new epochs fence it).
+            for kv in await client.get_prefix(self._prefix + b"claims/"):
+                if kv.lease == member.lease:
+                    compare.append(tx.mod(kv.key) == kv.mod_revision)
+                    ops.append(tx.put(kv.key, kv.value, lease=lease.id))
+                    adopted.append(int(kv.key.rsplit(b"/", 1)[1]))
+        ops.append(tx.get(self.member_key))
+        ok, responses = await client.transaction(compare=compare, success=ops, failure=[])
+        if not ok:
+            with contextlib.suppress(*ETCD_ERRORS):
+                await client.revoke_lease(lease.id)
+            raise CoordinationError("registration raced with another change; retrying")
+        self._registered_at = responses[-1][0][1].mod_revision
+        self._lease_id = lease.id
+        self._proven(started, self._ttl)
+        if member is not None:
+            logger.info("app=%s instance=%s took over from its previous incarnation "
+                        "(adopted partitions %s)", self.app, self._instance, sorted(adopted))
+            with contextlib.suppress(*ETCD_ERRORS):
+                await client.revoke_lease(member.lease)
+
+    def _proven(self, started: float, ttl: int) -> None:
+        was = self._provable()
+        self._valid_until = started + ttl
+        if not was:
+            self._renewed.set()
+            self._changed.set()
+
+    def _provable(self) -> bool:
+        return self._lease_id is not None and time.monotonic() < self._valid_until - self._margin
+
+    async def _resync(self, client: Any) -> None:
+        view = AppView()
+        resp = await client.get_prefix(self._prefix)
+        for kv in resp:
+            view.apply(self._prefix, kv.key, kv.value, kv.mod_revision, kv.lease)
+        self.view = view
+        self.revision = resp.header.revision
+        self.synced = True
+
+    async def _watch_loop(self, watch: Any) -> None:
+        async for event in watch:
+            kv = event.kv
+            self.revision = max(self.revision, kv.mod_revision)
+            value = kv.value if event.kind == "PUT" else None
+            self.view.apply(self._prefix, kv.key, value, kv.mod_revision, kv.lease)
+            if (kv.key == self.member_key and value is not None
+                    and kv.mod_revision > self._registered_at and kv.lease != self._lease_id):
+                exc = InstanceTakenOverError(
+                    f"another process registered as instance {self._instance!r} of app "
+                    f"{self.app!r}: this one stops (give each instance its own name)")
+                await self._lose_all("instance taken over")
+                self._fail(exc)
+                raise exc
+            self._changed.set()
+        raise CoordinationError("etcd watch ended")
+
+    async def _keepalive_loop(self, client: Any) -> None:
+        while True:
+            await asyncio.sleep(max(self._ttl / 3, 0.3))  # the keep-alive period
+            lease = self._lease_id
+            started = time.monotonic()
+            reply = await client.refresh_lease(lease) if lease is not None else None
+            if reply is None or reply.TTL <= 0:
+                logger.warning("app=%s instance=%s lease expired; joining again", self.app,
+                               self._instance)
+                await self._lose_all("lease expired")
+                self._lease_id = None
+                await self._register(client)
+                self._changed.set()
+            else:
+                self._proven(started, reply.TTL)
+
+    async def _expiry_loop(self) -> None:
+        """Stop every partition when the lease can no longer be proven alive."""
+        while True:
+            if self._active and not self._provable():
+                await self._lose_all(f"lease not renewed for {self._ttl - self._margin:.1f} s")
+            self._renewed.clear()
+            if self._provable():
+                delay = self._valid_until - self._margin - time.monotonic()
+                # Woken early by nothing: a renewal only moves the deadline later.
+                await asyncio.sleep(max(delay, 0.01))
+            else:
+                await self._renewed.wait()
+
+    async def _lose_all(self, why: str) -> None:
+        async with self._busy:
+            if self._active:
+                logger.warning("app=%s instance=%s stops partitions %s: %s", self.app,
+                               self._instance, sorted(self._active), why)
+            for p in sorted(self._active):
+                del self._active[p]
+                await self._listener.lost(p)
+
+    # --- reconciling the claims with the target ------------------------------------------
+
+    async def _reconcile_loop(self, client: Any) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            async with self._busy:
+                await self._reconcile(client)
+
+    async def _reconcile(self, client: Any) -> None:
+        view, lease = self.view, self._lease_id
+        mine = {p: c.epoch for p, c in view.claims.items() if lease and c.lease == lease}
+        for p, epoch in sorted(self._active.items()):
+            if mine.get(p) != epoch:
+                del self._active[p]
+                logger.warning("app=%s instance=%s partition %d lost (epoch %d): its claim is "
+                               "gone or changed", self.app, self._instance, p, epoch)
+                await self._listener.lost(p)
+        if not self._provable():
+            return
+        for p, epoch in sorted(mine.items()):
+            if p not in self._active:
+                await self._take(p, epoch, "resumed")
+        target = assign(self.partitions, view.members, view.owners())
+        for p in sorted(self._active):
+            if target.get(p) != self._instance:
+                await self._release(client, p, target.get(p))
+        for p in range(self.partitions):
+            if target.get(p) == self._instance and p not in view.claims:
+                await self._claim(client, p)
+
+    async def _take(self, partition: int, epoch: int, how: str) -> None:
+        self._active[partition] = epoch
+        logger.info("app=%s instance=%s partition %d %s (epoch %d)", self.app, self._instance,
+                    partition, how, epoch)
+        await self._listener.assigned(partition, epoch)
+
+    async def _claim(self, client: Any, partition: int) -> None:
+        key = claim_key_from(self._prefix, partition)
+        tx = client.transactions
+        ok, responses = await client.transaction(
+            compare=[tx.version(key) == 0],
+            success=[tx.put(key, self._instance.encode(), lease=self._lease_id),
+                     tx.get(key)],
+            failure=[],
+        )
+        if not ok:
+            return  # someone else got it first; the watch tells us who
+        meta = responses[1][0][1]
+        self.view.claims[partition] = Claim(partition, self._instance, meta.mod_revision,
+                                            meta.lease)
+        await self._take(partition, meta.mod_revision, "claimed")
+
+    async def _release(self, client: Any, partition: int, to: str | None) -> None:
+        epoch = self._active[partition]
+        started = time.monotonic()
+        await self._listener.revoking(partition)
+        del self._active[partition]
+        key = claim_key_from(self._prefix, partition)
+        tx = client.transactions
+        await client.transaction(compare=[tx.mod(key) == epoch], success=[tx.delete(key)],
+                                 failure=[])
+        self.view.claims.pop(partition, None)
+        logger.info("app=%s instance=%s partition %d released to %s (epoch %d, hand-over "
+                    "took %.3f s)", self.app, self._instance, partition, to, epoch,
+                    time.monotonic() - started)
+
+
+def claim_key_from(prefix: bytes, partition: int) -> bytes:
+    return prefix + f"claims/{partition:04d}".encode()
+
+
+async def read_app(endpoints: tuple[str, ...], cluster: str, app: str) -> AppView:
+    """What etcd holds about ``app`` now (members, claims with epochs, partition count)."""
+    import aetcd  # noqa: PLC0415 - the one etcd layer; kept local like the session's
+
+    host, port = parse_etcd_endpoint(endpoints[0])
+    prefix = app_prefix(cluster, app)
+    view = AppView()
+    async with aetcd.Client(host, port, timeout=_RPC_TIMEOUT) as client:
+        for kv in await client.get_prefix(prefix):
+            view.apply(prefix, kv.key, kv.value, kv.mod_revision, kv.lease)
+    return view
