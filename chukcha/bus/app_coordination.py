@@ -46,7 +46,7 @@ from typing import Any, Final, Protocol
 import orjson
 
 from chukcha.assignment import assign
-from chukcha.bus.config import parse_etcd_endpoint
+from chukcha.bus.config import ETCD_EXTRA_MISSING, etcd_installed, parse_etcd_endpoint
 from chukcha.bus.coordination import DEFAULT_LEASE_TTL, ETCD_ERRORS, _EtcdWatcher
 from chukcha.bus.tasks import log_task_crash
 from chukcha.errors import AppConfigError, CoordinationError, InstanceTakenOverError
@@ -504,7 +504,9 @@ def claim_key_from(prefix: bytes, partition: int) -> bytes:
 
 async def read_app(endpoints: tuple[str, ...], cluster: str, app: str) -> AppView:
     """What etcd holds about ``app`` now (members, claims with epochs, partition count)."""
-    import aetcd  # noqa: PLC0415 - the one etcd layer; kept local like the session's
+    if not etcd_installed():
+        raise CoordinationError(ETCD_EXTRA_MISSING)
+    import aetcd  # noqa: PLC0415 - an optional extra (chukcha[etcd])
 
     host, port = parse_etcd_endpoint(endpoints[0])
     prefix = app_prefix(cluster, app)
