@@ -78,7 +78,7 @@ async def demo() -> int:
             try:
                 app = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "chukcha", "run", "examples.orders:app",
-                    "--nodes", node.url, "--state-dir", str(state_dir),
+                    "--node", node.url, "--state-dir", str(state_dir),
                     stdout=log_fd, stderr=log_fd, cwd=ROOT,
                 )
             finally:

@@ -3,7 +3,7 @@
 Run a node (``make run``) and then::
 
     chukcha run examples.orders:app                     # or: python -m examples.orders
-    chukcha run examples.orders:app --nodes http://127.0.0.1:8080 --state-dir ./billing-state
+    chukcha run examples.orders:app --node http://127.0.0.1:8080 --state-dir ./billing-state
 
 Every order ``{"id": "...", "customer": "ann", "amount": 30}`` adds its amount to the customer's
 total once, however often it is delivered (the same ``id`` sent to two nodes, a restart after a

@@ -87,7 +87,7 @@ async def test_pip_install_without_the_etcd_extra(tmp_path: Path) -> None:
         await wait_http_ready(f"{url}/listCategories", node, 30)
         await asyncio.to_thread((tmp_path / "wordapp.py").write_text, APP)
         app = await asyncio.create_subprocess_exec(
-            cli, "run", "wordapp:app", "--nodes", url, "--state-dir", tmp_path / "state",
+            cli, "run", "wordapp:app", "--node", url, "--state-dir", tmp_path / "state",
             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": ""},
         )

@@ -19,6 +19,7 @@ __all__ = ["build_parser", "main", "version"]
 _COMMAND_MODULES = (
     "chukcha.cli.node",
     "chukcha.cli.client",
+    "chukcha.cli.groups",
     "chukcha.cli.run",
 )
 
@@ -75,7 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    code: int = args.handler(args)
+    try:
+        code: int = args.handler(args)
+    except BrokenPipeError:
+        from chukcha.cli.options import quiet_broken_pipe  # noqa: PLC0415
+
+        return quiet_broken_pipe()
     return code
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import io
 import os
 import sys
@@ -16,30 +17,35 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import IO, Any, Final, cast
 
-from chukcha.client import Client, Consumer, parse_nodes
+import orjson
+
+from chukcha.cli.options import (
+    add_node_option,
+    duration,
+    nodes_from,
+    quiet_broken_pipe,
+    seconds,
+    size,
+)
+from chukcha.client import Client, Consumer
 from chukcha.errors import ChukchaError, ClientError, RemoteNotFoundError
-from chukcha.protocol import format_go_duration, parse_go_duration, validate_category
+from chukcha.protocol import format_go_duration, validate_category
 
 __all__ = ["register"]
 
-DEFAULT_NODE: Final = "http://127.0.0.1:8080"
 _PROGRESS_MIN_BYTES: Final = 8 << 20
 _READ_BLOCK: Final = 1 << 20
 
 
 def _nodes(args: argparse.Namespace) -> list[str]:
-    if args.node:
-        return parse_nodes([n for item in args.node for n in item.split(",")])
-    return parse_nodes(os.environ.get("CHUKCHA_NODES") or DEFAULT_NODE)
+    return nodes_from(args)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--node", "-node", action="append", metavar="URL",
-                   help="a node to talk to (repeatable; default $CHUKCHA_NODES or "
-                        f"{DEFAULT_NODE})")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="seconds one request may take before the next node is tried "
-                        "(default 30)")
+    add_node_option(p)
+    p.add_argument("--timeout", type=seconds, default=30.0, metavar="DURATION",
+                   help="how long one request may take before the next node is tried "
+                        "(default 30s)")
 
 
 def register(sub: Any) -> None:
@@ -54,17 +60,32 @@ def register(sub: Any) -> None:
     p.add_argument("--min-sync-replicas", type=int, default=0, metavar="K",
                    help="answer only when K other nodes hold the data")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    ids = p.add_mutually_exclusive_group()
+    ids.add_argument("--id-field", metavar="F",
+                     help="lines are JSON objects; each one's field F becomes its \"id\" (the "
+                          "event ID processors deduplicate by), so a re-sent file counts once")
+    ids.add_argument("--auto-id", action="store_true",
+                     help="lines are JSON objects; one without an \"id\" gets a deterministic "
+                          "one (a hash of its line number and content), so sending the same "
+                          "file again is deduplicated by processors")
     _common(p)
     p.set_defaults(handler=_send)
 
     p = sub.add_parser("tail", help="print the events of a category",
                        description="Print every event of CATEGORY, one per line. Without "
-                                   "--follow it prints what is there and exits. With --group "
-                                   "it reads as that consumer group and acks what it printed.")
+                                   "--follow it prints what is there and exits (exit code 1 "
+                                   "when the category does not exist). With --group G it "
+                                   "skips what group G has acked; with --commit (or --follow) "
+                                   "it also registers G and acks, for G, the chunks it "
+                                   "printed. Without either it changes nothing on the nodes.")
     p.add_argument("category")
-    p.add_argument("--group", metavar="G", help="read as consumer group G (registered if new) "
-                                                "and ack printed chunks for it")
-    p.add_argument("--follow", "-f", action="store_true", help="keep waiting for new events")
+    p.add_argument("--group", metavar="G", help="read as consumer group G: skip the chunks G "
+                                                "acked")
+    p.add_argument("--commit", action="store_true",
+                   help="with --group: register G (if new) and ack the printed chunks for it; "
+                        "remove G later with `chukcha groups rm G --category C`")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep waiting for new events (with --group: implies --commit)")
     _common(p)
     p.set_defaults(handler=_tail)
 
@@ -81,11 +102,11 @@ def register(sub: Any) -> None:
                                    "complete chunks (acked or not): by age and by total bytes. "
                                    "0 turns a limit off.")
     p.add_argument("category")
-    p.add_argument("--max-age", type=_duration, metavar="DURATION",
-                   help="delete complete chunks older than this (Go syntax: 90m, 24h, 0 = off)")
-    p.add_argument("--max-bytes", type=_bytes, metavar="BYTES",
+    p.add_argument("--max-age", type=duration, metavar="DURATION",
+                   help="delete complete chunks older than this (90m, 24h, 7d, 2w; 0 = off)")
+    p.add_argument("--max-bytes", type=size, metavar="SIZE",
                    help="delete the oldest complete chunks while the category holds more "
-                        "(0 = off)")
+                        "(bytes, or 500MB, 10GiB...; 0 = off)")
     _common(p)
     p.set_defaults(handler=_retention)
 
@@ -99,22 +120,6 @@ def register(sub: Any) -> None:
 # --- plumbing -------------------------------------------------------------------------------
 
 
-def _duration(text: str) -> float:
-    try:
-        value = parse_go_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"duration {text!r} must not be negative")
-    return value
-
-
-def _bytes(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes")
-    return int(text)
-
-
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     try:
         try:
@@ -124,6 +129,8 @@ def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         return uvloop.run(main())
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except (ChukchaError, OSError, ValueError) as exc:
         print(f"chukcha: error: {_one_line(exc)}", file=sys.stderr)
         return 1
@@ -171,16 +178,26 @@ async def _send_async(args: argparse.Namespace) -> int:
             # read1 returns what is there (from a pipe: without waiting for a full block), so
             # `tail -f log | chukcha send c` sends each line within the producer's linger.
             rest = b""
+            lineno = 0
+            stamp = _id_stamper(args)
             while block := await asyncio.to_thread(stream.read1, _READ_BLOCK):
                 lines = (rest + block).split(b"\n")
                 rest = lines.pop()
-                events = [ln for ln in lines if ln.strip()]
+                events = []
+                for ln in lines:
+                    lineno += 1
+                    if ln.strip():
+                        try:
+                            events.append(stamp(ln, lineno) if stamp else ln)
+                        except ValueError:
+                            await producer.send_many(events)  # the lines before it go
+                            raise
                 await producer.send_many(events)
                 count += len(events)
                 if bar is not None:
                     bar.update(len(block))
             if rest.strip():
-                await producer.send(rest)
+                await producer.send(stamp(rest, lineno + 1) if stamp else rest)
                 count += 1
     finally:
         if bar is not None:
@@ -190,6 +207,46 @@ async def _send_async(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     print(f"sent {count} events to {args.category} in {elapsed:.2f} s", file=sys.stderr)
     return 0
+
+
+def _id_stamper(args: argparse.Namespace) -> Callable[[bytes, int], bytes] | None:
+    """What ``--id-field F`` or ``--auto-id`` do to one line (``None``: lines go as they are).
+
+    Raises ValueError (naming the line) for a line that is not a JSON object or lacks F."""
+    field: str | None = args.id_field
+    if field is None and not args.auto_id:
+        return None
+
+    def stamp(line: bytes, lineno: int) -> bytes:
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict):
+            raise ValueError(  # noqa: TRY004 - bad input, reported as one line
+                f"line {lineno} is not a JSON object ({_flag_name(args)} needs "
+                "one per line); the lines before it were sent")
+        if field is not None:
+            value = event.get(field)
+            if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+                raise ValueError(f"line {lineno} has no string or integer field {field!r}; "
+                                 "the lines before it were sent")
+            if "id" in event and event["id"] != value:
+                raise ValueError(f"line {lineno} has an \"id\" other than its {field!r}; "
+                                 "the lines before it were sent")
+            if "id" in event:
+                return line
+            return orjson.dumps({"id": value, **event})
+        if "id" in event:
+            return line
+        digest = hashlib.blake2b(b"%d\0%s" % (lineno, line.rstrip(b"\r")), digest_size=14)
+        return orjson.dumps({"id": digest.hexdigest(), **event})
+
+    return stamp
+
+
+def _flag_name(args: argparse.Namespace) -> str:
+    return "--auto-id" if args.auto_id else "--id-field"
 
 
 def _progress(total: int | None) -> Any:
@@ -208,18 +265,25 @@ def _tail(args: argparse.Namespace) -> int:
 
 async def _tail_async(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
+    validate_category(args.category)
+    if args.commit and not args.group:
+        raise ValueError("--commit needs --group G (the group to ack for)")
+    commit = bool(args.group) and (args.commit or args.follow)
     async with Client(_nodes(args), timeout=args.timeout) as client:
-        consumer = client.consumer(args.category, group=args.group)
+        if not args.follow and args.category not in await client.list_categories():
+            raise ValueError(f"no category {args.category!r} on {client.nodes[0]} "
+                             "(chukcha ls lists them)")
+        consumer = client.consumer(args.category, group=args.group, register=commit)
         async with consumer:
             while True:
                 batches = await consumer.read(timeout=None if args.follow else 0.2)
                 if batches:
                     await _write_out(out, b"".join(b.data for b in batches))
-                    if args.group:
+                    if commit:
                         await consumer.commit({b.owner: b.position for b in batches})
                 elif not args.follow and consumer.caught_up:
                     break
-            if args.group:
+            if commit:
                 await _final_commit(consumer)
     return 0
 
@@ -288,9 +352,9 @@ async def _retention_async(args: argparse.Namespace) -> int:
     async with Client(_nodes(args), timeout=args.timeout) as client:
         for url in client.nodes:
             policy = await client.api.get_json(url, "/retention", params)
-            age, size = policy.get("max_age"), policy.get("max_bytes")
+            age, max_bytes = policy.get("max_age"), policy.get("max_bytes")
             print(f"{url}: {args.category}: max age "
-                  f"{format_go_duration(age) if age else 'off'}, max bytes {size or 'off'}")
+                  f"{format_go_duration(age) if age else 'off'}, max bytes {max_bytes or 'off'}")
     return 0
 
 

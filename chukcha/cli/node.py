@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from chukcha.bus.config import NodeConfig, ReplicationConfig, default_instance_name, parse_peers
+from chukcha.cli.options import positive_duration as _duration
+from chukcha.cli.options import positive_size as _size
 from chukcha.errors import ChukchaError
 from chukcha.loop import run_loop
 from chukcha.protocol import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_CHUNK_SIZE,
     format_go_duration,
-    parse_go_duration,
     validate_instance,
 )
 
@@ -34,26 +35,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, "", False) or "(default" in text:
             return text
         return super()._get_help_string(action) or text
-
-
-def _duration(text: str) -> float:
-    try:
-        value = parse_go_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"duration {text!r} must be positive")
-    return value
-
-
-def _size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -95,12 +76,14 @@ def register(sub: Any) -> None:
           help="address to serve HTTP on")
     _flag(p, "peers", default="", metavar="NAME=HOST:PORT,...",
           help="static list of the other nodes (this node's own entry is ignored)")
-    _flag(p, "max-chunk-size", type=_size, default=DEFAULT_MAX_CHUNK_SIZE, metavar="BYTES",
-          help="start a new chunk when a write would take the current one past this")
+    _flag(p, "max-chunk-size", type=_size, default=DEFAULT_MAX_CHUNK_SIZE, metavar="SIZE",
+          help="start a new chunk when a write would take the current one past this "
+               "(bytes, or with a unit: KB MB GB KiB MiB GiB)")
     _flag(p, "rotate-chunk-interval", type=_duration, default="10m", metavar="DURATION",
-          help="close a non-empty chunk this often (Go syntax: 50ms, 10s, 10m, 1h30m)")
+          help="close a non-empty chunk this often (Go syntax: 50ms, 10s, 10m, 1h30m; "
+               "also 1d, 1w)")
     ext = p.add_argument_group("extensions (not in the Go server)")
-    _flag(ext, "max-batch-size", type=_size, default=DEFAULT_MAX_BATCH_SIZE, metavar="BYTES",
+    _flag(ext, "max-batch-size", type=_size, default=DEFAULT_MAX_BATCH_SIZE, metavar="SIZE",
           help="largest accepted write body")
     _flag(ext, "sync-each-write", action="store_true",
           help="fsync every write before answering (else per request with sync=1)")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from chukcha.cli.node import setup_logging
+from chukcha.cli.options import nodes_from
 from chukcha.errors import ChukchaError
 from chukcha.processors.base import App
 
@@ -55,8 +56,11 @@ def register(sub: Any) -> None:
         allow_abbrev=False,
     )
     p.add_argument("target", metavar="MODULE:APP", help="e.g. examples.orders:app")
+    p.add_argument("--node", "-node", action="append", metavar="URL",
+                   help="a node to read from and write to (repeatable; default "
+                        "$CHUKCHA_NODES, comma-separated, else the app's own nodes)")
     p.add_argument("--nodes", default="", metavar="URL[,URL...]",
-                   help="node URLs (default: the app's own)")
+                   help="deprecated: use --node (repeatable)")
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="the LevelDB state directory (default: the app's own)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -67,9 +71,12 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         app = load_app(args.target)
-        nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+        if args.nodes:
+            logger.warning("--nodes is deprecated: use --node URL (repeatable)")
+            args.node = [*(args.node or []), args.nodes]
+        nodes = nodes_from(args, default=None)
         if nodes:
-            app.nodes = tuple(n if "://" in n else f"http://{n}" for n in nodes)
+            app.nodes = tuple(nodes)
         if args.state_dir is not None:
             app.state_dir = args.state_dir
     except (ValueError, TypeError) as exc:

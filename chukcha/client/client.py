@@ -257,9 +257,14 @@ class Client:
         max_batch_bytes: int = 1 << 20,
         node: str | None = None,
         config: ConsumerConfig | None = None,
+        register: bool = True,
     ) -> Consumer:
         """A consumer of ``category`` reading from one node (``node``, else the first one;
-        the others are used when it fails)."""
+        the others are used when it fails).
+
+        With ``group`` it skips the chunks that group acked and (``register=True``) registers
+        the group on the nodes so that :meth:`Consumer.commit` can ack for it; with
+        ``register=False`` it only reads as the group: nothing is registered or acked."""
         urls = list(self._nodes)
         if node is not None:
             first = normalize_url(node)
@@ -267,7 +272,8 @@ class Client:
         if config is None:
             config = ConsumerConfig(max_batch_bytes=max_batch_bytes)
         consumer = Consumer(self.api, urls, category, group=group, positions=positions,
-                            config=config, on_close=self._consumers.discard)
+                            config=config, on_close=self._consumers.discard,
+                            register=register)
         self._consumers.add(consumer)
         return consumer
 

@@ -174,6 +174,7 @@ class Consumer:
         positions: Mapping[str, Position] | None = None,
         config: ConsumerConfig | None = None,
         on_close: Callable[[Consumer], None] | None = None,
+        register: bool = True,
     ) -> None:
         if not urls:
             raise ValueError("a consumer needs a node URL")
@@ -182,6 +183,7 @@ class Consumer:
         self._url_index = 0
         self._category = validate_category(category)
         self._group = group or None
+        self._register_group = register
         self._config = config or ConsumerConfig()
         self._on_close = on_close
         self._streams: dict[str, _Stream] = {}
@@ -303,7 +305,7 @@ class Consumer:
         return self._buffer.pop(0)
 
     async def _register(self, url: str, timeout: float | None = None) -> None:
-        if self._group is None or url in self._registered:
+        if self._group is None or not self._register_group or url in self._registered:
             return
         try:
             await self._api.register_group(url, self._category, self._group, timeout=timeout)
@@ -585,7 +587,11 @@ class Consumer:
 
         Raises:
             ConsumerError: the node refused an ack (for example the group is not registered).
+            RuntimeError: the consumer was made with ``register=False`` (it only reads).
         """
+        if self._group is not None and not self._register_group:
+            raise RuntimeError(f"consumer of {self._category!r} as group {self._group!r} was "
+                               "made with register=False: it reads, never acks")
         for owner, pos in positions.items():
             s = self._streams.get(owner)
             todo: list[tuple[str, int]] = []

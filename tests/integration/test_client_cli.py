@@ -85,7 +85,8 @@ async def test_tail_with_a_group_acks_what_it_printed(small: Node) -> None:
             await c.send("g", [b"%d" % i * 150])
         await c.register_group("g", "other")  # so that our acks do not delete anything
         chunks = [x.name for x in await c.list_chunks("g")]
-        code, out, err = await chukcha("tail", "g", "--group", "mine", "--node", small.url)
+        code, out, err = await chukcha("tail", "g", "--group", "mine", "--commit",
+                                       "--node", small.url)
         assert code == 0, err
         assert out.splitlines() == [str(i) * 150 for i in range(5)]
         code, out, _ = await chukcha("ls", "g", "--node", small.url)

@@ -1,0 +1,92 @@
+"""``chukcha groups``: list the consumer groups of categories, and remove one.
+
+``chukcha groups [ls] [CATEGORY]`` lists groups with the number of chunks each acked;
+``chukcha groups rm NAME --category C`` unregisters a group cluster-wide (the node forwards it),
+so that it no longer holds back the deletion of ``C``'s chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from chukcha.cli.client import _common, _nodes, _run, _table
+from chukcha.client import Client
+from chukcha.errors import ClientError, RemoteNotFoundError
+from chukcha.protocol import validate_category
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    """Add ``chukcha groups`` to the subcommand parsers."""
+    p = sub.add_parser(
+        "groups", help="list consumer groups, or remove one",
+        description="`chukcha groups [ls] [CATEGORY]` lists the consumer groups registered for "
+                    "CATEGORY (or for every category) and how many chunks each acked. "
+                    "`chukcha groups rm NAME --category C` unregisters group NAME of C on the "
+                    "whole cluster (with its acks), so it no longer keeps C's chunks.",
+    )
+    p.add_argument("action", nargs="?", default="ls", choices=["ls", "rm"],
+                   help="ls (default) or rm")
+    p.add_argument("name", nargs="?", metavar="CATEGORY|NAME",
+                   help="ls: the category (default: all); rm: the group to remove")
+    p.add_argument("--category", metavar="C", help="rm: the category the group belongs to")
+    _common(p)
+    p.set_defaults(handler=_groups)
+
+
+def _groups(args: argparse.Namespace) -> int:
+    if args.action == "rm":
+        return _run(lambda: _rm(args))
+    return _run(lambda: _ls(args))
+
+
+async def _ls(args: argparse.Namespace) -> int:
+    category = args.name or args.category
+    async with Client(_nodes(args), timeout=args.timeout) as client:
+        if category is not None:
+            validate_category(category)
+            categories = [category]
+        else:
+            categories = await client.list_categories()
+        rows: list[tuple[str, ...]] = [("CATEGORY", "GROUP", "ACKED CHUNKS")]
+        for cat in categories:
+            try:
+                described = await client.list_groups(cat)
+            except RemoteNotFoundError:
+                raise ValueError(f"{client.nodes[0]} has no consumer groups (a Go server?)"
+                                 ) from None
+            rows += [(cat, str(g["name"]), str(len(g.get("acked", []))))
+                     for g in described.get("groups", [])]
+        if len(rows) == 1:
+            print("no consumer groups" + (f" for {category}" if category else ""))
+        else:
+            print(_table(rows))
+    return 0
+
+
+async def _rm(args: argparse.Namespace) -> int:
+    if not args.name:
+        raise ValueError("groups rm needs the group's NAME")
+    if not args.category:
+        raise ValueError("groups rm needs --category C (groups are per category)")
+    category = validate_category(args.category)
+    params = {"category": category, "group": args.name}
+    async with Client(_nodes(args), timeout=args.timeout) as client:
+        errors: list[str] = []
+        for url in client.nodes:  # the first node that answers forwards it to the others
+            try:
+                answer = await client.api.get_json(url, "/groups/unregister", params)
+            except ClientError as exc:
+                if not exc.retriable:
+                    raise
+                errors.append(f"{url}: {exc}")
+                continue
+            if isinstance(answer, dict) and answer.get("removed"):
+                print(f"removed group {args.name} of {category}")
+                return 0
+            print(f"chukcha: error: no group {args.name!r} of {category!r}", file=sys.stderr)
+            return 1
+        raise ValueError(f"no node answered: {'; '.join(errors)}")
