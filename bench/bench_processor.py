@@ -9,8 +9,13 @@ when the N-th event is applied and its batch is committed (the app is then stopp
 event applied exactly once is checked from the final state). Prints one row per run and the
 median; ``--profile`` adds a cProfile summary of one more run.
 
+``--partitions 1,8`` runs the app with each partition count side by side (alternating, in one
+run of the script; the key is the event's ``k`` field, so 8 partitions keep 8 stores, each
+fsync'ed per commit); ``--no-key`` drops the key function (the event ID is the key).
+
     .venv/bin/python bench/bench_processor.py                  # 200,000 events, 3 runs
     .venv/bin/python bench/bench_processor.py -n 500000 --runs 5 --profile
+    .venv/bin/python bench/bench_processor.py --partitions 1,8 --runs 5
 """
 
 from __future__ import annotations
@@ -32,8 +37,7 @@ from typing import Any
 from chukcha import App, Client, Context
 from chukcha.loop import run_loop
 from chukcha.processors import ProcessorConfig
-from chukcha.processors.engine import read_table
-from chukcha.state import LevelDBStore
+from chukcha.processors.engine import read_state_table
 from chukcha.testing import NodeProcess
 
 __all__ = ["main"]
@@ -65,13 +69,19 @@ async def load(url: str, events: list[bytes], groups: list[str]) -> None:
             await client.send(CATEGORY, events[i:i + step])
 
 
-async def one_run(url: str, state_dir: Path, group: str, n: int, batch: int) -> RunResult:
+def by_customer(event: dict[str, Any]) -> str:
+    key: str = event["k"]
+    return key
+
+
+async def one_run(url: str, state_dir: Path, group: str, n: int, batch: int, *,
+                  partitions: int = 1, keyed: bool = True) -> RunResult:
     app = App(group, nodes=[url], state_dir=state_dir,
-              config=ProcessorConfig(max_batch_bytes=batch))
+              config=ProcessorConfig(max_batch_bytes=batch), partitions=partitions)
     done = asyncio.Event()
     count = 0
 
-    @app.processor(CATEGORY)
+    @app.processor(CATEGORY, key=by_customer if keyed else None)
     def on_event(ctx: Context, event: dict[str, Any]) -> None:
         nonlocal count
         key = event["k"]
@@ -93,11 +103,7 @@ async def one_run(url: str, state_dir: Path, group: str, n: int, batch: int) -> 
     stop.set()
     await task
     elapsed = time.perf_counter() - started
-    store = await asyncio.to_thread(LevelDBStore, state_dir)
-    try:
-        table = await asyncio.to_thread(read_table, store)
-    finally:
-        await asyncio.to_thread(store.close)
+    table = await asyncio.to_thread(read_state_table, state_dir)
     total = sum(i % 97 for i in range(n))
     if sum(table.values()) != total:
         raise RuntimeError(f"state total {sum(table.values())} != {total}")
@@ -112,26 +118,39 @@ async def bench(args: argparse.Namespace) -> None:
         try:
             cpus = sorted(os.sched_getaffinity(0))
             os.sched_setaffinity(0, {cpus[0]})  # the processor: one core (the node: any)
-            runs = args.runs + (1 if args.profile else 0)
+            counts = [int(c) for c in args.partitions.split(",")]
+            runs = args.runs * len(counts) + (1 if args.profile else 0)
             groups = [f"bench{i}" for i in range(runs)]
             events = make_events(args.events, args.keys)
             t0 = time.perf_counter()
             await load(node.url, events, groups)
             print(f"loaded {args.events:,} events of 200 B in {time.perf_counter() - t0:.1f}s; "
                   f"processor pinned to CPU {cpus[0]} of {len(cpus)}")
-            print(f"{'run':>5} {'events':>9} {'seconds':>8} {'events/s':>10}")
-            rates = []
+            print(f"{'run':>5} {'parts':>5} {'events':>9} {'seconds':>8} {'events/s':>10}")
+            rates: dict[int, list[float]] = {c: [] for c in counts}
+            g = 0
             for i in range(args.runs):
-                r = await one_run(node.url, base / f"state{i}", groups[i], args.events,
-                                  args.batch)
-                rates.append(r.events / r.seconds)
-                print(f"{i + 1:>5} {r.events:>9,} {r.seconds:>8.2f} {rates[-1]:>10,.0f}")
-            print(f"{'median':>5} {'':>9} {'':>8} {statistics.median(rates):>10,.0f}")
+                for c in counts:  # side by side: the counts alternate within each round
+                    r = await one_run(node.url, base / f"state{g}", groups[g], args.events,
+                                      args.batch, partitions=c, keyed=not args.no_key)
+                    g += 1
+                    rates[c].append(r.events / r.seconds)
+                    print(f"{i + 1:>5} {c:>5} {r.events:>9,} {r.seconds:>8.2f} "
+                          f"{rates[c][-1]:>10,.0f}")
+            for c in counts:
+                print(f"{'median':>5} {c:>5} {'':>9} {'':>8} "
+                      f"{statistics.median(rates[c]):>10,.0f}")
+            if len(counts) > 1:
+                base_rate = statistics.median(rates[counts[0]])
+                for c in counts[1:]:
+                    print(f"ratio {c} partitions / {counts[0]}: "
+                          f"{statistics.median(rates[c]) / base_rate:.2f}")
             if args.profile:
                 prof = cProfile.Profile()
                 prof.enable()
                 r = await one_run(node.url, base / "state-prof", groups[-1], args.events,
-                                  args.batch)
+                                  args.batch, partitions=counts[-1],
+                                  keyed=not args.no_key)
                 prof.disable()
                 out = io.StringIO()
                 pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
@@ -150,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keys", type=int, default=10_000, help="distinct keys (customers)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--batch", type=int, default=1 << 20, help="max_batch_bytes per read")
-    p.add_argument("--profile", action="store_true", help="add a cProfile summary")
+    p.add_argument("--profile", action="store_true",
+                   help="add a cProfile summary (of the last partition count)")
+    p.add_argument("--partitions", default="1", metavar="N[,N...]",
+                   help="partition counts to compare side by side")
+    p.add_argument("--no-key", action="store_true", help="no key function (the ID is the key)")
     args = p.parse_args(argv)
     run_loop(bench(args))
     return 0

@@ -33,6 +33,7 @@ __all__ = [
     "RequestRejectedError",
     "ServerError",
     "StaleEpochError",
+    "StateLayoutError",
     "StateLockedError",
     "UnknownPeerError",
     "WriteRejectedError",
@@ -131,6 +132,11 @@ class StaleEpochError(ChukchaError):
     claim in etcd has another epoch now. The sender must stop processing that partition."""
 
     http_status = 409
+
+
+class StateLayoutError(ChukchaError, ValueError):
+    """A state directory does not fit the app: another partition count or hash, or not a
+    state directory at all. Nothing was changed in it."""
 
 
 # --- cluster ------------------------------------------------------------------------------

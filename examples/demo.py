@@ -23,8 +23,7 @@ import orjson
 
 from chukcha import Client
 from chukcha.loop import run_loop
-from chukcha.processors.engine import read_table
-from chukcha.state import LevelDBStore
+from chukcha.processors.engine import read_state_table
 from chukcha.testing import spawn_node
 
 __all__ = ["ORDERS", "main"]
@@ -58,11 +57,7 @@ async def wait_receipts(client: Client, ids: set[str], timeout: float = 60.0) ->
 
 
 def read_state(state_dir: Path) -> dict[str, Any]:
-    store = LevelDBStore(state_dir)
-    try:
-        return read_table(store)
-    finally:
-        store.close()
+    return read_state_table(state_dir)
 
 
 async def demo() -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from chukcha.partitioning import check_partitions
 from chukcha.processors.config import ErrorPolicy, ProcessorConfig
 from chukcha.protocol import validate_category
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
     from chukcha.processors.context import Context
 
-__all__ = ["App", "EventIdFn", "Handler", "ProcessorFn", "Sink"]
+__all__ = ["App", "EventIdFn", "Handler", "KeyFn", "ProcessorFn", "Sink"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ ProcessorFn = Callable[["Context", Any], "Awaitable[None] | None"]
 """``def cb(ctx, event) -> None`` or ``async def cb(ctx, event) -> None``."""
 EventIdFn = Callable[[Any], "str | None"]
 """Returns an event's ID (``None``: derive one from its position)."""
+KeyFn = Callable[[Any], "str | int"]
+"""Returns an event's key (a string or an integer): it decides the event's partition."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 S = TypeVar("S", bound="Sink")
@@ -61,6 +64,8 @@ class Handler:
     category: str
     fn: ProcessorFn
     is_async: bool
+    key: KeyFn | None = None
+    """The key function (``None``: the event ID is the key)."""
 
 
 def default_event_id(event: Any) -> str | None:
@@ -87,6 +92,14 @@ class App:
             field). An event without one gets an ID derived from where it is stored,
             ``"<category>:<chunk>:<offset>"``: redeliveries of that copy are deduplicated, but
             a copy written to a second node is a different event.
+        partitions: how many partitions (1..1024, default 1) the state is split into. An
+            event's partition is the stable hash of its key (``@app.processor(c, key=fn)``;
+            default: its ID), see :mod:`chukcha.partitioning`; each partition keeps its own
+            state, dedup IDs, positions and outbox in ``<state_dir>/p0003``. The count of an
+            existing state directory cannot change.
+
+    Raises:
+        ValueError: ``partitions`` outside 1..1024, no nodes.
     """
 
     def __init__(
@@ -98,8 +111,10 @@ class App:
         config: ProcessorConfig | None = None,
         on_error: str | ErrorPolicy | None = None,
         event_id: EventIdFn | None = None,
+        partitions: int = 1,
     ) -> None:
         validate_category(name)
+        self.partitions = check_partitions(partitions)
         if not nodes:
             raise ValueError("an app needs at least one node URL")
         self.name = name
@@ -114,7 +129,8 @@ class App:
         self._sinks: dict[str, Sink] = {}
 
     def __repr__(self) -> str:
-        return f"App({self.name!r}, categories={sorted(self._handlers)})"
+        return (f"App({self.name!r}, categories={sorted(self._handlers)}, "
+                f"partitions={self.partitions})")
 
     @property
     def handlers(self) -> Mapping[str, Handler]:
@@ -124,15 +140,24 @@ class App:
     def sinks(self) -> Mapping[str, Sink]:
         return self._sinks
 
-    def processor(self, category: str) -> Callable[[F], F]:
-        """Register ``fn(ctx, event)`` for every event of ``category`` (JSON-decoded)."""
+    def processor(self, category: str, *, key: KeyFn | None = None) -> Callable[[F], F]:
+        """Register ``fn(ctx, event)`` for every event of ``category`` (JSON-decoded).
+
+        ``key(event)`` (a string or an integer) decides the event's partition and is
+        ``ctx.key``; without it the event ID is the key. All copies of an event must get the
+        same key (a function of the event's content), so that dedup stays exact. A key function
+        that raises or returns another type is a failure of that event: the error policy
+        decides (stop, or dead-letter it).
+        """
         validate_category(category)
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a function of the event, not {type(key).__name__}")
 
         def register(fn: F) -> F:
             if category in self._handlers:
                 raise ValueError(f"category {category!r} already has a processor")
             is_async = inspect.iscoroutinefunction(fn)
-            self._handlers[category] = Handler(category, fn, is_async)
+            self._handlers[category] = Handler(category, fn, is_async, key)
             return fn
 
         return register

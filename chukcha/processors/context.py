@@ -89,8 +89,8 @@ class Table:
 
 
 class Context:
-    """What a callback gets besides the event: its ID and position, the group's table
-    (``get``/``set``/``delete``), ``emit`` and ``to_sink``.
+    """What a callback gets besides the event: its ID, key, partition and position, the
+    partition's table (``get``/``set``/``delete``), ``emit`` and ``to_sink``.
 
     Values are JSON (orjson) values. :meth:`get` returns a fresh copy each time and
     :meth:`set` stores a snapshot of the value as it is at the call: changing an object in
@@ -110,8 +110,10 @@ class Context:
         "category",
         "chunk",
         "event_id",
+        "key",
         "offset",
         "owner",
+        "partition",
     )
 
     def __init__(
@@ -124,6 +126,7 @@ class Context:
         emits: list[tuple[str, bytes]],
         rows: list[tuple[str, Any]],
         sinks: frozenset[str],
+        partition: int = 0,
     ) -> None:
         self._store = store
         self._cache = cache
@@ -138,6 +141,11 @@ class Context:
         self.chunk = ""
         self.offset = 0
         self.event_id = ""
+        self.key = ""
+        """The event's key as a string (``key=`` of the processor, an integer as its decimal
+        digits; default: the event ID): usable as a table key."""
+        self.partition = partition
+        """The partition whose table this context reads and writes."""
 
     @property
     def position(self) -> EventPosition:

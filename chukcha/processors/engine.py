@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import orjson
@@ -40,6 +41,7 @@ from chukcha.processors.context import (
     Table,
 )
 from chukcha.state.base import StateStore
+from chukcha.state.partitions import open_partition_stores
 
 __all__ = [
     "DEAD_LETTER_MAX_EVENT",
@@ -48,10 +50,13 @@ __all__ = [
     "TABLE_PREFIX",
     "CommitPlan",
     "Context",
+    "Decoded",
     "Engine",
     "EventPosition",
     "OutboxEntry",
     "Table",
+    "decode_batch",
+    "read_state_table",
     "read_table",
 ]
 
@@ -90,10 +95,70 @@ def _position_key(category: str, owner: str) -> bytes:
     return POSITION_PREFIX + category.encode() + b"\x00" + owner.encode()
 
 
-class Engine:
-    """Stages batches and builds commits for one app over one state store."""
+# One event of a batch, decoded: (offset, line, event, id, key, error). ``id`` is None when the
+# event could not be identified (``error`` is then the invalid-JSON message, or the exception of
+# the ID function): it is dead-lettered under its position ID and gets no dedup entry. An
+# ``error`` with an ``id`` is the key function's failure. ``key`` routes the event to its
+# partition: the key function's value (an integer as its decimal digits, as the hash sees it),
+# else the ID (the position ID when there is none).
+Decoded = tuple[int, bytes, Any, "str | None", str, "Exception | str | None"]
 
-    def __init__(self, app: App, store: StateStore) -> None:
+
+def decode_batch(
+    app: App, category: str, chunk: str, offset: int, data: bytes
+) -> tuple[list[Decoded], int]:
+    """Decode the ``\\n``-terminated messages ``data`` (at ``offset`` of ``chunk``) and take
+    each one's ID and key; returns them and the offset after the last one. Never raises for a
+    bad event: failures are items that :meth:`Engine.apply` hands to the error policy."""
+    key_fn = app.handlers[category].key
+    id_fn = app.event_id
+    default_id = id_fn is default_event_id
+    # The ID of an event without one: where it is stored. Chunk names repeat across
+    # categories, so the category is part of it (its emits' IDs must not collide).
+    place = f"{category}:{chunk}:"
+    items: list[Decoded] = []
+    append = items.append
+    pos = offset
+    for line in data[:-1].split(b"\n") if data else ():
+        ev_off = pos
+        pos += len(line) + 1
+        try:
+            event = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            append((ev_off, line, None, None, f"{place}{ev_off}", f"invalid JSON: {exc}"))
+            continue
+        # The common case inline: a JSON object with a string "id" and the default ID function.
+        eid = event.get("id") if default_id and type(event) is dict else None
+        if type(eid) is not str or not eid:
+            try:
+                raw_id = id_fn(event)
+            except Exception as exc:  # noqa: BLE001 - a user's function; the policy decides
+                append((ev_off, line, event, None, f"{place}{ev_off}", exc))
+                continue
+            eid = f"{place}{ev_off}" if raw_id is None or raw_id == "" else str(raw_id)
+        if key_fn is None:
+            append((ev_off, line, event, eid, eid, None))
+            continue
+        try:
+            key = key_fn(event)
+            if type(key) is int:
+                key = str(key)
+            elif type(key) is not str:
+                raise TypeError(  # noqa: TRY301 - the same failure as a raising key function
+                    f"the key function returned {type(key).__name__} {key!r:.100}; a key is a "
+                    "string or an integer"
+                )
+        except Exception as exc:  # noqa: BLE001 - a user's function; the policy decides
+            append((ev_off, line, event, eid, eid, exc))
+            continue
+        append((ev_off, line, event, eid, key, None))
+    return items, pos
+
+
+class Engine:
+    """Stages batches and builds commits for one partition of an app over its state store."""
+
+    def __init__(self, app: App, store: StateStore, *, partition: int = 0) -> None:
         self.app = app
         self.store = store
         cfg = app.config
@@ -117,10 +182,11 @@ class Engine:
         self._outbox_seq = 0
         self._new_outbox: list[OutboxEntry] = []
         self._dedup_plan = DedupPlan((), 0, 0.0)
-        self._event_id = app.event_id
+        self.partition = partition
         self.ctx = Context(
             store=store, cache=self._cache, batch=self._batch, event=self._event,
             emits=self._event_emits, rows=self._event_rows, sinks=frozenset(app.sinks),
+            partition=partition,
         )
         self.applied = 0
         self.duplicates = 0
@@ -153,11 +219,25 @@ class Engine:
     async def process(
         self, category: str, owner: str, chunk: str, offset: int, data: bytes
     ) -> None:
-        """Apply the ``\\n``-terminated messages ``data`` that start at ``offset`` of ``chunk``.
+        """Apply the ``\\n``-terminated messages ``data`` that start at ``offset`` of ``chunk``
+        (all of them: this engine's app has one partition, or the caller routed them).
 
         Raises:
             ProcessorError: a callback raised under the ``stop`` policy; everything staged
                 since the last commit is discarded.
+        """
+        items, end = decode_batch(self.app, category, chunk, offset, data)
+        await self.apply(category, owner, chunk, items, end)
+
+    async def apply(
+        self, category: str, owner: str, chunk: str, items: list[Decoded], end: int
+    ) -> None:
+        """Apply decoded events (:func:`decode_batch`) of one stream's batch and stage the
+        stream's position ``(chunk, end)``.
+
+        Raises:
+            ProcessorError: a callback (or the key function) raised under the ``stop`` policy;
+                everything staged since the last commit is discarded.
         """
         fn, is_async = self.app.handlers[category].fn, self.app.handlers[category].is_async
         ctx = self.ctx
@@ -165,31 +245,24 @@ class Engine:
         committed_ids, staged_ids = self.dedup.views()
         event_overlay, batch = self._event, self._batch
         event_emits, event_rows = self._event_emits, self._event_rows
-        default_id = self._event_id is default_event_id
         prefix = category + "\x00"
-        # The ID of an event without one: where it is stored. Chunk names repeat across
-        # categories, so the category is part of it (its emits' IDs must not collide).
-        place = f"{category}:{chunk}:"
-        pos = offset
-        for line in data[:-1].split(b"\n") if data else ():
-            ev_off = pos
-            pos += len(line) + 1
-            try:
-                event = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                self._dead_letter(ctx, ev_off, line, f"{place}{ev_off}", f"invalid JSON: {exc}")
+        for ev_off, line, event, eid, key, error in items:
+            if eid is None:  # not identified: invalid JSON, or the ID function raised
+                pid = f"{category}:{chunk}:{ev_off}"
+                if isinstance(error, str):
+                    self._dead_letter(ctx, ev_off, line, pid, error)
+                elif error is not None:
+                    self._failed(ctx, ev_off, line, pid, error)
                 continue
-            # The common case inline: a JSON object with a string "id" and the default key.
-            eid = event.get("id") if default_id and type(event) is dict else None
-            if (type(eid) is not str or not eid) and (
-                eid := self._event_id_of(event, place, ev_off, line)
-            ) is None:
-                continue
-            key = prefix + eid
-            if key in committed_ids or key in staged_ids:
+            dkey = prefix + eid
+            if dkey in committed_ids or dkey in staged_ids:
                 self.duplicates += 1
                 continue
-            ctx.event_id, ctx.offset = eid, ev_off
+            if error is not None:  # the key function failed: a failure of this event
+                self._failed(ctx, ev_off, line, eid, error)  # type: ignore[arg-type]
+                staged_ids[dkey] = None
+                continue
+            ctx.event_id, ctx.offset, ctx.key = eid, ev_off, key
             try:
                 if is_async:
                     await fn(ctx, event)  # type: ignore[misc]
@@ -199,27 +272,17 @@ class Engine:
                 for staged in (event_overlay, event_emits, event_rows):
                     staged.clear()
                 self._failed(ctx, ev_off, line, eid, exc)
-                staged_ids[key] = None
+                staged_ids[dkey] = None
                 continue
             if event_overlay:
                 batch.update(event_overlay)
                 event_overlay.clear()
             if event_emits or event_rows:
                 self._merge_event()
-            staged_ids[key] = None
+            staged_ids[dkey] = None
             self.applied += 1
             self.staged_events += 1
-        self._positions[(category, owner)] = (chunk, pos)
-
-    def _event_id_of(self, event: Any, place: str, offset: int, line: bytes) -> str | None:
-        """The ID from the app's key function (``place + offset`` when it gives none);
-        ``None`` when the function raised and the error policy dead-lettered the event."""
-        try:
-            raw_id = self._event_id(event)
-        except Exception as exc:  # noqa: BLE001 - a user's key function; policy decides
-            self._failed(self.ctx, offset, line, f"{place}{offset}", exc)
-            return None
-        return f"{place}{offset}" if raw_id is None or raw_id == "" else str(raw_id)
+        self._positions[(category, owner)] = (chunk, end)
 
     def _merge_event(self) -> None:
         self._emits.extend(self._event_emits)
@@ -335,3 +398,17 @@ def read_table(store: StateStore) -> dict[str, Any]:
     """The committed table of an app's state store as a dict (blocking)."""
     n = len(TABLE_PREFIX)
     return {k[n:].decode(): orjson.loads(v) for k, v in store.scan(TABLE_PREFIX)}
+
+
+def read_state_table(state_dir: Path) -> dict[str, Any]:
+    """The committed table of a stopped app's state directory, all partitions together
+    (blocking; refused while the app runs: :class:`~chukcha.errors.StateLockedError`)."""
+    stores = open_partition_stores(state_dir, None)
+    try:
+        merged: dict[str, Any] = {}
+        for store in stores:
+            merged.update(read_table(store))
+        return merged
+    finally:
+        for store in stores:
+            store.close()

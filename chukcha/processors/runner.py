@@ -29,8 +29,9 @@ from chukcha.client.consumer import Batch, Consumer, Position
 from chukcha.errors import ClientError
 from chukcha.loop import run_loop
 from chukcha.processors.checkpoint import Checkpoint
-from chukcha.processors.engine import Engine
+from chukcha.processors.partitions import PartitionSet, raise_single
 from chukcha.state.leveldb import LevelDBStore
+from chukcha.state.partitions import open_partition_stores
 
 if TYPE_CHECKING:
     from chukcha.processors.base import App
@@ -79,25 +80,27 @@ class Runner:
     async def run(self, stop: asyncio.Event) -> None:
         """Open the state, run every category's loop, stop gracefully when ``stop`` is set."""
         app = self.app
-        store = await asyncio.to_thread(
-            LevelDBStore, app.state_dir, write_buffer_size=app.config.state.write_buffer_size
+        stores = await asyncio.to_thread(
+            open_partition_stores, app.state_dir, app.partitions,
+            write_buffer_size=app.config.state.write_buffer_size,
         )
         try:
-            engine = Engine(app, store)
-            await asyncio.to_thread(engine.load)
             # Sinks close after the client (reverse order): the last flush happens in finish().
             async with contextlib.AsyncExitStack() as sinks, Client(list(app.nodes)) as client:
+                session = _Session(app, stores, client)
+                await session.load()
                 await _enter_sinks(sinks, app)
-                logger.info("app=%s running categories=%s nodes=%s state=%s", app.name,
-                            ",".join(app.handlers), ",".join(app.nodes), app.state_dir)
-                session = _Session(app, engine, store, client)
+                logger.info("app=%s running categories=%s partitions=%d nodes=%s state=%s",
+                            app.name, ",".join(app.handlers), app.partitions,
+                            ",".join(app.nodes), app.state_dir)
                 try:
                     await session.work_until(stop)
                     await session.finish()
                 finally:
                     await session.close()
         finally:
-            await asyncio.to_thread(store.close)
+            for store in stores:
+                await asyncio.to_thread(store.close)
             logger.info("app=%s stopped", app.name)
 
 
@@ -169,49 +172,63 @@ class _SinkCloser:
 
 
 class _BusIO:
-    """Where the checkpoint's effects go in a real run: the app's sinks, the bus, the acks."""
+    """Where the checkpoints' effects go in a real run: the app's sinks, the bus, the acks."""
 
     def __init__(self, app: App, client: Client, consumers: dict[str, Consumer]) -> None:
         self._app = app
         self._client = client
         self._consumers = consumers
+        self.partitions: PartitionSet | None = None
         self._acked: dict[str, dict[str, tuple[str, int]]] = {}
+        # Partitions commit concurrently: one flush at a time per sink (a sink need not be
+        # safe for concurrent flushes), one ack round at a time.
+        self._sink_locks: dict[str, asyncio.Lock] = {}
+        self._ack_lock = asyncio.Lock()
 
     async def flush(self, sink: str, rows: list[Any]) -> None:
-        await self._app.sinks[sink].flush(rows)
+        async with self._sink_locks.setdefault(sink, asyncio.Lock()):
+            await self._app.sinks[sink].flush(rows)
 
     async def send(self, category: str, lines: list[bytes]) -> None:
         await self._client.send(category, lines)
 
     async def ack(self, checkpoint: Checkpoint, *, force: bool) -> None:
-        """Ack (through each consumer) everything wholly before the committed positions."""
-        positions_of = checkpoint.engine.positions
-        for category, consumer in self._consumers.items():
-            positions = positions_of.get(category, {})
-            if not force and positions == self._acked.get(category):
-                continue
-            try:
-                await consumer.commit(
-                    {owner: Position(chunk, off) for owner, (chunk, off) in positions.items()}
-                )
-            except ClientError as exc:
-                # Not fatal: the positions are committed; the next commit acks again.
-                logger.warning("app=%s category=%s ack failed: %s", self._app.name, category, exc)
-            else:
-                self._acked[category] = dict(positions)
+        """Ack (through each consumer) everything wholly before the lowest committed position
+        of all partitions, once none of them waits for an fsync."""
+        parts = self.partitions
+        if parts is None or not parts.synced:
+            return
+        async with self._ack_lock:
+            for category, consumer in self._consumers.items():
+                positions = parts.ack_positions(category)
+                if not force and positions == self._acked.get(category):
+                    continue
+                try:
+                    await consumer.commit(
+                        {owner: Position(chunk, off) for owner, (chunk, off) in positions.items()}
+                    )
+                except ClientError as exc:
+                    # Not fatal: the positions are committed; the next commit acks again.
+                    logger.warning("app=%s category=%s ack failed: %s", self._app.name,
+                                   category, exc)
+                else:
+                    self._acked[category] = dict(positions)
 
 
 class _Session:
     """One run: the open state, the client and the consumers."""
 
-    def __init__(self, app: App, engine: Engine, store: LevelDBStore, client: Client) -> None:
+    def __init__(self, app: App, stores: list[LevelDBStore], client: Client) -> None:
         self.app = app
         self.config = app.config
         self._client = client
         self._lock = asyncio.Lock()
         self._consumers: dict[str, Consumer] = {}
-        self._checkpoint = Checkpoint(engine, store, _BusIO(app, client, self._consumers),
-                                      app.config, name=app.name)
+        io = _BusIO(app, client, self._consumers)
+        self._parts = io.partitions = PartitionSet(app, stores, io)
+
+    async def load(self) -> None:
+        await self._parts.load()
 
     async def close(self) -> None:
         for consumer in self._consumers.values():
@@ -236,13 +253,13 @@ class _Session:
             await asyncio.wait({work, stopped})
         if work.cancelled() or work.exception() is not None:
             # Whatever the unfinished batch staged is dropped; it is read again on restart.
-            self._checkpoint.engine.discard()
+            self._parts.discard()
         if not work.cancelled() and (exc := work.exception()) is not None:
             raise exc
 
     async def _work(self, stop: asyncio.Event) -> None:
-        checkpoint, client = self._checkpoint, self._client
-        await checkpoint.send_outbox()  # what the previous run committed but did not send
+        parts, client = self._parts, self._client
+        await parts.send_outbox()  # what the previous run committed but did not send
         for category in self.app.handlers:
             # On every node, so that no node drops chunks this group has not acked yet.
             try:
@@ -250,7 +267,7 @@ class _Session:
             except ClientError as exc:
                 logger.warning("app=%s registering group on every node failed (the consumer "
                                "registers on the node it reads): %s", self.app.name, exc)
-            saved = checkpoint.engine.positions.get(category, {})
+            saved = parts.resume_positions(category)
             self._consumers[category] = client.consumer(
                 category,
                 group=self.app.name,
@@ -264,10 +281,7 @@ class _Session:
                                    name=f"app-{self.app.name}-{category}")
         except BaseExceptionGroup as group:
             # One failure (ProcessorError, StateLockedError...) is what the caller wants to see.
-            errors = group.exceptions
-            if len(errors) == 1 and isinstance(errors[0], Exception):
-                raise errors[0] from None
-            raise
+            raise_single(group)
 
     async def _consume_loop(self, category: str, consumer: Consumer, stop: asyncio.Event) -> None:
         timeout = self.config.read_timeout
@@ -289,7 +303,7 @@ class _Session:
                     if batches:
                         await self._step(category, batches)
                     else:
-                        await self._checkpoint.idle()
+                        await self._parts.idle()
                 # If `stop` was set while the batch was processed, the loop ends here: after
                 # the commit and the acks, never in the middle of a batch.
         finally:
@@ -303,13 +317,12 @@ class _Session:
                              category, read.exception())
 
     async def _step(self, category: str, batches: list[Batch]) -> None:
-        checkpoint = self._checkpoint
-        engine = checkpoint.engine
+        parts = self._parts
         for b in batches:
-            await engine.process(category, b.owner, b.chunk, b.offset, b.data)
-        await checkpoint.commit()
+            await parts.process(category, b.owner, b.chunk, b.offset, b.data)
+        await parts.commit()
 
     async def finish(self) -> None:
         """After the loops: commit what is left, sync, ack."""
         async with self._lock:
-            await self._checkpoint.finish()
+            await self._parts.finish()

@@ -25,10 +25,11 @@ from typing import Any
 
 import orjson
 
-from chukcha.errors import MessageTooLargeError
+from chukcha.errors import MessageTooLargeError, ProcessorError
 from chukcha.processors.base import App
 from chukcha.processors.checkpoint import Checkpoint
-from chukcha.processors.engine import Engine, read_table
+from chukcha.processors.engine import read_table
+from chukcha.processors.partitions import PartitionSet
 from chukcha.protocol import MAX_MESSAGE_SIZE, chunk_file_name, validate_category
 from chukcha.state.memory import MemoryStore
 
@@ -46,12 +47,12 @@ class Tester:
     def __init__(self, app: App, *, owner: str = "tester") -> None:
         self.app = app
         self.owner = owner
-        self.store = MemoryStore()
-        self.engine = Engine(app, self.store)
-        self.engine.load()
+        self.stores = [MemoryStore() for _ in range(app.partitions)]
+        """One store per partition (as the runner has one LevelDB per partition)."""
         self._io = _TesterIO()
-        self.checkpoint = Checkpoint(self.engine, self.store, self._io, app.config,
-                                     name=app.name)
+        self.partitions = PartitionSet(app, self.stores, self._io)
+        for engine in self.partitions.engines:
+            engine.load()
         self._offsets: dict[str, int] = {}
 
     async def feed_async(self, category: str, *events: dict[str, Any] | bytes) -> None:
@@ -78,8 +79,13 @@ class Tester:
         data = b"".join(lines)
         chunk = chunk_file_name(self.owner, 0)
         offset = self._offsets.get(category, 0)
-        await self.engine.process(category, self.owner, chunk, offset, data)
-        await self.checkpoint.commit()
+        parts = self.partitions
+        try:
+            await parts.process(category, self.owner, chunk, offset, data)
+        except ProcessorError:
+            parts.discard()  # as the runner does: nothing of the batch, in any partition
+            raise
+        await parts.commit()
         self._offsets[category] = offset + len(data)
 
     def feed(self, category: str, *events: dict[str, Any] | bytes) -> None:
@@ -93,8 +99,15 @@ class Tester:
 
     @property
     def table(self) -> dict[str, Any]:
-        """The committed table."""
-        return read_table(self.store)
+        """The committed table (of all partitions together)."""
+        merged: dict[str, Any] = {}
+        for store in self.stores:
+            merged.update(read_table(store))
+        return merged
+
+    def partition_tables(self) -> list[dict[str, Any]]:
+        """The committed table of each partition, in partition order."""
+        return [read_table(store) for store in self.stores]
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.table.get(key, default)
@@ -115,9 +128,11 @@ class Tester:
     def stats(self) -> dict[str, int]:
         """Counters: ``applied``, ``duplicates``, ``dead_lettered``, ``dedup_pruned_young`` (IDs
         younger than ``DedupConfig.min_age`` that the count limit pruned)."""
-        e = self.engine
-        return {"applied": e.applied, "duplicates": e.duplicates, "dead_lettered": e.dead_lettered,
-                "dedup_pruned_young": e.dedup.pruned_young}
+        engines = self.partitions.engines
+        return {"applied": sum(e.applied for e in engines),
+                "duplicates": sum(e.duplicates for e in engines),
+                "dead_lettered": sum(e.dead_lettered for e in engines),
+                "dedup_pruned_young": sum(e.dedup.pruned_young for e in engines)}
 
 
 class _TesterIO:

@@ -25,8 +25,9 @@ import pytest
 
 from chukcha import Client
 from chukcha.client import Batch
-from chukcha.processors.engine import read_table
-from chukcha.state import LevelDBStore
+from chukcha.partitioning import partition_of
+from chukcha.processors.engine import read_state_table, read_table
+from chukcha.state.partitions import open_partition_stores
 from chukcha.testing import ClusterProcess, run_cluster
 from tests.integration.cluster_helpers import list_chunks, wait_for
 
@@ -48,8 +49,9 @@ class Processor:
     work rather than at Python's start-up.
     """
 
-    def __init__(self, cluster: ClusterProcess, state_dir: Path, log: Path) -> None:
-        self.cmd = [sys.executable, "-m", "chukcha", "run", "tests.processors.sigkill_app:app",
+    def __init__(self, cluster: ClusterProcess, state_dir: Path, log: Path,
+                 target: str = "tests.processors.sigkill_app:app") -> None:
+        self.cmd = [sys.executable, "-m", "chukcha", "run", target,
                     "--nodes", ",".join(cluster.urls), "--state-dir", str(state_dir),
                     "--log-level", "INFO"]
         self.log = log
@@ -140,23 +142,42 @@ async def read_receipts(
 
 
 def table_of(state_dir: Path) -> dict[str, Any]:
-    store = LevelDBStore(state_dir)
-    try:
-        return read_table(store)
-    finally:
-        store.close()
+    return read_state_table(state_dir)
 
 
 @pytest.mark.allow_blocking  # subprocess orchestration (os.open of the log file, waits)
 async def test_sigkill_at_random_moments_applies_every_event_exactly_once(
     tmp_path: Path,
 ) -> None:
-    rng = random.Random(1123)  # noqa: S311 - a reproducible kill schedule
+    await kill_scenario(tmp_path, "tests.processors.sigkill_app:app", KILLS, seed=1123)
+
+
+@pytest.mark.allow_blocking  # subprocess orchestration (os.open of the log file, waits)
+async def test_sigkill_with_8_partitions_equals_one_partition(tmp_path: Path) -> None:
+    """The same with ``partitions=8`` and ``key=customer``: the union of the 8 partitions'
+    tables equals the totals of a single-partition run (the expected totals, which the test
+    above proves a single partition reaches), each customer only in its hash's partition."""
+    await kill_scenario(tmp_path, "tests.processors.sigkill_app:partitioned", 12, seed=88)
+    stores = await asyncio.to_thread(open_partition_stores, tmp_path / "state", None)
+    try:
+        assert len(stores) == 8
+        tables = [await asyncio.to_thread(read_table, s) for s in stores]
+    finally:
+        for s in stores:
+            s.close()
+    assert all(partition_of(k, 8) == p for p, table in enumerate(tables) for k in table)
+    assert sum(1 for t in tables if t) > 1
+
+
+async def kill_scenario(tmp_path: Path, target: str, kills: int, *, seed: int) -> None:
+    """Run ``target`` under ``kills`` SIGKILLs while orders go to two nodes each; then check
+    the state, the receipts and the acks (see the module docstring)."""
+    rng = random.Random(seed)  # noqa: S311 - a reproducible kill schedule
     args = ("--replication-poll-wait", "2s", "--max-chunk-size", "16384")
     async with run_cluster(tmp_path / "cluster", args=args) as cluster, \
             Client(cluster.urls) as client:
         urls = cluster.urls
-        proc = Processor(cluster, tmp_path / "state", tmp_path / "processor.log")
+        proc = Processor(cluster, tmp_path / "state", tmp_path / "processor.log", target)
         expected: dict[str, int] = {}
         sent = 0
         exit_codes: list[int] = []
@@ -175,7 +196,7 @@ async def test_sigkill_at_random_moments_applies_every_event_exactly_once(
                 await client.send_to(second, "orders", chunk)
 
         t0 = asyncio.get_running_loop().time()
-        for round_no in range(KILLS):
+        for round_no in range(kills):
             await proc.start()
             if round_no % 4 == 3:
                 # A random moment from the spawn: start-up (state open and load, the resend of
@@ -190,9 +211,9 @@ async def test_sigkill_at_random_moments_applies_every_event_exactly_once(
             # The producer writes while the processor reads, processes, commits and acks.
             await asyncio.gather(produce(round_no), asyncio.sleep(delay))  # a random moment
             exit_codes.append(await proc.kill())
-        assert exit_codes == [-signal.SIGKILL] * KILLS
-        assert proc.instances_up >= KILLS - KILLS // 4  # most kills hit a running instance
-        logger.info("%d kills in %.1fs, %d of them of a running instance", KILLS,
+        assert exit_codes == [-signal.SIGKILL] * kills
+        assert proc.instances_up >= kills - kills // 4  # most kills hit a running instance
+        logger.info("%d kills in %.1fs, %d of them of a running instance", kills,
                     asyncio.get_running_loop().time() - t0, proc.instances_up)
 
         # The last run: let it finish everything, then stop it gracefully. One more order, sent

@@ -13,8 +13,8 @@ import pytest
 from chukcha import App, Client, Context, Node
 from chukcha.errors import ProcessorError, StateLockedError
 from chukcha.processors import ErrorPolicy, ProcessorConfig
-from chukcha.processors.engine import read_table
-from chukcha.state import LevelDBStore, StateConfig
+from chukcha.processors.engine import read_state_table
+from chukcha.state import StateConfig
 from chukcha.testing import run_node
 
 
@@ -59,11 +59,7 @@ async def collect(
 
 
 def table_of(state_dir: Path) -> dict[str, Any]:
-    store = LevelDBStore(state_dir)
-    try:
-        return read_table(store)
-    finally:
-        store.close()
+    return read_state_table(state_dir)
 
 
 def orders(n: int, start: int = 0) -> list[dict[str, Any]]:

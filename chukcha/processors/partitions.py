@@ -1,0 +1,158 @@
+"""An app's partitions in one process: an engine and a checkpoint per partition, and the
+routing of each event to the partition of its key.
+
+Every partition keeps its own read position of every input stream it has seen, committed with
+its state. A batch of a stream is decoded once, each event goes to the engine of
+``partition_of(key)``, and every partition stages the stream's new position (also one that got
+no event of the batch), so all of them move on together. Each partition then commits through
+its own :class:`~chukcha.processors.checkpoint.Checkpoint` (concurrently; the commits of two
+partitions are not atomic together, and need not be):
+
+- a restart resumes each stream at the lowest position any partition committed
+  (:meth:`PartitionSet.resume_positions`); a partition that committed further skips the events
+  it applied by their IDs (its dedup index), so an event is applied exactly once in its
+  partition wherever the crash fell;
+- input is acked only before the lowest committed (and fsync'ed) position of all partitions
+  (:meth:`PartitionSet.ack_positions`).
+
+The runner and the tester both drive a :class:`PartitionSet`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from chukcha.partitioning import partition_dir_name
+from chukcha.processors.checkpoint import Checkpoint, CheckpointIO
+from chukcha.processors.engine import Decoded, Engine, decode_batch
+
+if TYPE_CHECKING:
+    from chukcha.processors.base import App
+    from chukcha.state.base import StateStore
+
+__all__ = ["PartitionSet", "raise_single"]
+
+logger = logging.getLogger(__name__)
+
+_blake2b = hashlib.blake2b
+
+
+def raise_single(group: BaseExceptionGroup[BaseException]) -> None:
+    """Raise the one error of ``group`` as it is (what a caller wants to see), else the group."""
+    errors = group.exceptions
+    if len(errors) == 1 and isinstance(errors[0], Exception):
+        raise errors[0] from None
+    raise group
+
+
+class PartitionSet:
+    """The engines and checkpoints of ``app``'s partitions over ``stores`` (one per partition,
+    in partition order)."""
+
+    def __init__(self, app: App, stores: Sequence[StateStore], io: CheckpointIO) -> None:
+        if len(stores) != app.partitions:
+            raise ValueError(f"app {app.name!r} has {app.partitions} partitions, "
+                             f"got {len(stores)} stores")
+        self.app = app
+        self.engines = [Engine(app, store, partition=i) for i, store in enumerate(stores)]
+        one = len(stores) == 1
+        self.checkpoints = [
+            Checkpoint(engine, store, io, app.config,
+                       name=app.name if one else f"{app.name}/{partition_dir_name(i)}")
+            for i, (engine, store) in enumerate(zip(self.engines, stores, strict=True))
+        ]
+
+    async def load(self) -> None:
+        for checkpoint in self.checkpoints:
+            await checkpoint.load()
+
+    async def process(self, category: str, owner: str, chunk: str, offset: int,
+                      data: bytes) -> None:
+        """Apply one batch of one stream, each event in its key's partition.
+
+        Raises:
+            ProcessorError: a callback raised under the ``stop`` policy (call :meth:`discard`).
+        """
+        engines = self.engines
+        n = len(engines)
+        if n == 1:
+            await engines[0].process(category, owner, chunk, offset, data)
+            return
+        items, end = decode_batch(self.app, category, chunk, offset, data)
+        parts: list[list[Decoded]] = [[] for _ in range(n)]
+        blake2b = _blake2b
+        for item in items:
+            digest = blake2b(item[4].encode(), digest_size=8).digest()  # = partition_of
+            parts[int.from_bytes(digest, "big") % n].append(item)
+        for engine, part in zip(engines, parts, strict=True):
+            await engine.apply(category, owner, chunk, part, end)
+
+    async def commit(self) -> None:
+        """Commit every partition that staged something (each through its checkpoint)."""
+        due = [c for c in self.checkpoints if c.engine.has_staged]
+        if len(due) == 1:
+            await due[0].commit()
+            return
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for checkpoint in due:
+                    tg.create_task(checkpoint.commit(), name=f"commit-{checkpoint.name}")
+        except BaseExceptionGroup as group:
+            raise_single(group)
+
+    async def idle(self) -> None:
+        """Nothing new: fsync what is pending, else ack what is due (once, for all)."""
+        pending = [c for c in self.checkpoints if c.unsynced]
+        for checkpoint in pending:
+            await checkpoint.sync()
+        if not pending:
+            await self.checkpoints[0].idle()
+
+    async def send_outbox(self) -> None:
+        for checkpoint in self.checkpoints:
+            await checkpoint.send_outbox()
+
+    async def finish(self) -> None:
+        for checkpoint in self.checkpoints:
+            await checkpoint.finish()
+
+    def discard(self) -> None:
+        """Drop what every partition staged since its last commit."""
+        for engine in self.engines:
+            engine.discard()
+
+    @property
+    def synced(self) -> bool:
+        """No partition has a commit waiting for its fsync."""
+        return not any(c.unsynced for c in self.checkpoints)
+
+    def resume_positions(self, category: str) -> dict[str, tuple[str, int]]:
+        """Where to read ``category`` from: per owner stream, the lowest committed position of
+        all partitions (an owner some partition has no position for is read from its start)."""
+        return self._lowest(category)
+
+    def ack_positions(self, category: str) -> dict[str, tuple[str, int]]:
+        """What may be acked of ``category``: before the lowest committed position of all
+        partitions, per owner stream."""
+        return self._lowest(category)
+
+    def _lowest(self, category: str) -> dict[str, tuple[str, int]]:
+        engines = self.engines
+        first = engines[0].positions.get(category, {})
+        if len(engines) == 1:
+            return dict(first)
+        lowest: dict[str, tuple[str, int]] = {}
+        for owner, pos in first.items():
+            low = pos
+            for engine in engines[1:]:
+                other = engine.positions.get(category, {}).get(owner)
+                if other is None:
+                    break
+                low = min(low, other)
+            else:
+                lowest[owner] = low
+        return lowest
