@@ -136,6 +136,11 @@ class NodeConfig:
         etcd_endpoints: etcd URLs; empty means no etcd.
         cluster: the cluster name, the etcd key prefix ``chukcha/<cluster>/``.
         stop_timeout: seconds a graceful stop may take.
+        retain_acked: keep a chunk every consumer acknowledged this many seconds before it is
+            tombstoned, so it can be replayed (``None``, the default: tombstone at once, as
+            the Go server does); see :mod:`chukcha.bus.retain`.
+        retain_acked_categories: ``(category, seconds or None)`` overrides of
+            ``retain_acked``.
         metrics: serve ``/metrics`` and time every request (default on; see
             :mod:`chukcha.bus.metrics` and ``bench/bench_metrics.py`` for the cost).
     """
@@ -154,6 +159,8 @@ class NodeConfig:
     cluster: str = "default"
     stop_timeout: float = 10.0
     metrics: bool = True
+    retain_acked: float | None = None
+    retain_acked_categories: tuple[tuple[str, float | None], ...] = ()
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
 
     def __post_init__(self) -> None:
@@ -166,6 +173,9 @@ class NodeConfig:
             raise ValueError("max_message_size must be positive and at most max_batch_size")
         if self.stop_timeout <= 0:
             raise ValueError("stop_timeout must be positive")
+        for _, period in [("", self.retain_acked), *self.retain_acked_categories]:
+            if period is not None and period <= 0:
+                raise ValueError("retain_acked must be positive (None: off)")
         for endpoint in self.etcd_endpoints:
             parse_etcd_endpoint(endpoint)
         if self.etcd_endpoints:

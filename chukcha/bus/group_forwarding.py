@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
@@ -69,6 +69,8 @@ class GroupForwarder:
         retry_interval: first pause before a failed delivery is retried; doubles up to 2 s.
         on_tombstoned: called (under ``lock``) with a category where the etcd check tombstoned
             chunks.
+        tombstone: what the etcd check calls for a chunk every group acked; returns whether it
+            was tombstoned (``False``: kept for replay, ``--retain-acked``: its acks stay).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class GroupForwarder:
         etcd: EtcdGroups | None,
         retry_interval: float,
         on_tombstoned: Callable[[str], None],
+        tombstone: Callable[[str, str], Awaitable[bool]] | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -89,6 +92,7 @@ class GroupForwarder:
         self._etcd = etcd
         self._retry = retry_interval
         self._on_tombstoned = on_tombstoned
+        self._tombstone = tombstone or self._tombstone_now
         self._forwarders: list[asyncio.Task[None]] = []
         self._wake: dict[str, asyncio.Event] = {}
         self._pump_locks: dict[str, asyncio.Lock] = {}
@@ -242,6 +246,10 @@ class GroupForwarder:
                         "not registered (any more)", self._store.instance, category, group,
                         entry["chunk"])
 
+    async def _tombstone_now(self, category: str, chunk: str) -> bool:
+        await self._store.tombstone_replica(category, chunk)
+        return True
+
     async def _settle(self, etcd: EtcdGroups, category: str, chunk: str | None) -> None:
         """Tombstone ``chunk`` (or every chunk of ``category`` with acks) if every group
         registered in etcd has acked it, read from etcd now; then delete its acks there."""
@@ -259,7 +267,8 @@ class GroupForwarder:
             if not all(name in acked for acked in groups.values()):
                 continue
             try:
-                await self._store.tombstone_replica(category, name)
+                if not await self._tombstone(category, name):
+                    continue  # kept for replay (--retain-acked): its acks stay
             except ChukchaError as exc:
                 logger.warning("instance=%s category=%s every group acked %s but it cannot be "
                                "tombstoned: %s", self._store.instance, category, name, exc)

@@ -77,6 +77,7 @@ from chukcha.bus.config import Peer
 from chukcha.bus.coordination import ETCD_ERRORS, EtcdGroups, GroupsSnapshot
 from chukcha.bus.group_forwarding import INLINE_TIMEOUT, GroupForwarder, outbox_entry
 from chukcha.bus.http import Handler, float_param, int_param, str_param
+from chukcha.bus.retain import AckedRetention
 from chukcha.bus.tasks import run_to_end
 from chukcha.errors import BadRequestError, DiskWriteError, InvalidAckError
 from chukcha.protocol import MAX_INT_PARAM, parse_chunk_name, validate_category, validate_instance
@@ -311,6 +312,7 @@ class ConsumerGroups:
         peers: tuple[Peer, ...] = (),
         etcd: EtcdGroups | None = None,
         retry_interval: float = 0.2,
+        retain: AckedRetention | None = None,
     ) -> None:
         if retention_interval <= 0 or retry_interval <= 0:
             raise ValueError("retention_interval and retry_interval must be positive")
@@ -322,9 +324,12 @@ class ConsumerGroups:
         self._etcd = etcd
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self.retain = retain or AckedRetention(store)
+        """What a full acknowledgement does (``--retain-acked``: keep the chunk a while)."""
         self._forwarder = GroupForwarder(store, self._registry, self._lock, peers=peers,
                                          etcd=etcd, retry_interval=retry_interval,
-                                         on_tombstoned=self._prune)
+                                         on_tombstoned=self._prune,
+                                         tombstone=self._tombstone_replica)
         self.acks: dict[tuple[str, str], int] = {}
         """(category, group) -> ``/ack`` requests accepted here since start (group ``""``: a
         plain ack that tombstoned at once, the Go behaviour); read by the metrics."""
@@ -350,6 +355,7 @@ class ConsumerGroups:
         if self._task is not None:
             return
         await self._registry.load()
+        await self.retain.load()
         await self._forwarder.start()
         self._task = asyncio.create_task(self._retention_forever(), name="retention")
 
@@ -376,7 +382,10 @@ class ConsumerGroups:
         implicit = group is None
         if group is None:
             if not await self._has_groups(category):
-                await self._store.ack(category, chunk, size)  # the Go behaviour
+                if (self.retain.period(category) is not None
+                        and not self._store.is_tombstoned(category, chunk)):
+                    self._check_ack(category, chunk, size)
+                await self.retain.acked(category, chunk, size)  # the Go behaviour by default
                 self._count_ack(category, "")
                 return
             group = DEFAULT_GROUP
@@ -411,7 +420,7 @@ class ConsumerGroups:
                                            outbox_entry("ack", category, group, chunk, size))
             if done:
                 # Only once the ack is durable: a tombstone cannot be taken back.
-                await self._store.ack(category, chunk, size)
+                await self.retain.acked(category, chunk, size)
                 self._prune(category)
                 await self._registry.save_quietly(f"category={category}")
         self._count_ack(category, group)
@@ -475,7 +484,7 @@ class ConsumerGroups:
                     and (self._store.chunk_size(category, chunk) or 0) <= size
                 )
             if done:
-                await self._store.ack(category, chunk, None)
+                done = await self.retain.acked(category, chunk, None)
                 self._prune(category)
                 await self._registry.save_quietly(f"category={category}")
         return done
@@ -494,6 +503,9 @@ class ConsumerGroups:
                 "it has not been read to the end"
             )
 
+    async def _tombstone_replica(self, category: str, chunk: str) -> bool:
+        return await self.retain.acked(category, chunk, None, replica=True)
+
     def _prune(self, category: str) -> None:
         # Keep acks of chunks not here yet (copied from another node); drop tombstoned ones.
         gone = {chunk for acked in self._registry.groups(category).values() for chunk in acked
@@ -506,8 +518,8 @@ class ConsumerGroups:
             return []
         done: list[str] = []
         for info in self._store.list_chunks(category):
-            if info.complete and all(info.name in acked for acked in groups.values()):
-                await self._store.ack(category, info.name, None)
+            if (info.complete and all(info.name in acked for acked in groups.values())
+                    and await self.retain.acked(category, info.name, None)):
                 done.append(info.name)
         return done
 
@@ -585,6 +597,8 @@ class ConsumerGroups:
             policy = self._registry.retention(category)
             if policy.enabled:
                 deleted += await self._apply(category, policy, now)
+        async with self._lock:
+            deleted += await self.retain.expire(now)
         return deleted
 
     async def _apply(

@@ -22,6 +22,7 @@ Families (counters end in ``_total``; ``category``, ``group`` and ``peer`` label
 ``chukcha_acks_total{category,group}``       count ``/ack`` accepted (group ``""``: a plain
                                                    ack that deleted at once, Go behaviour)
 ``chukcha_retention_deleted_chunks_total``   count chunks deleted by retention
+``chukcha_retained_acked_chunks{category}``  gauge acknowledged chunks kept for replay
 ``chukcha_consumer_lag_chunks{category,group}`` gauge unacked chunks (:mod:`chukcha.bus.lag`)
 ``chukcha_consumer_lag_bytes{category,group}``  gauge their bytes
 ``chukcha_consumer_lag_seconds{category,group}`` gauge age of the oldest unacked message
@@ -257,6 +258,12 @@ class _NodeCollector(Collector):
         for category, n in sorted(self._groups.retention_deleted.items()):
             deleted.add_metric([category], n)
         yield deleted
+        kept = GaugeMetricFamily("chukcha_retained_acked_chunks",
+                                 "Acknowledged chunks kept for replay (--retain-acked)",
+                                 labels=["category"])
+        for category, n in sorted(self._groups.retain.counts().items()):
+            kept.add_metric([category], n)
+        yield kept
 
     def _consumer_lag(self) -> Iterator[Metric]:
         labels = ["category", "group"]

@@ -19,6 +19,7 @@ from chukcha.bus.groups import ConsumerGroups
 from chukcha.bus.http import BusApi, add_routes, error_middleware
 from chukcha.bus.lag import LagApi, LagMeter
 from chukcha.bus.metrics import NodeMetrics
+from chukcha.bus.retain import AckedRetention
 
 __all__ = ["Node", "NodeState"]
 
@@ -59,6 +60,8 @@ class Node:
         self.groups = ConsumerGroups(
             self.store, peers=self.cluster.group_peers, etcd=self.cluster.group_store,
             retry_interval=config.replication.retry_interval,
+            retain=AckedRetention(self.store, config.retain_acked,
+                                  dict(config.retain_acked_categories)),
         )
         self.api.acks = self.groups
         # Operations (issue 12): /groups/lag and /metrics.

@@ -19,6 +19,8 @@ from chukcha.protocol import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_CHUNK_SIZE,
     format_go_duration,
+    parse_go_duration,
+    validate_category,
     validate_instance,
 )
 
@@ -42,6 +44,21 @@ def _listen(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"invalid listen address {text!r}: expected HOST:PORT")
     return (host.strip("[]") or "0.0.0.0", int(port))  # noqa: S104 - ":8080" means all, as in Go
+
+
+def _retain(text: str) -> tuple[str | None, float | None]:
+    category, sep, duration = text.rpartition("=")
+    if sep and not category:
+        raise argparse.ArgumentTypeError(f"invalid {text!r}: expected [CATEGORY=]DURATION")
+    try:
+        if sep:
+            validate_category(category)
+        value = parse_go_duration(duration)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"duration {duration!r} must not be negative")
+    return (category if sep else None), (value or None)
 
 
 def _instance(text: str) -> str:
@@ -97,6 +114,11 @@ def register(sub: Any) -> None:
           help="etcd lease TTL: how long a killed node stays registered")
     _flag(ext, "replication-poll-wait", type=_duration, default="10s", metavar="DURATION",
           help="how long a replica's long poll on a peer's open chunk lasts when idle")
+    _flag(ext, "retain-acked", type=_retain, action="append", default=[],
+          metavar="[CATEGORY=]DURATION",
+          help="keep chunks every consumer acknowledged this long (for replay) before deleting "
+               "them; CATEGORY=DURATION for one category (0: delete at once); repeatable "
+               "(default: delete at once, as the Go server)")
     _flag(ext, "no-metrics", action="store_true",
           help="do not serve /metrics nor time requests (for comparison benchmarks)")
     _flag(ext, "listen-fd", type=int, default=None, metavar="FD",
@@ -122,6 +144,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         etcd_endpoints=tuple(e.strip() for e in args.etcd.split(",") if e.strip()),
         cluster=args.cluster,
         metrics=not args.no_metrics,
+        retain_acked=next((p for c, p in reversed(args.retain_acked) if c is None), None),
+        retain_acked_categories=tuple((c, p) for c, p in args.retain_acked if c is not None),
         replication=ReplicationConfig(
             dead_peer_timeout=args.dead_peer_timeout,
             lease_ttl=args.etcd_lease_ttl,
