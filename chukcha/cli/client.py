@@ -110,15 +110,6 @@ def register(sub: Any) -> None:
     _common(p)
     p.set_defaults(handler=_retention)
 
-    p = sub.add_parser("groups", help="list consumer groups with their lag",
-                       description="List the consumer groups registered for CATEGORY (or for "
-                                   "every category) with their lag on the first --node that "
-                                   "answers: chunks not acknowledged yet, their bytes, and the "
-                                   "age of the oldest unacknowledged message.")
-    p.add_argument("category", nargs="?")
-    _common(p)
-    p.set_defaults(handler=_groups)
-
     p = sub.add_parser("status", help="show a node's peers and replication lag",
                        description="Show each --node's /status: its peers, whether they are "
                                    "up, and the replication lag in bytes.")
@@ -364,45 +355,6 @@ async def _retention_async(args: argparse.Namespace) -> int:
             age, max_bytes = policy.get("max_age"), policy.get("max_bytes")
             print(f"{url}: {args.category}: max age "
                   f"{format_go_duration(age) if age else 'off'}, max bytes {max_bytes or 'off'}")
-    return 0
-
-
-# --- groups ---------------------------------------------------------------------------------
-
-
-def _groups(args: argparse.Namespace) -> int:
-    return _run(lambda: _groups_async(args))
-
-
-async def _groups_async(args: argparse.Namespace) -> int:
-    params = {}
-    if args.category is not None:
-        params["category"] = validate_category(args.category)
-    async with Client(_nodes(args), timeout=args.timeout) as client:
-        lags: Any = None
-        error = ClientError("no node to ask")
-        for url in client.nodes:
-            try:
-                lags = await client.api.get_json(url, "/groups/lag", params)
-                break
-            except RemoteNotFoundError:
-                raise ClientError(f"{url} has no /groups/lag (a Go node, or an older chukcha "
-                                  "node)", url=url) from None
-            except ClientError as exc:
-                error = exc
-        else:
-            raise error
-    if not lags:
-        where = f" for {args.category}" if args.category else ""
-        print(f"no consumer groups registered{where} (a plain ack deletes a chunk at once)")
-        return 0
-    rows = [("CATEGORY", "GROUP", "CHUNKS", "BYTES", "OLDEST UNACKED")]
-    for lag in lags:
-        age = lag.get("oldest_age")
-        rows.append((str(lag["category"]), str(lag["group"]), str(lag["chunks"]),
-                     str(lag["bytes"]), format_go_duration(round(age)) if age is not None
-                     else "-"))
-    print(_table(rows))
     return 0
 
 

@@ -1,6 +1,8 @@
 """``chukcha groups``: list the consumer groups of categories, and remove one.
 
-``chukcha groups [ls] [CATEGORY]`` lists groups with the number of chunks each acked;
+``chukcha groups [ls] [CATEGORY]`` lists groups with the number of chunks each acked and its lag
+(chunks not acknowledged yet, their bytes, the age of the oldest unacknowledged message: the
+node's ``/groups/lag``, see :mod:`chukcha.bus.lag`);
 ``chukcha groups rm NAME --category C`` unregisters a group cluster-wide (the node forwards it),
 so that it no longer holds back the deletion of ``C``'s chunks.
 """
@@ -14,7 +16,7 @@ from typing import Any
 from chukcha.cli.client import _common, _nodes, _run, _table
 from chukcha.client import Client
 from chukcha.errors import ClientError, RemoteNotFoundError
-from chukcha.protocol import validate_category
+from chukcha.protocol import format_go_duration, validate_category
 
 __all__ = ["register"]
 
@@ -24,12 +26,14 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "groups", help="list consumer groups, or remove one",
         description="`chukcha groups [ls] [CATEGORY]` lists the consumer groups registered for "
-                    "CATEGORY (or for every category) and how many chunks each acked. "
+                    "CATEGORY (or for every category), how many chunks each acked, and its lag: "
+                    "chunks not acknowledged yet (UNACKED), their BYTES, and the age of the "
+                    "oldest unacknowledged message (OLDEST). "
                     "`chukcha groups rm NAME --category C` unregisters group NAME of C on the "
                     "whole cluster (with its acks), so it no longer keeps C's chunks.",
     )
-    p.add_argument("action", nargs="?", default="ls", choices=["ls", "rm"],
-                   help="ls (default) or rm")
+    p.add_argument("action", nargs="?", default="ls", metavar="ls|rm|CATEGORY",
+                   help="ls (default) or rm; `chukcha groups CATEGORY` is `groups ls CATEGORY`")
     p.add_argument("name", nargs="?", metavar="CATEGORY|NAME",
                    help="ls: the category (default: all); rm: the group to remove")
     p.add_argument("--category", metavar="C", help="rm: the category the group belongs to")
@@ -38,6 +42,12 @@ def register(sub: Any) -> None:
 
 
 def _groups(args: argparse.Namespace) -> int:
+    if args.action not in ("ls", "rm"):
+        if args.name is not None:
+            print(f"chukcha groups: error: unknown action {args.action!r}: use ls or rm",
+                  file=sys.stderr)
+            return 2
+        args.action, args.name = "ls", args.action  # `chukcha groups CATEGORY`
     if args.action == "rm":
         return _run(lambda: _rm(args))
     return _run(lambda: _ls(args))
@@ -48,23 +58,49 @@ async def _ls(args: argparse.Namespace) -> int:
     async with Client(_nodes(args), timeout=args.timeout) as client:
         if category is not None:
             validate_category(category)
+        lags = await _lags(client, category)
+        if category is not None:
             categories = [category]
-        else:
-            categories = await client.list_categories()
-        rows: list[tuple[str, ...]] = [("CATEGORY", "GROUP", "ACKED CHUNKS")]
+        else:  # with the categories that have groups but no data yet
+            categories = sorted({*await client.list_categories(), *(c for c, _ in lags)})
+        rows: list[tuple[str, ...]] = [("CATEGORY", "GROUP", "ACKED", "UNACKED", "BYTES",
+                                        "OLDEST")]
         for cat in categories:
             try:
                 described = await client.list_groups(cat)
             except RemoteNotFoundError:
                 raise ValueError(f"{client.nodes[0]} has no consumer groups (a Go server?)"
                                  ) from None
-            rows += [(cat, str(g["name"]), str(len(g.get("acked", []))))
+            rows += [(cat, str(g["name"]), str(len(g.get("acked", []))),
+                      *_lag_cells(lags.get((cat, str(g["name"])))))
                      for g in described.get("groups", [])]
         if len(rows) == 1:
             print("no consumer groups" + (f" for {category}" if category else ""))
         else:
             print(_table(rows))
     return 0
+
+
+async def _lags(client: Client, category: str | None) -> dict[tuple[str, str], dict[str, Any]]:
+    """``/groups/lag`` of the first node that answers; empty when none has it (a Go node)."""
+    params = {"category": category} if category is not None else {}
+    for url in client.nodes:
+        try:
+            answer = await client.api.get_json(url, "/groups/lag", params)
+        except RemoteNotFoundError:
+            return {}
+        except ClientError:
+            continue
+        return {(str(x["category"]), str(x["group"])): x for x in answer or []}
+    return {}
+
+
+def _lag_cells(lag: dict[str, Any] | None) -> tuple[str, str, str]:
+    if lag is None:
+        return ("-", "-", "-")
+    age = lag.get("oldest_age")
+    return (str(lag["chunks"]), str(lag["bytes"]),
+            format_go_duration(round(age)) if age is not None else "-")
 
 
 async def _rm(args: argparse.Namespace) -> int:

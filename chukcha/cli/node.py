@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from chukcha.bus.config import NodeConfig, ReplicationConfig, default_instance_name, parse_peers
+from chukcha.cli.options import duration
 from chukcha.cli.options import positive_duration as _duration
 from chukcha.cli.options import positive_size as _size
 from chukcha.errors import ChukchaError
@@ -19,7 +20,6 @@ from chukcha.protocol import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_CHUNK_SIZE,
     format_go_duration,
-    parse_go_duration,
     validate_category,
     validate_instance,
 )
@@ -47,18 +47,15 @@ def _listen(text: str) -> tuple[str, int]:
 
 
 def _retain(text: str) -> tuple[str | None, float | None]:
-    category, sep, duration = text.rpartition("=")
+    category, sep, period = text.rpartition("=")
     if sep and not category:
         raise argparse.ArgumentTypeError(f"invalid {text!r}: expected [CATEGORY=]DURATION")
-    try:
-        if sep:
+    if sep:
+        try:
             validate_category(category)
-        value = parse_go_duration(duration)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"duration {duration!r} must not be negative")
-    return (category if sep else None), (value or None)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return (category if sep else None), (duration(period) or None)
 
 
 def _instance(text: str) -> str:
