@@ -1,9 +1,12 @@
 """Turning events into write bodies: IDs, orjson encoding, limits, splitting. No I/O.
 
-An event is either a ``dict`` (encoded with orjson; one without ``"id"`` gets a new time-ordered
-ID first, so that a retry sends the same bytes and the same IDs) or a ``bytes`` line (sent as it
-is; one trailing ``\\n`` is allowed). A line must not contain another ``\\n`` (it would become two
-messages) and must be at most 1 MiB: both are refused before anything is sent.
+An event is a ``dict`` (encoded with orjson; one without ``"id"`` gets a new time-ordered ID
+first, so that a retry sends the same bytes and the same IDs), a typed event (a
+``msgspec.Struct``, dataclass, attrs class or pydantic model: encoded as JSON, and given an
+``"id"`` like a dict when its own ``id`` is missing or empty), a ``str`` (one line of text, sent
+as UTF-8) or a ``bytes`` line (sent as it is; one trailing ``\\n`` is allowed). A line must not
+contain another ``\\n`` (it would become two messages) and must be at most 1 MiB: both are
+refused before anything is sent.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from typing import Any, Final
 import orjson
 
 from chukcha.client.ids import new_ids
+from chukcha.codecs import encode_object, splice_id
 from chukcha.errors import MessageTooLargeError, WriteRejectedError
 from chukcha.protocol import MAX_MESSAGE_SIZE
 
 __all__ = ["Event", "IdSupply", "encode_event", "encode_events", "id_of_line", "split_bodies"]
 
-Event = bytes | bytearray | memoryview | dict[str, Any]
+Event = bytes | bytearray | memoryview | dict[str, Any] | str | Any
+"""A dict, a typed event (msgspec.Struct, dataclass, attrs, pydantic), str or bytes."""
 _BLOCK: Final = 512
 
 
@@ -67,16 +72,26 @@ def encode_event(
             event = {"id": eid, **event}
         line = orjson.dumps(event)
         ident = eid if isinstance(eid, str) else str(eid)
-    elif isinstance(event, bytes | bytearray | memoryview):
-        line = bytes(event)
+    elif isinstance(event, bytes | bytearray | memoryview | str):
+        line = event.encode() if isinstance(event, str) else bytes(event)
         if line.endswith(b"\n"):
             line = line[:-1]
         if b"\n" in line:
             raise WriteRejectedError("an event line contains a newline: it would be two messages")
         ident = id_of_line(line)
+    elif (typed := encode_object(event)) is not None:
+        ident = id_of_line(typed)
+        if ident:
+            line = typed
+        else:  # no id, or "id": null / "": give it one, as a dict gets
+            ident = next_id()
+            obj = orjson.loads(typed)
+            line = (orjson.dumps({**obj, "id": ident}) if "id" in obj
+                    else splice_id(typed, ident))
     else:
         raise WriteRejectedError(
-            f"an event must be bytes or a dict, not {type(event).__name__}"
+            "an event must be a dict, a typed event (msgspec.Struct, dataclass, attrs, "
+            f"pydantic model), str or bytes; not {type(event).__name__}"
         )
     if len(line) > max_message:
         raise MessageTooLargeError(max_message)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from chukcha.codecs import JSON, Codec, CodecSpec, get_codec
 from chukcha.partitioning import check_partitions
 from chukcha.processors.config import ErrorPolicy, ProcessorConfig
 from chukcha.protocol import validate_category
@@ -66,6 +67,8 @@ class Handler:
     is_async: bool
     key: KeyFn | None = None
     """The key function (``None``: the event ID is the key)."""
+    codec: Codec = JSON
+    """Decodes each line into the event the callback gets (:mod:`chukcha.codecs`)."""
 
 
 def default_event_id(event: Any) -> str | None:
@@ -140,8 +143,16 @@ class App:
     def sinks(self) -> Mapping[str, Sink]:
         return self._sinks
 
-    def processor(self, category: str, *, key: KeyFn | None = None) -> Callable[[F], F]:
-        """Register ``fn(ctx, event)`` for every event of ``category`` (JSON-decoded).
+    def processor(
+        self, category: str, *, key: KeyFn | None = None, codec: CodecSpec = "json"
+    ) -> Callable[[F], F]:
+        """Register ``fn(ctx, event)`` for every event of ``category``.
+
+        ``codec`` (:mod:`chukcha.codecs`) decodes each line: ``"json"`` (default), ``"str"``
+        (a line of text), ``"bytes"``, or a class (``msgspec.Struct``, dataclass, attrs,
+        pydantic model) whose instances the callback gets, validated. A line that fails to
+        decode is dead-lettered to ``<category>.dead`` with the reason, counted
+        (``undecodable``) and warned about, whatever ``on_error`` says.
 
         ``key(event)`` (a string or an integer) decides the event's partition and is
         ``ctx.key``; without it the event ID is the key. All copies of an event must get the
@@ -152,12 +163,13 @@ class App:
         validate_category(category)
         if key is not None and not callable(key):
             raise TypeError(f"key must be a function of the event, not {type(key).__name__}")
+        decoder = get_codec(codec)
 
         def register(fn: F) -> F:
             if category in self._handlers:
                 raise ValueError(f"category {category!r} already has a processor")
             is_async = inspect.iscoroutinefunction(fn)
-            self._handlers[category] = Handler(category, fn, is_async, key)
+            self._handlers[category] = Handler(category, fn, is_async, key, decoder)
             return fn
 
         return register

@@ -166,10 +166,10 @@ class Checkpoint:
         if (now := time.monotonic()) - self._progress_at >= _PROGRESS_INTERVAL:
             self._progress_at = now
             e = self.engine
-            logger.info("app=%s applied=%d duplicates=%d dead_lettered=%d commits=%d "
-                        "dedup_ids=%d dedup_pruned_young=%d positions=%s", self.name,
-                        e.applied, e.duplicates, e.dead_lettered, self.commits, len(e.dedup),
-                        e.dedup.pruned_young, e.positions)
+            logger.info("app=%s applied=%d duplicates=%d dead_lettered=%d undecodable=%d "
+                        "commits=%d dedup_ids=%d dedup_pruned_young=%d positions=%s", self.name,
+                        e.applied, e.duplicates, e.dead_lettered, e.undecodable, self.commits,
+                        len(e.dedup), e.dedup.pruned_young, e.positions)
 
     async def retry(self, what: str, fn: Callable[[], Awaitable[object]]) -> None:
         """Await ``fn()`` until it succeeds, with backoff; an error whose class says it is not

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 import orjson
 
+from chukcha.codecs import CodecSpec, encode_object, get_codec, splice_id
 from chukcha.errors import MessageTooLargeError
 from chukcha.protocol import MAX_MESSAGE_SIZE, validate_category
 from chukcha.state.base import StateStore
@@ -205,14 +206,20 @@ class Context:
             raise TypeError(f"table keys are strings, not {type(key).__name__}")
         self._event[key] = (None, None)
 
-    def emit(self, category: str, event: dict[str, Any] | bytes) -> str:
+    def emit(self, category: str, event: Any, *, codec: CodecSpec | None = None) -> str:
         """Stage ``event`` for ``category``; it is sent after the commit. Returns its ID: the
         event's own ``id``, else ``"<input id>/<n>"`` (n counts this input's emits), so a resend
         is a duplicate downstream.
 
-        ``event`` is a dict or the bytes of one JSON object (one line). Bytes without an ``id``
-        get the derived one spliced in front (``{"id":"<input id>/<n>",...``); the rest of the
-        bytes is kept as it is.
+        ``event`` is a dict, a typed event (``msgspec.Struct``, dataclass, attrs, pydantic
+        model: encoded as JSON), or the bytes of one JSON object (one line). Bytes and typed
+        events without an ``id`` get the derived one spliced in front
+        (``{"id":"<input id>/<n>",...``); the rest of the bytes is kept as it is.
+
+        ``codec="str"`` (or a ``str`` event) and ``codec="bytes"`` send one raw line that
+        carries no ID: the next processor can tell copies apart only by where they are
+        stored, so a resend after a crash is a second event there (returns ``""``). Another
+        ``codec`` (``"json"``, a class) encodes ``event`` with it.
 
         Raises:
             ValueError: bytes that are not one line holding a JSON object: without an ID of
@@ -224,18 +231,7 @@ class Context:
         if category not in self._categories:
             validate_category(category)
             self._categories.add(category)
-        if isinstance(event, bytes):
-            line, eid = self._bytes_emit(event)
-        elif isinstance(event, dict):
-            own_id: Any = event.get("id")
-            if own_id is None:
-                eid = f"{self.event_id}/{len(self._emits)}"
-                event = {**event, "id": eid}
-            else:
-                eid = str(own_id)
-            line = orjson.dumps(event)
-        else:
-            raise TypeError(f"emit takes a dict or bytes, not {type(event).__name__}")
+        line, eid = self._encode_emit(event, codec)
         if len(line) > MAX_MESSAGE_SIZE:
             # Refused here, inside the callback, so the error policy handles it before anything
             # is committed: an over-size message in the outbox could never be sent.
@@ -244,6 +240,31 @@ class Context:
             )
         self._emits.append((category, line + b"\n"))
         return str(eid)
+
+    def _encode_emit(self, event: Any, codec: CodecSpec | None) -> tuple[bytes, str]:
+        """The line and ID of an emitted event (see :meth:`emit`)."""
+        if codec is None and isinstance(event, str):
+            codec = "str"
+        if codec is not None:
+            chosen = get_codec(codec)
+            encoded = chosen.encode(event)
+            if chosen.json_object:
+                return self._bytes_emit(encoded)
+            if b"\n" in encoded:
+                raise ValueError("an emitted event must be one line")
+            return encoded, ""
+        if isinstance(event, dict):
+            own_id: Any = event.get("id")
+            if own_id is None:
+                eid = f"{self.event_id}/{len(self._emits)}"
+                return orjson.dumps({**event, "id": eid}), eid
+            return orjson.dumps(event), str(own_id)
+        if isinstance(event, bytes):
+            return self._bytes_emit(event)
+        if (typed := encode_object(event)) is not None:
+            return self._bytes_emit(typed)
+        raise TypeError(f"emit takes a dict, a typed event, bytes or str (with codec=), "
+                        f"not {type(event).__name__}")
 
     def _bytes_emit(self, event: bytes) -> tuple[bytes, str]:
         """The line and ID of an event emitted as bytes (see :meth:`emit`)."""
@@ -263,9 +284,7 @@ class Context:
         eid = f"{self.event_id}/{len(self._emits)}"
         if "id" in obj:  # "id": null; a second "id" key would be ambiguous: re-encode
             return orjson.dumps({**obj, "id": eid}), eid
-        rest = event.lstrip()[1:].lstrip()  # after the "{"
-        comma = b"" if rest.startswith(b"}") else b","
-        return b'{"id":' + orjson.dumps(eid) + comma + rest, eid
+        return splice_id(event, eid), eid
 
     def to_sink(self, name: str, row: Any) -> None:
         """Stage ``row`` for sink ``name``; flushed before the commit."""

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
 
+from chukcha.codecs import JSON
 from chukcha.dedup.index import DedupIndex, DedupPlan
 from chukcha.errors import ProcessorError
 from chukcha.processors.base import App, default_event_id
@@ -55,6 +57,7 @@ __all__ = [
     "EventPosition",
     "OutboxEntry",
     "Table",
+    "Undecodable",
     "decode_batch",
     "read_state_table",
     "read_table",
@@ -68,6 +71,7 @@ its ``chunk`` and ``offset`` locate the whole event). JSON escaping can make an 
 up to 6 times longer, so a whole event near the message limit would not fit."""
 _DEAD_LETTER_MAX_ERROR: Final = 8 * 1024  # characters of the error's repr
 _DEAD_LETTER_MAX_ID: Final = 1024  # a longer event ID is replaced by its position
+_DECODE_WARNING_INTERVAL: Final = 60.0  # seconds between warnings about undecodable events
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +99,23 @@ def _position_key(category: str, owner: str) -> bytes:
     return POSITION_PREFIX + category.encode() + b"\x00" + owner.encode()
 
 
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """Why the processor's codec could not decode an event (and the ID its line carries, if
+    one could be read: a typed event that failed validation)."""
+
+    codec: str
+    reason: str
+    line_id: str | None
+
+
 # One event of a batch, decoded: (offset, line, event, id, key, error). ``id`` is None when the
-# event could not be identified (``error`` is then the invalid-JSON message, or the exception of
-# the ID function): it is dead-lettered under its position ID and gets no dedup entry. An
+# event could not be identified (``error`` is then :class:`Undecodable`, or the exception of
+# the ID function): it is dead-lettered and gets no dedup entry. An
 # ``error`` with an ``id`` is the key function's failure. ``key`` routes the event to its
 # partition: the key function's value (an integer as its decimal digits, as the hash sees it),
 # else the ID (the position ID when there is none).
-Decoded = tuple[int, bytes, Any, "str | None", str, "Exception | str | None"]
+Decoded = tuple[int, bytes, Any, "str | None", str, "Exception | Undecodable | None"]
 
 
 def decode_batch(
@@ -110,9 +124,16 @@ def decode_batch(
     """Decode the ``\\n``-terminated messages ``data`` (at ``offset`` of ``chunk``) and take
     each one's ID and key; returns them and the offset after the last one. Never raises for a
     bad event: failures are items that :meth:`Engine.apply` hands to the error policy."""
-    key_fn = app.handlers[category].key
-    id_fn = app.event_id
-    default_id = id_fn is default_event_id
+    handler = app.handlers[category]
+    key_fn, codec = handler.key, handler.codec
+    user_id_fn = app.event_id
+    default_id = user_id_fn is default_event_id
+    fast_id = default_id and codec is JSON
+    loads = orjson.loads if codec is JSON else codec.decode
+
+    def id_fn(event: Any, line: bytes) -> str | None:
+        return codec.id_of(event, line) if default_id else user_id_fn(event)
+
     # The ID of an event without one: where it is stored. Chunk names repeat across
     # categories, so the category is part of it (its emits' IDs must not collide).
     place = f"{category}:{chunk}:"
@@ -123,15 +144,19 @@ def decode_batch(
         ev_off = pos
         pos += len(line) + 1
         try:
-            event = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            append((ev_off, line, None, None, f"{place}{ev_off}", f"invalid JSON: {exc}"))
+            event = loads(line)
+        except ValueError as exc:  # orjson's and the codecs' decode errors
+            reason = f"invalid JSON: {exc}" if codec is JSON else str(exc)
+            # Valid JSON that failed a typed codec's validation may still carry its ID.
+            line_id = codec.id_of(None, line) if codec.type is not None else None
+            append((ev_off, line, None, None, f"{place}{ev_off}",
+                    Undecodable(codec.name, reason, line_id)))
             continue
         # The common case inline: a JSON object with a string "id" and the default ID function.
-        eid = event.get("id") if default_id and type(event) is dict else None
+        eid = event.get("id") if fast_id and type(event) is dict else None
         if type(eid) is not str or not eid:
             try:
-                raw_id = id_fn(event)
+                raw_id = id_fn(event, line)
             except Exception as exc:  # noqa: BLE001 - a user's function; the policy decides
                 append((ev_off, line, event, None, f"{place}{ev_off}", exc))
                 continue
@@ -191,6 +216,10 @@ class Engine:
         self.applied = 0
         self.duplicates = 0
         self.dead_lettered = 0
+        self.undecodable = 0
+        """Events dead-lettered because their codec could not decode them."""
+        self._undecodable_warned = 0
+        self._next_decode_warning = 0.0
         self.staged_events = 0
 
     # --- start -------------------------------------------------------------------------------
@@ -247,10 +276,10 @@ class Engine:
         event_emits, event_rows = self._event_emits, self._event_rows
         prefix = category + "\x00"
         for ev_off, line, event, eid, key, error in items:
-            if eid is None:  # not identified: invalid JSON, or the ID function raised
+            if eid is None:  # not identified: undecodable, or the ID function raised
                 pid = f"{category}:{chunk}:{ev_off}"
-                if isinstance(error, str):
-                    self._dead_letter(ctx, ev_off, line, pid, error)
+                if isinstance(error, Undecodable):
+                    self._undecodable(ctx, ev_off, line, error.line_id or pid, error)
                 elif error is not None:
                     self._failed(ctx, ev_off, line, pid, error)
                 continue
@@ -283,6 +312,24 @@ class Engine:
             self.applied += 1
             self.staged_events += 1
         self._positions[(category, owner)] = (chunk, end)
+
+    def _undecodable(
+        self, ctx: Context, offset: int, line: bytes, eid: str, error: Undecodable
+    ) -> None:
+        """Dead-letter an event its codec cannot decode (whatever the error policy: a retry
+        would fail the same way), count it, and warn: at once, then at most once a minute."""
+        self.undecodable += 1
+        self._dead_letter(ctx, offset, line, eid, error.reason)
+        now = time.monotonic()
+        if now >= self._next_decode_warning:
+            logger.warning(
+                "app=%s category=%s: %d event(s) could not be decoded as %s (%d in all) and "
+                "were dead-lettered to %s.dead; the latest at %s:%d: %s",
+                self.app.name, ctx.category, self.undecodable - self._undecodable_warned,
+                error.codec, self.undecodable, ctx.category, ctx.chunk, offset, error.reason,
+            )
+            self._undecodable_warned = self.undecodable
+            self._next_decode_warning = now + _DECODE_WARNING_INTERVAL
 
     def _merge_event(self) -> None:
         self._emits.extend(self._event_emits)

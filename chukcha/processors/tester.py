@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from chukcha.codecs import encode_object
 from chukcha.errors import MessageTooLargeError, ProcessorError
 from chukcha.processors.base import App
 from chukcha.processors.checkpoint import Checkpoint
@@ -55,8 +56,10 @@ class Tester:
             engine.load()
         self._offsets: dict[str, int] = {}
 
-    async def feed_async(self, category: str, *events: dict[str, Any] | bytes) -> None:
-        """Process ``events`` of ``category`` as one batch and commit it.
+    async def feed_async(self, category: str, *events: Any) -> None:
+        """Process ``events`` of ``category`` as one batch and commit it: dicts (as JSON),
+        typed events (msgspec.Struct, dataclass, pydantic: as JSON), str (a line of text) or
+        bytes (the line as it is), each decoded by the processor's codec as the runner would.
 
         The bus's message limit (1 MiB) holds here too: an event over it is refused, as a node
         would refuse it, and an emit over it raises in the callback, as in the runner.
@@ -70,7 +73,12 @@ class Tester:
             raise KeyError(f"app {self.app.name!r} has no processor for {category!r}")
         lines = []
         for event in events:
-            line = event if isinstance(event, bytes) else orjson.dumps(event)
+            if isinstance(event, bytes):
+                line = event
+            elif isinstance(event, str):
+                line = event.encode()
+            else:
+                line = encode_object(event) or orjson.dumps(event)
             if b"\n" in line:
                 raise ValueError("an event must be one line")
             if len(line) > MAX_MESSAGE_SIZE:
@@ -88,7 +96,7 @@ class Tester:
         await parts.commit()
         self._offsets[category] = offset + len(data)
 
-    def feed(self, category: str, *events: dict[str, Any] | bytes) -> None:
+    def feed(self, category: str, *events: Any) -> None:
         """:meth:`feed_async` for synchronous tests (not inside a running event loop)."""
         try:
             asyncio.get_running_loop()
@@ -126,13 +134,23 @@ class Tester:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: ``applied``, ``duplicates``, ``dead_lettered``, ``dedup_pruned_young`` (IDs
+        """Counters: ``applied``, ``duplicates``, ``dead_lettered``, ``undecodable`` (of the
+        dead-lettered: events the codec could not decode), ``dedup_pruned_young`` (IDs
         younger than ``DedupConfig.min_age`` that the count limit pruned)."""
         engines = self.partitions.engines
         return {"applied": sum(e.applied for e in engines),
                 "duplicates": sum(e.duplicates for e in engines),
                 "dead_lettered": sum(e.dead_lettered for e in engines),
+                "undecodable": sum(e.undecodable for e in engines),
                 "dedup_pruned_young": sum(e.dedup.pruned_young for e in engines)}
+
+
+def _decoded(line: bytes) -> Any:
+    """An emitted line as JSON; a raw text emit (``codec="str"``) as its text."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return line.decode(errors="replace")
 
 
 class _TesterIO:
@@ -153,7 +171,7 @@ class _TesterIO:
                 raise MessageTooLargeError(
                     MAX_MESSAGE_SIZE, size=len(line), what=f"an event for {category!r}"
                 )
-        self.emitted.setdefault(category, []).extend(orjson.loads(line) for line in lines)
+        self.emitted.setdefault(category, []).extend(map(_decoded, lines))
 
     async def ack(self, checkpoint: Checkpoint, *, force: bool) -> None:
         """Nothing to ack in memory (the positions are committed in the store)."""

@@ -53,8 +53,10 @@ def test_bad_events_are_refused_before_anything_is_encoded() -> None:
         encode_event({"blob": "y" * MAX_MESSAGE_SIZE}, IdSupply())
     with pytest.raises(WriteRejectedError, match="newline"):
         encode_events([b"a\nb"])
-    with pytest.raises(WriteRejectedError, match="bytes or a dict"):
-        encode_events(["text"])  # type: ignore[list-item]
+    with pytest.raises(WriteRejectedError, match="must be a dict, a typed event"):
+        encode_events([42])
+    with pytest.raises(WriteRejectedError, match="newline"):
+        encode_events(["two\nlines"])
     # Exactly at the limit is fine.
     lines, _ = encode_events([b"x" * MAX_MESSAGE_SIZE])
     assert len(lines[0]) == MAX_MESSAGE_SIZE

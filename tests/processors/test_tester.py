@@ -51,7 +51,7 @@ async def test_state_emits_and_duplicates() -> None:
         {"customer": "bob", "spent": 5, "id": "o2/0"},
         {"customer": "ann", "spent": 42, "id": "o3/0"},
     ]
-    assert t.stats == {"applied": 3, "duplicates": 2, "dead_lettered": 0,
+    assert t.stats == {"applied": 3, "duplicates": 2, "dead_lettered": 0, "undecodable": 0,
                        "dedup_pruned_young": 0}
 
 
