@@ -29,7 +29,7 @@ from typing import Any, Final, Protocol
 
 from chukcha.bus.config import ETCD_EXTRA_MISSING, Peer, etcd_installed, parse_etcd_endpoint
 from chukcha.bus.tasks import log_task_crash
-from chukcha.errors import BadRequestError, CoordinationError
+from chukcha.errors import BadRequestError, CoordinationError, StaleEpochError
 from chukcha.protocol import parse_uint, validate_instance
 
 # aetcd (with grpcio and protobuf) comes with the chukcha[etcd] extra; a standalone node or a
@@ -445,6 +445,7 @@ class EtcdGroups(_EtcdWatcher):
         retry_interval: float = 0.2,
     ) -> None:
         super().__init__(endpoints, groups_prefix(cluster), instance, retry_interval)
+        self.cluster = cluster
         self._mirror: GroupsSnapshot = {}
         self._listeners: list[GroupsListener] = []
 
@@ -495,6 +496,29 @@ class EtcdGroups(_EtcdWatcher):
             failure=[],
         )
         return bool(succeeded)
+
+    async def check_epoch(self, claim: bytes, epoch: int) -> None:
+        """Check, linearizably (an etcd transaction comparing its ``mod_revision``), that the
+        partition claim ``claim`` still has ``epoch``.
+
+        Raises:
+            StaleEpochError: the claim is gone or has another epoch (the sender lost it).
+        """
+        client = self._session_client()
+        tx = client.transactions
+        succeeded, responses = await client.transaction(
+            compare=[tx.mod(claim) == epoch], success=[], failure=[tx.get(claim)])
+        if succeeded:
+            return
+        found = responses[0] if responses else []
+        if found:
+            value, meta = found[0]
+            raise StaleEpochError(
+                f"{claim.decode()} is at epoch {meta.mod_revision} (owner "
+                f"{value.decode(errors='replace')}), not {epoch}: the sender lost this "
+                "partition and must stop processing it")
+        raise StaleEpochError(f"{claim.decode()} is not claimed (the ack says epoch {epoch}): "
+                              "the sender lost this partition and must stop processing it")
 
     async def forget(self, category: str, chunk: str, groups: list[str]) -> None:
         """Delete the acks of ``chunk`` (it is tombstoned: they are not needed any more)."""

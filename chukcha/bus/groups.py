@@ -72,14 +72,20 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from chukcha.bus.app_coordination import claim_key
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import Peer
 from chukcha.bus.coordination import ETCD_ERRORS, EtcdGroups, GroupsSnapshot
 from chukcha.bus.group_forwarding import INLINE_TIMEOUT, GroupForwarder, outbox_entry
-from chukcha.bus.http import Handler, float_param, int_param, str_param
+from chukcha.bus.http import Fence, Handler, float_param, int_param, str_param
 from chukcha.bus.retain import AckedRetention
 from chukcha.bus.tasks import run_to_end
-from chukcha.errors import BadRequestError, DiskWriteError, InvalidAckError
+from chukcha.errors import (
+    BadRequestError,
+    CoordinationError,
+    DiskWriteError,
+    InvalidAckError,
+)
 from chukcha.protocol import MAX_INT_PARAM, parse_chunk_name, validate_category, validate_instance
 
 __all__ = [
@@ -377,8 +383,13 @@ class ConsumerGroups:
 
     # --- acks ---------------------------------------------------------------------------
 
-    async def ack(self, category: str, chunk: str, size: int, group: str | None) -> None:
-        """Apply ``/ack``; see the module docstring."""
+    async def ack(
+        self, category: str, chunk: str, size: int, group: str | None, *,
+        fence: Fence | None = None,
+    ) -> None:
+        """Apply ``/ack``; see the module docstring (and :meth:`_check_fence`)."""
+        if fence is not None:
+            await self._check_fence(category, chunk, size, group, fence)
         implicit = group is None
         if group is None:
             if not await self._has_groups(category):
@@ -435,6 +446,31 @@ class ConsumerGroups:
     def _count_ack(self, category: str, group: str) -> None:
         key = (category, group)
         self.acks[key] = self.acks.get(key, 0) + 1
+
+    async def _check_fence(
+        self, category: str, chunk: str, size: int, group: str | None, fence: Fence
+    ) -> None:
+        """A partitioned group's ack carries its partition and epoch: it is taken only if an etcd
+        transaction finds the partition's claim at that epoch now, so an instance that lost the
+        partition (paused past its lease, cut off) cannot ack after the new owner took over
+        (:class:`~chukcha.errors.StaleEpochError`, HTTP 409). An ack that passes is then
+        applied as any other (recorded, and delivered to etcd through the outbox: it was valid
+        when it was taken)."""
+        etcd = self._etcd
+        if group is None or etcd is None:
+            raise BadRequestError("a fenced ack (partition, epoch) needs group= and a node "
+                                  "started with --etcd (the partition claims live there)")
+        validate_group(group)
+        if self._store.is_tombstoned(category, chunk):
+            return
+        self._check_ack(category, chunk, size)
+        claim = claim_key(etcd.cluster, group, fence.partition)
+        try:
+            async with asyncio.timeout(INLINE_TIMEOUT):
+                await etcd.check_epoch(claim, fence.epoch)
+        except ETCD_ERRORS as exc:
+            raise CoordinationError(f"etcd did not answer, the epoch of a fenced ack cannot be "
+                                    f"checked now; retry ({exc})") from exc
 
     async def _has_groups(self, category: str) -> bool:
         """Whether any group is registered for ``category``: this node's view, and with etcd

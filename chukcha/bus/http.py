@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 import orjson
@@ -30,6 +31,7 @@ __all__ = [
     "MAX_READ_WAIT",
     "AckHandler",
     "BusApi",
+    "Fence",
     "Handler",
     "ReplicaWaiter",
     "add_routes",
@@ -56,10 +58,22 @@ class ReplicaWaiter(Protocol):
     async def wait_replicas(self, category: str, chunk: str, end: int, count: int) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """``/ack?...&partition=P&epoch=E`` (extension): the ack of a partitioned group's instance,
+    applied only while its claim of partition ``P`` in etcd still has epoch ``E``."""
+
+    partition: int
+    epoch: int
+
+
 class AckHandler(Protocol):
     """Applies ``/ack`` (the consumer-group extension plugs in here)."""
 
-    async def ack(self, category: str, chunk: str, size: int, group: str | None) -> None: ...
+    async def ack(
+        self, category: str, chunk: str, size: int, group: str | None, *,
+        fence: Fence | None = None,
+    ) -> None: ...
 
 
 def str_param(request: web.Request, name: str) -> str:
@@ -130,7 +144,13 @@ class _LocalAcks:
     def __init__(self, store: ChunkStore) -> None:
         self._store = store
 
-    async def ack(self, category: str, chunk: str, size: int, group: str | None) -> None:
+    async def ack(
+        self, category: str, chunk: str, size: int, group: str | None, *,
+        fence: Fence | None = None,
+    ) -> None:
+        if fence is not None:
+            raise BadRequestError("a fenced ack (partition, epoch) needs consumer groups on a "
+                                  "node started with --etcd")
         await self._store.ack(category, chunk, size)
 
 
@@ -225,7 +245,11 @@ class BusApi:
         parse_chunk_name(chunk)
         size = int_param(request, "size")
         group = request.query.get("group") or None
-        await self.acks.ack(category, chunk, size, group)
+        fence = None
+        if "partition" in request.query or "epoch" in request.query:
+            fence = Fence(int_param(request, "partition", maximum=1023),
+                          int_param(request, "epoch"))
+        await self.acks.ack(category, chunk, size, group, fence=fence)
         return web.Response()
 
     async def list_chunks(self, request: web.Request) -> web.StreamResponse:

@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
 from chukcha.bus.app_coordination import AppView, read_app
-from chukcha.testing import EtcdServer, run_etcd
-from tests.integration.cluster_helpers import wait_for
+from chukcha.testing import EtcdServer, run_cluster, run_etcd, run_node
+from tests.integration.cluster_helpers import list_chunks, wait_for, write
 
 # Subprocess orchestration; and grpc joins a thread when the test's last etcd channel closes.
 pytestmark = [pytest.mark.timeout(180), pytest.mark.allow_blocking]
@@ -58,6 +59,10 @@ class Member:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
 
     async def stop(self) -> int:
         if self.proc is None:
@@ -234,3 +239,82 @@ async def test_etcd_outage_stops_partitions_after_the_lease_and_resumes_them(
             return held(await m.events()) == mine
 
         await wait_for(resumed, what=f"{m.instance} to resume its partitions")
+
+
+async def groups_of(http: aiohttp.ClientSession, url: str, category: str) -> dict[str, Any]:
+    async with http.get(f"{url}/groups/list", params={"category": category}) as resp:
+        assert resp.status == 200, await resp.text()
+        return {g["name"]: g["acked"] for g in (await resp.json())["groups"]}
+
+
+async def test_a_zombie_owner_is_fenced_at_the_node(
+    tmp_path: Path, etcd: EtcdServer, members: Callable[..., Member]
+) -> None:
+    """SIGSTOP the owner of a partition past its lease, another instance takes it over, SIGCONT:
+    the old owner stops processing it by itself, and the ack it would send with its old epoch
+    is refused by the node (etcd transaction on the claim's epoch); the new owner's is taken."""
+    async with run_cluster(tmp_path / "nodes", ("n1",), etcd=etcd.endpoint,
+                           args=("--max-chunk-size", "64")) as cluster, \
+            aiohttp.ClientSession() as http:
+        url = cluster["n1"].url
+        for body in (b"x" * 80 + b"\n", b"y" * 80 + b"\n"):
+            assert (await write(http, url, "orders", body)).status == 200
+        async with http.post(f"{url}/groups/register",
+                             params={"category": "orders", "group": APP}) as resp:
+            assert resp.status == 200, await resp.text()
+        first = await list_chunks(http, url, "orders")
+        chunk, size = first[0]["name"], first[0]["size"]
+        assert first[0]["complete"]
+
+        a = members("a", partitions=1)
+        await a.start()
+        owned = await wait_view(etcd, lambda v: 0 in v.claims, "a to claim partition 0")
+        old = owned.claims[0]
+        assert old.owner == "a"
+
+        a.signal(signal.SIGSTOP)
+        b = members("b", partitions=1)
+        await b.start()
+        taken = await wait_view(etcd, lambda v: 0 in v.claims and v.claims[0].owner == "b",
+                                "b to take partition 0 over after a's lease expired")
+        new = taken.claims[0]
+        assert new.epoch > old.epoch
+        a.signal(signal.SIGCONT)
+
+        async def a_stopped() -> bool:
+            events = await a.events()
+            return events[-1]["event"] == "lost" and not held(events)
+
+        await wait_for(a_stopped, what="the resumed zombie to stop processing partition 0")
+
+        def ack(epoch: int, **extra: str) -> Any:
+            return http.post(f"{url}/ack", params={
+                "category": "orders", "chunk": chunk, "size": str(size), "group": APP,
+                "partition": "0", "epoch": str(epoch), **extra})
+
+        async with ack(old.epoch) as resp:
+            assert resp.status == 409, await resp.text()
+            assert "must stop processing" in await resp.text()
+        assert chunk not in (await groups_of(http, url, "orders"))[APP]
+        async with ack(new.epoch, partition="oops") as resp:
+            assert resp.status == 400
+        async with ack(new.epoch) as resp:
+            assert resp.status == 200, await resp.text()
+
+        async def tombstoned() -> bool:
+            return chunk not in {c["name"] for c in await list_chunks(http, url, "orders")}
+
+        await wait_for(tombstoned, what="the new owner's ack to tombstone the chunk")
+
+
+async def test_a_fenced_ack_needs_a_node_with_etcd(tmp_path: Path) -> None:
+    async with run_node(tmp_path / "data") as node, aiohttp.ClientSession() as http:
+        url = node.url
+        assert (await write(http, url, "orders", b"1\n")).status == 200
+        async with http.post(f"{url}/ack", params={
+            "category": "orders", "chunk": "test-chunk000000000", "size": "2",
+            "partition": "0", "epoch": "5"}) as resp:
+            assert resp.status == 400
+            assert "--etcd" in await resp.text()
+        assert [c["name"] for c in await list_chunks(http, url, "orders")] == [
+            "test-chunk000000000"]
