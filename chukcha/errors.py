@@ -25,6 +25,7 @@ __all__ = [
     "InvalidAckError",
     "MessageTooLargeError",
     "NodeUnavailableError",
+    "PartitionsConflictError",
     "ProcessorError",
     "ReadBufferTooSmallError",
     "RemoteNotFoundError",
@@ -130,6 +131,13 @@ class InstanceTakenOverError(ChukchaError, RuntimeError):
 class StaleEpochError(ChukchaError):
     """A fenced ack (``partition`` + ``epoch``) came from an owner that lost the partition: the
     claim in etcd has another epoch now. The sender must stop processing that partition."""
+
+    http_status = 409
+
+
+class PartitionsConflictError(ChukchaError, ValueError):
+    """A partition count that cannot be recorded: the category holds data under another
+    count, or a partition's name is taken by a category that holds data."""
 
     http_status = 409
 

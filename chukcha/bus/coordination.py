@@ -61,6 +61,7 @@ __all__ = [
     "StaticMembership",
     "groups_prefix",
     "parse_etcd_endpoint",
+    "partitions_prefix",
     "peers_prefix",
 ]
 
@@ -420,6 +421,12 @@ def groups_prefix(cluster: str) -> bytes:
     return f"chukcha/{cluster}/groups/".encode()
 
 
+def partitions_prefix(cluster: str) -> bytes:
+    """The etcd key prefix of the partitioned categories of ``cluster``:
+    ``<prefix><category>`` = the partition count (decimal)."""
+    return f"chukcha/{cluster}/partitions/".encode()
+
+
 class EtcdGroups(_EtcdWatcher):
     """Consumer-group registrations and group acks kept in etcd (cluster-wide).
 
@@ -446,6 +453,7 @@ class EtcdGroups(_EtcdWatcher):
     ) -> None:
         super().__init__(endpoints, groups_prefix(cluster), instance, retry_interval)
         self.cluster = cluster
+        self._partitions_prefix = partitions_prefix(cluster)
         self._mirror: GroupsSnapshot = {}
         self._listeners: list[GroupsListener] = []
 
@@ -519,6 +527,22 @@ class EtcdGroups(_EtcdWatcher):
                 "partition and must stop processing it")
         raise StaleEpochError(f"{claim.decode()} is not claimed (the ack says epoch {epoch}): "
                               "the sender lost this partition and must stop processing it")
+
+    async def partitions(self, category: str) -> int:
+        """The partition count of ``category`` recorded in etcd (0: none), read now."""
+        kv = await self._session_client().get(self._partitions_prefix + category.encode())
+        return int(kv.value) if kv is not None else 0
+
+    async def set_partitions(self, category: str, count: int, expected: int) -> bool:
+        """Record ``count`` for ``category`` if etcd still holds ``expected`` (0: nothing), in
+        one transaction; returns whether it did (else another node changed it meanwhile)."""
+        client = self._session_client()
+        key, tx = self._partitions_prefix + category.encode(), client.transactions
+        compare = [tx.version(key) == 0] if expected == 0 else [
+            tx.value(key) == str(expected).encode()]
+        succeeded, _ = await client.transaction(
+            compare=compare, success=[tx.put(key, str(count).encode())], failure=[])
+        return bool(succeeded)
 
     async def forget(self, category: str, chunk: str, groups: list[str]) -> None:
         """Delete the acks of ``chunk`` (it is tombstoned: they are not needed any more)."""

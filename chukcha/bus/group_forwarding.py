@@ -43,6 +43,7 @@ _FORWARD_PATHS: Final = {
     "register": "/groups/register",
     "unregister": "/groups/unregister",
     "ack": "/groups/ack",
+    "partitions": "/partitions",
 }
 _log_crash: Final = functools.partial(log_task_crash, what="group")
 
@@ -224,7 +225,8 @@ class GroupForwarder:
         if 400 <= resp.status < 500 and resp.status not in (408, 429):
             # It can never succeed (say, the peer is a Go server without groups).
             logger.warning("instance=%s peer %s refused %s of %s/%s: HTTP %d %s; dropping it",
-                           self._store.instance, dest, op, entry["category"], entry["group"],
+                           self._store.instance, dest, op, entry["category"],
+                           entry.get("group", ""),
                            resp.status, text.strip()[:200])
             return
         raise ReplicationError(f"forwarding {op} to {dest}: HTTP {resp.status} {text[:200]}")

@@ -86,6 +86,7 @@ from chukcha.errors import (
     DiskWriteError,
     InvalidAckError,
 )
+from chukcha.partitioning import MAX_PARTITIONS
 from chukcha.protocol import MAX_INT_PARAM, parse_chunk_name, validate_category, validate_instance
 
 __all__ = [
@@ -143,6 +144,7 @@ class RetentionPolicy:
 class _CategoryGroups:
     groups: dict[str, dict[str, int]] = field(default_factory=dict)  # group -> chunk -> size
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    partitions: int = 0  # 0: not a partitioned category (see chukcha.bus.partitions)
 
 
 class GroupRegistry:
@@ -176,6 +178,7 @@ class GroupRegistry:
                     groups={validate_group(g): {str(c): _size(s) for c, s in acked.items()}
                             for g, acked in obj.get("groups", {}).items()},
                     retention=RetentionPolicy(ret.get("max_age"), ret.get("max_bytes")),
+                    partitions=_count(obj.get("partitions", 0)),
                 )
             outbox = {str(dest): [dict(e) for e in entries]
                       for dest, entries in data.get("outbox", {}).items() if entries}
@@ -186,9 +189,10 @@ class GroupRegistry:
     def _encode(self) -> bytes:
         return orjson.dumps({
             "categories": {
-                cat: {"groups": cg.groups, "retention": cg.retention.to_json()}
+                cat: {"groups": cg.groups, "retention": cg.retention.to_json(),
+                      **({"partitions": cg.partitions} if cg.partitions else {})}
                 for cat, cg in sorted(self._cats.items())
-                if cg.groups or cg.retention.enabled
+                if cg.groups or cg.retention.enabled or cg.partitions
             },
             "outbox": {dest: entries for dest, entries in self.outbox.items() if entries},
         })
@@ -248,6 +252,14 @@ class GroupRegistry:
         cg = self._cats.get(category)
         return cg.retention if cg else RetentionPolicy()
 
+    def partitions(self, category: str) -> int:
+        """The recorded partition count of ``category`` (0: none)."""
+        cg = self._cats.get(category)
+        return cg.partitions if cg else 0
+
+    def set_partitions(self, category: str, count: int) -> None:
+        self._cat(category).partitions = count
+
     def _cat(self, category: str) -> _CategoryGroups:
         return self._cats.setdefault(category, _CategoryGroups())
 
@@ -273,8 +285,10 @@ class GroupRegistry:
 
     def apply(self, entry: dict[str, Any]) -> None:
         """Apply an outbox entry to this registry (it is not in etcd's snapshot yet)."""
-        category, group = entry["category"], entry["group"]
-        if entry["op"] == "register":
+        category, group = entry["category"], entry.get("group", "")
+        if entry["op"] == "partitions":
+            self.set_partitions(category, entry["count"])
+        elif entry["op"] == "register":
             self.register(category, group)
         elif entry["op"] == "unregister":
             self.unregister(category, group)
@@ -603,6 +617,19 @@ class ConsumerGroups:
             await self._forwarder.sent()
         return removed
 
+    async def record_partitions(self, category: str, count: int, origin: str | None) -> None:
+        """Record ``category``'s partition count durably (checked by the caller,
+        :mod:`chukcha.bus.partitions`) and, unless it came from a peer, forward it to the static
+        peers through the outbox (with etcd the caller wrote it to etcd first)."""
+        peers = [d for d in self._destinations() if self._etcd is None]
+        async with self._lock, self._registry.change():
+            self._registry.set_partitions(category, count)
+            if origin is None and peers:
+                self._registry.enqueue(peers, {"op": "partitions", "category": category,
+                                               "count": count})
+        if origin is None and peers:
+            await self._forwarder.sent()
+
     def describe(self, category: str) -> dict[str, Any]:
         """``/groups/list``: the groups of ``category`` and the chunks each has acked (live
         here, or not replicated here yet)."""
@@ -732,6 +759,16 @@ def _origin(request: web.Request) -> str | None:
     """``from=<instance>``: the request is a peer's forward (not forwarded again)."""
     origin = request.query.get("from")
     return validate_instance(origin) if origin else None
+
+
+def _count(value: Any) -> int:
+    """A recorded partition count from the registry file (0: none, else 1..1024)."""
+    if value == 0:
+        return 0
+    if type(value) is not int or not 1 <= value <= MAX_PARTITIONS:
+        raise ValueError(f"partition count {value!r} is not an integer from 1 to "
+                         f"{MAX_PARTITIONS}")
+    return value
 
 
 def _size(value: Any) -> int:

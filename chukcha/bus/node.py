@@ -19,6 +19,7 @@ from chukcha.bus.groups import ConsumerGroups
 from chukcha.bus.http import BusApi, add_routes, error_middleware
 from chukcha.bus.lag import LagApi, LagMeter
 from chukcha.bus.metrics import NodeMetrics
+from chukcha.bus.partitions import CategoryPartitions
 from chukcha.bus.retain import AckedRetention
 
 __all__ = ["Node", "NodeState"]
@@ -64,6 +65,9 @@ class Node:
                                   dict(config.retain_acked_categories)),
         )
         self.api.acks = self.groups
+        # Partitioned categories (issue 14): /partitions, recorded like the groups.
+        self.partitions = CategoryPartitions(self.store, self.groups,
+                                             self.cluster.group_store)
         # Operations (issue 12): /groups/lag and /metrics.
         self.lag = LagMeter(self.store, self.groups.registry)
         self.metrics: NodeMetrics | None = None
@@ -78,6 +82,7 @@ class Node:
         add_routes(self.app, self.api.routes())
         add_routes(self.app, self.cluster.routes())
         add_routes(self.app, self.groups.routes())
+        add_routes(self.app, self.partitions.routes())
         add_routes(self.app, LagApi(self.lag).routes())
         if self.metrics is not None:
             add_routes(self.app, self.metrics.routes())

@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "chukcha.cli.node",
     "chukcha.cli.client",
     "chukcha.cli.groups",
+    "chukcha.cli.partitions",
     "chukcha.cli.run",
 )
 

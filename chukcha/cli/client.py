@@ -27,7 +27,8 @@ from chukcha.cli.options import (
     seconds,
     size,
 )
-from chukcha.client import Client, Consumer
+from chukcha.client import Client, Consumer, Producer
+from chukcha.client.keyed import KeyedProducer
 from chukcha.errors import ChukchaError, ClientError, RemoteNotFoundError
 from chukcha.protocol import format_go_duration, validate_category
 
@@ -60,6 +61,10 @@ def register(sub: Any) -> None:
     p.add_argument("--min-sync-replicas", type=int, default=0, metavar="K",
                    help="answer only when K other nodes hold the data")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    p.add_argument("--key", metavar="FIELD",
+                   help="lines are JSON objects; write each into the partition of its field "
+                        "FIELD (a string or an integer) of the partitioned CATEGORY (see "
+                        "`chukcha partitions`)")
     ids = p.add_mutually_exclusive_group()
     ids.add_argument("--id-field", metavar="F",
                      help="lines are JSON objects; each one's field F becomes its \"id\" (the "
@@ -171,9 +176,8 @@ async def _send_async(args: argparse.Namespace) -> int:
     count = 0
     started = time.monotonic()
     try:
-        async with Client(nodes, timeout=args.timeout) as client, client.producer(
-            args.category, sync=args.sync, min_sync_replicas=args.min_sync_replicas,
-            max_batch_bytes=4 << 20,
+        async with Client(nodes, timeout=args.timeout) as client, _producer(
+            client, args
         ) as producer:
             # read1 returns what is there (from a pipe: without waiting for a full block), so
             # `tail -f log | chukcha send c` sends each line within the producer's linger.
@@ -207,6 +211,23 @@ async def _send_async(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     print(f"sent {count} events to {args.category} in {elapsed:.2f} s", file=sys.stderr)
     return 0
+
+
+def _producer(client: Client, args: argparse.Namespace) -> Producer | KeyedProducer:
+    options: dict[str, Any] = {"sync": args.sync, "min_sync_replicas": args.min_sync_replicas,
+                               "max_batch_bytes": 4 << 20}
+    if args.key is None:
+        return client.producer(args.category, **options)
+    field: str = args.key
+
+    def key(event: Any) -> str | int:
+        value = event.get(field) if isinstance(event, dict) else None
+        if type(value) is not str and type(value) is not int:
+            raise ValueError(f"an event has no string or integer field {field!r} to route it "
+                             f"by (--key {field}): {orjson.dumps(event)[:200].decode()}")
+        return value
+
+    return client.keyed_producer(args.category, key, **options)
 
 
 def _id_stamper(args: argparse.Namespace) -> Callable[[bytes, int], bytes] | None:

@@ -23,8 +23,10 @@ import aiohttp
 from chukcha.client.consumer import Consumer, ConsumerConfig, Position
 from chukcha.client.events import Event, encode_events, split_bodies
 from chukcha.client.http import DEFAULT_TIMEOUT, NodeApi, normalize_url
+from chukcha.client.keyed import KeyedProducer, KeyFn, route
 from chukcha.client.producer import Producer, ProducerConfig
 from chukcha.errors import ClientError, NodeUnavailableError
+from chukcha.partitioning import MAX_PARTITIONS, partition_category
 from chukcha.protocol import DEFAULT_MAX_BATCH_SIZE, MAX_MESSAGE_SIZE, ChunkInfo, validate_category
 
 __all__ = ["Client", "parse_nodes"]
@@ -81,6 +83,7 @@ class Client:
         # its own tasks.
         self._producers: weakref.WeakSet[Producer] = weakref.WeakSet()
         self._consumers: weakref.WeakSet[Consumer] = weakref.WeakSet()
+        self._partition_counts: dict[str, int] = {}
         self._closed = False
 
     @property
@@ -149,12 +152,18 @@ class Client:
         *,
         sync: bool = False,
         min_sync_replicas: int = 0,
+        key: KeyFn | None = None,
     ) -> list[str]:
         """Write events (dicts or bytes lines) with failover; returns their IDs.
 
         Every event is encoded (and given an ID) before the first attempt. Bodies over
         ``max_batch_bytes`` are split; each part fails over on its own, so when a later part
         fails the earlier ones are written.
+
+        With ``key`` (``key(event) -> str | int``; bytes are decoded for it) ``category`` must
+        be partitioned (:meth:`create_partitions`): each event goes to the partition category
+        of its key's hash (every key is computed before anything is written). The partition
+        count is asked once per client and category.
 
         Raises:
             MessageTooLargeError: an event is over 1 MiB (nothing is sent).
@@ -163,10 +172,56 @@ class Client:
             NodeUnavailableError: every node failed; ``errors`` has each node's error.
         """
         validate_category(category)
-        lines, ids = encode_events(events)
+        seq = events if isinstance(events, list) else list(events)
+        lines, ids = encode_events(seq)
+        if key is not None:
+            count = await self._known_partitions(category)
+            for p, part in route(seq, lines, key, count).items():
+                for body in split_bodies(part, self._max_batch):
+                    await self.write_body(partition_category(category, p), body, sync=sync,
+                                          min_sync_replicas=min_sync_replicas)
+            return ids
         for body in split_bodies(lines, self._max_batch):
             await self.write_body(category, body, sync=sync, min_sync_replicas=min_sync_replicas)
         return ids
+
+    async def create_partitions(self, category: str, count: int) -> list[str]:
+        """Make ``category`` a partitioned category of ``count`` (1..1024) partitions,
+        recorded cluster-wide; returns the partitions' category names. The same count again
+        is a no-op.
+
+        Raises:
+            ValueError: ``count`` outside 1..1024.
+            RequestRejectedError: refused by the node, e.g. (HTTP 409) another count while
+                the category holds data, or a partition name taken by a category with data.
+        """
+        validate_category(category)
+        if type(count) is not int or not 1 <= count <= MAX_PARTITIONS:
+            raise ValueError(f"count must be an integer from 1 to {MAX_PARTITIONS}")
+        answer = await self._any(
+            f"creating {count} partitions of {category!r}",
+            lambda url: self.api.get_json(url, "/partitions",
+                                          {"category": category, "count": str(count)}))
+        self._partition_counts[category] = int(answer["partitions"])
+        return [str(n) for n in answer["names"]]
+
+    async def partitions(self, category: str) -> int:
+        """The partition count of ``category`` (0: not partitioned), asked now."""
+        validate_category(category)
+        answer = await self._any(
+            f"reading the partitions of {category!r}",
+            lambda url: self.api.get_json(url, "/partitions", {"category": category}))
+        count = int(answer["partitions"])
+        if count:
+            self._partition_counts[category] = count
+        return count
+
+    async def _known_partitions(self, category: str) -> int:
+        count = self._partition_counts.get(category) or await self.partitions(category)
+        if not count:
+            raise ValueError(f"category {category!r} is not partitioned: create its "
+                             "partitions first (Client.create_partitions, chukcha partitions)")
+        return count
 
     async def send_to(
         self,
@@ -231,7 +286,8 @@ class Client:
         sync: bool = False,
         min_sync_replicas: int = 0,
     ) -> Producer:
-        """A batching producer for ``category``: ``async with client.producer("c") as p:``."""
+        """A batching producer for ``category``: ``async with client.producer("c") as p:``.
+        For a partitioned category written by key see :meth:`keyed_producer`."""
         config = ProducerConfig(
             max_batch_bytes=min(max_batch_bytes, self._max_batch),
             linger=linger,
@@ -245,6 +301,14 @@ class Client:
         producer = Producer(write, category, config)
         self._producers.add(producer)
         return producer
+
+    def keyed_producer(self, category: str, key: KeyFn, **options: Any) -> KeyedProducer:
+        """A producer for the partitioned ``category`` that writes each event into the
+        partition of ``key(event)`` (one batching :meth:`producer` per partition, made with
+        ``options``): ``async with client.keyed_producer("orders", key=f) as p:``."""
+        validate_category(category)
+        return KeyedProducer(category, key, lambda: self._known_partitions(category),
+                             lambda name: self.producer(name, **options))
 
     # --- reading ------------------------------------------------------------------------
 
