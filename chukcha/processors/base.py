@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from chukcha.processors.context import Context
 
-__all__ = ["App", "EventIdFn", "Handler", "KeyFn", "ProcessorFn", "Sink"]
+__all__ = ["App", "EventIdFn", "Handler", "KeyFn", "ProcessorFn", "Sink", "TimerHandler"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,17 @@ class Handler:
     """The key function (``None``: the event ID is the key)."""
     codec: Codec = JSON
     """Decodes each line into the event the callback gets (:mod:`chukcha.codecs`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TimerHandler:
+    """A periodic timer (``every`` seconds, ``fn(ctx)``) or the per-key timer handler
+    (``every`` is 0, ``fn(ctx, key)``); see :mod:`chukcha.processors.timers`."""
+
+    name: str
+    every: float
+    fn: Callable[..., Awaitable[None] | None]
+    is_async: bool
 
 
 def default_event_id(event: Any) -> str | None:
@@ -130,6 +141,9 @@ class App:
         self.event_id: EventIdFn = event_id or default_event_id
         self._handlers: dict[str, Handler] = {}
         self._sinks: dict[str, Sink] = {}
+        self._timers: dict[str, TimerHandler] = {}
+        self.key_timer: TimerHandler | None = None
+        """The ``@app.on_timer`` handler of ``ctx.schedule``'d timers."""
 
     def __repr__(self) -> str:
         return (f"App({self.name!r}, categories={sorted(self._handlers)}, "
@@ -173,6 +187,39 @@ class App:
             return fn
 
         return register
+
+    @property
+    def timers(self) -> Mapping[str, TimerHandler]:
+        """The periodic timers by name."""
+        return self._timers
+
+    def timer(self, every: float, *, name: str | None = None) -> Callable[[F], F]:
+        """Run ``fn(ctx)`` about every ``every`` seconds, in every partition, with that
+        partition's table and emits; committed like an event (see
+        :mod:`chukcha.processors.timers`). ``name`` (default: the function's qualified name)
+        keys its stored next due time: keep it stable across deployments."""
+        value: object = every
+        if isinstance(value, bool) or not isinstance(value, int | float) or not every > 0:
+            raise ValueError(f"every must be a positive number of seconds, not {every!r}")
+
+        def register(fn: F) -> F:
+            timer_name = name or fn.__qualname__
+            if timer_name in self._timers:
+                raise ValueError(f"timer {timer_name!r} is already registered")
+            self._timers[timer_name] = TimerHandler(timer_name, float(every), fn,
+                                                    inspect.iscoroutinefunction(fn))
+            return fn
+
+        return register
+
+    def on_timer(self, fn: F) -> F:
+        """Register ``fn(ctx, key)`` for the timers callbacks set with
+        ``ctx.schedule(at, key)``: it runs once per timer, at or soon after ``at``, in the
+        partition of the event that scheduled it."""
+        if self.key_timer is not None:
+            raise ValueError("an on_timer handler is already registered")
+        self.key_timer = TimerHandler("@key", 0.0, fn, inspect.iscoroutinefunction(fn))
+        return fn
 
     def add_sink(self, name: str, sink: S) -> S:
         """Register a sink for ``ctx.to_sink(name, row)``; returns ``sink``."""

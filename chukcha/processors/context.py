@@ -16,6 +16,7 @@ import orjson
 
 from chukcha.codecs import CodecSpec, encode_object, get_codec, splice_id
 from chukcha.errors import MessageTooLargeError
+from chukcha.processors.timers import to_ms
 from chukcha.protocol import MAX_MESSAGE_SIZE, validate_category
 from chukcha.state.base import StateStore
 
@@ -108,6 +109,7 @@ class Context:
         "_rows",
         "_sinks",
         "_store",
+        "_timers",
         "category",
         "chunk",
         "event_id",
@@ -128,8 +130,10 @@ class Context:
         rows: list[tuple[str, Any]],
         sinks: frozenset[str],
         partition: int = 0,
+        timers: list[tuple[int, str]] | None = None,
     ) -> None:
         self._store = store
+        self._timers = timers
         self._cache = cache
         self._batch = batch
         self._event = event
@@ -285,6 +289,22 @@ class Context:
         if "id" in obj:  # "id": null; a second "id" key would be ambiguous: re-encode
             return orjson.dumps({**obj, "id": eid}), eid
         return splice_id(event, eid), eid
+
+    def schedule(self, at: float, key: str) -> None:
+        """Stage a timer: the app's ``@app.on_timer`` handler runs ``fn(ctx, key)`` once at (or
+        soon after) ``at`` (seconds since the epoch, e.g. ``time.time() + 3600``), in this
+        partition. Committed with this event (dropped if it fails); scheduling the same
+        ``(at, key)`` again is one timer.
+
+        Raises:
+            RuntimeError: the app has no ``@app.on_timer`` handler.
+            ValueError: ``at`` is not a time, or ``key`` not a string.
+        """
+        if self._timers is None:
+            raise RuntimeError("ctx.schedule needs an @app.on_timer handler")
+        if type(key) is not str:
+            raise ValueError(f"a timer key is a string, not {type(key).__name__}")
+        self._timers.append((to_ms(at), key))
 
     def to_sink(self, name: str, row: Any) -> None:
         """Stage ``row`` for sink ``name``; flushed before the commit."""

@@ -42,6 +42,7 @@ from chukcha.processors.context import (
     Staged,
     Table,
 )
+from chukcha.processors.timers import TimerState
 from chukcha.state.base import StateStore
 from chukcha.state.partitions import open_partition_stores
 
@@ -208,10 +209,14 @@ class Engine:
         self._new_outbox: list[OutboxEntry] = []
         self._dedup_plan = DedupPlan((), 0, 0.0)
         self.partition = partition
+        self._event_timers: list[tuple[int, str]] = []
+        self.timers = TimerState()
+        """The partition's timers (:mod:`chukcha.processors.timers`)."""
         self.ctx = Context(
             store=store, cache=self._cache, batch=self._batch, event=self._event,
             emits=self._event_emits, rows=self._event_rows, sinks=frozenset(app.sinks),
             partition=partition,
+            timers=self._event_timers if app.key_timer is not None else None,
         )
         self.applied = 0
         self.duplicates = 0
@@ -220,6 +225,8 @@ class Engine:
         """Events dead-lettered because their codec could not decode them."""
         self._undecodable_warned = 0
         self._next_decode_warning = 0.0
+        self.timers_run = 0
+        self.timer_failures = 0
         self.staged_events = 0
 
     # --- start -------------------------------------------------------------------------------
@@ -237,6 +244,8 @@ class Engine:
             self.outbox.append(OutboxEntry(key, raw_category.decode(), data))
         if self.outbox:
             self._outbox_seq = int(self.outbox[-1].key[len(OUTBOX_PREFIX):], 16) + 1
+        self.timers.load(self.store, [(t.name, t.every) for t in self.app.timers.values()],
+                         time.time())
         logger.info(
             "app=%s state loaded positions=%d unsent_outbox=%d dedup_ids=%d",
             self.app.name, sum(len(p) for p in self.positions.values()), len(self.outbox),
@@ -298,7 +307,7 @@ class Engine:
                 else:
                     fn(ctx, event)
             except Exception as exc:  # noqa: BLE001 - the error policy decides
-                for staged in (event_overlay, event_emits, event_rows):
+                for staged in (event_overlay, event_emits, event_rows, self._event_timers):
                     staged.clear()
                 self._failed(ctx, ev_off, line, eid, exc)
                 staged_ids[dkey] = None
@@ -306,7 +315,7 @@ class Engine:
             if event_overlay:
                 batch.update(event_overlay)
                 event_overlay.clear()
-            if event_emits or event_rows:
+            if event_emits or event_rows or self._event_timers:
                 self._merge_event()
             staged_ids[dkey] = None
             self.applied += 1
@@ -331,9 +340,71 @@ class Engine:
             self._undecodable_warned = self.undecodable
             self._next_decode_warning = now + _DECODE_WARNING_INTERVAL
 
+    # --- timers ------------------------------------------------------------------------------
+
+    async def fire_timers(self, now: float) -> int:
+        """Run the timers due at ``now`` (seconds since the epoch): each stages its changes
+        with its own removal (per-key) or its next due time (periodic), committed by the next
+        commit. Returns how many ran.
+
+        Raises:
+            ProcessorError: a timer raised under the ``stop`` policy (everything staged since
+                the last commit is discarded).
+        """
+        now_ms = round(now * 1000)
+        ran = 0
+        for name, due in self.timers.due_periodic(now_ms):
+            timer = self.app.timers[name]
+            every_ms = max(1, round(timer.every * 1000))
+            # The next run: one period after this one, or one from now if we fell behind.
+            nxt = due + every_ms if due + every_ms > now_ms else now_ms + every_ms
+            await self._run_timer(timer, f"timer:{name}:{due}", "", None)
+            self.timers.stage_next(name, nxt)
+            ran += 1
+        handler = self.app.key_timer
+        if handler is not None:
+            for at_ms, key in self.timers.due_keyed(now_ms):
+                await self._run_timer(handler, f"timer:@{key}:{at_ms}", key, key)
+                self.timers.stage_fired(at_ms, key)
+                ran += 1
+        return ran
+
+    async def _run_timer(self, timer: Any, eid: str, key: str, arg: str | None) -> None:
+        ctx = self.ctx
+        ctx.category, ctx.owner, ctx.chunk, ctx.offset = "", "", "", 0
+        ctx.event_id, ctx.key = eid, key
+        args = (ctx,) if arg is None else (ctx, arg)
+        try:
+            if timer.is_async:
+                await timer.fn(*args)
+            else:
+                timer.fn(*args)
+        except Exception as exc:
+            for staged in (self._event, self._event_emits, self._event_rows,
+                           self._event_timers):
+                staged.clear()
+            if self._policy is ErrorPolicy.STOP:
+                self.discard()
+                raise ProcessorError(
+                    f"app {self.app.name!r}: timer {eid!r} failed: {exc!r}; nothing of this "
+                    "batch was committed"
+                ) from exc
+            logger.warning("app=%s timer %s failed and is dropped: %r", self.app.name, eid, exc)
+            self.timer_failures += 1
+            return
+        if self._event:
+            self._batch.update(self._event)
+            self._event.clear()
+        self._merge_event()
+        self.timers_run += 1
+        self.staged_events += 1
+
     def _merge_event(self) -> None:
         self._emits.extend(self._event_emits)
         self._event_emits.clear()
+        if self._event_timers:
+            self.timers.stage_schedules(self._event_timers)
+            self._event_timers.clear()
         for name, row in self._event_rows:
             self.sink_rows.setdefault(name, []).append(row)
         self._event_rows.clear()
@@ -384,6 +455,7 @@ class Engine:
         self._dedup_plan = self.dedup.stage(puts, deletes)
         for (category, owner), pos in self._positions.items():
             puts[_position_key(category, owner)] = orjson.dumps(pos)
+        self.timers.prepare(puts, deletes)
         self._new_outbox = []
         if self._emits:
             by_category: dict[str, list[bytes]] = {}
@@ -416,6 +488,7 @@ class Engine:
         self._new_outbox = []
         self._emits.clear()
         self._sent.clear()
+        self.timers.committed()
         self.staged_events = 0
 
     def discard(self) -> None:
@@ -429,6 +502,8 @@ class Engine:
         self._positions.clear()
         self.dedup.discard()
         self._new_outbox = []
+        self._event_timers.clear()
+        self.timers.discard()
         self.staged_events = 0
 
     def outbox_sent(self, entry: OutboxEntry) -> None:
@@ -438,7 +513,8 @@ class Engine:
 
     @property
     def has_staged(self) -> bool:
-        return bool(self._positions or self._emits or self._batch or self._sent)
+        return bool(self._positions or self._emits or self._batch or self._sent
+                    or self.timers.has_staged)
 
 
 def read_table(store: StateStore) -> dict[str, Any]:

@@ -91,6 +91,22 @@ class PartitionSet:
         for engine, part in zip(engines, parts, strict=True):
             await engine.apply(category, owner, chunk, part, end)
 
+    async def fire_timers(self, now: float) -> int:
+        """Run every partition's timers due at ``now`` (staged; :meth:`commit` commits them).
+
+        Raises:
+            ProcessorError: a timer raised under the ``stop`` policy (call :meth:`discard`).
+        """
+        ran = 0
+        for engine in self.engines:
+            ran += await engine.fire_timers(now)
+        return ran
+
+    def next_timer(self) -> float | None:
+        """When the earliest committed timer of any partition is due (``None``: no timers)."""
+        times = [t for e in self.engines if (t := e.timers.next_due()) is not None]
+        return min(times) if times else None
+
     async def commit(self) -> None:
         """Commit every partition that staged something (each through its checkpoint)."""
         due = [c for c in self.checkpoints if c.engine.has_staged]

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["Runner", "run_app", "run_app_async"]
 
 logger = logging.getLogger(__name__)
+
+_TIMER_TICK = 1.0  # seconds: the longest a newly scheduled, due timer waits for its run
 
 
 async def run_app_async(app: App, stop: asyncio.Event | None = None) -> None:
@@ -279,6 +282,8 @@ class _Session:
                 for category, consumer in self._consumers.items():
                     tg.create_task(self._consume_loop(category, consumer, stop),
                                    name=f"app-{self.app.name}-{category}")
+                if self.app.timers or self.app.key_timer is not None:
+                    tg.create_task(self._timer_loop(stop), name=f"app-{self.app.name}-timers")
         except BaseExceptionGroup as group:
             # One failure (ProcessorError, StateLockedError...) is what the caller wants to see.
             raise_single(group)
@@ -315,6 +320,26 @@ class _Session:
                 # A read-ahead that failed while we stopped: its batch is read again later.
                 logger.debug("app=%s category=%s read-ahead failed: %r", self.app.name,
                              category, read.exception())
+
+    async def _timer_loop(self, stop: asyncio.Event) -> None:
+        """Run the partitions' due timers (wall clock), under the same lock as the batches,
+        and commit them. Looks again at least every second (a timer scheduled by an event
+        runs within about a second of its time)."""
+        parts = self._parts
+        while not stop.is_set():
+            due = parts.next_timer()
+            now = time.time()
+            if due is not None and due <= now:
+                async with self._lock:
+                    ran = await parts.fire_timers(time.time())
+                    if ran:
+                        await parts.commit()
+                if ran:
+                    continue
+                due = None  # stored timers without a handler (removed from the app): idle
+            wait = _TIMER_TICK if due is None else min(_TIMER_TICK, due - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
 
     async def _step(self, category: str, batches: list[Batch]) -> None:
         parts = self._parts

@@ -130,7 +130,7 @@ def test_typed_events_msgspec_struct() -> None:
            {"customer": "bob", "amount": "seven", "id": "o3"})  # fails validation
     assert t.table == {"ann": 5, "bob": 7}
     assert t.stats == {"applied": 2, "duplicates": 1, "dead_lettered": 1, "undecodable": 1,
-                       "dedup_pruned_young": 0}
+                       "timers_run": 0, "timer_failures": 0, "dedup_pruned_young": 0}
     assert t.emitted("receipts") == [{"id": "o1/0", "customer": "ann", "spent": 5},
                                      {"id": "o2/0", "customer": "bob", "spent": 7}]
     assert "Expected `int`, got `str` - at `$.amount`" in t.dead_letters("orders")[0]["error"]

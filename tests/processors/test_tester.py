@@ -52,7 +52,7 @@ async def test_state_emits_and_duplicates() -> None:
         {"customer": "ann", "spent": 42, "id": "o3/0"},
     ]
     assert t.stats == {"applied": 3, "duplicates": 2, "dead_lettered": 0, "undecodable": 0,
-                       "dedup_pruned_young": 0}
+                       "timers_run": 0, "timer_failures": 0, "dedup_pruned_young": 0}
 
 
 async def test_categories_share_state_async_callback_and_delete() -> None:
