@@ -551,15 +551,35 @@ class ChunkStore:
         change together (run under ``cat.lock`` through :func:`_finish`)."""
         chunk = str(cname)
         if c is None:
-            await asyncio.to_thread(_create_empty, cat.path / chunk)
-            c = cat.chunks[chunk] = _Chunk(cname, 0)
-            prev = cat.last_index.get(cname.instance, -1)
-            cat.last_index[cname.instance] = max(prev, cname.index)
-            self._emit(StoreEventKind.CREATED, cat.name, chunk, 0)
+            # Created and filled in one worker-thread hop (catching up thousands of small
+            # chunks pays per hop).
+            c = _Chunk(cname, 0)
+            try:
+                await asyncio.to_thread(self._create_file, cat.path / chunk, c, data, sync)
+            except DiskWriteError:
+                c.size = 0  # the file exists, empty: index it like one created empty
+                raise
+            finally:
+                if c.size or await asyncio.to_thread((cat.path / chunk).exists):
+                    cat.chunks[chunk] = c
+                    prev = cat.last_index.get(cname.instance, -1)
+                    cat.last_index[cname.instance] = max(prev, cname.index)
+                    self._emit(StoreEventKind.CREATED, cat.name, chunk, 0)
+                    if c.size:
+                        self._emit(StoreEventKind.WRITTEN, cat.name, chunk, c.size)
+            return c
         if data:
             await asyncio.to_thread(self._append_file, cat.path / chunk, c, data, sync)
             self._emit(StoreEventKind.WRITTEN, cat.name, chunk, c.size)
         return c
+
+    def _create_file(self, path: Path, chunk: _Chunk, data: bytes | memoryview, sync: bool) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            if data:
+                self._append(fd, chunk, data, sync)
+        finally:
+            os.close(fd)
 
     def _append_file(self, path: Path, chunk: _Chunk, data: bytes | memoryview, sync: bool) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)

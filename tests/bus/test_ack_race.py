@@ -7,10 +7,10 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from chukcha.bus import chunks as chunks_module
 from chukcha.bus.chunks import ChunkStore
 from chukcha.errors import ChunkNotFoundError
 
@@ -31,15 +31,14 @@ async def test_replicated_ack_during_the_download_that_creates_the_chunk(
     store: ChunkStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     entered, release = threading.Event(), threading.Event()
-    real_create = chunks_module._create_empty
+    real_create = ChunkStore._create_file
 
-    def gated_create(path: Path) -> None:
-        if path.name == PEER_CHUNK:  # the download's creation, not the tombstone's
-            entered.set()
-            release.wait(10)
-        real_create(path)
+    def gated_create(self: ChunkStore, path: Path, *args: Any) -> None:
+        entered.set()  # the download is creating the chunk file (holding the lock)
+        release.wait(10)
+        real_create(self, path, *args)
 
-    monkeypatch.setattr(chunks_module, "_create_empty", gated_create)
+    monkeypatch.setattr(ChunkStore, "_create_file", gated_create)
     download = asyncio.create_task(store.append_replica("c", PEER_CHUNK, 0, b"one\ntwo\n"))
     # The download holds the category lock and is creating the file in a worker thread.
     assert await asyncio.to_thread(entered.wait, 5)
