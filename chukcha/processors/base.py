@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from chukcha.codecs import JSON, Codec, CodecSpec, get_codec
 from chukcha.partitioning import check_partitions
 from chukcha.processors.config import ErrorPolicy, ProcessorConfig
+from chukcha.processors.windows import Window
 from chukcha.protocol import validate_category
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ class App:
         self._handlers: dict[str, Handler] = {}
         self._sinks: dict[str, Sink] = {}
         self._timers: dict[str, TimerHandler] = {}
+        self._windows: dict[str, Window] = {}
         self.key_timer: TimerHandler | None = None
         """The ``@app.on_timer`` handler of ``ctx.schedule``'d timers."""
 
@@ -211,6 +213,16 @@ class App:
             return fn
 
         return register
+
+    def window(self, name: str, *, size: float, hop: float | None = None, grace: float = 0.0,
+               emit_to: str | None = None) -> Window:
+        """A tumbling (or, with ``hop``, hopping) event-time window kept in this app's table;
+        see :mod:`chukcha.processors.windows`."""
+        if name in self._windows:
+            raise ValueError(f"window {name!r} is already defined")
+        window = self._windows[name] = Window(name, size=size, hop=hop, grace=grace,
+                                              emit_to=emit_to)
+        return window
 
     def on_timer(self, fn: F) -> F:
         """Register ``fn(ctx, key)`` for the timers callbacks set with

@@ -117,6 +117,7 @@ class Context:
         "offset",
         "owner",
         "partition",
+        "streams",
     )
 
     def __init__(
@@ -151,6 +152,8 @@ class Context:
         digits; default: the event ID): usable as a table key."""
         self.partition = partition
         """The partition whose table this context reads and writes."""
+        self.streams: frozenset[str] = frozenset()
+        """The owner streams of the current category this partition knows (windows use it)."""
 
     @property
     def position(self) -> EventPosition:

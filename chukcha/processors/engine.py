@@ -210,6 +210,8 @@ class Engine:
         self._dedup_plan = DedupPlan((), 0, 0.0)
         self.partition = partition
         self._event_timers: list[tuple[int, str]] = []
+        self.listed_streams: dict[str, frozenset[str]] = {}
+        """Per category, the owner streams the consumer listed (windows wait for them)."""
         self.timers = TimerState()
         """The partition's timers (:mod:`chukcha.processors.timers`)."""
         self.ctx = Context(
@@ -280,6 +282,7 @@ class Engine:
         fn, is_async = self.app.handlers[category].fn, self.app.handlers[category].is_async
         ctx = self.ctx
         ctx.category, ctx.owner, ctx.chunk = category, owner, chunk
+        ctx.streams = self._known_streams(category, owner)
         committed_ids, staged_ids = self.dedup.views()
         event_overlay, batch = self._event, self._batch
         event_emits, event_rows = self._event_emits, self._event_rows
@@ -339,6 +342,14 @@ class Engine:
             )
             self._undecodable_warned = self.undecodable
             self._next_decode_warning = now + _DECODE_WARNING_INTERVAL
+
+    def _known_streams(self, category: str, owner: str) -> frozenset[str]:
+        """The owner streams of ``category`` this partition has positions for, and ``owner``."""
+        known = set(self.positions.get(category, ()))
+        known.add(owner)
+        known.update(self.listed_streams.get(category, ()))
+        known.update(o for (c, o) in self._positions if c == category)
+        return frozenset(known)
 
     # --- timers ------------------------------------------------------------------------------
 

@@ -91,6 +91,11 @@ class PartitionSet:
         for engine, part in zip(engines, parts, strict=True):
             await engine.apply(category, owner, chunk, part, end)
 
+    def note_streams(self, category: str, owners: frozenset[str]) -> None:
+        """The owner streams the consumer of ``category`` knows (listed), read or not yet."""
+        for engine in self.engines:
+            engine.listed_streams[category] = owners
+
     async def fire_timers(self, now: float) -> int:
         """Run every partition's timers due at ``now`` (staged; :meth:`commit` commits them).
 

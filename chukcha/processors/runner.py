@@ -343,6 +343,7 @@ class _Session:
 
     async def _step(self, category: str, batches: list[Batch]) -> None:
         parts = self._parts
+        parts.note_streams(category, frozenset(self._consumers[category].positions()))
         for b in batches:
             await parts.process(category, b.owner, b.chunk, b.offset, b.data)
         await parts.commit()
