@@ -82,7 +82,7 @@ async def wait_http_ready(
             while True:
                 try:
                     async with session.get(url) as resp:
-                        if resp.status == 200:
+                        if resp.status in (200, 401):  # 401: a node with --auth-reads
                             return
                 except aiohttp.ClientConnectionError:
                     pass

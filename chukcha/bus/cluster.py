@@ -21,6 +21,7 @@ from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import NodeConfig, Peer
 from chukcha.bus.coordination import EtcdGroups, EtcdMembership, Membership, StaticMembership
 from chukcha.bus.http import Handler, ReplicaWaiter
+from chukcha.bus.peers import PeerAccess
 from chukcha.bus.replication import ReplicationServer, Replicator
 from chukcha.bus.status import StatusApi
 
@@ -40,8 +41,11 @@ class _Address:
 class Cluster:
     """Membership, replication (both directions) and ``/status`` of one node."""
 
-    def __init__(self, config: NodeConfig, store: ChunkStore) -> None:
+    def __init__(
+        self, config: NodeConfig, store: ChunkStore, access: PeerAccess | None = None
+    ) -> None:
         self._config = config
+        self._access = access or PeerAccess()
         self._store = store
         if config.etcd_endpoints:
             self.mode = "etcd"
@@ -93,7 +97,8 @@ class Cluster:
             )
         else:
             self.membership = StaticMembership(cfg.peers, cfg.instance)
-        self.replicator = Replicator(self._store, cfg.replication, self.membership)
+        self.replicator = Replicator(self._store, cfg.replication, self.membership,
+                                     self._access)
         self._status = StatusApi(
             cfg.instance, self._address, mode=self.mode, membership=self.membership,
             replicator=self.replicator, server=self.server,

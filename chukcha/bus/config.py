@@ -141,6 +141,13 @@ class NodeConfig:
             the Go server does); see :mod:`chukcha.bus.retain`.
         retain_acked_categories: ``(category, seconds or None)`` overrides of
             ``retain_acked``.
+        auth_token_file: accept only requests bearing one of the tokens in this file (for
+            changes; for everything with ``auth_reads``), and present its first token to peers;
+            see :mod:`chukcha.bus.auth`. ``None`` (default): no tokens, Go-compatible.
+        auth_reads: require a token for reads too.
+        tls_cert: serve HTTPS with this certificate (PEM, with its chain); needs ``tls_key``.
+        tls_key: the certificate's private key (PEM).
+        tls_ca: CA certificate(s) to trust for ``https://`` peers (default: the system's).
         metrics: serve ``/metrics`` and time every request (default on; see
             :mod:`chukcha.bus.metrics` and ``bench/bench_metrics.py`` for the cost).
     """
@@ -159,9 +166,23 @@ class NodeConfig:
     cluster: str = "default"
     stop_timeout: float = 10.0
     metrics: bool = True
+    auth_token_file: Path | None = None
+    auth_reads: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
     retain_acked: float | None = None
     retain_acked_categories: tuple[tuple[str, float | None], ...] = ()
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+
+    def _check_operations(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.auth_reads and self.auth_token_file is None:
+            raise ValueError("--auth-reads needs --auth-token-file")
+        for _, period in [("", self.retain_acked), *self.retain_acked_categories]:
+            if period is not None and period <= 0:
+                raise ValueError("retain_acked must be positive (None: off)")
 
     def __post_init__(self) -> None:
         validate_instance(self.instance)
@@ -173,9 +194,7 @@ class NodeConfig:
             raise ValueError("max_message_size must be positive and at most max_batch_size")
         if self.stop_timeout <= 0:
             raise ValueError("stop_timeout must be positive")
-        for _, period in [("", self.retain_acked), *self.retain_acked_categories]:
-            if period is not None and period <= 0:
-                raise ValueError("retain_acked must be positive (None: off)")
+        self._check_operations()
         for endpoint in self.etcd_endpoints:
             parse_etcd_endpoint(endpoint)
         if self.etcd_endpoints:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Final, cast
 from urllib.parse import urlencode, urlsplit
 
@@ -136,7 +137,9 @@ class ChunkFetcher:
     ``async with ChunkFetcher(url) as f: status, n = await f.read(params, buf)``.
     """
 
-    def __init__(self, base_url: str, timeout: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str, timeout: float = 60.0, headers: Callable[[], str] | None = None
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "http" or not parts.hostname:
             raise UnsupportedResponseError(f"not a plain http URL: {base_url}")
@@ -144,6 +147,7 @@ class ChunkFetcher:
         self._port = parts.port or 80
         self._netloc = parts.netloc
         self._timeout = timeout
+        self._headers = headers
         self._proto: _Protocol | None = None
 
     async def _connect(self) -> _Protocol:
@@ -157,8 +161,9 @@ class ChunkFetcher:
         proto = self._proto
         if proto is None or proto.transport is None or proto.transport.is_closing():
             proto = self._proto = await self._connect()
-        request = (f"GET /read?{urlencode(params)} HTTP/1.1\r\nHost: {self._netloc}\r\n\r\n"
-                   ).encode()
+        extra = self._headers() if self._headers is not None else ""
+        request = (f"GET /read?{urlencode(params)} HTTP/1.1\r\nHost: {self._netloc}\r\n"
+                   f"{extra}\r\n").encode()
         try:
             async with asyncio.timeout(self._timeout):
                 await proto.begin(request, buf)

@@ -23,6 +23,7 @@ import aiohttp
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import Peer
 from chukcha.bus.coordination import ETCD_ERRORS, EtcdGroups, GroupsSnapshot
+from chukcha.bus.peers import PeerAccess
 from chukcha.bus.tasks import log_task_crash
 from chukcha.errors import ChukchaError, ReplicationError
 
@@ -85,6 +86,7 @@ class GroupForwarder:
         retry_interval: float,
         on_tombstoned: Callable[[str], None],
         tombstone: Callable[[str, str], Awaitable[bool]] | None = None,
+        access: PeerAccess | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
@@ -93,6 +95,7 @@ class GroupForwarder:
         self._etcd = etcd
         self._retry = retry_interval
         self._on_tombstoned = on_tombstoned
+        self._access = access or PeerAccess()
         self._tombstone = tombstone or self._tombstone_now
         self._forwarders: list[asyncio.Task[None]] = []
         self._wake: dict[str, asyncio.Event] = {}
@@ -121,7 +124,7 @@ class GroupForwarder:
             self._etcd.add_listener(self._on_etcd)
             await self._etcd.start()
         if self._peers:
-            self._session = aiohttp.ClientSession()
+            self._session = self._access.session()
         for dest in dests:
             self._wake[dest] = asyncio.Event()
             self._wake[dest].set()  # deliver what a previous run left
@@ -222,7 +225,8 @@ class GroupForwarder:
             text = await resp.text()
         if resp.status == 200:
             return
-        if 400 <= resp.status < 500 and resp.status not in (408, 429):
+        # 401/403: our token is not (yet) the peer's during a rotation: retried, never dropped.
+        if 400 <= resp.status < 500 and resp.status not in (401, 403, 408, 429):
             # It can never succeed (say, the peer is a Go server without groups).
             logger.warning("instance=%s peer %s refused %s of %s/%s: HTTP %d %s; dropping it",
                            self._store.instance, dest, op, entry["category"],

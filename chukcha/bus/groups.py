@@ -78,6 +78,7 @@ from chukcha.bus.config import Peer
 from chukcha.bus.coordination import ETCD_ERRORS, EtcdGroups, GroupsSnapshot
 from chukcha.bus.group_forwarding import INLINE_TIMEOUT, GroupForwarder, outbox_entry
 from chukcha.bus.http import Fence, Handler, float_param, int_param, str_param
+from chukcha.bus.peers import PeerAccess
 from chukcha.bus.retain import AckedRetention
 from chukcha.bus.tasks import run_to_end
 from chukcha.errors import (
@@ -333,6 +334,7 @@ class ConsumerGroups:
         etcd: EtcdGroups | None = None,
         retry_interval: float = 0.2,
         retain: AckedRetention | None = None,
+        access: PeerAccess | None = None,
     ) -> None:
         if retention_interval <= 0 or retry_interval <= 0:
             raise ValueError("retention_interval and retry_interval must be positive")
@@ -349,7 +351,7 @@ class ConsumerGroups:
         self._forwarder = GroupForwarder(store, self._registry, self._lock, peers=peers,
                                          etcd=etcd, retry_interval=retry_interval,
                                          on_tombstoned=self._prune,
-                                         tombstone=self._tombstone_replica)
+                                         tombstone=self._tombstone_replica, access=access)
         self.acks: dict[tuple[str, str], int] = {}
         """(category, group) -> ``/ack`` requests accepted here since start (group ``""``: a
         plain ack that tombstoned at once, the Go behaviour); read by the metrics."""

@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import warnings
 from enum import Enum
+from pathlib import Path
 from types import TracebackType
 
 from aiohttp import web
 
+from chukcha.bus.auth import NodeAuth, TokenFile
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.cluster import Cluster
 from chukcha.bus.config import NodeConfig
@@ -20,6 +23,7 @@ from chukcha.bus.http import BusApi, add_routes, error_middleware
 from chukcha.bus.lag import LagApi, LagMeter
 from chukcha.bus.metrics import NodeMetrics
 from chukcha.bus.partitions import CategoryPartitions
+from chukcha.bus.peers import PeerAccess
 from chukcha.bus.retain import AckedRetention
 
 __all__ = ["Node", "NodeState"]
@@ -54,8 +58,15 @@ class Node:
             max_batch_size=config.max_batch_size,
             max_message_size=config.max_message_size,
         )
+        # Who may talk to us, and how we talk to peers (issue 12): tokens, cross-site check.
+        self.tokens = TokenFile(config.auth_token_file) if config.auth_token_file else None
+        self.auth = NodeAuth(self.tokens, auth_reads=config.auth_reads)
+        tokens = self.tokens
+        self.peer_access = PeerAccess(
+            (lambda: tokens.current) if tokens is not None else None,
+        )
         # Replication, membership and /status (issue 3).
-        self.cluster = Cluster(config, self.store)
+        self.cluster = Cluster(config, self.store, self.peer_access)
         self.api.replicas = self.cluster.replica_waiter
         # Consumer groups and retention (issue 4): /ack with group=, /groups/*, /retention.
         self.groups = ConsumerGroups(
@@ -63,6 +74,7 @@ class Node:
             retry_interval=config.replication.retry_interval,
             retain=AckedRetention(self.store, config.retain_acked,
                                   dict(config.retain_acked_categories)),
+            access=self.peer_access,
         )
         self.api.acks = self.groups
         # Partitioned categories (issue 14): /partitions, recorded like the groups.
@@ -71,7 +83,7 @@ class Node:
         # Operations (issue 12): /groups/lag and /metrics.
         self.lag = LagMeter(self.store, self.groups.registry)
         self.metrics: NodeMetrics | None = None
-        middlewares = [error_middleware]
+        middlewares = [self.auth.middleware, error_middleware]
         if config.metrics:
             self.metrics = NodeMetrics(
                 config.instance, self.cluster.mode, store=self.store, groups=self.groups,
@@ -106,13 +118,21 @@ class Node:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        scheme = "https" if self.config.tls_cert is not None else "http"
+        return f"{scheme}://{self.address}"
 
     async def start(self) -> None:
         """Open the store (takes ``running.lock``), bind, and start serving."""
         if self._state is not NodeState.NEW:
             raise RuntimeError(f"node is {self._state.value}")
         cfg = self.config
+        if self.tokens is not None:
+            await asyncio.to_thread(self.tokens.load)  # a bad file stops the start here
+        server_tls = None
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            server_tls = await asyncio.to_thread(_server_tls, cfg.tls_cert, cfg.tls_key)
+        if cfg.tls_ca is not None:
+            self.peer_access.ssl_context = await asyncio.to_thread(_client_tls, cfg.tls_ca)
         await asyncio.to_thread(self.store.open)
         try:
             await self.groups.start()  # the registry is loaded before any ack is served
@@ -121,11 +141,16 @@ class Node:
                 self.app, access_log=None, shutdown_timeout=cfg.stop_timeout
             )
             await self._runner.setup()
-            await web.SockSite(self._runner, self._sock).start()
+            await web.SockSite(self._runner, self._sock, ssl_context=server_tls).start()
             self._tasks.append(
                 asyncio.create_task(self._rotate_forever(), name="chunk-rotation")
             )
-            await self.cluster.start(self.address)
+            if self.tokens is not None:
+                self._tasks.append(
+                    asyncio.create_task(self.tokens.watch_forever(), name="auth-tokens")
+                )
+            # With TLS peers must be told to use https: etcd gets the URL, not host:port.
+            await self.cluster.start(self.url if server_tls is not None else self.address)
         except BaseException:
             await self._abort_start()
             raise
@@ -237,3 +262,13 @@ class Node:
         if self._state is NodeState.RUNNING:
             warnings.warn(f"Node {self.config.instance} was not stopped", ResourceWarning,
                           stacklevel=1)
+
+
+def _server_tls(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _client_tls(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca)

@@ -47,6 +47,7 @@ from chukcha.bus.config import Peer, ReplicationConfig
 from chukcha.bus.coordination import Membership
 from chukcha.bus.fetch import ChunkFetcher, UnsupportedResponseError
 from chukcha.bus.http import Handler, int_param, str_param
+from chukcha.bus.peers import PeerAccess
 from chukcha.bus.tasks import log_task_crash
 from chukcha.errors import (
     ChukchaError,
@@ -352,8 +353,11 @@ class PeerLink:
         config: ReplicationConfig,
         session: aiohttp.ClientSession,
         buffers: _BufferPool,
+        *,
+        access: PeerAccess | None = None,
     ) -> None:
         self.peer = peer
+        self._access = access or PeerAccess()
         self._buffers = buffers
         self._store = store
         self._config = config
@@ -752,7 +756,7 @@ class PeerLink:
     @contextlib.asynccontextmanager
     async def _fetcher(self) -> AsyncIterator[ChunkFetcher | None]:
         try:
-            fetcher = ChunkFetcher(self.peer.url)
+            fetcher = ChunkFetcher(self.peer.url, headers=self._access.header_lines)
         except UnsupportedResponseError:
             yield None  # not plain http: aiohttp does the reads
             return
@@ -854,11 +858,16 @@ class Replicator:
     """The replica side for the whole node: one :class:`PeerLink` per member peer."""
 
     def __init__(
-        self, store: ChunkStore, config: ReplicationConfig, membership: Membership
+        self,
+        store: ChunkStore,
+        config: ReplicationConfig,
+        membership: Membership,
+        access: PeerAccess | None = None,
     ) -> None:
         self._store = store
         self._config = config
         self._membership = membership
+        self._access = access or PeerAccess()
         self._links: dict[str, PeerLink] = {}
         self._session: aiohttp.ClientSession | None = None
         self._dead_task: asyncio.Task[None] | None = None
@@ -872,11 +881,7 @@ class Replicator:
         return self._links
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
-            auto_decompress=False,
-            read_bufsize=1 << 20,
-        )
+        self._session = self._access.session(limit=0, enable_cleanup_closed=True)
         self._membership.add_listener(self._on_members)
         self._on_members(self._membership.peers())
         self._dead_task = asyncio.create_task(self._dead_owners_loop(), name="dead-owners")
@@ -906,7 +911,8 @@ class Replicator:
                 self._stop_later(link)
         for name, peer in peers.items():
             if name not in self._links:
-                link = PeerLink(peer, self._store, self._config, self._session, self._buffers)
+                link = PeerLink(peer, self._store, self._config, self._session, self._buffers,
+                                access=self._access)
                 self._links[name] = link
                 link.start()
 

@@ -26,6 +26,8 @@ from chukcha.cli.options import (
     quiet_broken_pipe,
     seconds,
     size,
+    tls_from,
+    token_from,
 )
 from chukcha.client import Client, Consumer, Producer
 from chukcha.client.keyed import KeyedProducer
@@ -176,7 +178,8 @@ async def _send_async(args: argparse.Namespace) -> int:
     count = 0
     started = time.monotonic()
     try:
-        async with Client(nodes, timeout=args.timeout) as client, _producer(
+        async with Client(nodes, timeout=args.timeout, token=token_from(args),
+                          ssl=tls_from(args)) as client, _producer(
             client, args
         ) as producer:
             # read1 returns what is there (from a pipe: without waiting for a full block), so
@@ -290,7 +293,8 @@ async def _tail_async(args: argparse.Namespace) -> int:
     if args.commit and not args.group:
         raise ValueError("--commit needs --group G (the group to ack for)")
     commit = bool(args.group) and (args.commit or args.follow)
-    async with Client(_nodes(args), timeout=args.timeout) as client:
+    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
+                            ssl=tls_from(args)) as client:
         if not args.follow and args.category not in await client.list_categories():
             raise ValueError(f"no category {args.category!r} on {client.nodes[0]} "
                              "(chukcha ls lists them)")
@@ -323,7 +327,8 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 async def _ls_async(args: argparse.Namespace) -> int:
-    async with Client(_nodes(args), timeout=args.timeout) as client:
+    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
+                            ssl=tls_from(args)) as client:
         if args.category is None:
             rows: list[tuple[str, ...]] = [("CATEGORY", "CHUNKS", "BYTES")]
             for cat in await client.list_categories():
@@ -370,7 +375,8 @@ async def _retention_async(args: argparse.Namespace) -> int:
         params["max_age"] = f"{args.max_age:g}"
     if args.max_bytes is not None:
         params["max_bytes"] = str(args.max_bytes)
-    async with Client(_nodes(args), timeout=args.timeout) as client:
+    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
+                            ssl=tls_from(args)) as client:
         for url in client.nodes:
             policy = await client.api.get_json(url, "/retention", params)
             age, max_bytes = policy.get("max_age"), policy.get("max_bytes")
@@ -388,7 +394,8 @@ def _status(args: argparse.Namespace) -> int:
 
 async def _status_async(args: argparse.Namespace) -> int:
     code = 0
-    async with Client(_nodes(args), timeout=args.timeout) as client:
+    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
+                            ssl=tls_from(args)) as client:
         for url in client.nodes:
             code = max(code, await _one_status(client, url))
     return code

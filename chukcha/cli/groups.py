@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from chukcha.cli.client import _common, _nodes, _run, _table
+from chukcha.cli.options import tls_from, token_from
 from chukcha.client import Client
 from chukcha.errors import ClientError, RemoteNotFoundError
 from chukcha.protocol import format_go_duration, validate_category
@@ -55,7 +56,8 @@ def _groups(args: argparse.Namespace) -> int:
 
 async def _ls(args: argparse.Namespace) -> int:
     category = args.name or args.category
-    async with Client(_nodes(args), timeout=args.timeout) as client:
+    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
+                            ssl=tls_from(args)) as client:
         if category is not None:
             validate_category(category)
         lags = await _lags(client, category)
@@ -110,7 +112,8 @@ async def _rm(args: argparse.Namespace) -> int:
         raise ValueError("groups rm needs --category C (groups are per category)")
     category = validate_category(args.category)
     params = {"category": category, "group": args.name}
-    async with Client(_nodes(args), timeout=args.timeout) as client:
+    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
+                            ssl=tls_from(args)) as client:
         errors: list[str] = []
         for url in client.nodes:  # the first node that answers forwards it to the others
             try:

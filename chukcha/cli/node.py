@@ -116,6 +116,20 @@ def register(sub: Any) -> None:
           help="keep chunks every consumer acknowledged this long (for replay) before deleting "
                "them; CATEGORY=DURATION for one category (0: delete at once); repeatable "
                "(default: delete at once, as the Go server)")
+    _flag(ext, "auth-token-file", type=Path, default=None, metavar="PATH",
+          help="require 'Authorization: Bearer TOKEN' for every request that changes data; "
+               "the file lists the accepted tokens, one per line (# comments), re-read when it "
+               "changes (rotate: add the new token, move clients over, remove the old); the "
+               "first is sent to peers")
+    _flag(ext, "auth-reads", action="store_true",
+          help="require the token for reads too (needs --auth-token-file)")
+    _flag(ext, "tls-cert", type=Path, default=None, metavar="PATH",
+          help="serve HTTPS with this certificate (PEM); with --tls-key")
+    _flag(ext, "tls-key", type=Path, default=None, metavar="PATH",
+          help="the private key of --tls-cert (PEM)")
+    _flag(ext, "tls-ca", type=Path, default=None, metavar="PATH",
+          help="CA certificate(s) to trust for https:// peers (default: the system's store); "
+               "give peers as NAME=https://HOST:PORT")
     _flag(ext, "no-metrics", action="store_true",
           help="do not serve /metrics nor time requests (for comparison benchmarks)")
     _flag(ext, "listen-fd", type=int, default=None, metavar="FD",
@@ -141,6 +155,11 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         etcd_endpoints=tuple(e.strip() for e in args.etcd.split(",") if e.strip()),
         cluster=args.cluster,
         metrics=not args.no_metrics,
+        auth_token_file=args.auth_token_file,
+        auth_reads=args.auth_reads,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
         retain_acked=next((p for c, p in reversed(args.retain_acked) if c is None), None),
         retain_acked_categories=tuple((c, p) for c, p in args.retain_acked if c is not None),
         replication=ReplicationConfig(
@@ -179,7 +198,11 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         config = config_from_args(args)
-    except ValueError as exc:
+        if config.auth_token_file is not None:
+            from chukcha.bus.auth import read_tokens  # noqa: PLC0415 - keep --help light
+
+            read_tokens(config.auth_token_file)  # a clear line now, not a failed start later
+    except (ValueError, OSError) as exc:
         logger.error("invalid configuration: %s", exc)  # noqa: TRY400 - one clear line
         return 2
     logger.info(

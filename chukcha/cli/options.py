@@ -7,13 +7,16 @@ import argparse
 import contextlib
 import os
 import re
+import ssl
 import sys
+from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from chukcha.client import parse_nodes
 
 __all__ = [
     "DEFAULT_NODE",
+    "add_credential_options",
     "add_node_option",
     "duration",
     "nodes_from",
@@ -24,6 +27,8 @@ __all__ = [
     "quiet_broken_pipe",
     "seconds",
     "size",
+    "tls_from",
+    "token_from",
 ]
 
 DEFAULT_NODE: Final = "http://127.0.0.1:8080"
@@ -135,10 +140,58 @@ def positive_size(text: str) -> int:
 
 
 def add_node_option(p: Any) -> None:
-    """``--node URL`` (repeatable; also ``-node`` and comma-separated lists)."""
+    """``--node URL`` (repeatable; also ``-node`` and comma-separated lists), and the
+    credentials to talk to nodes with: ``--token-file`` and ``--tls-ca``."""
     p.add_argument("--node", "-node", action="append", metavar="URL",
                    help="a node to talk to (repeatable; default $CHUKCHA_NODES, "
-                        f"comma-separated, or {DEFAULT_NODE})")
+                        f"comma-separated, or {DEFAULT_NODE}); https://... for TLS")
+    add_credential_options(p)
+
+
+def add_credential_options(p: Any) -> None:
+    """``--token-file PATH`` and ``--tls-ca PATH`` (see :func:`token_from`, :func:`tls_from`)."""
+    p.add_argument("--token-file", metavar="PATH",
+                   help="send the token in PATH (its first line that is not a # comment) as "
+                        "'Authorization: Bearer' (default $CHUKCHA_TOKEN, the token itself)")
+    p.add_argument("--tls-ca", metavar="PATH",
+                   help="CA certificate(s) to trust for https:// nodes (default "
+                        "$CHUKCHA_TLS_CA, else the system's store)")
+
+
+def token_from(args: argparse.Namespace) -> str | None:
+    """The token: the first token of ``--token-file``, else ``$CHUKCHA_TOKEN``, else none.
+
+    Raises:
+        ValueError: the file cannot be read or holds no token.
+    """
+    path = getattr(args, "token_file", None)
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"--token-file {path}: {exc.strerror or exc}") from None
+        for raw in text.splitlines():
+            line = raw.strip()
+            if line and not line.startswith("#"):
+                return line
+        raise ValueError(f"--token-file {path} holds no token")
+    return os.environ.get("CHUKCHA_TOKEN", "").strip() or None
+
+
+def tls_from(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS trust for https:// nodes: ``--tls-ca``, else ``$CHUKCHA_TLS_CA``, else ``None``
+    (the system's store).
+
+    Raises:
+        ValueError: the file cannot be read as certificates.
+    """
+    path = getattr(args, "tls_ca", None) or os.environ.get("CHUKCHA_TLS_CA", "").strip()
+    if not path:
+        return None
+    try:
+        return ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"--tls-ca {path}: {exc}") from None
 
 
 def nodes_from(args: argparse.Namespace, default: str | None = DEFAULT_NODE) -> list[str]:

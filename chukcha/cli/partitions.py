@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from chukcha.cli.client import _common, _nodes, _run
+from chukcha.cli.options import tls_from, token_from
 from chukcha.client import Client
 from chukcha.partitioning import MAX_PARTITIONS
 from chukcha.protocol import validate_category
@@ -38,7 +39,8 @@ def _partitions(args: argparse.Namespace) -> int:
 
 async def _partitions_async(args: argparse.Namespace) -> int:
     validate_category(args.category)
-    async with Client(_nodes(args), timeout=args.timeout) as client:
+    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
+                      ssl=tls_from(args)) as client:
         if args.count is None:
             count = await client.partitions(args.category)
             names = [f"{args.category}.p{i:04d}" for i in range(count)]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from chukcha.cli.node import setup_logging
-from chukcha.cli.options import nodes_from
+from chukcha.cli.options import add_credential_options, nodes_from, token_from
 from chukcha.errors import ChukchaError
 from chukcha.processors.base import App
 
@@ -61,6 +63,7 @@ def register(sub: Any) -> None:
                         "$CHUKCHA_NODES, comma-separated, else the app's own nodes)")
     p.add_argument("--nodes", default="", metavar="URL[,URL...]",
                    help="deprecated: use --node (repeatable)")
+    add_credential_options(p)
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="the LevelDB state directory (default: the app's own)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -79,6 +82,11 @@ def _run(args: argparse.Namespace) -> int:
             app.nodes = tuple(nodes)
         if args.state_dir is not None:
             app.state_dir = args.state_dir
+        token = token_from(args)
+        tls_ca = args.tls_ca or os.environ.get("CHUKCHA_TLS_CA", "").strip() or None
+        if token is not None or tls_ca is not None:
+            app.config = replace(app.config, token=token or app.config.token,
+                                 tls_ca=Path(tls_ca) if tls_ca else app.config.tls_ca)
     except (ValueError, TypeError) as exc:
         logger.error("%s", exc)  # noqa: TRY400 - one clear line, not a traceback
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl as ssl_module
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -60,6 +61,9 @@ class Client:
             default limit).
         session: an aiohttp session to use (not closed by the client); by default the client
             makes its own.
+        token: sent as ``Authorization: Bearer <token>`` with every request (nodes started
+            with ``--auth-token-file``).
+        ssl: the TLS context for ``https://`` nodes (default: the system's trust store).
     """
 
     def __init__(
@@ -69,8 +73,12 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_SIZE,
         session: aiohttp.ClientSession | None = None,
+        token: str | None = None,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self._nodes = parse_nodes(nodes)
+        self._token = token
+        self._ssl = ssl
         if max_batch_bytes <= MAX_MESSAGE_SIZE:
             raise ValueError(f"max_batch_bytes must be over {MAX_MESSAGE_SIZE}")
         self._timeout = timeout
@@ -99,9 +107,10 @@ class Client:
             if self._session is None:
                 # Long polls hold a connection each; the default pool of 100 is plenty.
                 self._session = aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300)
+                    connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300,
+                                                   ssl=self._ssl or True)
                 )
-            self._api_obj = NodeApi(self._session, timeout=self._timeout)
+            self._api_obj = NodeApi(self._session, timeout=self._timeout, token=self._token)
         return self._api_obj
 
     # --- lifecycle ----------------------------------------------------------------------

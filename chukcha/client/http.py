@@ -38,13 +38,21 @@ def normalize_url(url: str) -> str:
 
 
 class NodeApi:
-    """Requests to nodes over one shared :class:`aiohttp.ClientSession`."""
+    """Requests to nodes over one shared :class:`aiohttp.ClientSession`; with ``token`` each
+    carries ``Authorization: Bearer <token>`` (a node with ``--auth-token-file``)."""
 
-    def __init__(self, session: aiohttp.ClientSession, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        token: str | None = None,
+    ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self._session = session
         self._timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else None
 
     @property
     def timeout(self) -> float:
@@ -63,7 +71,8 @@ class NodeApi:
         payload = _payload(body) if body is not None else None
         try:
             async with asyncio.timeout(timeout or self._timeout):
-                async with self._session.post(full, params=params, data=payload) as resp:
+                async with self._session.post(full, params=params, data=payload,
+                                              headers=self._headers) as resp:
                     data = await resp.read()
                     if resp.status != 200:
                         raise error_from_status(

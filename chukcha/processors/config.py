@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from chukcha.dedup.base import DedupConfig
 from chukcha.state.base import StateConfig
@@ -39,6 +40,9 @@ class ProcessorConfig:
         stop_timeout: seconds a graceful stop may take to finish the batch (default 30 s).
         state: the state store settings (fsync policy, cache).
         dedup: the event-ID index retention.
+        token: sent as ``Authorization: Bearer`` to the nodes (``--auth-token-file`` on them;
+            ``chukcha run --token-file`` or ``$CHUKCHA_TOKEN``); never shown in ``repr``.
+        tls_ca: CA certificate(s) to trust for ``https://`` nodes (default: the system's).
     """
 
     on_error: ErrorPolicy = ErrorPolicy.STOP
@@ -49,6 +53,8 @@ class ProcessorConfig:
     stop_timeout: float = 30.0
     state: StateConfig = field(default_factory=StateConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    token: str | None = field(default=None, repr=False)
+    tls_ca: Path | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.on_error, str):

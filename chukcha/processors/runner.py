@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -89,7 +90,11 @@ class Runner:
         )
         try:
             # Sinks close after the client (reverse order): the last flush happens in finish().
-            async with contextlib.AsyncExitStack() as sinks, Client(list(app.nodes)) as client:
+            async with contextlib.AsyncExitStack() as sinks, Client(
+                list(app.nodes), token=app.config.token,
+                ssl=ssl.create_default_context(cafile=app.config.tls_ca)
+                if app.config.tls_ca else None,
+            ) as client:
                 session = _Session(app, stores, client)
                 await session.load()
                 await _enter_sinks(sinks, app)

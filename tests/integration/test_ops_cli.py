@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,33 @@ def test_bad_retain_acked_values_are_refused(
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+async def test_the_cli_sends_the_token_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    await asyncio.to_thread(tokens.write_text, "# ours\ncli-token\n")
+    async with run_node(tmp_path / "d", auth_token_file=tokens) as node:
+        code, _, err = await chukcha("send", "c", "--node", node.url, stdin=b"a\n")
+        assert code == 1
+        assert err.splitlines()[-1].startswith("chukcha: error: unauthorized"), err
+        code, _, err = await chukcha("send", "c", "--node", node.url, "--token-file",
+                                     str(tokens), stdin=b"b\n")
+        assert code == 0, err
+        code, _, err = await chukcha("send", "c", "--node", node.url, stdin=b"c\n",
+                                     env={"CHUKCHA_TOKEN": "cli-token"})
+        assert code == 0, err
+        code, out, err = await chukcha("tail", "c", "--node", node.url,
+                                       env={"CHUKCHA_TOKEN": "cli-token"})
+        assert (code, out) == (0, "b\nc\n"), err
+
+
+async def test_a_bad_token_file_stops_the_node_with_one_line(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    await asyncio.to_thread(empty.write_text, "# nothing\n")
+    for path, message in ((tmp_path / "missing", "No such file"), (empty, "holds no token")):
+        code, _, err = await chukcha("node", "--dirname", str(tmp_path / "d"),
+                                     "--auth-token-file", str(path), "--listen", "127.0.0.1:0")
+        assert code == 2, err
+        assert message in err and "Traceback" not in err, err
+    code, _, err = await chukcha("node", "--dirname", str(tmp_path / "d"), "--auth-reads")
+    assert code == 2 and "--auth-reads needs --auth-token-file" in err, err
