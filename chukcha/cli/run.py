@@ -15,6 +15,7 @@ from chukcha.cli.node import setup_logging
 from chukcha.cli.options import add_credential_options, nodes_from, token_from
 from chukcha.errors import ChukchaError
 from chukcha.processors.base import App
+from chukcha.processors.split import StaticSplit
 
 __all__ = ["load_app", "register"]
 
@@ -66,8 +67,24 @@ def register(sub: Any) -> None:
     add_credential_options(p)
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="the LevelDB state directory (default: the app's own)")
+    p.add_argument("--instances", type=int, default=None, metavar="N",
+                   help="run as one of N instances with a static split of the partitions "
+                        "(without etcd): this one processes the partitions p with "
+                        "p %% N == --instance-index; each keeps its own --state-dir")
+    p.add_argument("--instance-index", type=int, default=None, metavar="I",
+                   help="this instance's index, 0..N-1 (with --instances)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(handler=_run)
+
+
+def _split_from(args: argparse.Namespace, app: App) -> StaticSplit | None:
+    if (args.instances is None) != (args.instance_index is None):
+        raise ValueError("--instances and --instance-index go together")
+    if args.instances is None:
+        return None
+    split = StaticSplit(args.instance_index, args.instances)
+    split.owned(app.partitions)  # refuses more instances than partitions
+    return split
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -87,11 +104,12 @@ def _run(args: argparse.Namespace) -> int:
         if token is not None or tls_ca is not None:
             app.config = replace(app.config, token=token or app.config.token,
                                  tls_ca=Path(tls_ca) if tls_ca else app.config.tls_ca)
+        split = _split_from(args, app)
     except (ValueError, TypeError) as exc:
         logger.error("%s", exc)  # noqa: TRY400 - one clear line, not a traceback
         return 2
     try:
-        app.run()
+        app.run(split=split)
     except ChukchaError as exc:
         logger.error("app=%s failed: %s", app.name, exc)  # noqa: TRY400
         return 1

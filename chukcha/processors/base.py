@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from chukcha.processors.context import Context
+    from chukcha.processors.split import StaticSplit
 
 __all__ = ["App", "EventIdFn", "Handler", "KeyFn", "ProcessorFn", "Sink", "TimerHandler"]
 
@@ -242,9 +243,12 @@ class App:
         self._sinks[name] = sink
         return sink
 
-    async def run_async(self, stop: asyncio.Event | None = None) -> None:
+    async def run_async(
+        self, stop: asyncio.Event | None = None, *, split: StaticSplit | None = None
+    ) -> None:
         """Run until ``stop`` is set (or the task is cancelled), then stop gracefully: finish
-        the batch, commit, ack, close. Same as
+        the batch, commit, ack, close. ``split``: run only instance ``split.index`` of
+        ``split.count``'s share of the partitions (:mod:`chukcha.processors.split`). Same as
         :func:`chukcha.processors.runner.run_app_async`.
 
         Raises:
@@ -254,11 +258,11 @@ class App:
         # The definition does not import the machinery that runs it; this is the hand-over.
         from chukcha.processors.runner import run_app_async  # noqa: PLC0415
 
-        await run_app_async(self, stop)
+        await run_app_async(self, stop, split=split)
 
-    def run(self) -> None:
+    def run(self, *, split: StaticSplit | None = None) -> None:
         """Run until SIGINT or SIGTERM (blocking). Same as
         :func:`chukcha.processors.runner.run_app`."""
         from chukcha.processors.runner import run_app  # noqa: PLC0415
 
-        run_app(self)
+        run_app(self, split=split)

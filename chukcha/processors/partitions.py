@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 from chukcha.partitioning import partition_dir_name
@@ -51,9 +51,12 @@ def raise_single(group: BaseExceptionGroup[BaseException]) -> None:
 
 class PartitionSet:
     """The engines and checkpoints of ``app``'s partitions over ``stores`` (one per partition,
-    in partition order)."""
+    in partition order). ``owned``: the partitions this process runs (default: all); the
+    others are never touched (their events are skipped, their stores neither read nor
+    written), so another instance can run them (:mod:`chukcha.processors.split`)."""
 
-    def __init__(self, app: App, stores: Sequence[StateStore], io: CheckpointIO) -> None:
+    def __init__(self, app: App, stores: Sequence[StateStore], io: CheckpointIO, *,
+                 owned: Collection[int] | None = None) -> None:
         if len(stores) != app.partitions:
             raise ValueError(f"app {app.name!r} has {app.partitions} partitions, "
                              f"got {len(stores)} stores")
@@ -65,9 +68,15 @@ class PartitionSet:
                        name=app.name if one else f"{app.name}/{partition_dir_name(i)}")
             for i, (engine, store) in enumerate(zip(self.engines, stores, strict=True))
         ]
+        self.owned = sorted(set(owned)) if owned is not None else list(range(len(stores)))
+        if not self.owned or not set(self.owned) <= set(range(len(stores))):
+            raise ValueError(f"owned partitions {self.owned} are not a non-empty subset of "
+                             f"0..{len(stores) - 1}")
+        self._mine = [self.checkpoints[i] for i in self.owned]
+        self._all = len(self.owned) == len(stores)
 
     async def load(self) -> None:
-        for checkpoint in self.checkpoints:
+        for checkpoint in self._mine:
             await checkpoint.load()
 
     async def process(self, category: str, owner: str, chunk: str, offset: int,
@@ -88,8 +97,12 @@ class PartitionSet:
         for item in items:
             digest = blake2b(item[4].encode(), digest_size=8).digest()  # = partition_of
             parts[int.from_bytes(digest, "big") % n].append(item)
-        for engine, part in zip(engines, parts, strict=True):
-            await engine.apply(category, owner, chunk, part, end)
+        if self._all:
+            for engine, part in zip(engines, parts, strict=True):
+                await engine.apply(category, owner, chunk, part, end)
+            return
+        for i in self.owned:
+            await engines[i].apply(category, owner, chunk, parts[i], end)
 
     def note_streams(self, category: str, owners: frozenset[str]) -> None:
         """The owner streams the consumer of ``category`` knows (listed), read or not yet."""
@@ -114,7 +127,7 @@ class PartitionSet:
 
     async def commit(self) -> None:
         """Commit every partition that staged something (each through its checkpoint)."""
-        due = [c for c in self.checkpoints if c.engine.has_staged]
+        due = [c for c in self._mine if c.engine.has_staged]
         if len(due) == 1:
             await due[0].commit()
             return
@@ -127,29 +140,29 @@ class PartitionSet:
 
     async def idle(self) -> None:
         """Nothing new: fsync what is pending, else ack what is due (once, for all)."""
-        pending = [c for c in self.checkpoints if c.unsynced]
+        pending = [c for c in self._mine if c.unsynced]
         for checkpoint in pending:
             await checkpoint.sync()
         if not pending:
-            await self.checkpoints[0].idle()
+            await self._mine[0].idle()
 
     async def send_outbox(self) -> None:
-        for checkpoint in self.checkpoints:
+        for checkpoint in self._mine:
             await checkpoint.send_outbox()
 
     async def finish(self) -> None:
-        for checkpoint in self.checkpoints:
+        for checkpoint in self._mine:
             await checkpoint.finish()
 
     def discard(self) -> None:
         """Drop what every partition staged since its last commit."""
-        for engine in self.engines:
-            engine.discard()
+        for i in self.owned:
+            self.engines[i].discard()
 
     @property
     def synced(self) -> bool:
         """No partition has a commit waiting for its fsync."""
-        return not any(c.unsynced for c in self.checkpoints)
+        return not any(c.unsynced for c in self._mine)
 
     def resume_positions(self, category: str) -> dict[str, tuple[str, int]]:
         """Where to read ``category`` from: per owner stream, the lowest committed position of
@@ -162,7 +175,7 @@ class PartitionSet:
         return self._lowest(category)
 
     def _lowest(self, category: str) -> dict[str, tuple[str, int]]:
-        engines = self.engines
+        engines = [self.engines[i] for i in self.owned]
         first = engines[0].positions.get(category, {})
         if len(engines) == 1:
             return dict(first)

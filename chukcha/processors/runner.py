@@ -32,6 +32,7 @@ from chukcha.errors import ClientError
 from chukcha.loop import run_loop
 from chukcha.processors.checkpoint import Checkpoint
 from chukcha.processors.partitions import PartitionSet, raise_single
+from chukcha.processors.split import StaticSplit
 from chukcha.state.leveldb import LevelDBStore
 from chukcha.state.partitions import open_partition_stores
 
@@ -45,20 +46,24 @@ logger = logging.getLogger(__name__)
 _TIMER_TICK = 1.0  # seconds: the longest a newly scheduled, due timer waits for its run
 
 
-async def run_app_async(app: App, stop: asyncio.Event | None = None) -> None:
+async def run_app_async(
+    app: App, stop: asyncio.Event | None = None, *, split: StaticSplit | None = None
+) -> None:
     """Run ``app`` until ``stop`` is set (or the task is cancelled), then stop gracefully:
-    finish the batch, commit, ack, close.
+    finish the batch, commit, ack, close. ``split``: run only this instance's share of the
+    partitions (:mod:`chukcha.processors.split`).
 
     Raises:
         ProcessorError: a callback failed under the ``stop`` error policy.
         StateLockedError: another process runs on ``app.state_dir``.
+        AppConfigError: the state directory was written under another split.
     """
     if not app.handlers:
         raise ValueError(f"app {app.name!r} has no processors")
-    await Runner(app).run(stop or asyncio.Event())
+    await Runner(app, split).run(stop or asyncio.Event())
 
 
-def run_app(app: App) -> None:
+def run_app(app: App, *, split: StaticSplit | None = None) -> None:
     """Run ``app`` until SIGINT or SIGTERM (blocking)."""
 
     async def main() -> None:
@@ -67,7 +72,7 @@ def run_app(app: App) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await run_app_async(app, stop)
+            await run_app_async(app, stop, split=split)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
@@ -78,29 +83,35 @@ def run_app(app: App) -> None:
 class Runner:
     """Runs one :class:`~chukcha.processors.base.App` until its stop event is set."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, split: StaticSplit | None = None) -> None:
         self.app = app
+        self.split = split or StaticSplit(0, 1)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Open the state, run every category's loop, stop gracefully when ``stop`` is set."""
-        app = self.app
+        app, split = self.app, self.split
+        owned = split.owned(app.partitions)
+        await asyncio.to_thread(split.check_state_dir, app.state_dir)
         stores = await asyncio.to_thread(
             open_partition_stores, app.state_dir, app.partitions,
             write_buffer_size=app.config.state.write_buffer_size,
         )
         try:
+            await asyncio.to_thread(split.record, app.state_dir)
             # Sinks close after the client (reverse order): the last flush happens in finish().
             async with contextlib.AsyncExitStack() as sinks, Client(
                 list(app.nodes), token=app.config.token,
                 ssl=ssl.create_default_context(cafile=app.config.tls_ca)
                 if app.config.tls_ca else None,
             ) as client:
-                session = _Session(app, stores, client)
+                session = _Session(app, stores, client, split)
                 await session.load()
                 await _enter_sinks(sinks, app)
-                logger.info("app=%s running categories=%s partitions=%d nodes=%s state=%s",
+                logger.info("app=%s running categories=%s partitions=%d nodes=%s state=%s%s",
                             app.name, ",".join(app.handlers), app.partitions,
-                            ",".join(app.nodes), app.state_dir)
+                            ",".join(app.nodes), app.state_dir,
+                            f" instance {split.index} of {split.count} (partitions {owned}, "
+                            f"group {split.group(app.name)})" if split.count > 1 else "")
                 try:
                     await session.work_until(stop)
                     await session.finish()
@@ -226,14 +237,18 @@ class _BusIO:
 class _Session:
     """One run: the open state, the client and the consumers."""
 
-    def __init__(self, app: App, stores: list[LevelDBStore], client: Client) -> None:
+    def __init__(self, app: App, stores: list[LevelDBStore], client: Client,
+                 split: StaticSplit) -> None:
         self.app = app
         self.config = app.config
         self._client = client
+        self._split = split
+        self._group = split.group(app.name)
         self._lock = asyncio.Lock()
         self._consumers: dict[str, Consumer] = {}
         io = _BusIO(app, client, self._consumers)
-        self._parts = io.partitions = PartitionSet(app, stores, io)
+        self._parts = io.partitions = PartitionSet(app, stores, io,
+                                                   owned=split.owned(app.partitions))
 
     async def load(self) -> None:
         await self._parts.load()
@@ -269,16 +284,18 @@ class _Session:
         parts, client = self._parts, self._client
         await parts.send_outbox()  # what the previous run committed but did not send
         for category in self.app.handlers:
-            # On every node, so that no node drops chunks this group has not acked yet.
+            # On every node, so that no node drops chunks this group has not acked yet; with a
+            # split, every instance's group, so that none loses input before it first runs.
             try:
-                await client.register_group(category, self.app.name)
+                for group in self._split.groups(self.app.name):
+                    await client.register_group(category, group)
             except ClientError as exc:
                 logger.warning("app=%s registering group on every node failed (the consumer "
                                "registers on the node it reads): %s", self.app.name, exc)
             saved = parts.resume_positions(category)
             self._consumers[category] = client.consumer(
                 category,
-                group=self.app.name,
+                group=self._group,
                 positions={owner: Position(chunk, off) for owner, (chunk, off) in saved.items()},
                 max_batch_bytes=self.config.max_batch_bytes,
             )
