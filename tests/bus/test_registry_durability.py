@@ -116,7 +116,13 @@ async def test_a_failed_save_changes_nothing_and_a_retry_saves(
     assert ans.status == 500
     assert await _groups(sapi) == {"g": []}
 
+    ans = await sapi.call("/partitions", {"category": "p", "count": 4})
+    assert ans.status == 500 and "No space left on device" in ans.text
+    assert small.groups.registry.partitions("p") == 0
+
     disk.full = False
+    assert (await sapi.call("/partitions", {"category": "p", "count": 4})).status == 200
+    assert (await _file(small))["categories"]["p"]["partitions"] == 4
     assert (await sapi.call("/ack", {"category": "c", "chunk": chunk, "size": 8,
                                      "group": "g"})).status == 200
     assert chunk not in [c["name"] for c in await sapi.list_chunks("c")]  # every group acked
