@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -25,9 +25,12 @@ from chukcha.bus.peers import PeerAccess
 from chukcha.bus.replication import ReplicationServer, Replicator
 from chukcha.bus.status import StatusApi
 
-__all__ = ["Cluster"]
+__all__ = ["PEERS_FILE", "Cluster"]
 
 logger = logging.getLogger(__name__)
+
+PEERS_FILE: Final = ".peers.json"
+"""The last membership seen in etcd (used at start until etcd answers)."""
 
 
 class _Address:
@@ -93,7 +96,7 @@ class Cluster:
         if self.mode == "etcd":
             self.membership = EtcdMembership(
                 cfg.etcd_endpoints, cfg.cluster, cfg.instance, address,
-                lease_ttl=cfg.replication.lease_ttl,
+                lease_ttl=cfg.replication.lease_ttl, remember=cfg.data_dir / PEERS_FILE,
             )
         else:
             self.membership = StaticMembership(cfg.peers, cfg.instance)

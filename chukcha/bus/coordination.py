@@ -25,9 +25,13 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Final, Protocol
 
+import orjson
+
 from chukcha.bus.config import ETCD_EXTRA_MISSING, Peer, etcd_installed, parse_etcd_endpoint
+from chukcha.bus.files import read_file, write_atomic
 from chukcha.bus.tasks import log_task_crash
 from chukcha.errors import BadRequestError, CoordinationError, StaleEpochError
 from chukcha.protocol import parse_uint, validate_instance
@@ -256,9 +260,11 @@ class EtcdMembership(_EtcdWatcher):
         *,
         lease_ttl: int = DEFAULT_LEASE_TTL,
         retry_interval: float = 0.2,
+        remember: Path | None = None,
     ) -> None:
         super().__init__(endpoints, peers_prefix(cluster), instance, retry_interval)
         self._address = address
+        self._remember = remember
         self._ttl = lease_ttl
         self._peers: dict[str, Peer] = {}
         self._listeners: list[MembershipListener] = []
@@ -270,6 +276,41 @@ class EtcdMembership(_EtcdWatcher):
     @property
     def key(self) -> bytes:
         return self._prefix + self._instance.encode()
+
+    async def start(self) -> None:
+        """Start with the peers remembered from the last run (if any), so that a node
+        restarted while etcd is down replicates with them; etcd's view replaces them once it
+        answers."""
+        if self._task is None and self._remember is not None:
+            self._peers = await asyncio.to_thread(self._recall, self._remember)
+            if self._peers:
+                logger.info("instance=%s starting with the last known peers %s (from %s) "
+                            "until etcd answers", self._instance, sorted(self._peers),
+                            self._remember)
+        await super().start()
+
+    def _recall(self, path: Path) -> dict[str, Peer]:
+        raw = read_file(path)
+        if raw is None:
+            return {}
+        try:
+            doc = orjson.loads(raw)
+            return {name: Peer(validate_instance(name), str(address))
+                    for name, address in doc["peers"].items() if name != self._instance}
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+            logger.warning("instance=%s ignoring %s: %s", self._instance, path, exc)
+            return {}
+
+    async def _memorize(self) -> None:
+        """Write the current peers to the remembered file (a failure is only logged)."""
+        if self._remember is None:
+            return
+        doc = orjson.dumps({"peers": {n: p.address for n, p in sorted(self._peers.items())}})
+        try:
+            await asyncio.to_thread(write_atomic, self._remember, doc)
+        except OSError as exc:
+            logger.warning("instance=%s cannot remember the peers in %s: %s", self._instance,
+                           self._remember, exc)
 
     def peers(self) -> Mapping[str, Peer]:
         return self._peers
@@ -353,6 +394,7 @@ class EtcdMembership(_EtcdWatcher):
         self.revision = resp.header.revision
         self.synced = True
         self._set_peers(peers)
+        await self._memorize()
 
     async def _keepalive_loop(self, client: Any) -> None:
         while True:
@@ -376,7 +418,8 @@ class EtcdMembership(_EtcdWatcher):
                     peers[peer.instance] = peer
             else:
                 peers.pop(kv.key[len(self._prefix):].decode(errors="replace"), None)
-            self._set_peers(peers)
+            if self._set_peers(peers):
+                await self._memorize()
         raise CoordinationError("etcd watch ended")
 
     def _peer_from(self, key: bytes, value: bytes) -> Peer | None:
@@ -389,9 +432,10 @@ class EtcdMembership(_EtcdWatcher):
             logger.warning("ignoring etcd key %r: not a valid instance", key)
             return None
 
-    def _set_peers(self, peers: dict[str, Peer]) -> None:
+    def _set_peers(self, peers: dict[str, Peer]) -> bool:
+        """Make ``peers`` the membership; returns whether it changed."""
         if peers == self._peers:
-            return
+            return False
         joined = sorted(peers.keys() - self._peers.keys())
         left = sorted(self._peers.keys() - peers.keys())
         self._peers = peers
@@ -402,6 +446,7 @@ class EtcdMembership(_EtcdWatcher):
                 cb(peers)
             except Exception:
                 logger.exception("membership listener failed")
+        return True
 
 
 # --- consumer groups ------------------------------------------------------------------------

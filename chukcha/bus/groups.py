@@ -61,7 +61,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -72,6 +71,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from chukcha.bus import files
 from chukcha.bus.app_coordination import claim_key
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import Peer
@@ -163,7 +163,7 @@ class GroupRegistry:
         self._on_disk: bytes | None = None  # the document last written (or loaded)
 
     async def load(self) -> None:
-        raw = await asyncio.to_thread(_read_file, self._path)
+        raw = await asyncio.to_thread(files.read_file, self._path)
         if raw is not None:
             self._decode(raw)
             self._on_disk = raw
@@ -215,7 +215,7 @@ class GroupRegistry:
             ) from exc
 
     async def _write(self, data: bytes) -> None:
-        await asyncio.to_thread(_write_atomic, self._path, data)
+        await asyncio.to_thread(files.write_atomic, self._path, data)
         self._on_disk = data
 
     @contextlib.asynccontextmanager
@@ -778,31 +778,6 @@ def _size(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT_PARAM:
         raise ValueError(f"ack size {value!r} is not an integer between 0 and {MAX_INT_PARAM}")
     return value
-
-
-def _read_file(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _mtimes(directory: Path, names: list[str]) -> dict[str, float]:

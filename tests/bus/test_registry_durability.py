@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
-from chukcha.bus import groups as groups_module
+from chukcha.bus import files
 from chukcha.bus.groups import GROUPS_FILE
 from chukcha.bus.node import Node
 from chukcha.testing import run_node
@@ -49,8 +49,8 @@ class _Disk:
 
 @pytest.fixture
 def disk(monkeypatch: pytest.MonkeyPatch) -> _Disk:
-    d = _Disk(groups_module._write_atomic)
-    monkeypatch.setattr(groups_module, "_write_atomic", d.write)
+    d = _Disk(files.write_atomic)
+    monkeypatch.setattr(files, "write_atomic", d.write)
     return d
 
 

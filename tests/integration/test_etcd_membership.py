@@ -133,3 +133,29 @@ async def test_killed_node_drops_out_after_its_lease_and_comes_back(
         # b restarted with its data: it holds everything a has, each message once.
         assert Counter(await read_all(http, cluster["b"].url, "m")) == Counter(
             [b"1", b"2", b"3"])
+
+
+async def test_a_node_restarted_while_etcd_is_down_uses_the_last_known_peers(
+    tmp_path: Path, http: aiohttp.ClientSession, etcd: EtcdServer
+) -> None:
+    # Issue 11, point 6: it knew no peers and replicated nothing until etcd came back.
+    async with run_cluster(tmp_path / "nodes", ("a", "b"), etcd=etcd.endpoint,
+                           args=("--replication-poll-wait", "2s")) as cluster:
+        await cluster.wait_connected()
+        await etcd.stop()
+        await cluster["a"].stop()
+        await cluster["a"].start()
+        status = await cluster.status("a")
+        assert status["coordinator_connected"] is False
+        assert {p["instance"] for p in status["peers"]} == {"b"}
+        # Both directions work without etcd: a downloads b's writes, and b's progress reports
+        # count for a's min_sync_replicas writes (b is a known peer).
+        assert (await write(http, cluster["b"].url, "orders", b"from-b\n")).status == 200
+
+        async def a_has_it() -> bool:
+            return chunks_of(await list_chunks(http, cluster["a"].url, "orders")).get(
+                "b-chunk000000000") == len(b"from-b\n")
+
+        await wait_for(a_has_it, what="a to replicate b's chunk with etcd down")
+        assert (await write(http, cluster["a"].url, "orders", b"from-a\n",
+                            min_sync_replicas="1")).status == 200
