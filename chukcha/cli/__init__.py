@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "chukcha.cli.groups",
     "chukcha.cli.partitions",
     "chukcha.cli.run",
+    "chukcha.cli.apps",
 )
 
 

@@ -324,3 +324,49 @@ async def test_a_fenced_ack_needs_a_node_with_etcd(tmp_path: Path) -> None:
             assert "--etcd" in await resp.text()
         assert [c["name"] for c in await list_chunks(http, url, "orders")] == [
             "test-chunk000000000"]
+
+
+async def chukcha_cli(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chukcha", *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    async with asyncio.timeout(60):
+        out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
+async def test_app_status_shows_instances_claims_epochs_and_lag(
+    tmp_path: Path, etcd: EtcdServer, members: Callable[..., Member]
+) -> None:
+    a, b = members("a"), members("b")
+    await a.start()
+    await b.start()
+    view = await wait_view(etcd, settled({"a", "b"}), "a and b to share the partitions")
+    async with run_node(tmp_path / "data", max_chunk_size=64) as node, \
+            aiohttp.ClientSession() as http:
+        for group in (APP, f"{APP}.0of2", "other"):
+            async with http.post(f"{node.url}/groups/register",
+                                 params={"category": "orders", "group": group}) as resp:
+                assert resp.status == 200, await resp.text()
+        for _ in range(3):
+            assert (await write(http, node.url, "orders", b"z" * 70 + b"\n")).status == 200
+        base = ["app", "status", APP, "--etcd", etcd.endpoint, "--cluster", CLUSTER,
+                "--node", node.url]
+        code, out = await chukcha_cli(*base, "--json")
+        assert code == 0, out
+        status = orjson.loads(out)
+        assert status["partitions"] == PARTITIONS
+        assert {m: i["partitions"] for m, i in status["instances"].items()} == {
+            m: sorted(p for p, c in view.claims.items() if c.owner == m) for m in ("a", "b")}
+        assert status["claims"] == {str(p): {"owner": c.owner, "epoch": c.epoch}
+                                    for p, c in view.claims.items()}
+        assert {lag["group"] for lag in status["lag"]} == {APP, f"{APP}.0of2"}
+        assert all(lag["chunks"] >= 2 for lag in status["lag"])
+
+        code, out = await chukcha_cli(*base)
+        assert code == 0, out
+        assert "12 partitions, 2 instance(s)" in out
+        assert "INSTANCE" in out and "EPOCH" in out and f"{APP}.0of2" in out
+        assert "other" not in out
+        code, out = await chukcha_cli("app", "status", "bad/name", "--node", node.url)
+        assert code != 0

@@ -1,0 +1,97 @@
+"""``chukcha app status NAME``: the instances of an app, who owns which partition (with its
+epoch), and how far the app's consumer groups are behind.
+
+With ``--etcd URL --cluster C`` the instances and claims come from etcd
+(:mod:`chukcha.bus.app_coordination`); the lag of the app's groups (``NAME``, and the groups
+``NAME.<I>of<N>`` of a static split, :mod:`chukcha.processors.split`) comes from the first node
+that answers (``/groups/lag``). ``--json`` prints one JSON object instead of tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Any
+
+import orjson
+
+from chukcha.bus.app_coordination import read_app
+from chukcha.cli.client import _common, _nodes, _run, _table
+from chukcha.cli.groups import _lag_cells, _lags
+from chukcha.cli.options import tls_from, token_from
+from chukcha.client import Client
+from chukcha.protocol import validate_category
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    """Add ``chukcha app`` to the subcommand parsers."""
+    p = sub.add_parser(
+        "app", help="show an app's instances, partitions and lag",
+        description="`chukcha app status NAME` shows the instances of app NAME and the "
+                    "partitions each owns with their epochs (from etcd, with --etcd and "
+                    "--cluster), and the lag of the app's consumer groups (NAME, and "
+                    "NAME.<I>of<N> for a static split) from the first node that answers: "
+                    "chunks not acknowledged yet, their bytes, the oldest message's age.",
+    )
+    p.add_argument("action", choices=["status"], help="status")
+    p.add_argument("name", metavar="NAME", help="the app's name (its consumer group)")
+    p.add_argument("--etcd", default=None, metavar="URL",
+                   help="an etcd endpoint of the cluster (for instances and partition claims)")
+    p.add_argument("--cluster", default="default", metavar="NAME",
+                   help="the cluster name (etcd key prefix chukcha/<cluster>/; default "
+                        "'default')")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _common(p)
+    p.set_defaults(handler=lambda args: _run(lambda: _status(args)))
+
+
+async def _status(args: argparse.Namespace) -> int:
+    name = validate_category(args.name)
+    result: dict[str, Any] = {"app": name}
+    if args.etcd:
+        view = await read_app((args.etcd,), args.cluster, name)
+        result["partitions"] = view.partitions
+        result["instances"] = {
+            m: {"pid": info.get("pid"),
+                "partitions": sorted(p for p, c in view.claims.items() if c.owner == m)}
+            for m, info in sorted(view.members.items())
+        }
+        result["claims"] = {str(p): {"owner": c.owner, "epoch": c.epoch}
+                            for p, c in sorted(view.claims.items())}
+    own_groups = re.compile(rf"{re.escape(name)}(\.\d+of\d+)?")
+    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
+                      ssl=tls_from(args)) as client:
+        lags = await _lags(client, None)
+    result["lag"] = [lag for (_, group), lag in sorted(lags.items())
+                     if own_groups.fullmatch(group)]
+    if args.json:
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+        return 0
+    _print(result, args)
+    return 0
+
+
+def _print(result: dict[str, Any], args: argparse.Namespace) -> None:
+    name = result["app"]
+    if "instances" in result:
+        if not result["instances"] and not result["claims"]:
+            print(f"app {name}: no instances in etcd (cluster {args.cluster})")
+        else:
+            print(f"app {name}: {result['partitions']} partitions, "
+                  f"{len(result['instances'])} instance(s) (cluster {args.cluster})")
+            print(_table([("INSTANCE", "PID", "PARTITIONS"), *(
+                (m, str(i["pid"]), ",".join(map(str, i["partitions"])) or "-")
+                for m, i in result["instances"].items())]))
+            print(_table([("PARTITION", "OWNER", "EPOCH"), *(
+                (p, c["owner"], str(c["epoch"])) for p, c in result["claims"].items())]))
+            unowned = (result["partitions"] or 0) - len(result["claims"])
+            if unowned > 0:
+                print(f"{unowned} partition(s) have no owner now")
+    if result["lag"]:
+        print(_table([("CATEGORY", "GROUP", "UNACKED", "BYTES", "OLDEST"), *(
+            (lag["category"], lag["group"], *_lag_cells(lag)) for lag in result["lag"])]))
+    else:
+        print(f"no consumer group of app {name} on the node")
