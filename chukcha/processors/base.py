@@ -71,6 +71,9 @@ class Handler:
     """The key function (``None``: the event ID is the key)."""
     codec: Codec = JSON
     """Decodes each line into the event the callback gets (:mod:`chukcha.codecs`)."""
+    input_partitions: int | None = None
+    """The partition count the input category must have on the bus (``None``: any; an input
+    not partitioned like the app is repartitioned)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +164,8 @@ class App:
         return self._sinks
 
     def processor(
-        self, category: str, *, key: KeyFn | None = None, codec: CodecSpec = "json"
+        self, category: str, *, key: KeyFn | None = None, codec: CodecSpec = "json",
+        input_partitions: int | None = None,
     ) -> Callable[[F], F]:
         """Register ``fn(ctx, event)`` for every event of ``category``.
 
@@ -176,8 +180,16 @@ class App:
         same key (a function of the event's content), so that dedup stays exact. A key function
         that raises or returns another type is a failure of that event: the error policy
         decides (stop, or dead-letter it).
+
+        The input of an app with several partitions is read from the bus as it is when the
+        category is partitioned with the app's count (``Client.create_partitions``); else a
+        repartitioning stage copies it by key into the app's own ``<app>.<category>``
+        (:mod:`chukcha.processors.repartition`). ``input_partitions=N`` pins the count the
+        input must have: the app then refuses to start when the bus says otherwise.
         """
         validate_category(category)
+        if input_partitions is not None:
+            check_partitions(input_partitions)
         if key is not None and not callable(key):
             raise TypeError(f"key must be a function of the event, not {type(key).__name__}")
         decoder = get_codec(codec)
@@ -186,7 +198,8 @@ class App:
             if category in self._handlers:
                 raise ValueError(f"category {category!r} already has a processor")
             is_async = inspect.iscoroutinefunction(fn)
-            self._handlers[category] = Handler(category, fn, is_async, key, decoder)
+            self._handlers[category] = Handler(category, fn, is_async, key, decoder,
+                                               input_partitions)
             return fn
 
         return register

@@ -120,13 +120,15 @@ Decoded = tuple[int, bytes, Any, "str | None", str, "Exception | Undecodable | N
 
 
 def decode_batch(
-    app: App, category: str, chunk: str, offset: int, data: bytes
+    app: App, category: str, chunk: str, offset: int, data: bytes, *, handler: str | None = None
 ) -> tuple[list[Decoded], int]:
-    """Decode the ``\\n``-terminated messages ``data`` (at ``offset`` of ``chunk``) and take
-    each one's ID and key; returns them and the offset after the last one. Never raises for a
-    bad event: failures are items that :meth:`Engine.apply` hands to the error policy."""
-    handler = app.handlers[category]
-    key_fn, codec = handler.key, handler.codec
+    """Decode the ``\\n``-terminated messages ``data`` (at ``offset`` of ``chunk`` of stream
+    category ``category``, read for the processor of ``handler``, by default ``category``
+    itself) and take each one's ID and key; returns them and the offset after the last one.
+    Never raises for a bad event: failures are items that :meth:`Engine.apply` hands to the
+    error policy."""
+    handler_def = app.handlers[handler or category]
+    key_fn, codec = handler_def.key, handler_def.codec
     user_id_fn = app.event_id
     default_id = user_id_fn is default_event_id
     fast_id = default_id and codec is JSON
@@ -257,7 +259,8 @@ class Engine:
     # --- processing --------------------------------------------------------------------------
 
     async def process(
-        self, category: str, owner: str, chunk: str, offset: int, data: bytes
+        self, category: str, owner: str, chunk: str, offset: int, data: bytes, *,
+        handler: str | None = None,
     ) -> None:
         """Apply the ``\\n``-terminated messages ``data`` that start at ``offset`` of ``chunk``
         (all of them: this engine's app has one partition, or the caller routed them).
@@ -266,27 +269,32 @@ class Engine:
             ProcessorError: a callback raised under the ``stop`` policy; everything staged
                 since the last commit is discarded.
         """
-        items, end = decode_batch(self.app, category, chunk, offset, data)
-        await self.apply(category, owner, chunk, items, end)
+        items, end = decode_batch(self.app, category, chunk, offset, data, handler=handler)
+        await self.apply(category, owner, chunk, items, end, handler=handler)
 
     async def apply(
-        self, category: str, owner: str, chunk: str, items: list[Decoded], end: int
+        self, category: str, owner: str, chunk: str, items: list[Decoded], end: int, *,
+        handler: str | None = None,
     ) -> None:
-        """Apply decoded events (:func:`decode_batch`) of one stream's batch and stage the
-        stream's position ``(chunk, end)``.
+        """Apply decoded events (:func:`decode_batch`) of one batch of stream category
+        ``category`` with the processor of ``handler`` (default: ``category``; another one
+        when the stream is a partition of it, or the app's repartitioned copy) and stage the
+        stream's position ``(chunk, end)``. ``ctx.category``, dead letters and the dedup index
+        use the processor's category.
 
         Raises:
             ProcessorError: a callback (or the key function) raised under the ``stop`` policy;
                 everything staged since the last commit is discarded.
         """
-        fn, is_async = self.app.handlers[category].fn, self.app.handlers[category].is_async
+        name = handler or category
+        fn, is_async = self.app.handlers[name].fn, self.app.handlers[name].is_async
         ctx = self.ctx
-        ctx.category, ctx.owner, ctx.chunk = category, owner, chunk
+        ctx.category, ctx.owner, ctx.chunk = name, owner, chunk
         ctx.streams = self._known_streams(category, owner)
         committed_ids, staged_ids = self.dedup.views()
         event_overlay, batch = self._event, self._batch
         event_emits, event_rows = self._event_emits, self._event_rows
-        prefix = category + "\x00"
+        prefix = name + "\x00"
         for ev_off, line, event, eid, key, error in items:
             if eid is None:  # not identified: undecodable, or the ID function raised
                 pid = f"{category}:{chunk}:{ev_off}"

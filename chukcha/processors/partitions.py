@@ -80,8 +80,9 @@ class PartitionSet:
             await checkpoint.load()
 
     async def process(self, category: str, owner: str, chunk: str, offset: int,
-                      data: bytes) -> None:
-        """Apply one batch of one stream, each event in its key's partition.
+                      data: bytes, *, handler: str | None = None) -> None:
+        """Apply one batch of one stream of ``category`` (read for the processor of
+        ``handler``, by default ``category``), each event in its key's partition.
 
         Raises:
             ProcessorError: a callback raised under the ``stop`` policy (call :meth:`discard`).
@@ -89,9 +90,9 @@ class PartitionSet:
         engines = self.engines
         n = len(engines)
         if n == 1:
-            await engines[0].process(category, owner, chunk, offset, data)
+            await engines[0].process(category, owner, chunk, offset, data, handler=handler)
             return
-        items, end = decode_batch(self.app, category, chunk, offset, data)
+        items, end = decode_batch(self.app, category, chunk, offset, data, handler=handler)
         parts: list[list[Decoded]] = [[] for _ in range(n)]
         blake2b = _blake2b
         for item in items:
@@ -99,10 +100,10 @@ class PartitionSet:
             parts[int.from_bytes(digest, "big") % n].append(item)
         if self._all:
             for engine, part in zip(engines, parts, strict=True):
-                await engine.apply(category, owner, chunk, part, end)
+                await engine.apply(category, owner, chunk, part, end, handler=handler)
             return
         for i in self.owned:
-            await engines[i].apply(category, owner, chunk, parts[i], end)
+            await engines[i].apply(category, owner, chunk, parts[i], end, handler=handler)
 
     def note_streams(self, category: str, owners: frozenset[str]) -> None:
         """The owner streams the consumer of ``category`` knows (listed), read or not yet."""

@@ -32,6 +32,7 @@ from chukcha.errors import ClientError
 from chukcha.loop import run_loop
 from chukcha.processors.checkpoint import Checkpoint
 from chukcha.processors.partitions import PartitionSet, raise_single
+from chukcha.processors.repartition import Repartitioner, plan_inputs
 from chukcha.processors.split import StaticSplit
 from chukcha.state.leveldb import LevelDBStore
 from chukcha.state.partitions import open_partition_stores
@@ -246,6 +247,9 @@ class _Session:
         self._group = split.group(app.name)
         self._lock = asyncio.Lock()
         self._consumers: dict[str, Consumer] = {}
+        self._handler_of: dict[str, str] = {}  # stream category -> its processor's category
+        self._hop_consumers: list[Consumer] = []
+        self._hops: list[Repartitioner] = []
         io = _BusIO(app, client, self._consumers)
         self._parts = io.partitions = PartitionSet(app, stores, io,
                                                    owned=split.owned(app.partitions))
@@ -254,9 +258,10 @@ class _Session:
         await self._parts.load()
 
     async def close(self) -> None:
-        for consumer in self._consumers.values():
+        for consumer in [*self._consumers.values(), *self._hop_consumers]:
             await consumer.stop()
         self._consumers.clear()
+        self._hop_consumers.clear()
 
     async def work_until(self, stop: asyncio.Event) -> None:
         work = asyncio.create_task(self._work(stop), name=f"app-{self.app.name}")
@@ -283,22 +288,27 @@ class _Session:
     async def _work(self, stop: asyncio.Event) -> None:
         parts, client = self._parts, self._client
         await parts.send_outbox()  # what the previous run committed but did not send
-        for category in self.app.handlers:
-            # On every node, so that no node drops chunks this group has not acked yet; with a
-            # split, every instance's group, so that none loses input before it first runs.
-            try:
-                for group in self._split.groups(self.app.name):
-                    await client.register_group(category, group)
-            except ClientError as exc:
-                logger.warning("app=%s registering group on every node failed (the consumer "
-                               "registers on the node it reads): %s", self.app.name, exc)
-            saved = parts.resume_positions(category)
-            self._consumers[category] = client.consumer(
-                category,
-                group=self._group,
-                positions={owner: Position(chunk, off) for owner, (chunk, off) in saved.items()},
-                max_batch_bytes=self.config.max_batch_bytes,
-            )
+        for plan in await plan_inputs(self.app, client):
+            for stream in plan.streams:
+                self._handler_of[stream] = plan.handler
+                await self._register(stream)
+                saved = parts.resume_positions(stream)
+                self._consumers[stream] = client.consumer(
+                    stream,
+                    group=self._group,
+                    positions={owner: Position(chunk, off)
+                               for owner, (chunk, off) in saved.items()},
+                    max_batch_bytes=self.config.max_batch_bytes,
+                )
+            if plan.source is not None and plan.target is not None:
+                await self._register(plan.source)
+                consumer = client.consumer(plan.source, group=self._group,
+                                           max_batch_bytes=self.config.max_batch_bytes)
+                self._hop_consumers.append(consumer)
+                self._hops.append(Repartitioner(self.app, client, consumer, source=plan.source,
+                                                target=plan.target,
+                                                partitions=self.app.partitions,
+                                                owned=self._parts.owned))
         try:
             async with asyncio.TaskGroup() as tg:
                 for category, consumer in self._consumers.items():
@@ -306,9 +316,48 @@ class _Session:
                                    name=f"app-{self.app.name}-{category}")
                 if self.app.timers or self.app.key_timer is not None:
                     tg.create_task(self._timer_loop(stop), name=f"app-{self.app.name}-timers")
+                for hop in self._hops:
+                    tg.create_task(self._repartition_loop(hop, stop),
+                                   name=f"app-{self.app.name}-repartition-{hop.source}")
         except BaseExceptionGroup as group:
             # One failure (ProcessorError, StateLockedError...) is what the caller wants to see.
             raise_single(group)
+
+    async def _register(self, category: str) -> None:
+        # On every node, so that no node drops chunks this group has not acked yet; with a
+        # split, every instance's group, so that none loses input before it first runs.
+        try:
+            for group in self._split.groups(self.app.name):
+                await self._client.register_group(category, group)
+        except ClientError as exc:
+            logger.warning("app=%s registering group on every node failed (the consumer "
+                           "registers on the node it reads): %s", self.app.name, exc)
+
+    async def _repartition_loop(self, hop: Repartitioner, stop: asyncio.Event) -> None:
+        """Copy the hop's input until ``stop``; a batch being copied is finished first."""
+        consumer, timeout = hop.consumer, self.config.read_timeout
+        stopped = asyncio.create_task(stop.wait())
+        read: asyncio.Task[list[Batch]] | None = None
+        try:
+            while not stop.is_set():
+                read = asyncio.create_task(consumer.read(timeout=timeout))
+                await asyncio.wait({read, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    break
+                batches = read.result()
+                read = None
+                if batches:
+                    await hop.step(batches)
+                else:  # idle: a chunk copied earlier may have become complete: ack it
+                    with contextlib.suppress(ClientError):
+                        await consumer.commit(consumer.positions())
+        finally:
+            for task in (read, stopped):
+                if task is not None:
+                    task.cancel()
+            await asyncio.wait([t for t in (read, stopped) if t is not None])
+            logger.info("app=%s repartitioned %d events of %s into %s", self.app.name,
+                        hop.events, hop.source, hop.target)
 
     async def _consume_loop(self, category: str, consumer: Consumer, stop: asyncio.Event) -> None:
         timeout = self.config.read_timeout
@@ -366,8 +415,10 @@ class _Session:
     async def _step(self, category: str, batches: list[Batch]) -> None:
         parts = self._parts
         parts.note_streams(category, frozenset(self._consumers[category].positions()))
+        handler = self._handler_of.get(category)
         for b in batches:
-            await parts.process(category, b.owner, b.chunk, b.offset, b.data)
+            await parts.process(category, b.owner, b.chunk, b.offset, b.data,
+                                handler=None if handler == category else handler)
         await parts.commit()
 
     async def finish(self) -> None:

@@ -25,7 +25,7 @@ import pytest
 
 from chukcha import Client
 from chukcha.client import Batch
-from chukcha.partitioning import partition_of
+from chukcha.partitioning import partition_category, partition_of
 from chukcha.processors.engine import read_state_table, read_table
 from chukcha.state.partitions import open_partition_stores
 from chukcha.testing import ClusterProcess, run_cluster
@@ -110,6 +110,37 @@ def order(i: int, rng: random.Random) -> dict[str, Any]:
             "amount": rng.randrange(1, 1000)}
 
 
+async def audit_copy(client: Client, partitions: int) -> list[str]:
+    """Register the group ``audit`` on the app's repartitioned copy of the orders (so its
+    chunks stay after the app acked them); returns the copy's partition categories."""
+    hop = [partition_category("billing.orders", i) for i in range(partitions)]
+    for category in hop:
+        await client.register_group(category, "audit")
+    return hop
+
+
+async def check_copy(client: Client, url: str, hop: list[str], want: set[str]) -> None:
+    """The app's repartitioned copy (read through the ``audit`` group, which kept it) holds,
+    counted by ID, exactly the orders ``want``, each in the partition of its customer."""
+    if not hop:
+        return
+    copied: dict[str, int] = {}
+    for p, category in enumerate(hop):
+        consumer = client.consumer(category, group="audit", node=url, register=False)
+        try:
+            while batches := await consumer.read(timeout=2.0):
+                for batch in batches:
+                    for m in batch.messages():
+                        event = orjson.loads(m)
+                        assert partition_of(event["customer"], len(hop)) == p
+                        copied[event["id"]] = copied.get(event["id"], 0) + 1
+        finally:
+            await consumer.stop()
+    assert copied.keys() == want
+    logger.info("repartitioned copy: %d orders, %d copies (resent after kills)",
+                len(copied), sum(copied.values()))
+
+
 async def read_receipts(
     client: Client, url: str, want: set[str], log: Path
 ) -> dict[str, list[Any]]:
@@ -156,8 +187,13 @@ async def test_sigkill_at_random_moments_applies_every_event_exactly_once(
 async def test_sigkill_with_8_partitions_equals_one_partition(tmp_path: Path) -> None:
     """The same with ``partitions=8`` and ``key=customer``: the union of the 8 partitions'
     tables equals the totals of a single-partition run (the expected totals, which the test
-    above proves a single partition reaches), each customer only in its hash's partition."""
-    await kill_scenario(tmp_path, "tests.processors.sigkill_app:partitioned", 12, seed=88)
+    above proves a single partition reaches), each customer only in its hash's partition.
+
+    The input is plain (written with the Go-style ``/write``), so the app repartitions it into
+    ``billing.orders.p0000`` …: counted by ID, that copy holds every order and nothing else
+    (checked through a second group, ``audit``, that keeps its chunks)."""
+    await kill_scenario(tmp_path, "tests.processors.sigkill_app:partitioned", 12, seed=88,
+                        hop_partitions=8)
     stores = await asyncio.to_thread(open_partition_stores, tmp_path / "state", None)
     try:
         assert len(stores) == 8
@@ -169,15 +205,20 @@ async def test_sigkill_with_8_partitions_equals_one_partition(tmp_path: Path) ->
     assert sum(1 for t in tables if t) > 1
 
 
-async def kill_scenario(tmp_path: Path, target: str, kills: int, *, seed: int) -> None:
+async def kill_scenario(  # noqa: PLR0915 - one scenario, read top to bottom
+    tmp_path: Path, target: str, kills: int, *, seed: int,
+    hop_partitions: int = 0,
+) -> None:
     """Run ``target`` under ``kills`` SIGKILLs while orders go to two nodes each; then check
-    the state, the receipts and the acks (see the module docstring)."""
+    the state, the receipts and the acks (see the module docstring); with ``hop_partitions``
+    also the app's repartitioned copy of the orders."""
     rng = random.Random(seed)  # noqa: S311 - a reproducible kill schedule
     args = ("--replication-poll-wait", "2s", "--max-chunk-size", "16384")
     async with run_cluster(tmp_path / "cluster", args=args) as cluster, \
             Client(cluster.urls) as client:
         urls = cluster.urls
         proc = Processor(cluster, tmp_path / "state", tmp_path / "processor.log", target)
+        hop = await audit_copy(client, hop_partitions)
         expected: dict[str, int] = {}
         sent = 0
         exit_codes: list[int] = []
@@ -247,3 +288,5 @@ async def kill_scenario(tmp_path: Path, target: str, kills: int, *, seed: int) -
                 await wait_for(only_open_chunks, timeout=30, what=f"acks on {url}")
             groups = await client.list_groups("orders")
         assert "billing" in str(groups)
+        # 4. The repartitioned copy: every order, nothing else, each in its key's partition.
+        await check_copy(client, urls[0], hop, {f"o{i}" for i in range(sent)})

@@ -1,0 +1,162 @@
+"""The repartitioning stage: a stateless hop from an input that is not partitioned the way an
+app needs (a plain category written by the Go client or ``curl``, or another count) into the
+app's own partitioned category, which the keyed stage reads.
+
+For an app ``billing`` with P partitions reading ``orders``:
+
+- the app's category is ``billing.orders`` (:func:`repartition_category`) with P partitions,
+  ``billing.orders.p0000`` …, created (idempotently) when the app starts;
+- the stage reads ``orders``'s owner streams as the group ``billing``, takes each event's key
+  (the processor's ``key=``, default the ID) and writes the event's line, unchanged, into the
+  partition of its key; an event without an ID gets the one the processor would give it at its
+  original place, ``"orders:<chunk>:<offset>"``, spliced in, so every copy the hop writes has
+  the same ID;
+- it acks a chunk of ``orders`` for the group only after the writes of everything before it
+  were confirmed (200) by a node. A crash anywhere resends from the last ack: the keyed stage's
+  dedup drops the copies (counted by ID: nothing lost, nothing added).
+
+No state, no store: the positions live in the acks. :func:`plan_inputs` decides per processor
+whether the hop is needed: not when the input category is already partitioned with the app's
+count (the same hash is implied: it is the only one the bus knows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from chukcha.client.events import split_bodies
+from chukcha.codecs import splice_id
+from chukcha.errors import ClientError
+from chukcha.partitioning import partition_category, partition_of
+from chukcha.processors.engine import decode_batch
+
+if TYPE_CHECKING:
+    from chukcha.client import Batch, Client, Consumer
+    from chukcha.processors.base import App
+
+__all__ = ["InputPlan", "Repartitioner", "plan_inputs", "repartition_category"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_BODY = 4 << 20
+
+
+def repartition_category(app: str, category: str) -> str:
+    """The app's own partitioned copy of ``category``: ``<app>.<category>``."""
+    return f"{app}.{category}"
+
+
+@dataclass(frozen=True, slots=True)
+class InputPlan:
+    """How a processor's input is read: ``streams`` (the categories the keyed stage reads) and,
+    when a hop is needed, the plain ``source`` it copies from into ``target``."""
+
+    handler: str
+    streams: tuple[str, ...]
+    source: str | None = None
+    target: str | None = None
+
+
+async def plan_inputs(app: App, client: Client) -> list[InputPlan]:
+    """Decide, per processor, what the keyed stage reads (and create the app's partitioned
+    categories where a hop is needed).
+
+    Raises:
+        ValueError: a processor pinned ``input_partitions`` and the bus says otherwise.
+        RequestRejectedError: the app's partitioned category cannot be created (its name is
+            taken by data, or it holds data under another count).
+    """
+    plans: list[InputPlan] = []
+    n = app.partitions
+    for name, handler in app.handlers.items():
+        pinned = handler.input_partitions
+        if n == 1 and pinned is None:
+            plans.append(InputPlan(name, (name,)))  # one partition: any input fits as it is
+            continue
+        count = await client.partitions(name)
+        if pinned is not None and count != pinned:
+            raise ValueError(
+                f"app {app.name!r}: the processor of {name!r} pins input_partitions={pinned}, "
+                f"but the bus has {name!r} " + (f"with {count} partitions" if count else
+                                               "unpartitioned")
+                + (f" (create them: chukcha partitions {name} {pinned})" if not count else ""))
+        if count == n:
+            plans.append(InputPlan(name, tuple(partition_category(name, i) for i in range(n))))
+            continue
+        target = repartition_category(app.name, name)
+        streams = tuple(await client.create_partitions(target, n))
+        logger.info("app=%s category=%s has %s; repartitioning into %s (%d partitions)",
+                    app.name, name, f"{count} partitions" if count else "no partitions",
+                    target, n)
+        plans.append(InputPlan(name, streams, source=name, target=target))
+    return plans
+
+
+class Repartitioner:
+    """Copies ``source`` into the ``partitions`` partitions of ``target`` by key (see the module
+    docstring); :meth:`step` handles one read's batches."""
+
+    def __init__(self, app: App, client: Client, consumer: Consumer, *, source: str,
+                 target: str, partitions: int, owned: Collection[int] | None = None) -> None:
+        self._app = app
+        self._client = client
+        self.consumer = consumer
+        self.source = source
+        self.target = target
+        self._partitions = partitions
+        # With a static split each instance copies only its own partitions' events (every
+        # instance reads the whole input as its own group): one writer per partition.
+        self._owned = None if owned is None or len(set(owned)) == partitions else set(owned)
+        self._stamp = app.handlers[source].codec.json_object
+        self.events = 0
+        """Events copied (written and confirmed) since start."""
+
+    async def step(self, batches: list[Batch]) -> None:
+        """Write every event of ``batches`` into its partition, then ack what they finish."""
+        n, source, owned = self._partitions, self.source, self._owned
+        parts: dict[int, list[bytes]] = {}
+        for b in batches:
+            items, _ = decode_batch(self._app, source, b.chunk, b.offset, b.data)
+            place = f"{source}:{b.chunk}:"
+            for ev_off, line, _event, eid, key, _error in items:
+                p = partition_of(key, n)
+                if owned is not None and p not in owned:
+                    continue
+                out = line
+                if self._stamp and eid is not None and eid == f"{place}{ev_off}" \
+                        and line.lstrip().startswith(b"{"):
+                    # No ID of its own: carry the one of its original place.
+                    out = splice_id(line, eid)
+                parts.setdefault(p, []).append(out)
+        if parts:
+            await asyncio.gather(*(self._write(p, lines) for p, lines in parts.items()))
+            self.events += sum(len(lines) for lines in parts.values())
+        # Every write is confirmed: now the input before these positions may go.
+        try:
+            await self.consumer.commit({b.owner: b.position for b in batches})
+        except ClientError as exc:
+            logger.warning("app=%s category=%s repartition ack failed (acked later): %s",
+                           self._app.name, source, exc)
+
+    async def _write(self, partition: int, lines: list[bytes]) -> None:
+        """Write ``lines`` into one partition, retried with backoff until a node confirms (an
+        error that says it is not retriable is raised)."""
+        category = partition_category(self.target, partition)
+        cfg = self._app.config
+        for body in split_bodies(lines, _MAX_BODY):
+            delay = cfg.retry_initial
+            while True:
+                try:
+                    await self._client.write_body(category, body)
+                    break
+                except ClientError as exc:
+                    if not exc.retriable:
+                        raise
+                    logger.warning("app=%s repartition write to %s failed, retrying in "
+                                   "%.1fs: %s", self._app.name, category, delay, exc)
+                await asyncio.sleep(delay)  # backoff between attempts
+                delay = min(delay * 2, cfg.retry_max)
