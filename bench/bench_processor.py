@@ -60,13 +60,26 @@ def make_events(n: int, keys: int) -> list[bytes]:
     return events
 
 
-async def load(url: str, events: list[bytes], groups: list[str]) -> None:
+def category_for(partitions: int) -> str:
+    """The input of a run with ``partitions``: plain for 1, else partitioned with that count
+    (so the keyed stage reads it as it is, without the repartitioning hop)."""
+    return CATEGORY if partitions == 1 else f"{CATEGORY}{partitions}"
+
+
+async def load(url: str, events: list[bytes], groups: list[str], counts: list[int]) -> None:
     async with Client([url]) as client:
-        for g in groups:
-            await client.register_group(CATEGORY, g)
-        step = 15_000  # ~3 MiB per write
-        for i in range(0, len(events), step):
-            await client.send(CATEGORY, events[i:i + step])
+        for c in counts:
+            category = category_for(c)
+            if c > 1:
+                await client.create_partitions(category, c)
+            for c2 in range(c):
+                for g in groups:  # every group keeps every chunk until the runs are over
+                    await client.register_group(
+                        category if c == 1 else f"{category}.p{c2:04d}", g)
+            step = 15_000  # ~3 MiB per write
+            for i in range(0, len(events), step):
+                await client.send(category, events[i:i + step],
+                                  key=None if c == 1 else by_customer)
 
 
 def by_customer(event: dict[str, Any]) -> str:
@@ -81,7 +94,7 @@ async def one_run(url: str, state_dir: Path, group: str, n: int, batch: int, *,
     done = asyncio.Event()
     count = 0
 
-    @app.processor(CATEGORY, key=by_customer if keyed else None)
+    @app.processor(category_for(partitions), key=by_customer if keyed else None)
     def on_event(ctx: Context, event: dict[str, Any]) -> None:
         nonlocal count
         key = event["k"]
@@ -123,7 +136,7 @@ async def bench(args: argparse.Namespace) -> None:
             groups = [f"bench{i}" for i in range(runs)]
             events = make_events(args.events, args.keys)
             t0 = time.perf_counter()
-            await load(node.url, events, groups)
+            await load(node.url, events, groups, counts)
             print(f"loaded {args.events:,} events of 200 B in {time.perf_counter() - t0:.1f}s; "
                   f"processor pinned to CPU {cpus[0]} of {len(cpus)}")
             print(f"{'run':>5} {'parts':>5} {'events':>9} {'seconds':>8} {'events/s':>10}")

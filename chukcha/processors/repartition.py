@@ -23,6 +23,7 @@ count (the same hash is implied: it is the only one the bus knows).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -31,11 +32,11 @@ from typing import TYPE_CHECKING
 from chukcha.client.events import split_bodies
 from chukcha.codecs import splice_id
 from chukcha.errors import ClientError
-from chukcha.partitioning import partition_category, partition_of
+from chukcha.partitioning import partition_category
 from chukcha.processors.engine import decode_batch
 
 if TYPE_CHECKING:
-    from chukcha.client import Batch, Client, Consumer
+    from chukcha.client import Batch, Client, Consumer, Position
     from chukcha.processors.base import App
 
 __all__ = ["InputPlan", "Repartitioner", "plan_inputs", "repartition_category"]
@@ -114,33 +115,43 @@ class Repartitioner:
         self._stamp = app.handlers[source].codec.json_object
         self.events = 0
         """Events copied (written and confirmed) since start."""
+        self._written: dict[str, Position] = {}  # owner -> position, everything before written
 
     async def step(self, batches: list[Batch]) -> None:
         """Write every event of ``batches`` into its partition, then ack what they finish."""
         n, source, owned = self._partitions, self.source, self._owned
         parts: dict[int, list[bytes]] = {}
+        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
         for b in batches:
             items, _ = decode_batch(self._app, source, b.chunk, b.offset, b.data)
-            place = f"{source}:{b.chunk}:"
-            for ev_off, line, _event, eid, key, _error in items:
-                p = partition_of(key, n)
+            for ev_off, line, event, eid, key, _error in items:
+                # = partitioning.partition_of, inlined: this loop is the hop's hot path
+                p = from_bytes(blake2b(key.encode(), digest_size=8).digest(), "big") % n
                 if owned is not None and p not in owned:
                     continue
-                out = line
-                if self._stamp and eid is not None and eid == f"{place}{ev_off}" \
-                        and line.lstrip().startswith(b"{"):
+                if self._stamp and type(event) is dict and event.get("id") is None \
+                        and eid is not None and eid == f"{source}:{b.chunk}:{ev_off}":
                     # No ID of its own: carry the one of its original place.
-                    out = splice_id(line, eid)
-                parts.setdefault(p, []).append(out)
+                    line = splice_id(line, eid)  # noqa: PLW2901
+                parts.setdefault(p, []).append(line)
         if parts:
             await asyncio.gather(*(self._write(p, lines) for p, lines in parts.items()))
             self.events += sum(len(lines) for lines in parts.values())
         # Every write is confirmed: now the input before these positions may go.
+        for b in batches:
+            self._written[b.owner] = b.position
+        await self.ack()
+
+    async def ack(self) -> None:
+        """Ack what lies wholly before the positions whose events are written (again when
+        idle: a chunk copied earlier may have become complete since)."""
+        if not self._written:
+            return
         try:
-            await self.consumer.commit({b.owner: b.position for b in batches})
+            await self.consumer.commit(dict(self._written))
         except ClientError as exc:
             logger.warning("app=%s category=%s repartition ack failed (acked later): %s",
-                           self._app.name, source, exc)
+                           self._app.name, self.source, exc)
 
     async def _write(self, partition: int, lines: list[bytes]) -> None:
         """Write ``lines`` into one partition, retried with backoff until a node confirms (an

@@ -337,25 +337,23 @@ class _Session:
         """Copy the hop's input until ``stop``; a batch being copied is finished first."""
         consumer, timeout = hop.consumer, self.config.read_timeout
         stopped = asyncio.create_task(stop.wait())
-        read: asyncio.Task[list[Batch]] | None = None
+        read = asyncio.create_task(consumer.read(timeout=timeout))
         try:
             while not stop.is_set():
-                read = asyncio.create_task(consumer.read(timeout=timeout))
                 await asyncio.wait({read, stopped}, return_when=asyncio.FIRST_COMPLETED)
                 if not read.done():
                     break
                 batches = read.result()
-                read = None
+                # Read ahead while this batch is written (never acked before it is written).
+                read = asyncio.create_task(consumer.read(timeout=timeout))
                 if batches:
                     await hop.step(batches)
-                else:  # idle: a chunk copied earlier may have become complete: ack it
-                    with contextlib.suppress(ClientError):
-                        await consumer.commit(consumer.positions())
+                else:
+                    await hop.ack()
         finally:
             for task in (read, stopped):
-                if task is not None:
-                    task.cancel()
-            await asyncio.wait([t for t in (read, stopped) if t is not None])
+                task.cancel()
+            await asyncio.wait([read, stopped])
             logger.info("app=%s repartitioned %d events of %s into %s", self.app.name,
                         hop.events, hop.source, hop.target)
 
