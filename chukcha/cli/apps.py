@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from chukcha.bus.app_coordination import read_app
+from chukcha.cli import app_positions
 from chukcha.cli.client import _common, _nodes, _run, _table
 from chukcha.cli.groups import _lag_cells, _lags
 from chukcha.cli.options import tls_from, token_from
@@ -34,10 +35,20 @@ def register(sub: Any) -> None:
                     "partitions each owns with their epochs (from etcd, with --etcd and "
                     "--cluster), and the lag of the app's consumer groups (NAME, and "
                     "NAME.<I>of<N> for a static split) from the first node that answers: "
-                    "chunks not acknowledged yet, their bytes, the oldest message's age.",
+                    "chunks not acknowledged yet, their bytes, the oldest message's age. "
+                    "For a stopped app (its state is locked while it runs): `chukcha app "
+                    "positions MODULE:APP` shows where it resumes in each stream and how far "
+                    "behind that is; `reset MODULE:APP --category C --to earliest|end` replays "
+                    "what the nodes still hold (see chukcha node --retain-acked) or skips to "
+                    "the end; `skip MODULE:APP --category C [--at CHUNK:OFFSET]` makes it step "
+                    "over the event it stopped on (a poison event under on_error=stop) at its "
+                    "next run, recording it in C.dead.",
     )
-    p.add_argument("action", choices=["status"], help="status")
-    p.add_argument("name", metavar="NAME", help="the app's name (its consumer group)")
+    p.add_argument("action", choices=["status", "positions", "reset", "skip"],
+                   help="status; or, for a stopped app, positions, reset, skip")
+    p.add_argument("name", metavar="NAME|MODULE:APP",
+                   help="status: the app's name (its consumer group); positions, reset, "
+                        "skip: the app, e.g. examples.orders:app")
     p.add_argument("--etcd", default=None, metavar="URL",
                    help="an etcd endpoint of the cluster (for instances and partition claims)")
     p.add_argument("--cluster", default="default", metavar="NAME",
@@ -45,7 +56,14 @@ def register(sub: Any) -> None:
                         "'default')")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _common(p)
-    p.set_defaults(handler=lambda args: _run(lambda: _status(args)))
+    app_positions.add_arguments(p)
+    p.set_defaults(handler=_dispatch)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.action != "status":
+        return app_positions.run_action(args)
+    return _run(lambda: _status(args))
 
 
 async def _status(args: argparse.Namespace) -> int:

@@ -22,9 +22,11 @@ from chukcha.state.base import StateStore
 
 __all__ = [
     "ABSENT",
+    "FAILURE_PREFIX",
     "OUTBOX_PREFIX",
     "POSITION_PREFIX",
     "SCALARS",
+    "SKIP_PREFIX",
     "TABLE_PREFIX",
     "Context",
     "EventPosition",
@@ -37,6 +39,10 @@ logger = logging.getLogger(__name__)
 TABLE_PREFIX: Final = b"t/"
 POSITION_PREFIX: Final = b"p/"
 OUTBOX_PREFIX: Final = b"o/"
+SKIP_PREFIX: Final = b"k/"
+"""``k/<category>\0<chunk>\0<offset:016x>``: an event to skip (``chukcha app skip``)."""
+FAILURE_PREFIX: Final = b"f/"
+"""``f/<category>``: where the last ``stop``-policy failure in that category happened."""
 class _Marker:
     __slots__ = ()
 

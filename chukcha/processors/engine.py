@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -34,8 +35,10 @@ from chukcha.processors.base import App, default_event_id
 from chukcha.processors.config import ErrorPolicy
 from chukcha.processors.context import (
     ABSENT,
+    FAILURE_PREFIX,
     OUTBOX_PREFIX,
     POSITION_PREFIX,
+    SKIP_PREFIX,
     TABLE_PREFIX,
     Context,
     EventPosition,
@@ -62,6 +65,7 @@ __all__ = [
     "decode_batch",
     "read_state_table",
     "read_table",
+    "skip_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,6 +98,16 @@ class CommitPlan:
     puts: dict[bytes, bytes]
     deletes: list[bytes]
     events: int  # events applied or dead-lettered in it
+
+
+def _traceback(exc: BaseException) -> str:
+    """The exception's traceback as text (file, line and code of each frame)."""
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
+def skip_key(category: str, chunk: str, offset: int) -> bytes:
+    """The state key that asks the app to step over the event at ``chunk:offset``."""
+    return SKIP_PREFIX + f"{category}\x00{chunk}\x00{offset:016x}".encode()
 
 
 def _position_key(category: str, owner: str) -> bytes:
@@ -232,6 +246,10 @@ class Engine:
         self.timers_run = 0
         self.timer_failures = 0
         self.staged_events = 0
+        self._skips: set[tuple[str, str, int]] = set()
+        """Events to step over (``chukcha app skip``): (category, chunk, offset)."""
+        self._skipped: list[tuple[str, str, int, str]] = []  # + the processor's category
+        self._stream = ""  # the stream category of the batch being applied
 
     # --- start -------------------------------------------------------------------------------
 
@@ -250,6 +268,9 @@ class Engine:
             self._outbox_seq = int(self.outbox[-1].key[len(OUTBOX_PREFIX):], 16) + 1
         self.timers.load(self.store, [(t.name, t.every) for t in self.app.timers.values()],
                          time.time())
+        for key, _ in self.store.scan(SKIP_PREFIX):
+            category, chunk, offset = key[len(SKIP_PREFIX):].decode().split("\x00")
+            self._skips.add((category, chunk, int(offset, 16)))
         logger.info(
             "app=%s state loaded positions=%d unsent_outbox=%d dedup_ids=%d",
             self.app.name, sum(len(p) for p in self.positions.values()), len(self.outbox),
@@ -272,7 +293,7 @@ class Engine:
         items, end = decode_batch(self.app, category, chunk, offset, data, handler=handler)
         await self.apply(category, owner, chunk, items, end, handler=handler)
 
-    async def apply(
+    async def apply(  # noqa: PLR0912 - the per-event hot loop stays in one frame
         self, category: str, owner: str, chunk: str, items: list[Decoded], end: int, *,
         handler: str | None = None,
     ) -> None:
@@ -295,7 +316,11 @@ class Engine:
         event_overlay, batch = self._event, self._batch
         event_emits, event_rows = self._event_emits, self._event_rows
         prefix = name + "\x00"
+        skips = self._skips
+        self._stream = category
         for ev_off, line, event, eid, key, error in items:
+            if skips and self._skip_if_asked(ctx, ev_off, line, eid, staged_ids):
+                continue
             if eid is None:  # not identified: undecodable, or the ID function raised
                 pid = f"{category}:{chunk}:{ev_off}"
                 if isinstance(error, Undecodable):
@@ -430,19 +455,55 @@ class Engine:
 
     def _failed(self, ctx: Context, offset: int, line: bytes, eid: str, exc: Exception) -> None:
         category, chunk = ctx.category, ctx.chunk
+        trace = _traceback(exc)
         if self._policy is ErrorPolicy.STOP:
             self.discard()
+            self._record_failure(ctx, offset, eid, exc)
+            # The traceback (file and line of the callback) goes to the log; the error says
+            # where the event is and how to get past it.
+            logger.error("app=%s category=%s processor failed on event %s (%s:%d):\n%s",
+                         self.app.name, category, eid, chunk, offset, trace)
             raise ProcessorError(
                 f"app {self.app.name!r}: processor of {category!r} failed on event {eid!r} "
-                f"({chunk}:{offset}): {exc!r}; nothing of this batch was committed"
+                f"({chunk}:{offset}): {exc!r}; nothing of this batch was committed (to get "
+                f"past this event with the app stopped: chukcha app skip MODULE:APP "
+                f"--category {category})"
             ) from exc
         logger.warning(
-            "app=%s category=%s event %s (%s:%d) dead-lettered: %r",
-            self.app.name, category, eid, chunk, offset, exc,
+            "app=%s category=%s event %s (%s:%d) dead-lettered:\n%s",
+            self.app.name, category, eid, chunk, offset, trace,
         )
-        self._dead_letter(ctx, offset, line, eid, repr(exc))
+        self._dead_letter(ctx, offset, line, eid, repr(exc), trace=trace)
 
-    def _dead_letter(self, ctx: Context, offset: int, line: bytes, eid: str, error: str) -> None:
+    def _record_failure(self, ctx: Context, offset: int, eid: str, exc: Exception) -> None:
+        """Remember where the app stopped (outside any commit: it changes nothing the app
+        computes), so ``chukcha app skip`` knows which event to step over."""
+        record = {"stream": self._stream, "owner": ctx.owner, "chunk": ctx.chunk,
+                  "offset": offset, "id": eid, "error": repr(exc)[:_DEAD_LETTER_MAX_ERROR]}
+        try:
+            self.store.write({FAILURE_PREFIX + ctx.category.encode(): orjson.dumps(record)}, (),
+                             sync=True)
+        except Exception:
+            logger.exception("app=%s could not record the failure position", self.app.name)
+
+    def _skip_if_asked(self, ctx: Context, offset: int, line: bytes, eid: str | None,
+                       staged_ids: dict[str, None]) -> bool:
+        """Step over the event if ``chukcha app skip`` named it: dead-lettered, not applied."""
+        if (self._stream, ctx.chunk, offset) not in self._skips:
+            return False
+        if eid is None:
+            eid = f"{ctx.category}:{ctx.chunk}:{offset}"
+        else:
+            staged_ids[ctx.category + "\x00" + eid] = None
+        logger.warning("app=%s category=%s event %s (%s:%d) skipped as asked (chukcha app "
+                       "skip); recorded in %s.dead", self.app.name, ctx.category, eid,
+                       ctx.chunk, offset, ctx.category)
+        self._skipped.append((self._stream, ctx.chunk, offset, ctx.category))
+        self._dead_letter(ctx, offset, line, eid, "skipped with chukcha app skip")
+        return True
+
+    def _dead_letter(self, ctx: Context, offset: int, line: bytes, eid: str, error: str,
+                     *, trace: str | None = None) -> None:
         category, chunk = ctx.category, ctx.chunk
         if len(eid) > _DEAD_LETTER_MAX_ID:
             eid = f"{category}:{chunk}:{offset}"
@@ -454,6 +515,8 @@ class Engine:
             "error": error[:_DEAD_LETTER_MAX_ERROR],
             "event": line[:DEAD_LETTER_MAX_EVENT].decode(errors="replace"),
         }
+        if trace is not None:
+            record["traceback"] = trace[-_DEAD_LETTER_MAX_ERROR:]  # the innermost frames
         if len(line) > DEAD_LETTER_MAX_EVENT:
             record["truncated"] = True
         self._emits.append((f"{category}.dead", orjson.dumps(record) + b"\n"))
@@ -474,6 +537,9 @@ class Engine:
         self._dedup_plan = self.dedup.stage(puts, deletes)
         for (category, owner), pos in self._positions.items():
             puts[_position_key(category, owner)] = orjson.dumps(pos)
+        for stream, chunk, offset, name in self._skipped:
+            deletes.append(skip_key(stream, chunk, offset))
+            deletes.append(FAILURE_PREFIX + name.encode())
         self.timers.prepare(puts, deletes)
         self._new_outbox = []
         if self._emits:
@@ -499,6 +565,8 @@ class Engine:
             cache[key] = ABSENT if enc is None else frozen
         self._batch.clear()
         self.dedup.committed(self._dedup_plan)
+        self._skips.difference_update(s[:3] for s in self._skipped)
+        self._skipped.clear()
         self.sink_rows.clear()
         for (category, owner), pos in self._positions.items():
             self.positions.setdefault(category, {})[owner] = pos
@@ -519,6 +587,7 @@ class Engine:
         self._emits.clear()
         self.sink_rows.clear()
         self._positions.clear()
+        self._skipped.clear()
         self.dedup.discard()
         self._new_outbox = []
         self._event_timers.clear()
