@@ -156,8 +156,9 @@ async def skip_event(state_dir: Path, category: str, at: tuple[str, int] | None 
     it stopped on (recorded when a callback failed under ``on_error="stop"``), or the one at
     ``at`` = (chunk, offset) of ``stream`` (the category read: ``category`` unless the app
     reads a partition or a repartitioned copy of it). The app dead-letters it to
-    ``<category>.dead`` (error "skipped with chukcha app skip") in the same commit as the events around it, so the skip is exactly
-    once like everything else, and processes the events before and after it as usual.
+    ``<category>.dead`` (error "skipped with chukcha app skip") in the same commit as the
+    events around it, so the skip is exactly once like everything else, and processes the
+    events before and after it as usual.
 
     Raises:
         ValueError: no failure is recorded and ``at`` is not given.
