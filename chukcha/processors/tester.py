@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 class Tester:
     """Drives ``app`` in-process; the events of each category are one stream owned by
-    ``owner``."""
+    ``owner`` (``feed(..., owner=...)`` feeds another owner's stream, as a second node's)."""
 
     __test__ = False  # not a pytest test class
 
@@ -54,9 +54,15 @@ class Tester:
         self.partitions = PartitionSet(app, self.stores, self._io)
         for engine in self.partitions.engines:
             engine.load()
-        self._offsets: dict[str, int] = {}
+        self._offsets: dict[tuple[str, str], int] = {}
+        self._streams: dict[str, set[str]] = {}
 
-    async def feed_async(self, category: str, *events: Any) -> None:
+    def add_streams(self, category: str, *owners: str) -> None:
+        """Declare owner streams of ``category`` before they are fed, as a consumer lists
+        them (windows wait for every listed stream)."""
+        self._streams.setdefault(category, set()).update(owners)
+
+    async def feed_async(self, category: str, *events: Any, owner: str | None = None) -> None:
         """Process ``events`` of ``category`` as one batch and commit it: dicts (as JSON),
         typed events (msgspec.Struct, dataclass, pydantic: as JSON), str (a line of text) or
         bytes (the line as it is), each decoded by the processor's codec as the runner would.
@@ -85,23 +91,27 @@ class Tester:
                 raise MessageTooLargeError(MAX_MESSAGE_SIZE, size=len(line), what="a fed event")
             lines.append(line + b"\n")
         data = b"".join(lines)
-        chunk = chunk_file_name(self.owner, 0)
-        offset = self._offsets.get(category, 0)
+        owner = owner or self.owner
+        chunk = chunk_file_name(owner, 0)
+        offset = self._offsets.get((category, owner), 0)
         parts = self.partitions
+        streams = self._streams.setdefault(category, set())
+        streams.add(owner)
+        parts.note_streams(category, frozenset(streams))
         try:
-            await parts.process(category, self.owner, chunk, offset, data)
+            await parts.process(category, owner, chunk, offset, data)
         except ProcessorError:
             parts.discard()  # as the runner does: nothing of the batch, in any partition
             raise
         await parts.commit()
-        self._offsets[category] = offset + len(data)
+        self._offsets[(category, owner)] = offset + len(data)
 
-    def feed(self, category: str, *events: Any) -> None:
+    def feed(self, category: str, *events: Any, owner: str | None = None) -> None:
         """:meth:`feed_async` for synchronous tests (not inside a running event loop)."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            asyncio.run(self.feed_async(category, *events))
+            asyncio.run(self.feed_async(category, *events, owner=owner))
             return
         raise RuntimeError("Tester.feed() inside an event loop: use await tester.feed_async()")
 

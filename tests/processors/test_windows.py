@@ -62,6 +62,20 @@ def test_hopping_windows_count_an_event_in_each_window() -> None:
         (0, 60, 2), (20, 80, 2), (40, 100, 2)]
 
 
+def test_streams_out_of_order_with_each_other() -> None:
+    app, _, closed = clicks_app()
+    t = Tester(app)
+    t.add_streams("clicks", "a", "b")
+    t.feed("clicks", {"id": "a1", "page": "p", "ts": 10}, {"id": "a2", "page": "p", "ts": 500},
+           owner="a")
+    assert closed == []  # stream b has not shown its time: nothing closes
+    t.feed("clicks", {"id": "b1", "page": "p", "ts": 20}, owner="b")
+    assert closed == []  # b is at 20: [0, 60) stays open for b's late-in-time events
+    t.feed("clicks", {"id": "b2", "page": "p", "ts": 30}, {"id": "b3", "page": "p", "ts": 90},
+           owner="b")
+    assert [(r.start, r.value) for r in closed] == [(0, 3)]
+
+
 def test_window_definitions_are_checked() -> None:
     app = App("x", state_dir="unused")
     with pytest.raises(ValueError, match="size"):
