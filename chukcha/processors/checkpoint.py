@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
+from chukcha.processors.changelog import Changelog
 from chukcha.processors.config import ProcessorConfig
 from chukcha.processors.engine import Engine
 from chukcha.state.base import StateStore
@@ -64,8 +65,12 @@ class Checkpoint:
     """
 
     def __init__(self, engine: Engine, store: StateStore, io: CheckpointIO,
-                 config: ProcessorConfig, *, name: str) -> None:
+                 config: ProcessorConfig, *, name: str,
+                 changelog: Changelog | None = None) -> None:
         self.engine = engine
+        self.changelog = changelog
+        """State on the bus (:mod:`chukcha.processors.changelog`): each fsync'ed commit is
+        published there before any input past it is acked; an empty store is restored from it."""
         self.store = store
         self._io = io
         self._config = config
@@ -77,7 +82,11 @@ class Checkpoint:
         self._progress_at = time.monotonic()
 
     async def load(self) -> None:
-        """Read the partition's dedup index, positions and unsent outbox."""
+        """Read the partition's dedup index, positions and unsent outbox (after restoring an
+        empty store from its changelog, with one)."""
+        if self.changelog is not None:
+            await self.changelog.restore_if_empty(self.store)
+            await asyncio.to_thread(self.changelog.load, self.store)
         await asyncio.to_thread(self.engine.load)
 
     async def commit(self) -> None:
@@ -86,7 +95,7 @@ class Checkpoint:
         await self._write(self._sync_due())
         await self.send_outbox()
         if not self.unsynced:  # fsync'ed (or the policy never fsyncs): the acks may follow
-            await self._io.ack(self, force=False)
+            await self._ack(force=False)
 
     async def idle(self) -> None:
         """Nothing new to process: fsync a pending commit (then ack), or ack what is due (a
@@ -95,14 +104,14 @@ class Checkpoint:
         if self.unsynced:
             await self.sync()
         else:
-            await self._io.ack(self, force=True)
+            await self._ack(force=True)
 
     async def sync(self) -> None:
         """fsync the store now, then ack."""
         await asyncio.to_thread(self.store.write, {}, (), sync=True)
         self._last_sync = time.monotonic()
         self.unsynced = False
-        await self._io.ack(self, force=False)
+        await self._ack(force=False)
 
     async def finish(self) -> None:
         """At a graceful stop: commit what is staged (fsync'ed unless the policy never
@@ -114,7 +123,15 @@ class Checkpoint:
         elif self.unsynced:
             await asyncio.to_thread(self.store.write, {}, (), sync=True)
             self.unsynced = False
-        await self._io.ack(self, force=False)
+        await self._ack(force=False)
+
+    async def _ack(self, *, force: bool) -> None:
+        """Step 5, after publishing the committed changelog records (retried until they are
+        confirmed): an ack never precedes the bus holding the state it covers."""
+        changelog = self.changelog
+        if changelog is not None and changelog.unpublished:
+            await self.retry(f"changelog publish to {changelog.category!r}", changelog.publish)
+        await self._io.ack(self, force=force)
 
     async def flush_sinks(self) -> None:
         """Step 1: write the staged sink rows (retried until they succeed)."""
@@ -139,10 +156,14 @@ class Checkpoint:
 
     async def _write(self, sync: bool) -> None:
         """Steps 2-3: one write batch, fsync'ed when ``sync``."""
-        engine, store = self.engine, self.store
+        engine, store, changelog = self.engine, self.store, self.changelog
         plan = engine.prepare()
-        write = asyncio.ensure_future(asyncio.to_thread(store.write, plan.puts, plan.deletes,
-                                                        sync=sync))
+        puts, deletes = plan.puts, plan.deletes
+        done_deletes: list[bytes] = []
+        if changelog is not None:
+            extra, done_deletes = changelog.stage(plan)
+            puts, deletes = {**plan.puts, **extra}, [*plan.deletes, *done_deletes]
+        write = asyncio.ensure_future(asyncio.to_thread(store.write, puts, deletes, sync=sync))
         try:
             await asyncio.shield(write)
         except asyncio.CancelledError:
@@ -151,11 +172,19 @@ class Checkpoint:
                 await write
             if write.done() and not write.cancelled() and write.exception() is None:
                 engine.committed()
+                if changelog is not None:
+                    changelog.committed()
+            elif changelog is not None:
+                changelog.discard(done_deletes)
             raise
         except BaseException:
             engine.discard()
+            if changelog is not None:
+                changelog.discard(done_deletes)
             raise
         engine.committed()
+        if changelog is not None:
+            changelog.committed()
         self.commits += 1
         if sync:
             self._last_sync = time.monotonic()

@@ -38,6 +38,11 @@ class ProcessorConfig:
         retry_initial: first delay (s) before retrying a failed sink flush or outbox send.
         retry_max: the longest delay between retries (the backoff doubles up to it).
         stop_timeout: seconds a graceful stop may take to finish the batch (default 30 s).
+        changelog: publish each partition's commits to ``<app>.changelog.p<NNNN>`` on the bus
+            before acking the input, and restore an empty state from there
+            (:mod:`chukcha.processors.changelog`; default off).
+        changelog_min_sync_replicas: how many other nodes must hold a changelog record before
+            it counts as published (default 0: the node written to).
         state: the state store settings (fsync policy, cache).
         dedup: the event-ID index retention.
         token: sent as ``Authorization: Bearer`` to the nodes (``--auth-token-file`` on them;
@@ -51,6 +56,8 @@ class ProcessorConfig:
     retry_initial: float = 0.1
     retry_max: float = 5.0
     stop_timeout: float = 30.0
+    changelog: bool = False
+    changelog_min_sync_replicas: int = 0
     state: StateConfig = field(default_factory=StateConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     token: str | None = field(default=None, repr=False)
@@ -63,5 +70,7 @@ class ProcessorConfig:
             raise ValueError("max_batch_bytes must be positive")
         if self.read_timeout <= 0 or self.stop_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        if self.changelog_min_sync_replicas < 0:
+            raise ValueError("changelog_min_sync_replicas must be >= 0")
         if not 0 < self.retry_initial <= self.retry_max:
             raise ValueError("need 0 < retry_initial <= retry_max")

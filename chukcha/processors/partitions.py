@@ -27,6 +27,7 @@ from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 from chukcha.partitioning import partition_dir_name
+from chukcha.processors.changelog import Changelog, ChangelogBus
 from chukcha.processors.checkpoint import Checkpoint, CheckpointIO
 from chukcha.processors.engine import Decoded, Engine, decode_batch
 
@@ -56,7 +57,8 @@ class PartitionSet:
     written), so another instance can run them (:mod:`chukcha.processors.split`)."""
 
     def __init__(self, app: App, stores: Sequence[StateStore], io: CheckpointIO, *,
-                 owned: Collection[int] | None = None) -> None:
+                 owned: Collection[int] | None = None,
+                 changelog_bus: ChangelogBus | None = None) -> None:
         if len(stores) != app.partitions:
             raise ValueError(f"app {app.name!r} has {app.partitions} partitions, "
                              f"got {len(stores)} stores")
@@ -65,7 +67,9 @@ class PartitionSet:
         one = len(stores) == 1
         self.checkpoints = [
             Checkpoint(engine, store, io, app.config,
-                       name=app.name if one else f"{app.name}/{partition_dir_name(i)}")
+                       name=app.name if one else f"{app.name}/{partition_dir_name(i)}",
+                       changelog=Changelog(app.name, i, changelog_bus)
+                       if changelog_bus is not None and app.config.changelog else None)
             for i, (engine, store) in enumerate(zip(self.engines, stores, strict=True))
         ]
         self.owned = sorted(set(owned)) if owned is not None else list(range(len(stores)))
@@ -162,8 +166,10 @@ class PartitionSet:
 
     @property
     def synced(self) -> bool:
-        """No partition has a commit waiting for its fsync."""
-        return not any(c.unsynced for c in self._mine)
+        """No partition has a commit waiting for its fsync, or for its changelog record to be
+        confirmed on the bus: acks based on every partition's positions may go out."""
+        return not any(c.unsynced or (c.changelog is not None and c.changelog.unpublished)
+                       for c in self._mine)
 
     def resume_positions(self, category: str) -> dict[str, tuple[str, int]]:
         """Where to read ``category`` from: per owner stream, the lowest committed position of

@@ -212,6 +212,33 @@ class _BusIO:
     async def send(self, category: str, lines: list[bytes]) -> None:
         await self._client.send(category, lines)
 
+    async def publish(self, category: str, lines: list[bytes]) -> None:
+        """A changelog record, confirmed by ``changelog_min_sync_replicas`` other nodes."""
+        await self._client.send(category, lines,
+                                min_sync_replicas=self._app.config.changelog_min_sync_replicas)
+
+    async def read_all(self, category: str) -> list[bytes]:
+        """Every message of ``category`` on every node that answers (a record that has not
+        replicated everywhere yet is still found); raises when no node answers."""
+        lines: list[bytes] = []
+        answered: list[str] = []
+        errors: list[str] = []
+        api = self._client.api
+        for url in self._client.nodes:
+            try:
+                for info in await api.list_chunks(url, category):
+                    off = 0
+                    while data := await api.read(url, category, info.name, off, 4 << 20):
+                        off += len(data)
+                        lines.extend(data[:-1].split(b"\n"))
+            except ClientError as exc:
+                errors.append(f"{url}: {exc}")
+                continue
+            answered.append(url)
+        if not answered:
+            raise ClientError(f"no node answered reading {category!r}: {'; '.join(errors)}")
+        return lines
+
     async def ack(self, checkpoint: Checkpoint, *, force: bool) -> None:
         """Ack (through each consumer) everything wholly before the lowest committed position
         of all partitions, once none of them waits for an fsync."""
@@ -252,7 +279,8 @@ class _Session:
         self._hops: list[Repartitioner] = []
         io = _BusIO(app, client, self._consumers)
         self._parts = io.partitions = PartitionSet(app, stores, io,
-                                                   owned=split.owned(app.partitions))
+                                                   owned=split.owned(app.partitions),
+                                                   changelog_bus=io)
 
     async def load(self) -> None:
         await self._parts.load()

@@ -1,0 +1,22 @@
+"""The app of the changelog tests (``chukcha run tests.processors.changelog_app:app``): 4
+partitions keyed by customer, state on the bus (``changelog=True``), small batches so that a run
+makes many commits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chukcha import App, Context
+from chukcha.processors import ProcessorConfig
+
+__all__ = ["app"]
+
+app = App("billing", partitions=4, config=ProcessorConfig(
+    max_batch_bytes=2048, read_timeout=0.2, changelog=True))
+
+
+@app.processor("orders", key=lambda order: order["customer"])
+def on_order(ctx: Context, order: dict[str, Any]) -> None:
+    spent = ctx.get(ctx.key, 0) + order["amount"]
+    ctx.set(ctx.key, spent)
+    ctx.emit("receipts", {"order": ctx.event_id, "customer": ctx.key, "spent": spent})
