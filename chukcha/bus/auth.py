@@ -1,4 +1,4 @@
-"""Who may talk to a node: bearer tokens and the cross-site check (one middleware).
+"""Who may talk to a node: bearer tokens and the cross-site check (one per-request check).
 
 - **Tokens** (``chukcha node --auth-token-file PATH``): the file holds one token per line (blank
   lines and ``#`` comments ignored); every listed token is accepted, so a token is rotated by
@@ -29,9 +29,7 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
-from aiohttp import web
-
-from chukcha.bus.http import Handler
+from chukcha.bus import web
 
 __all__ = ["READ_PATHS", "NodeAuth", "TokenFile", "read_tokens"]
 
@@ -118,7 +116,7 @@ def _stamp(path: Path) -> tuple[int, int, int]:
 
 
 class NodeAuth:
-    """The node's access middleware (see the module docstring)."""
+    """The node's access check (see the module docstring)."""
 
     def __init__(self, tokens: TokenFile | None, *, auth_reads: bool = False) -> None:
         if auth_reads and tokens is None:
@@ -126,8 +124,8 @@ class NodeAuth:
         self.tokens = tokens
         self._auth_reads = auth_reads
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def check(self, request: web.Request) -> web.StreamResponse | None:
+        """The server's per-request check: ``None`` lets the request through."""
         changes = _changes(request)
         if changes and _cross_site(request):
             logger.info("refused a cross-site %s %s (Origin %s)", request.method, request.path,
@@ -142,7 +140,7 @@ class NodeAuth:
                     status=401, text="unauthorized: send Authorization: Bearer <token>\n",
                     headers={"WWW-Authenticate": 'Bearer realm="chukcha"'},
                 )
-        return await handler(request)
+        return None
 
 
 def _changes(request: web.Request) -> bool:

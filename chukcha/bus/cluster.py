@@ -15,8 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from aiohttp import web
-
+from chukcha.bus import web
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import NodeConfig, Peer
 from chukcha.bus.coordination import EtcdGroups, EtcdMembership, Membership, StaticMembership

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from chukcha.bus.server import ServerLimits
 from chukcha.protocol import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_CHUNK_SIZE,
@@ -150,6 +151,8 @@ class NodeConfig:
         tls_ca: CA certificate(s) to trust for ``https://`` peers (default: the system's).
         metrics: serve ``/metrics`` and time every request (default on; see
             :mod:`chukcha.bus.metrics` and ``bench/bench_metrics.py`` for the cost).
+        server: connection and memory limits of the HTTP server (its body limit is
+            ``max_batch_size``).
     """
 
     instance: str
@@ -174,6 +177,7 @@ class NodeConfig:
     retain_acked: float | None = None
     retain_acked_categories: tuple[tuple[str, float | None], ...] = ()
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    server: ServerLimits = field(default_factory=ServerLimits)
 
     def _check_operations(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

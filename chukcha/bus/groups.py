@@ -69,9 +69,8 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
-from aiohttp import web
 
-from chukcha.bus import files
+from chukcha.bus import files, web
 from chukcha.bus.app_coordination import claim_key
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import Peer

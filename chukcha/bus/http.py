@@ -1,24 +1,24 @@
-"""The HTTP API of a node (``PROTOCOL.md``), on aiohttp.
+"""The HTTP API of a node (``PROTOCOL.md``), served by :mod:`chukcha.bus.server`.
 
 Handlers are thin: they parse parameters and call the :class:`~chukcha.bus.chunks.ChunkStore`.
-Errors become responses in exactly one place, :func:`error_middleware`. Like the Go server we
-ignore the HTTP method. Other components (replication, consumer groups) plug in through the
-small protocols below and add their own routes with :func:`add_routes`.
+Errors become responses in exactly one place, :func:`chukcha.bus.server.error_response`. Like
+the Go server we ignore the HTTP method. Other components (replication, consumer groups) plug in
+through the small protocols below and add their own routes to the node's
+:class:`~chukcha.bus.server.Router`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 import orjson
-from aiohttp import ClientPayloadError, web
 
+from chukcha.bus import web
 from chukcha.bus.chunks import ChunkStore
-from chukcha.errors import BadRequestError, BodyTooLargeError, ChukchaError
+from chukcha.bus.web import Handler
+from chukcha.errors import BadRequestError, BodyTooLargeError
 from chukcha.protocol import (
     MAX_INT_PARAM,
     check_messages,
@@ -34,9 +34,7 @@ __all__ = [
     "Fence",
     "Handler",
     "ReplicaWaiter",
-    "add_routes",
     "bool_param",
-    "error_middleware",
     "float_param",
     "int_param",
     "str_param",
@@ -44,7 +42,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _JSON: Final = "application/json"
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"", "0", "false", "no", "off"})
@@ -123,21 +120,6 @@ def float_param(
     return number
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map exceptions to plain-text error responses (the server's one mapping point)."""
-    try:
-        return await handler(request)
-    except ChukchaError as exc:
-        logger.debug("%s %s -> %d %s", request.method, request.path_qs, exc.http_status, exc)
-        resp = web.Response(status=exc.http_status, text=f"{exc}\n")
-        if isinstance(exc, BodyTooLargeError):
-            resp.force_close()
-        return resp
-    except web.HTTPNotFound:
-        return web.Response(status=404, text="not found\n")
-
-
 class _LocalAcks:
     """Without consumer groups: an ack tombstones the chunk (the Go behaviour)."""
 
@@ -181,30 +163,13 @@ class BusApi:
             "/listCategories": self.list_categories,
         }
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        length = request.content_length
-        if length is not None and length > self._max_batch:
+    def _body(self, request: web.Request) -> bytes:
+        # The server read the whole body (bounded by its body limit, which the node sets to
+        # the batch limit, and with a 400 and a closed connection above it).
+        body = request.body
+        if len(body) > self._max_batch:
             raise BodyTooLargeError(self._max_batch)
-        if length == 0:
-            return b""  # aiohttp's readexactly(0) at EOF raises instead of returning b""
-        try:
-            if length is not None:
-                # A small body usually arrived with the headers: take it without a wait.
-                head = request.content.read_nowait(length)
-                if len(head) == length:
-                    return head
-                return head + await request.content.readexactly(length - len(head))
-            parts: list[bytes] = []
-            total = 0
-            while chunk := await request.content.readany():
-                total += len(chunk)
-                if total > self._max_batch:
-                    raise BodyTooLargeError(self._max_batch)
-                parts.append(chunk)
-            return b"".join(parts)
-        except (asyncio.IncompleteReadError, ClientPayloadError, ConnectionError) as exc:
-            # The client went away mid-body: nothing of it is written.
-            raise BadRequestError(f"truncated write body: {exc}") from None
+        return body
 
     async def write(self, request: web.Request) -> web.StreamResponse:
         category = str_param(request, "category")
@@ -217,7 +182,7 @@ class BusApi:
             raise BadRequestError(
                 f"min_sync_replicas={min_sync} but this node has no peers to replicate to"
             )
-        body = await self._read_body(request)
+        body = self._body(request)
         check_messages(body, self._max_message)
         result = await self._store.write(category, body, sync=sync)
         if min_sync > 0 and self.replicas is not None:
@@ -235,7 +200,13 @@ class BusApi:
             # Extension: a long poll. With nothing at `off` yet, answer when data arrives, the
             # chunk becomes complete, or `wait` seconds pass; an empty 200 still means "no more".
             data = await self._store.read_wait(category, chunk, off, max_size, wait)
+            await request.hold_memory(len(data))
         else:
+            size = self._store.chunk_size(category, chunk)
+            if size is not None and size > off:
+                # Counted before the bytes are read: a client slow to take its answer must not
+                # make the node hold unbounded memory (ServerLimits.memory_budget).
+                await request.hold_memory(min(max_size, size - off))
             data = await self._store.read_buffer(category, chunk, off, max_size)
         return web.Response(body=data, content_type="application/octet-stream")
 
@@ -262,9 +233,3 @@ class BusApi:
 
     async def list_categories(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=orjson.dumps(self._store.categories()), content_type=_JSON)
-
-
-def add_routes(app: web.Application, routes: dict[str, Handler]) -> None:
-    """Serve each path for any HTTP method, as the Go server does."""
-    for path, handler in routes.items():
-        app.router.add_route("*", path, handler)

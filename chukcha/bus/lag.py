@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
-from aiohttp import web
 
+from chukcha.bus import web
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.groups import GroupRegistry
 from chukcha.bus.http import Handler

@@ -3,7 +3,7 @@
 Most families are read at scrape time from the counters the components keep anyway (the chunk
 store's :class:`~chukcha.bus.chunks.Traffic`, the groups' ack counts, the replicator's links),
 so they cost nothing per request. Only the HTTP families are recorded per request, by
-:meth:`NodeMetrics.middleware` (two clock reads, a bisect and three integer increments,
+:meth:`NodeMetrics.observe` (two clock reads, a bisect and three integer increments,
 about 1 us; ``bench/bench_metrics.py`` measures the whole cost).
 
 Families (counters end in ``_total``; ``category``, ``group`` and ``peer`` labels as named):
@@ -51,7 +51,6 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Final
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -62,6 +61,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from chukcha.bus import web
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.groups import ConsumerGroups
 from chukcha.bus.http import Handler
@@ -84,7 +84,7 @@ class _Snapshot:
 
 
 class NodeMetrics:
-    """The node's registry, its per-request HTTP middleware and the ``/metrics`` route."""
+    """The node's registry, its per-request HTTP observer and the ``/metrics`` route."""
 
     def __init__(
         self,
@@ -122,21 +122,9 @@ class NodeMetrics:
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Count and time every request by its route (``other`` for unknown paths)."""
-        t0 = time.perf_counter()
-        status = 500
-        try:
-            resp = await handler(request)
-            status = resp.status
-            return resp
-        finally:
-            resource = request.match_info.route.resource
-            endpoint = resource.canonical if resource is not None else _OTHER
-            self._observe(endpoint, status, time.perf_counter() - t0)
-
-    def _observe(self, endpoint: str, status: int, seconds: float) -> None:
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        """Count and time one answered request by its route (``other`` for unknown paths);
+        the server calls it for every answer (``Router.add_observer``)."""
         stats = self._routes.get(endpoint)
         if stats is None:
             stats = self._routes[endpoint] = _RouteStats()

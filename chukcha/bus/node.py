@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import ssl
@@ -12,19 +13,18 @@ from enum import Enum
 from pathlib import Path
 from types import TracebackType
 
-from aiohttp import web
-
 from chukcha.bus.auth import NodeAuth, TokenFile
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.cluster import Cluster
 from chukcha.bus.config import NodeConfig
 from chukcha.bus.groups import ConsumerGroups
-from chukcha.bus.http import BusApi, add_routes, error_middleware
+from chukcha.bus.http import BusApi
 from chukcha.bus.lag import LagApi, LagMeter
 from chukcha.bus.metrics import NodeMetrics
 from chukcha.bus.partitions import CategoryPartitions
 from chukcha.bus.peers import PeerAccess
 from chukcha.bus.retain import AckedRetention
+from chukcha.bus.server import HttpServer, Router
 
 __all__ = ["Node", "NodeState"]
 
@@ -65,9 +65,13 @@ class Node:
         self.peer_access = PeerAccess(
             (lambda: tokens.current) if tokens is not None else None,
         )
+        # Routes and per-request checks are added here; the server's parser never changes.
+        self.router = Router()
+        self.router.add_routes(self.api.routes())
         # Replication, membership and /status (issue 3).
         self.cluster = Cluster(config, self.store, self.peer_access)
         self.api.replicas = self.cluster.replica_waiter
+        self.router.add_routes(self.cluster.routes())
         # Consumer groups and retention (issue 4): /ack with group=, /groups/*, /retention.
         self.groups = ConsumerGroups(
             self.store, peers=self.cluster.group_peers, etcd=self.cluster.group_store,
@@ -80,25 +84,26 @@ class Node:
         # Partitioned categories (issue 14): /partitions, recorded like the groups.
         self.partitions = CategoryPartitions(self.store, self.groups,
                                              self.cluster.group_store)
+        self.router.add_routes(self.groups.routes())
+        self.router.add_routes(self.partitions.routes())
         # Operations (issue 12): /groups/lag and /metrics.
         self.lag = LagMeter(self.store, self.groups.registry)
+        self.router.add_routes(LagApi(self.lag).routes())
         self.metrics: NodeMetrics | None = None
-        middlewares = [self.auth.middleware, error_middleware]
+        self.router.add_check(self.auth.check)  # before every handler
         if config.metrics:
             self.metrics = NodeMetrics(
                 config.instance, self.cluster.mode, store=self.store, groups=self.groups,
                 replicator=lambda: self.cluster.replicator, lag=self.lag,
             )
-            middlewares.insert(0, self.metrics.middleware)  # outermost: sees every status
-        self.app = web.Application(middlewares=middlewares)
-        add_routes(self.app, self.api.routes())
-        add_routes(self.app, self.cluster.routes())
-        add_routes(self.app, self.groups.routes())
-        add_routes(self.app, self.partitions.routes())
-        add_routes(self.app, LagApi(self.lag).routes())
-        if self.metrics is not None:
-            add_routes(self.app, self.metrics.routes())
-        self._runner: web.AppRunner | None = None
+            self.router.add_observer(self.metrics.observe)  # sees every answer's status
+            self.router.add_routes(self.metrics.routes())
+        limits = config.server
+        self.server = HttpServer(self.router, dataclasses.replace(
+            limits, max_body_size=config.max_batch_size,
+            memory_budget=max(limits.memory_budget, config.max_batch_size),
+        ))
+        self._serving = False
         self._sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._state = NodeState.NEW
@@ -137,11 +142,8 @@ class Node:
         try:
             await self.groups.start()  # the registry is loaded before any ack is served
             self._sock = self._bind()
-            self._runner = web.AppRunner(
-                self.app, access_log=None, shutdown_timeout=cfg.stop_timeout
-            )
-            await self._runner.setup()
-            await web.SockSite(self._runner, self._sock, ssl_context=server_tls).start()
+            await self.server.start(self._sock, ssl=server_tls)
+            self._serving = True
             self._tasks.append(
                 asyncio.create_task(self._rotate_forever(), name="chunk-rotation")
             )
@@ -167,9 +169,9 @@ class Node:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.config.stop_timeout)
         self._tasks.clear()
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        if self._serving:
+            self._serving = False
+            await self.server.stop(self.config.stop_timeout)
         await self._close_store()
 
     def _bind(self) -> socket.socket:
@@ -219,10 +221,10 @@ class Node:
                 await asyncio.wait(self._tasks, timeout=self.config.stop_timeout)
             self._tasks.clear()
             self.store.wake_waiters()  # parked long-poll reads answer now, not after wait=
-            if self._runner is not None:
-                # Stops accepting, then waits (up to shutdown_timeout) for in-flight requests.
-                await self._runner.cleanup()
-                self._runner = None
+            if self._serving:
+                # Stops accepting, then waits (up to stop_timeout) for in-flight requests.
+                self._serving = False
+                await self.server.stop(self.config.stop_timeout)
             await self._close_store()
         finally:
             self._state = NodeState.STOPPED

@@ -31,8 +31,8 @@ import logging
 from typing import Any, Final
 
 import orjson
-from aiohttp import web
 
+from chukcha.bus import web
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.coordination import EtcdGroups
 from chukcha.bus.groups import ConsumerGroups

@@ -38,9 +38,9 @@ from typing import Any, Final
 
 import aiohttp
 import orjson
-from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 
+from chukcha.bus import web
 from chukcha.bus.catchup import CatchUp
 from chukcha.bus.chunks import ChunkStore, StoreEvent, StoreEventKind
 from chukcha.bus.config import Peer, ReplicationConfig

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
 
+from chukcha.bus import web
 from chukcha.bus.coordination import Membership
 from chukcha.bus.http import Handler
 from chukcha.bus.replication import ReplicationServer, Replicator

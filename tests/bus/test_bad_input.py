@@ -173,14 +173,12 @@ async def test_body_over_the_batch_limit_is_400_and_the_connection_closed(
 
 
 def _connections(node: Node) -> int:
-    runner = node._runner
-    assert runner is not None and runner.server is not None
-    return len(runner.server.connections)
+    return len(node.server.connections)
 
 
 async def _connections_down_to(node: Node, count: int) -> None:
     async with asyncio.timeout(10):
-        # aiohttp has no "connection closed" hook to await; its connection list is the state.
+        # The server has no "connection closed" hook to await; its connection list is the state.
         while _connections(node) > count:  # noqa: ASYNC110 - no push to wait on
             await asyncio.sleep(0.01)
 

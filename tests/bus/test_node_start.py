@@ -28,7 +28,7 @@ async def test_a_failed_cluster_start_releases_the_lock_the_port_and_the_tasks(
         await node.start()
     assert node.state is NodeState.NEW
     assert not [t for t in asyncio.all_tasks() if t.get_name() == "chunk-rotation"]
-    assert node._runner is None and node._sock is None
+    assert not node._serving and node._sock is None
     await node.stop()  # still fine to call
 
     # running.lock is free: another node starts on the same directory and serves.
