@@ -569,7 +569,9 @@ class _Connection(asyncio.Protocol):
         status: int, content_type: bytes, length: int | None, *, close: bool,
         version: str = "1.1", headers: Mapping[str, str] | None = None, keep_alive: bool = True,
     ) -> bytes:
-        parts = [b"HTTP/%b %d %b\r\n" % (version.encode(), status, _REASONS.get(status, b"")),
+        # HTTP/1.1 answers everything but 1.0 (a 0.9 request line gets a 1.1 answer too).
+        proto = b"HTTP/1.0" if version == "1.0" else b"HTTP/1.1"
+        parts = [b"%b %d %b\r\n" % (proto, status, _REASONS.get(status, b"")),
                  b"Date: %b\r\n" % _date()]
         if length is not None:
             parts.append(b"Content-Length: %d\r\n" % length)
