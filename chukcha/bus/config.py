@@ -134,6 +134,8 @@ class NodeConfig:
         max_batch_size: largest write body (default 4 MiB).
         max_message_size: largest message (default 1 MiB).
         sync_each_write: fsync every write before answering (default off: page cache).
+        group_commit: durable writes (``sync=1``, ``sync_each_write``) that arrive together
+            share one fsync (default on); off, each pays its own under the category lock.
         etcd_endpoints: etcd URLs; empty means no etcd.
         cluster: the cluster name, the etcd key prefix ``chukcha/<cluster>/``.
         stop_timeout: seconds a graceful stop may take.
@@ -165,6 +167,7 @@ class NodeConfig:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_message_size: int = MAX_MESSAGE_SIZE
     sync_each_write: bool = False
+    group_commit: bool = True
     etcd_endpoints: tuple[str, ...] = ()
     cluster: str = "default"
     stop_timeout: float = 10.0

@@ -52,6 +52,7 @@ class Node:
             config.instance,
             max_chunk_size=config.max_chunk_size,
             sync_each_write=config.sync_each_write,
+            group_commit=config.group_commit,
         )
         self.api = BusApi(
             self.store,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from chukcha.bus.config import NodeConfig, ReplicationConfig, default_instance_name, parse_peers
+from chukcha.bus.server import ServerLimits
 from chukcha.cli.options import duration
 from chukcha.cli.options import positive_duration as _duration
 from chukcha.cli.options import positive_size as _size
@@ -101,6 +102,9 @@ def register(sub: Any) -> None:
           help="largest accepted write body")
     _flag(ext, "sync-each-write", action="store_true",
           help="fsync every write before answering (else per request with sync=1)")
+    _flag(ext, "no-group-commit", action="store_true",
+          help="fsync each durable write (sync=1, --sync-each-write) on its own instead of "
+               "letting concurrent ones share one fsync (for comparison benchmarks)")
     _flag(ext, "etcd", default=os.environ.get("CHUKCHA_ETCD", ""), metavar="URL[,URL...]",
           help="etcd endpoints for membership (env CHUKCHA_ETCD); none: static --peers")
     _flag(ext, "cluster", default="default", metavar="NAME",
@@ -132,6 +136,24 @@ def register(sub: Any) -> None:
                "give peers as NAME=https://HOST:PORT")
     _flag(ext, "no-metrics", action="store_true",
           help="do not serve /metrics nor time requests (for comparison benchmarks)")
+    lim = p.add_argument_group(
+        "connection limits (extensions; what slow or idle clients may hold)")
+    d = ServerLimits()
+    _flag(lim, "max-connections", type=int, default=d.max_connections, metavar="N",
+          help="open connections at most; at the cap the longest-idle keep-alive connection "
+               "is closed for a newcomer, with none idle the newcomer gets a 503")
+    _flag(lim, "header-timeout", type=_duration, default=f"{d.header_timeout:g}s",
+          metavar="DURATION", help="time from a request's first byte to the end of its headers")
+    _flag(lim, "body-timeout", type=_duration, default=f"{d.body_timeout:g}s",
+          metavar="DURATION", help="longest pause inside a request body")
+    _flag(lim, "keepalive-timeout", type=_duration, default=f"{d.keepalive_timeout:g}s",
+          metavar="DURATION", help="an idle keep-alive connection is closed after this")
+    _flag(lim, "send-timeout", type=_duration, default=f"{d.send_timeout:g}s",
+          metavar="DURATION", help="a client that takes no byte of its answer this long is "
+                                   "disconnected")
+    _flag(lim, "memory-budget", type=_size, default=d.memory_budget, metavar="SIZE",
+          help="memory held at once for bodies being received and answers waiting for slow "
+               "clients; when it is spent, the clients stalled longest are disconnected")
     _flag(ext, "listen-fd", type=int, default=None, metavar="FD",
           help="serve on this already bound listening socket (socket activation)")
     _flag(ext, "log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -152,6 +174,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         max_batch_size=args.max_batch_size,
         max_message_size=min(args.max_batch_size, 1 << 20),
         sync_each_write=args.sync_each_write,
+        group_commit=not args.no_group_commit,
         etcd_endpoints=tuple(e.strip() for e in args.etcd.split(",") if e.strip()),
         cluster=args.cluster,
         metrics=not args.no_metrics,
@@ -160,6 +183,12 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
+        server=ServerLimits(
+            max_connections=args.max_connections, header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout, keepalive_timeout=args.keepalive_timeout,
+            send_timeout=args.send_timeout, memory_budget=max(args.memory_budget,
+                                                              args.max_batch_size),
+        ),
         retain_acked=next((p for c, p in reversed(args.retain_acked) if c is None), None),
         retain_acked_categories=tuple((c, p) for c, p in args.retain_acked if c is not None),
         replication=ReplicationConfig(
