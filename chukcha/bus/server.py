@@ -556,7 +556,10 @@ class _Connection(asyncio.Protocol):
         if transport is None or self._closed:
             return
         body = resp.body
-        head = self._head(resp.status, resp.content_type.encode() if resp.content_type else b"",
+        content_type = resp.content_type
+        if resp.headers and any(k.lower() == "content-type" for k in resp.headers):
+            content_type = ""  # set in the headers (aiohttp style): that one wins
+        head = self._head(resp.status, content_type.encode() if content_type else b"",
                           len(body), close=close, version=request.version,
                           headers=resp.headers, keep_alive=request.keep_alive)
         if len(body) <= 16384:
