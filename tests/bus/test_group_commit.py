@@ -34,7 +34,7 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[Disk]:
     disk = Disk([])
 
     def slow_fsync(fd: int) -> None:
-        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        name = Path(f"/proc/self/fd/{fd}").readlink().name
         size = os.fstat(fd).st_size
         time.sleep(0.02)  # a slow disk, in the worker thread that does the fsync
         if disk.fail:
