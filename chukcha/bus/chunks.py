@@ -731,6 +731,23 @@ class ChunkStore:
         cat.traffic.bytes_read += cut
         return data if cut == len(data) else memoryview(data)[:cut]
 
+    async def read_slice(
+        self, category: str, chunk: str, off: int, max_size: int
+    ) -> bytes | memoryview | FileSlice:
+        """:meth:`read_buffer`; but an answer over ``STREAM_READ_OVER`` bytes comes as a
+        :class:`FileSlice` (an open file and the byte range of whole messages) that the server
+        sends piece by piece, so a client slow to take 16 MiB makes the node hold one piece,
+        not 16 MiB."""
+        cat = self._categories.get(category)
+        c = cat.chunks.get(chunk) if cat else None
+        if cat is None or c is None or min(max_size, c.size - off) <= STREAM_READ_OVER:
+            return await self.read_buffer(category, chunk, off, max_size)
+        want = min(max_size, c.size - off)  # committed size: never past a write in progress
+        found = await asyncio.to_thread(_open_slice, cat.path / chunk, off, want)
+        if found is None:  # no newline in the tail: the plain path decides (and errors)
+            return await self.read_buffer(category, chunk, off, max_size)
+        return found
+
     # --- acks ---------------------------------------------------------------------------
 
     async def ack(self, category: str, chunk: str, size: int | None) -> bool:
@@ -807,6 +824,39 @@ class ChunkStore:
         cat.traffic.chunks_acked += 1
         cat.last_index[cname.instance] = max(cat.last_index.get(cname.instance, -1), cname.index)
         self._emit(StoreEventKind.ACKED, cat.name, chunk, size)
+
+
+STREAM_READ_OVER: Final = 1 << 20
+"""Reads answering more than this are sent from the file piece by piece (:class:`FileSlice`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileSlice:
+    """Bytes ``[offset, offset + length)`` of an open chunk file: whole messages. The receiver
+    closes ``fd``. A chunk acked (truncated) meanwhile reads short: the sender must abort."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+def _open_slice(path: Path, off: int, want: int) -> FileSlice | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ChunkNotFoundError(f"chunk {path.parent.name}/{path.name} not found") from None
+    try:
+        # Messages are at most 1 MiB: the last newline is in the last 1 MiB + 1 bytes.
+        tail = min(want, STREAM_READ_OVER + 1)
+        data = os.pread(fd, tail, off + want - tail)
+        cut = data.rfind(b"\n") + 1
+        if len(data) < tail or cut == 0:
+            os.close(fd)
+            return None
+        return FileSlice(fd, off, want - tail + cut)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _pread(path: Path, n: int, off: int) -> bytes:

@@ -16,7 +16,7 @@ from typing import Final, Protocol
 import orjson
 
 from chukcha.bus import web
-from chukcha.bus.chunks import ChunkStore
+from chukcha.bus.chunks import STREAM_READ_OVER, ChunkStore, FileSlice
 from chukcha.bus.web import Handler
 from chukcha.errors import BadRequestError, BodyTooLargeError
 from chukcha.protocol import (
@@ -203,11 +203,15 @@ class BusApi:
             await request.hold_memory(len(data))
         else:
             size = self._store.chunk_size(category, chunk)
-            if size is not None and size > off:
+            if size is not None and off < size <= off + STREAM_READ_OVER:
                 # Counted before the bytes are read: a client slow to take its answer must not
-                # make the node hold unbounded memory (ServerLimits.memory_budget).
+                # make the node hold unbounded memory (ServerLimits.memory_budget). Bigger
+                # answers are sent from the file piece by piece (a FileSlice).
                 await request.hold_memory(min(max_size, size - off))
-            data = await self._store.read_buffer(category, chunk, off, max_size)
+            found = await self._store.read_slice(category, chunk, off, max_size)
+            if isinstance(found, FileSlice):
+                return web.FileResponse(found.fd, found.offset, found.length)
+            data = found
         return web.Response(body=data, content_type="application/octet-stream")
 
     async def ack(self, request: web.Request) -> web.StreamResponse:

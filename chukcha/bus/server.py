@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -43,7 +44,15 @@ from urllib.parse import unquote
 
 import httptools
 
-from chukcha.bus.web import Check, Handler, Headers, Request, Response, StreamResponse
+from chukcha.bus.web import (
+    Check,
+    FileResponse,
+    Handler,
+    Headers,
+    Request,
+    Response,
+    StreamResponse,
+)
 from chukcha.errors import BodyTooLargeError, ChukchaError
 
 __all__ = ["HttpServer", "MemoryBudget", "Observer", "Router", "ServerLimits", "error_response"]
@@ -53,6 +62,8 @@ logger = logging.getLogger(__name__)
 _SMALL_BODY: Final = 64 << 10
 """Bodies and answers up to this size do not count against the memory budget (the connection
 cap bounds them)."""
+_FILE_PIECE: Final = 512 << 10
+"""A big answer from a file is read and sent this much at a time."""
 _MAX_PIPELINED: Final = 64
 """Parsed requests queued on one connection before it stops reading."""
 _REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -89,7 +100,7 @@ class ServerLimits:
     send_timeout: float = 60.0
     max_header_size: int = 64 << 10
     max_body_size: int = 4 << 20
-    memory_budget: int = 128 << 20
+    memory_budget: int = 96 << 20
     stall_grace: float = 1.0
 
     def __post_init__(self) -> None:
@@ -347,6 +358,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        # The parser and this protocol refer to each other: drop what they hold now, not at
+        # the next cyclic garbage collection.
+        self._body = []
+        self._pending.clear()
         self._srv.connections.pop(self, None)
         self._srv.budget.give_back(self)
         if self._timer is not None:
@@ -539,6 +554,8 @@ class _Connection(asyncio.Protocol):
         else:
             resp = await self._respond(request)
         if self._closed:
+            if isinstance(resp, FileResponse):
+                os.close(resp.fd)
             return True  # the client left (perhaps while a stream was being written)
         if not isinstance(resp, Response):
             if self._streaming:
@@ -548,8 +565,38 @@ class _Connection(asyncio.Protocol):
         if self._streaming:  # a stream started, then the handler failed: nothing sane to add
             return True
         close = resp.close or not request.keep_alive or self._srv._closing  # noqa: SLF001
-        self._write_response(resp, request, close)
+        if isinstance(resp, FileResponse):
+            await self._send_file(resp, request, close)
+        else:
+            self._write_response(resp, request, close)
         return close
+
+    async def _send_file(self, resp: FileResponse, request: Request, close: bool) -> None:
+        """Send a file range piece by piece, each read once the client took the last one."""
+        try:
+            head = self._head(resp.status, b"application/octet-stream", resp.length, close=close,
+                              version=request.version, keep_alive=request.keep_alive)
+            pos, end = resp.offset, resp.offset + resp.length
+            while pos < end and not self._closed and self._transport is not None:
+                want = min(_FILE_PIECE, end - pos)
+                piece = await asyncio.to_thread(os.pread, resp.fd, want, pos)
+                if len(piece) < want:  # acked (truncated) meanwhile: never send wrong bytes
+                    logger.info("%s: chunk shrank while being sent; closing", self.peer)
+                    self.abort()
+                    return
+                if head:
+                    self._transport.writelines((head, piece))
+                    head = b""
+                else:
+                    self._transport.write(piece)
+                pos += want
+                del piece
+                if self._write_paused and pos < end:
+                    await self._wait_drained()
+        except ConnectionError:
+            pass
+        finally:
+            os.close(resp.fd)
 
     def _write_response(self, resp: Response, request: Request, close: bool) -> None:
         transport = self._transport
@@ -691,6 +738,8 @@ class _Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self._closed = True
+        self._body = []
+        self._pending.clear()
         if self._transport is not None:
             self._transport.abort()
         self._srv.connections.pop(self, None)

@@ -19,6 +19,7 @@ import orjson
 
 __all__ = [
     "Check",
+    "FileResponse",
     "Handler",
     "Request",
     "Response",
@@ -187,6 +188,18 @@ class Response(StreamResponse):
 
     def force_close(self) -> None:
         self.close = True
+
+
+class FileResponse(Response):
+    """``length`` bytes of the open file ``fd`` from ``offset``, sent piece by piece as the
+    client takes them (the server closes ``fd``). A file that reads short (truncated meanwhile)
+    aborts the connection: the client sees a broken answer, never wrong bytes."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        super().__init__(content_type="application/octet-stream")
+        self.fd = fd
+        self.offset = offset
+        self.length = length
 
 
 def json_response(data: Any, *, status: int = 200) -> Response:

@@ -252,3 +252,19 @@ async def test_min_sync_replicas_on_a_standalone_node_is_refused_before_writing(
     assert await disk_state(node.config.data_dir) == before
     ans = await api.call("/listCategories", method="GET")
     assert ans.body == b"[]"
+
+
+async def test_big_reads_are_streamed_from_the_file_and_still_cut_at_a_message(
+    api: Api, node: Node
+) -> None:
+    # Over 1 MiB an answer is sent from the file piece by piece (a client slow to take it
+    # makes the node hold one piece); the bytes and the cut are the same as for small reads.
+    messages = [b"%07d " % i + b"z" * (1000 + i % 97) + b"\n" for i in range(4000)]
+    body = b"".join(messages)
+    for start in range(0, len(messages), 1000):
+        await api.write("big", b"".join(messages[start:start + 1000]))
+    assert await api.read("big", C0, 0, 16 << 20) == body
+    cut = body.rfind(b"\n", 0, (5 << 19) + 1) + 1
+    assert await api.read("big", C0, 0, 5 << 19) == body[:cut]
+    assert await api.read("big", C0, 12345, 3 << 20) == body[12345:][
+        : body.rfind(b"\n", 12345, 12345 + (3 << 20)) + 1 - 12345]
