@@ -1,0 +1,244 @@
+"""Side by side with the Go server: the table of issue 10, in one run, with ratios.
+
+For each run, a fresh Go node (``--go PATH``, the original server's binary) and a fresh node of
+ours are started one after the other on temporary directories and driven by the same load
+generator (``bench_bus``'s minimal keep-alive client):
+
+- single-message writes (100 B) over 8 and over 64 connections;
+- bulk writes of 100 B messages in 1 MiB batches over 4 connections, then bulk reads of all of
+  it (1 MiB per ``/read``), every byte verified;
+- ``sync=1`` single-message writes over 64 connections, ours with and without group commit
+  (the Go server has no per-request fsync: its column is its plain write rate, for reference).
+
+Every phase checks that what was written is read back exactly once. Medians over ``--runs``.
+
+    .venv/bin/python bench/bench_vs_go.py --go ../shared/bin/chukcha-go
+    .venv/bin/python bench/bench_vs_go.py --go PATH --runs 3 --single-n 60000 -n 3000000
+    .venv/bin/python bench/bench_vs_go.py --go PATH --node-arg=--workers=16   # other flags
+
+The load generator shares the machine with the node under test (on 2 cores it takes about one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+
+import uvloop
+from bench_bus import (
+    RawHttp,
+    Result,
+    Verifier,
+    _Collect,
+    _cpu_seconds,
+    _read_all_raw,
+    _single_raw,
+    _write_all_raw,
+    make_batches,
+)
+
+from chukcha.testing import NodeProcess, bind_loopback
+
+__all__ = ["main"]
+
+_S = 100  # message size
+
+
+@dataclasses.dataclass
+class Target:
+    name: str
+    address: str
+    pid: int | None
+
+
+@contextlib.asynccontextmanager
+async def _go(path: str) -> AsyncIterator[Target]:
+    with tempfile.TemporaryDirectory(prefix="chukcha-bench-go-") as tmp:
+        sock = bind_loopback()
+        port = sock.getsockname()[1]
+        sock.close()  # the Go server binds by itself
+        address = f"127.0.0.1:{port}"
+        proc = await asyncio.create_subprocess_exec(
+            path, "-instance", "gobench", "-dirname", tmp, "-listen", address,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            await _wait_ready(address, proc)
+            yield Target("go", address, proc.pid)
+        finally:
+            proc.terminate()
+            await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def _ours(args: Sequence[str]) -> AsyncIterator[Target]:
+    with tempfile.TemporaryDirectory(prefix="chukcha-bench-py-") as tmp:
+        node = NodeProcess(Path(tmp) / "data", "pybench", ["--log-level", "WARNING", *args])
+        try:
+            await node.start()
+            pid = node.proc.pid if node.proc is not None else None
+            yield Target("ours", node.address, pid)
+        finally:
+            await node.stop()
+            node.close()
+
+
+async def _wait_ready(address: str, proc: asyncio.subprocess.Process) -> None:
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + 15
+    while True:
+        if proc.returncode is not None:
+            raise RuntimeError(f"the Go server exited with {proc.returncode}")
+        try:
+            http = await RawHttp.connect(host, int(port))
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+            continue
+        await http.close()
+        return
+
+
+async def _measured(pid: int | None, phase: Awaitable[Result]) -> Result:
+    before = _cpu_seconds(pid)
+    result = await phase
+    return dataclasses.replace(result, node_cpu=(_cpu_seconds(pid) - before) / result.seconds)
+
+
+async def _check_single(address: str, category: str, n: int) -> None:
+    pieces: list[bytes] = []
+    await _read_all_raw(f"http://{address}", 1 << 20, 1, category, lambda _: _Collect(pieces))
+    lines = b"".join(pieces).split(b"\n")[:-1]
+    if sorted(int(x[:11]) for x in lines) != list(range(n)):
+        raise AssertionError(f"{category}: read {len(lines)} messages back, wrote {n}")
+
+
+async def _single(t: Target, category: str, n: int, conns: int, sync: bool = False) -> Result:
+    # bench_bus puts the category into the target as is: "&sync=1" rides along.
+    target_cat = f"{category}&sync=1" if sync else category
+    result = await _measured(t.pid, _single_raw(t.address, target_cat, n, _S, conns))
+    await _check_single(t.address, category, n)
+    return result
+
+
+async def _bulk(t: Target, bodies: list[bytes], n: int) -> tuple[Result, Result]:
+    write = await _measured(t.pid, _write_all_raw(t.address, "bulk", bodies, 4))
+    verifier = Verifier(bodies)
+    read = await _measured(t.pid, _read_all_raw(f"http://{t.address}", 1 << 20, 4, "bulk",
+                                                verifier.chunk))
+    verifier.finish()
+    if verifier.messages != n:
+        raise AssertionError(f"read {verifier.messages} messages back, wrote {n}")
+    return write, dataclasses.replace(read, messages=verifier.messages)
+
+
+Row = dict[str, Result]
+
+
+async def _one_run(args: argparse.Namespace, bodies: list[bytes]) -> dict[str, Row]:
+    rows: dict[str, Row] = {}
+
+    def put(phase: str, who: str, result: Result) -> None:
+        rows.setdefault(phase, {})[who] = result
+
+    starters: list[tuple[str, Callable[[], contextlib.AbstractAsyncContextManager[Target]]]] = [
+        ("go", lambda: _go(args.go)), ("ours", lambda: _ours(args.node_arg)),
+    ]
+    for who, start in starters:
+        async with start() as t:
+            put("single, 8 conns", who, await _single(t, "s8", args.single_n, 8))
+            put("single, 64 conns", who, await _single(t, "s64", args.single_n, 64))
+            write, read = await _bulk(t, bodies, args.n)
+            put("bulk write, 4 conns", who, write)
+            put("bulk read, 4 conns", who, read)
+            sync = await _single(t, "sync", args.sync_n, 64, sync=True)
+            put("sync=1 single, 64 conns", who, sync)  # Go ignores sync=1: no fsync there
+    async with _ours([*args.node_arg, "--no-group-commit"]) as t:
+        put("sync=1 single, 64 conns", "ours, no group commit",
+            await _single(t, "sync", args.sync_n, 64, sync=True))
+    return rows
+
+
+def _rate(r: Result, bulk: bool) -> float:
+    return r.mb_s if bulk else r.msgs_s
+
+
+def _print(runs: list[dict[str, Row]], title: str) -> None:
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\n{title} (load average {load}; rates: messages/s, bulk: MB/s; CPU: node CPU "
+          f"per message in us, bulk: per MB in ms)")
+    print(f"{'phase':<40} {'Go':>10} {'ours':>10} {'ratio':>7} {'Go p99':>8} {'our p99':>8} "
+          f"{'Go CPU':>8} {'our CPU':>8}")
+    phases: list[str] = []
+    for run in runs:
+        phases += [p for p in run if p not in phases]
+    for phase in phases:
+        bulk = phase.startswith("bulk")
+        who_all = sorted({w for run in runs for w in run.get(phase, {})},
+                         key=lambda w: (w != "go", w))
+        for who in who_all:
+            if who == "go":
+                continue
+            go = [run[phase].get("go") for run in runs if phase in run]
+            ours = [run[phase][who] for run in runs if who in run.get(phase, {})]
+            go_rate = _median([_rate(r, bulk) for r in go if r is not None])
+            our_rate = _median([_rate(r, bulk) for r in ours])
+            label = phase if who == "ours" else f"{phase}, {who.removeprefix('ours, ')}"
+            ratio = our_rate / go_rate if go_rate and not math.isnan(go_rate) else float("nan")
+            print(f"{label:<40} {go_rate:>10.0f} {our_rate:>10.0f} {ratio:>6.2f}x "
+                  f"{_median([r.pct(99) for r in go if r is not None]):>8.2f} "
+                  f"{_median([r.pct(99) for r in ours]):>8.2f} "
+                  f"{_median([_cpu(r, bulk) for r in go if r is not None]):>8.1f} "
+                  f"{_median([_cpu(r, bulk) for r in ours]):>8.1f}")
+    print("(the Go server has no per-request fsync: its sync=1 column is a plain write)")
+
+
+def _cpu(r: Result, bulk: bool) -> float:
+    used = r.node_cpu * r.seconds
+    return used / (r.nbytes / 1e6) * 1e3 if bulk else used / max(1, r.messages) * 1e6
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--go", required=True, help="path of the Go server's binary (chukcha-go)")
+    p.add_argument("--runs", type=int, default=3, help="runs (fresh nodes each); medians")
+    p.add_argument("-n", type=int, default=1_000_000, help="bulk: 100-byte messages")
+    p.add_argument("--single-n", type=int, default=40_000, help="single-message writes")
+    p.add_argument("--sync-n", type=int, default=10_000, help="sync=1 single-message writes")
+    p.add_argument("--node-arg", action="append", default=[],
+                   help="extra flag for our node (repeatable): --node-arg=--workers=4")
+    args = p.parse_args(argv)
+    if not Path(args.go).is_file():
+        print(f"no Go binary at {args.go}", file=sys.stderr)
+        return 2
+    bodies = make_batches(args.n, _S, 1 << 20)
+    runs: list[dict[str, Row]] = []
+    for i in range(args.runs):
+        runs.append(uvloop.run(_one_run(args, bodies)))
+        _print(runs[-1:], f"run {i + 1}/{args.runs}")
+    if args.runs > 1:
+        _print(runs, f"median of {args.runs} runs")
+    print(json.dumps({"cores": os.cpu_count(), "runs": args.runs, "n": args.n,
+                      "single_n": args.single_n, "sync_n": args.sync_n}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
