@@ -27,12 +27,15 @@ import hashlib
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from chukcha.client.events import split_bodies
-from chukcha.codecs import splice_id
+from chukcha.codecs import JSON, splice_id
 from chukcha.errors import ClientError
 from chukcha.partitioning import partition_category
+from chukcha.processors.base import default_event_id
 from chukcha.processors.engine import decode_batch
 
 if TYPE_CHECKING:
@@ -112,28 +115,20 @@ class Repartitioner:
         # With a static split each instance copies only its own partitions' events (every
         # instance reads the whole input as its own group): one writer per partition.
         self._owned = None if owned is None or len(set(owned)) == partitions else set(owned)
-        self._stamp = app.handlers[source].codec.json_object
+        handler = app.handlers[source]
+        self._stamp = handler.codec.json_object
+        self._key = handler.key
+        self._fast = handler.codec is JSON and app.event_id is default_event_id
         self.events = 0
         """Events copied (written and confirmed) since start."""
         self._written: dict[str, Position] = {}  # owner -> position, everything before written
 
     async def step(self, batches: list[Batch]) -> None:
         """Write every event of ``batches`` into its partition, then ack what they finish."""
-        n, source, owned = self._partitions, self.source, self._owned
+        route = self._route_json if self._fast else self._route_any
         parts: dict[int, list[bytes]] = {}
-        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
         for b in batches:
-            items, _ = decode_batch(self._app, source, b.chunk, b.offset, b.data)
-            for ev_off, line, event, eid, key, _error in items:
-                # = partitioning.partition_of, inlined: this loop is the hop's hot path
-                p = from_bytes(blake2b(key.encode(), digest_size=8).digest(), "big") % n
-                if owned is not None and p not in owned:
-                    continue
-                if self._stamp and type(event) is dict and event.get("id") is None \
-                        and eid is not None and eid == f"{source}:{b.chunk}:{ev_off}":
-                    # No ID of its own: carry the one of its original place.
-                    line = splice_id(line, eid)  # noqa: PLW2901
-                parts.setdefault(p, []).append(line)
+            route(b, parts)
         if parts:
             await asyncio.gather(*(self._write(p, lines) for p, lines in parts.items()))
             self.events += sum(len(lines) for lines in parts.values())
@@ -141,6 +136,55 @@ class Repartitioner:
         for b in batches:
             self._written[b.owner] = b.position
         await self.ack()
+
+    def _route_any(self, b: Batch, parts: dict[int, list[bytes]]) -> None:
+        """Route by what the keyed stage will compute (:func:`decode_batch`: any codec, any
+        ID function)."""
+        n, source, owned = self._partitions, self.source, self._owned
+        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+        items, _ = decode_batch(self._app, source, b.chunk, b.offset, b.data)
+        for ev_off, line, event, eid, key, _error in items:
+            p = from_bytes(blake2b(key.encode(), digest_size=8).digest(), "big") % n
+            if owned is not None and p not in owned:
+                continue
+            if self._stamp and type(event) is dict and event.get("id") is None \
+                    and eid is not None and eid == f"{source}:{b.chunk}:{ev_off}":
+                # No ID of its own: carry the one of its original place.
+                line = splice_id(line, eid)  # noqa: PLW2901
+            parts.setdefault(p, []).append(line)
+
+    def _route_json(self, b: Batch, parts: dict[int, list[bytes]]) -> None:
+        """The same for JSON events and the default ``id`` field, without the tuples of
+        :func:`decode_batch` (the hop's hot path). What the keyed stage would treat as a failure
+        (invalid JSON, a key function that raises or returns another type) is routed by the
+        event's ID or place: any fixed partition will do, the keyed stage applies the error
+        policy there."""
+        n, owned, key_fn, loads = self._partitions, self._owned, self._key, orjson.loads
+        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+        pos = b.offset
+        for line in b.data[:-1].split(b"\n") if b.data else ():
+            off = pos
+            pos += len(line) + 1
+            try:
+                event = loads(line)
+            except orjson.JSONDecodeError:
+                event = None
+            eid = event.get("id") if type(event) is dict else None
+            if eid is None or eid == "":
+                eid = f"{self.source}:{b.chunk}:{off}"
+                if type(event) is dict and "id" not in event:
+                    line = splice_id(line, eid)  # noqa: PLW2901 - carry its place ID
+            key: Any = eid
+            if key_fn is not None and event is not None:
+                try:
+                    key = key_fn(event)
+                except Exception:  # noqa: BLE001 - the keyed stage's error policy decides
+                    key = eid
+            if type(key) is not str:
+                key = str(key) if type(key) is int else str(eid)
+            p = from_bytes(blake2b(key.encode(), digest_size=8).digest(), "big") % n
+            if owned is None or p in owned:
+                parts.setdefault(p, []).append(line)
 
     async def ack(self) -> None:
         """Ack what lies wholly before the positions whose events are written (again when
