@@ -148,6 +148,7 @@ class App:
         self._sinks: dict[str, Sink] = {}
         self._timers: dict[str, TimerHandler] = {}
         self._windows: dict[str, Window] = {}
+        self._views: list[str] = []
         self.key_timer: TimerHandler | None = None
         """The ``@app.on_timer`` handler of ``ctx.schedule``'d timers."""
 
@@ -237,6 +238,21 @@ class App:
         window = self._windows[name] = Window(name, size=size, hop=hop, grace=grace,
                                               emit_to=emit_to)
         return window
+
+    @property
+    def views(self) -> Sequence[str]:
+        """The apps whose tables this app looks up (:meth:`view`)."""
+        return tuple(self._views)
+
+    def view(self, app: str) -> str:
+        """Follow app ``app``'s table (its changelog on the bus: that app runs with
+        ``ProcessorConfig(changelog=True)``) for ``ctx.lookup(app, key)`` in callbacks; the
+        runner starts the view and waits (up to ``config.stop_timeout`` * 3) until it has
+        caught up before processing. See :mod:`chukcha.processors.views`."""
+        validate_category(app)
+        if app not in self._views:
+            self._views.append(app)
+        return app
 
     def on_timer(self, fn: F) -> F:
         """Register ``fn(ctx, key)`` for the timers callbacks set with

@@ -8,7 +8,7 @@ it becomes part of a commit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -124,6 +124,7 @@ class Context:
         "owner",
         "partition",
         "streams",
+        "views",
     )
 
     def __init__(
@@ -158,6 +159,8 @@ class Context:
         digits; default: the event ID): usable as a table key."""
         self.partition = partition
         """The partition whose table this context reads and writes."""
+        self.views: Mapping[str, Any] = {}
+        """App name -> its table's view (``app.view(name)``; the Tester takes dicts)."""
         self.streams: frozenset[str] = frozenset()
         """The owner streams of the current category this partition knows (windows use it)."""
 
@@ -298,6 +301,18 @@ class Context:
         if "id" in obj:  # "id": null; a second "id" key would be ambiguous: re-encode
             return orjson.dumps({**obj, "id": eid}), eid
         return splice_id(event, eid), eid
+
+    def lookup(self, app: str, key: str, default: Any = None) -> Any:
+        """``key``'s value in app ``app``'s table, as this app's view of it has it now
+        (``app.view(app)``; see :mod:`chukcha.processors.views` for how fresh it is).
+
+        Raises:
+            KeyError: the app declared no view of ``app``.
+        """
+        view = self.views.get(app)
+        if view is None:
+            raise KeyError(f"no view of app {app!r}: declare it with app.view({app!r})")
+        return view.get(key, default)
 
     def schedule(self, at: float, key: str) -> None:
         """Stage a timer: the app's ``@app.on_timer`` handler runs ``fn(ctx, key)`` once at (or

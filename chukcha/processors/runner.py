@@ -31,9 +31,11 @@ from chukcha.client.consumer import Batch, Consumer, Position
 from chukcha.errors import ClientError
 from chukcha.loop import run_loop
 from chukcha.processors.checkpoint import Checkpoint
+from chukcha.processors.engine import Engine
 from chukcha.processors.partitions import PartitionSet, raise_single
 from chukcha.processors.repartition import Repartitioner, plan_inputs
 from chukcha.processors.split import StaticSplit
+from chukcha.processors.views import View
 from chukcha.state.leveldb import LevelDBStore
 from chukcha.state.partitions import open_partition_stores
 
@@ -108,20 +110,45 @@ class Runner:
                 session = _Session(app, stores, client, split)
                 await session.load()
                 await _enter_sinks(sinks, app)
-                logger.info("app=%s running categories=%s partitions=%d nodes=%s state=%s%s",
-                            app.name, ",".join(app.handlers), app.partitions,
-                            ",".join(app.nodes), app.state_dir,
-                            f" instance {split.index} of {split.count} (partitions {owned}, "
-                            f"group {split.group(app.name)})" if split.count > 1 else "")
-                try:
-                    await session.work_until(stop)
-                    await session.finish()
-                finally:
-                    await session.close()
+                async with contextlib.AsyncExitStack() as views:  # stop before the client
+                    await _start_views(views, app, client, session.engines)
+                    logger.info("app=%s running categories=%s partitions=%d nodes=%s state=%s%s",
+                                app.name, ",".join(app.handlers), app.partitions,
+                                ",".join(app.nodes), app.state_dir,
+                                f" instance {split.index} of {split.count} (partitions {owned}, "
+                                f"group {split.group(app.name)})" if split.count > 1 else "")
+                    try:
+                        await session.work_until(stop)
+                        await session.finish()
+                    finally:
+                        await session.close()
         finally:
             for store in stores:
                 await asyncio.to_thread(store.close)
             logger.info("app=%s stopped", app.name)
+
+
+async def _start_views(stack: contextlib.AsyncExitStack, app: App, client: Client,
+                       engines: list[Engine]) -> None:
+    """Start a :class:`View` of every app in ``app.views`` (``stack`` stops them) and wait,
+    bounded, until each has caught up, so that the first lookups see the current tables."""
+    if not app.views:
+        return
+    views: dict[str, View] = {}
+    for name in app.views:
+        view = views[name] = View(name, client=client)
+        await view.start()
+        stack.push_async_callback(view.stop)
+    for engine in engines:
+        engine.ctx.views = views
+    for name, view in views.items():
+        try:
+            await view.wait_caught_up(timeout=3 * app.config.stop_timeout)
+        except TimeoutError:
+            logger.warning("app=%s view of %s has not caught up yet (%r); starting anyway",
+                           app.name, name, view)
+        else:
+            logger.info("app=%s view of %s caught up: %d keys", app.name, name, len(view))
 
 
 async def _enter_sinks(stack: contextlib.AsyncExitStack, app: App) -> None:
@@ -284,6 +311,10 @@ class _Session:
 
     async def load(self) -> None:
         await self._parts.load()
+
+    @property
+    def engines(self) -> list[Engine]:
+        return self._parts.engines
 
     async def close(self) -> None:
         for consumer in [*self._consumers.values(), *self._hop_consumers]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -45,7 +46,10 @@ class Tester:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, app: App, *, owner: str = "tester") -> None:
+    def __init__(self, app: App, *, owner: str = "tester",
+                 views: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """``views``: the tables ``ctx.lookup(app, key)`` reads, by app name (plain dicts
+        stand in for the runner's :class:`~chukcha.processors.views.View`)."""
         self.app = app
         self.owner = owner
         self.stores = [MemoryStore() for _ in range(app.partitions)]
@@ -54,6 +58,7 @@ class Tester:
         self.partitions = PartitionSet(app, self.stores, self._io)
         for engine in self.partitions.engines:
             engine.load()
+            engine.ctx.views = dict(views or {})
         self._offsets: dict[tuple[str, str], int] = {}
         self._streams: dict[str, set[str]] = {}
 

@@ -114,6 +114,12 @@ class Assembler:
             del self._parts[key]
             self._done[key] = _assemble(key, [got[i] for i in range(total)])
 
+    def forget(self, upto_seq: int) -> None:
+        """Drop the whole records with ``seq <= upto_seq`` of every partition and epoch (they
+        were applied), so that a reader that follows a changelog for long holds bounded
+        memory. A late duplicate of one is assembled again and left out by the replay."""
+        self._done = {k: r for k, r in self._done.items() if r.seq > upto_seq}
+
     def records(self) -> list[Record]:
         """The whole records collected so far."""
         return list(self._done.values())

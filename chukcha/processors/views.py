@@ -1,0 +1,219 @@
+"""Views: a read-only, local, continuously updated copy of another app's table, built from
+that app's changelog on the bus (``ProcessorConfig(changelog=True)``;
+:mod:`chukcha.processors.changelog`).
+
+In a script::
+
+    async with View("billing", nodes=["http://127.0.0.1:8080"]) as billing:
+        await billing.wait_caught_up()
+        print(billing.get("ann"))
+
+In an app: ``app.view("billing")`` and, in a callback, ``ctx.lookup("billing", key)`` (Goka's
+View and ``ctx.Lookup``, Faust's GlobalTable).
+
+**How fresh.** The other app publishes each partition's fsync'ed commit as a changelog record
+before it acks any input past it; the view reads every partition's changelog category with a
+long poll, so a committed change shows up in the view within the replication of the record and
+one read (milliseconds on a quiet cluster); it is never ahead of what the other app committed,
+and it applies each partition's records in order, whole (a partition's commit appears at once
+or not at all). Partitions are not synchronised with each other. A lookup in a callback reads
+the view as it is at that moment: reprocessing an event after a crash may see a newer value.
+
+The view reads the changelog without a consumer group: it never acks, so it deletes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, Final
+
+import orjson
+
+from chukcha.client import Client, Consumer
+from chukcha.errors import ChukchaError
+from chukcha.partitioning import parse_partition_category
+from chukcha.state.changelog import Assembler, replay_order
+
+__all__ = ["View"]
+
+logger = logging.getLogger(__name__)
+
+_TABLE: Final = b"t/"
+_RELIST: Final = 1.0  # seconds between looks for changelog categories not seen yet
+
+
+class View:
+    """A read-only copy of app ``app``'s table (see the module docstring).
+
+    Args:
+        app: the name of the app whose table to follow.
+        nodes: node URLs (ignored when ``client`` is given).
+        client: a client to share (not closed by the view).
+    """
+
+    def __init__(self, app: str, nodes: Sequence[str] = ("http://127.0.0.1:8080",), *,
+                 client: Client | None = None) -> None:
+        self.app = app
+        self._prefix = f"{app}.changelog"
+        self._nodes = list(nodes)
+        self._client = client
+        self._own_client = client is None
+        self._table: dict[str, bytes] = {}
+        self.seqs: dict[int, int] = {}
+        """The last applied changelog ``seq`` per partition."""
+        self._assemblers: dict[int, Assembler] = {}
+        self._consumers: dict[int, Consumer] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Condition()
+        self._listed = False
+        self.errors = 0
+        """Failed reads (retried)."""
+
+    # --- reading the table -------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` (a fresh copy), ``default`` when the table has none."""
+        raw = self._table.get(key)
+        return default if raw is None else orjson.loads(raw)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._table
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """Every key and value, in key order."""
+        for key in sorted(self._table):
+            yield key, orjson.loads(self._table[key])
+
+    @property
+    def caught_up(self) -> bool:
+        """Every changelog partition found so far has been read to its end and applied."""
+        return self._listed and all(
+            c.caught_up and not self._assemblers[p].incomplete
+            for p, c in self._consumers.items()
+        )
+
+    async def wait_for(self, predicate: Callable[[View], bool], timeout: float = 30.0) -> None:
+        """Wait until ``predicate(view)`` holds (checked after every change).
+
+        Raises:
+            TimeoutError: it did not within ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: predicate(self))
+
+    async def wait_caught_up(self, timeout: float = 30.0) -> None:
+        """Wait until :attr:`caught_up`."""
+        await self.wait_for(lambda v: v.caught_up, timeout)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        if self._client is None:
+            self._client = Client(self._nodes)
+        task = asyncio.create_task(self._discover(), name=f"view-{self.app}")
+        self._tasks.add(task)
+
+    async def stop(self) -> None:
+        tasks, self._tasks = list(self._tasks), set()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        for consumer in self._consumers.values():
+            await consumer.stop()
+        self._consumers.clear()
+        if self._own_client and self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def __aenter__(self) -> View:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()
+
+    # --- following the changelog -------------------------------------------------------------
+
+    def _need_client(self) -> Client:
+        if self._client is None:
+            raise RuntimeError(f"view of {self.app!r} is not started")
+        return self._client
+
+    async def _discover(self) -> None:
+        client = self._need_client()
+        while True:
+            try:
+                categories = await client.list_categories()
+            except ChukchaError as exc:
+                self.errors += 1
+                logger.warning("view=%s listing categories failed: %s", self.app, exc)
+            else:
+                for category in categories:
+                    parsed = parse_partition_category(category)
+                    if parsed is None or parsed[0] != self._prefix:
+                        continue
+                    partition = parsed[1]
+                    if partition not in self._consumers:
+                        self._start_partition(partition, category)
+                if not self._listed:
+                    self._listed = True
+                    await self._notify()
+            await asyncio.sleep(_RELIST)  # a new partition's first record: look again
+
+    def _start_partition(self, partition: int, category: str) -> None:
+        self._assemblers[partition] = Assembler()
+        self.seqs.setdefault(partition, 0)
+        consumer = self._consumers[partition] = self._need_client().consumer(category)
+        task = asyncio.create_task(self._follow(partition, consumer),
+                                   name=f"view-{self.app}-p{partition}")
+        self._tasks.add(task)
+
+    async def _follow(self, partition: int, consumer: Consumer) -> None:
+        assembler = self._assemblers[partition]
+        while True:
+            try:
+                batches = await consumer.read(timeout=1.0)
+            except ChukchaError as exc:
+                self.errors += 1
+                logger.warning("view=%s partition %d read failed (retrying): %s", self.app,
+                               partition, exc)
+                await asyncio.sleep(0.5)  # backoff before the retry
+                continue
+            for batch in batches:
+                for line in batch.messages():
+                    assembler.add(line)
+            self._apply(partition, assembler)
+            await self._notify()
+
+    def _apply(self, partition: int, assembler: Assembler) -> None:
+        table = self._table
+        n = len(_TABLE)
+        seq = self.seqs[partition]
+        for record in replay_order(assembler.records(), after=seq):
+            for key in record.deletes:
+                if key.startswith(_TABLE):
+                    table.pop(key[n:].decode(), None)
+            for key, value in record.puts.items():
+                if key.startswith(_TABLE):
+                    table[key[n:].decode()] = value
+            seq = record.seq
+        self.seqs[partition] = seq
+        assembler.forget(seq)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def __repr__(self) -> str:
+        return f"View({self.app!r}, keys={len(self._table)}, seqs={self.seqs})"
+

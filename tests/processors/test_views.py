@@ -1,0 +1,90 @@
+"""Views: a read-only copy of a running app's table, from its changelog on the bus, for
+scripts and for ``ctx.lookup`` in another app's callbacks."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chukcha import App, Client, Context, Node
+from chukcha.processors import ProcessorConfig
+from chukcha.processors.tester import Tester
+from chukcha.processors.views import View
+from tests.processors.test_runner import collect
+
+
+def billing_app(url: str, state: Path) -> App:
+    app = App("billing", nodes=[url], state_dir=state, partitions=2,
+              config=ProcessorConfig(changelog=True, read_timeout=0.2))
+
+    @app.processor("orders", key=lambda order: order["customer"])
+    def on_order(ctx: Context, order: dict[str, Any]) -> None:
+        ctx.set(ctx.key, ctx.get(ctx.key, 0) + order["amount"])
+        if order.get("gone"):
+            ctx.delete(ctx.key)
+
+    return app
+
+
+def alerts_app(url: str, state: Path) -> App:
+    app = App("alerts", nodes=[url], state_dir=state)
+    app.view("billing")
+
+    @app.processor("checks")
+    def on_check(ctx: Context, check: dict[str, Any]) -> None:
+        ctx.emit("alerts", {"customer": check["customer"],
+                            "spent": ctx.lookup("billing", check["customer"], 0)})
+
+    return app
+
+
+async def test_a_view_follows_a_running_app_and_answers_lookups(
+    node: Node, tmp_path: Path,
+) -> None:
+    billing = billing_app(node.url, tmp_path / "billing")
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(billing.run_async(stop))]
+    try:
+        async with Client([node.url]) as client, View("billing", [node.url]) as view:
+            await client.send("orders", [{"id": "1", "customer": "ann", "amount": 5},
+                                         {"id": "2", "customer": "bob", "amount": 7}])
+            await view.wait_for(lambda v: v.get("ann") == 5 and v.get("bob") == 7)
+            await client.send("orders", [{"id": "3", "customer": "ann", "amount": 3},
+                                         {"id": "4", "customer": "bob", "amount": 1,
+                                          "gone": True}])
+            await view.wait_for(lambda v: v.get("ann") == 8 and "bob" not in v)
+            assert dict(view.items()) == {"ann": 8}
+            assert sorted(view.seqs) == [0, 1]  # both partitions' changelogs followed
+
+            # Another app looks the table up in its callbacks.
+            tasks.append(asyncio.create_task(alerts_app(node.url, tmp_path / "alerts")
+                                             .run_async(stop)))
+            await client.send("checks", [{"id": "c1", "customer": "ann"},
+                                         {"id": "c2", "customer": "zed"}])
+            alerts = await collect(client, "alerts", {"c1/0", "c2/0"})
+            assert alerts["c1/0"]["spent"] == 8 and alerts["c2/0"]["spent"] == 0
+            await client.send("orders", [{"id": "5", "customer": "ann", "amount": 2}])
+            await view.wait_for(lambda v: v.get("ann") == 10)
+    finally:
+        stop.set()
+        for task in tasks:
+            await asyncio.wait_for(task, 30)
+
+
+def test_lookups_in_the_tester() -> None:
+    app = alerts_app("http://127.0.0.1:1", Path("unused"))
+    t = Tester(app, views={"billing": {"ann": 8}})
+    t.feed("checks", {"id": "c1", "customer": "ann"}, {"id": "c2", "customer": "x"})
+    assert [a["spent"] for a in t.emitted("alerts")] == [8, 0]
+
+    bare = App("bare", state_dir="unused", on_error="stop")
+
+    @bare.processor("checks")
+    def on_check(ctx: Context, check: dict[str, Any]) -> None:
+        ctx.lookup("billing", "ann")
+
+    with pytest.raises(Exception, match=r"no view of app 'billing'"):
+        Tester(bare).feed("checks", {"id": "1"})
