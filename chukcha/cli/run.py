@@ -15,6 +15,7 @@ from chukcha.cli.node import setup_logging
 from chukcha.cli.options import add_credential_options, nodes_from, token_from
 from chukcha.errors import ChukchaError
 from chukcha.processors.base import App
+from chukcha.processors.monitor import parse_http_address
 from chukcha.processors.split import StaticSplit
 
 __all__ = ["load_app", "register"]
@@ -73,6 +74,8 @@ def register(sub: Any) -> None:
                         "p %% N == --instance-index; each keeps its own --state-dir")
     p.add_argument("--instance-index", type=int, default=None, metavar="I",
                    help="this instance's index, 0..N-1 (with --instances)")
+    p.add_argument("--http", default=None, metavar="HOST:PORT",
+                   help="serve the app's Prometheus /metrics on this address")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(handler=_run)
 
@@ -105,11 +108,13 @@ def _run(args: argparse.Namespace) -> int:
             app.config = replace(app.config, token=token or app.config.token,
                                  tls_ca=Path(tls_ca) if tls_ca else app.config.tls_ca)
         split = _split_from(args, app)
+        if args.http is not None:
+            parse_http_address(args.http)
     except (ValueError, TypeError) as exc:
         logger.error("%s", exc)  # noqa: TRY400 - one clear line, not a traceback
         return 2
     try:
-        app.run(split=split)
+        app.run(split=split, http=args.http)
     except ChukchaError as exc:
         logger.error("app=%s failed: %s", app.name, exc)  # noqa: TRY400
         return 1

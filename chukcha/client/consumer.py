@@ -242,6 +242,18 @@ class Consumer:
         """Every known stream has been read to its end (as of the last read of each)."""
         return self._listed_at > -_INF and all(s.at_end for s in self._streams.values())
 
+    def backlog_bytes(self) -> int:
+        """Bytes listed (as of the last listing) beyond where each stream is read up to."""
+        total = 0
+        for owner, chunks in self._by_owner.items():
+            s = self._streams.get(owner)
+            for c in chunks:
+                if s is None or c.name > s.chunk:
+                    total += c.size
+                elif c.name == s.chunk:
+                    total += max(0, c.size - s.offset)
+        return total
+
     def positions(self) -> dict[str, Position]:
         """Where each stream is read up to (delivered, not necessarily committed)."""
         return {o: Position(s.chunk, s.offset) for o, s in self._streams.items()}

@@ -273,11 +273,13 @@ class App:
         return sink
 
     async def run_async(
-        self, stop: asyncio.Event | None = None, *, split: StaticSplit | None = None
+        self, stop: asyncio.Event | None = None, *, split: StaticSplit | None = None,
+        http: str | None = None,
     ) -> None:
         """Run until ``stop`` is set (or the task is cancelled), then stop gracefully: finish
         the batch, commit, ack, close. ``split``: run only instance ``split.index`` of
-        ``split.count``'s share of the partitions (:mod:`chukcha.processors.split`). Same as
+        ``split.count``'s share of the partitions (:mod:`chukcha.processors.split`). ``http``:
+        ``HOST:PORT`` to serve the app's ``/metrics`` on. Same as
         :func:`chukcha.processors.runner.run_app_async`.
 
         Raises:
@@ -287,11 +289,11 @@ class App:
         # The definition does not import the machinery that runs it; this is the hand-over.
         from chukcha.processors.runner import run_app_async  # noqa: PLC0415
 
-        await run_app_async(self, stop, split=split)
+        await run_app_async(self, stop, split=split, http=http)
 
-    def run(self, *, split: StaticSplit | None = None) -> None:
+    def run(self, *, split: StaticSplit | None = None, http: str | None = None) -> None:
         """Run until SIGINT or SIGTERM (blocking). Same as
         :func:`chukcha.processors.runner.run_app`."""
         from chukcha.processors.runner import run_app  # noqa: PLC0415
 
-        run_app(self, split=split)
+        run_app(self, split=split, http=http)

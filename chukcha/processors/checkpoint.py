@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
@@ -29,11 +30,14 @@ from chukcha.processors.config import ProcessorConfig
 from chukcha.processors.engine import Engine
 from chukcha.state.base import StateStore
 
-__all__ = ["Checkpoint", "CheckpointIO"]
+__all__ = ["COMMIT_BUCKETS", "Checkpoint", "CheckpointIO"]
 
 logger = logging.getLogger(__name__)
 
 _PROGRESS_INTERVAL: Final = 5.0
+COMMIT_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                         2.5, 5.0, 10.0)
+"""Upper bounds (seconds) of the commit-latency histogram (:attr:`Checkpoint.commit_seconds`)."""
 
 
 class CheckpointIO(Protocol):
@@ -79,6 +83,10 @@ class Checkpoint:
         self.unsynced = False
         """A commit was written without fsync: its positions must not be acked yet."""
         self.commits = 0
+        self.commit_seconds = [0] * (len(COMMIT_BUCKETS) + 1)
+        """Commit durations (write batch + fsync) per :data:`COMMIT_BUCKETS` bucket (not
+        cumulative; the last one: slower than all)."""
+        self.commit_seconds_sum = 0.0
         self._progress_at = time.monotonic()
 
     async def load(self) -> None:
@@ -157,6 +165,7 @@ class Checkpoint:
     async def _write(self, sync: bool) -> None:
         """Steps 2-3: one write batch, fsync'ed when ``sync``."""
         engine, store, changelog = self.engine, self.store, self.changelog
+        started = time.perf_counter()
         plan = engine.prepare()
         puts, deletes = plan.puts, plan.deletes
         done_deletes: list[bytes] = []
@@ -186,6 +195,9 @@ class Checkpoint:
         if changelog is not None:
             changelog.committed()
         self.commits += 1
+        took = time.perf_counter() - started
+        self.commit_seconds[bisect_left(COMMIT_BUCKETS, took)] += 1
+        self.commit_seconds_sum += took
         if sync:
             self._last_sync = time.monotonic()
             self.unsynced = False

@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from chukcha.client import Client
 from chukcha.client.consumer import Batch, Consumer, Position
@@ -32,6 +32,7 @@ from chukcha.errors import ClientError
 from chukcha.loop import run_loop
 from chukcha.processors.checkpoint import Checkpoint
 from chukcha.processors.engine import Engine
+from chukcha.processors.monitor import AppMonitor, parse_http_address
 from chukcha.processors.partitions import PartitionSet, raise_single
 from chukcha.processors.repartition import Repartitioner, plan_inputs
 from chukcha.processors.split import StaticSplit
@@ -42,19 +43,24 @@ from chukcha.state.partitions import open_partition_stores
 if TYPE_CHECKING:
     from chukcha.processors.base import App
 
-__all__ = ["Runner", "run_app", "run_app_async"]
+__all__ = ["PROGRESS_INTERVAL", "Runner", "run_app", "run_app_async"]
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL: Final = 10.0
+"""Seconds between progress lines while an app works."""
 
 _TIMER_TICK = 1.0  # seconds: the longest a newly scheduled, due timer waits for its run
 
 
 async def run_app_async(
-    app: App, stop: asyncio.Event | None = None, *, split: StaticSplit | None = None
+    app: App, stop: asyncio.Event | None = None, *, split: StaticSplit | None = None,
+    http: str | None = None,
 ) -> None:
     """Run ``app`` until ``stop`` is set (or the task is cancelled), then stop gracefully:
     finish the batch, commit, ack, close. ``split``: run only this instance's share of the
-    partitions (:mod:`chukcha.processors.split`).
+    partitions (:mod:`chukcha.processors.split`). ``http``: ``HOST:PORT`` to serve the app's
+    ``/metrics`` on (:mod:`chukcha.processors.monitor`).
 
     Raises:
         ProcessorError: a callback failed under the ``stop`` error policy.
@@ -63,10 +69,10 @@ async def run_app_async(
     """
     if not app.handlers:
         raise ValueError(f"app {app.name!r} has no processors")
-    await Runner(app, split).run(stop or asyncio.Event())
+    await Runner(app, split, http=http).run(stop or asyncio.Event())
 
 
-def run_app(app: App, *, split: StaticSplit | None = None) -> None:
+def run_app(app: App, *, split: StaticSplit | None = None, http: str | None = None) -> None:
     """Run ``app`` until SIGINT or SIGTERM (blocking)."""
 
     async def main() -> None:
@@ -75,7 +81,7 @@ def run_app(app: App, *, split: StaticSplit | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await run_app_async(app, stop, split=split)
+            await run_app_async(app, stop, split=split, http=http)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
@@ -86,9 +92,12 @@ def run_app(app: App, *, split: StaticSplit | None = None) -> None:
 class Runner:
     """Runs one :class:`~chukcha.processors.base.App` until its stop event is set."""
 
-    def __init__(self, app: App, split: StaticSplit | None = None) -> None:
+    def __init__(self, app: App, split: StaticSplit | None = None, *,
+                 http: str | None = None) -> None:
         self.app = app
         self.split = split or StaticSplit(0, 1)
+        self.http = parse_http_address(http) if http else None
+        self.monitor: AppMonitor | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Open the state, run every category's loop, stop gracefully when ``stop`` is set."""
@@ -109,6 +118,10 @@ class Runner:
             ) as client:
                 session = _Session(app, stores, client, split)
                 await session.load()
+                if self.http is not None:
+                    self.monitor = session.monitor()
+                    await self.monitor.start(*self.http)
+                    sinks.push_async_callback(self.monitor.stop)
                 await _enter_sinks(sinks, app)
                 async with contextlib.AsyncExitStack() as views:  # stop before the client
                     await _start_views(views, app, client, session.engines)
@@ -289,6 +302,36 @@ class _BusIO:
                     self._acked[category] = dict(positions)
 
 
+class _Progress:
+    """The app's progress log: a line at least every :data:`PROGRESS_INTERVAL` seconds while it
+    works (applied, duplicates, dead letters, lag per input category), and "caught up" when a
+    category has been read to its end (at start, and after each stretch of work of more than
+    one interval, so that a trickle of events does not log a line per event)."""
+
+    def __init__(self, app: str, totals: Callable[[], str]) -> None:
+        self._app = app
+        self._totals = totals
+        self._logged = time.monotonic()
+        self._busy_since: dict[str, float] = {}  # category -> when it last found work
+        self._caught_up: set[str] = set()
+
+    def note(self, category: str, worked: bool, caught_up: bool) -> None:
+        now = time.monotonic()
+        if worked:
+            self._busy_since.setdefault(category, now)
+            if now - self._logged >= PROGRESS_INTERVAL:
+                self._logged = now
+                logger.info("app=%s progress %s", self._app, self._totals())
+            return
+        if not caught_up:
+            return
+        since = self._busy_since.pop(category, None)
+        first = category not in self._caught_up
+        if first or (since is not None and now - since >= PROGRESS_INTERVAL):
+            self._caught_up.add(category)
+            logger.info("app=%s category=%s caught up: %s", self._app, category, self._totals())
+
+
 class _Session:
     """One run: the open state, the client and the consumers."""
 
@@ -304,6 +347,7 @@ class _Session:
         self._handler_of: dict[str, str] = {}  # stream category -> its processor's category
         self._hop_consumers: list[Consumer] = []
         self._hops: list[Repartitioner] = []
+        self._progress = _Progress(app.name, self._totals)
         io = _BusIO(app, client, self._consumers)
         self._parts = io.partitions = PartitionSet(app, stores, io,
                                                    owned=split.owned(app.partitions),
@@ -315,6 +359,21 @@ class _Session:
     @property
     def engines(self) -> list[Engine]:
         return self._parts.engines
+
+    def _totals(self) -> str:
+        engines = [self._parts.engines[i] for i in self._parts.owned]
+        lag = {c: consumer.backlog_bytes() for c, consumer in self._consumers.items()}
+        return (f"applied={sum(e.applied for e in engines)} "
+                f"duplicates={sum(e.duplicates for e in engines)} "
+                f"dead_lettered={sum(e.dead_lettered for e in engines)} lag_bytes="
+                + ",".join(f"{c}:{n}" for c, n in sorted(lag.items())))
+
+    def monitor(self) -> AppMonitor:
+        """The app's ``/metrics`` over this run's checkpoints and consumers."""
+        parts = self._parts
+        return AppMonitor(self.app.name, self.app.partitions,
+                          {i: parts.checkpoints[i] for i in parts.owned},
+                          lambda: self._consumers)
 
     async def close(self) -> None:
         for consumer in [*self._consumers.values(), *self._hop_consumers]:
@@ -437,6 +496,7 @@ class _Session:
                         await self._step(category, batches)
                     else:
                         await self._parts.idle()
+                self._progress.note(category, bool(batches), consumer.caught_up)
                 # If `stop` was set while the batch was processed, the loop ends here: after
                 # the commit and the acks, never in the middle of a batch.
         finally:
