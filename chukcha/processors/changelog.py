@@ -39,6 +39,7 @@ PENDING_PREFIX: Final = b"c/"
 """Records committed but not yet confirmed on the bus: ``c/<seq:016x>`` -> lines."""
 SEQ_KEY: Final = b"cseq"
 """The partition's last committed changelog ``seq`` (decimal)."""
+_RESTORE_BATCH: Final = 200_000  # keys per write batch of a restore
 
 
 def changelog_category(app: str, partition: int) -> str:
@@ -88,12 +89,21 @@ class Changelog:
         for line in await self._bus.read_all(self.category):
             assembler.add(line)
         keys = 0
+        merged: dict[bytes, bytes | None] = {}  # None: deleted (later records win)
+        seq = 0
         for record in replay_order(assembler.records()):
-            puts = {k: v for k, v in record.puts.items() if not k.startswith(PENDING_PREFIX)}
-            puts[SEQ_KEY] = str(record.seq).encode()
-            await asyncio.to_thread(store.write, puts, record.deletes, sync=False)
-            keys += len(puts) + len(record.deletes)
+            for key in record.deletes:
+                merged[key] = None
+            for key, value in record.puts.items():
+                if not key.startswith(PENDING_PREFIX):
+                    merged[key] = value
+            seq = record.seq
             self.restored_records += 1
+            if len(merged) >= _RESTORE_BATCH:
+                keys += await _write_merged(store, merged, seq)
+                merged = {}
+        if merged:
+            keys += await _write_merged(store, merged, seq)
         if self.restored_records:
             await asyncio.to_thread(store.write, {}, (), sync=True)
             took = time.monotonic() - started
@@ -143,6 +153,15 @@ class Changelog:
             self._pending.pop(0)
             self._confirmed.append(key)
             self.published += 1
+
+
+async def _write_merged(store: StateStore, merged: dict[bytes, bytes | None], seq: int) -> int:
+    """Write the net effect of consecutive records (one write batch, not fsync'ed yet)."""
+    puts = {k: v for k, v in merged.items() if v is not None}
+    deletes = [k for k, v in merged.items() if v is None]
+    puts[SEQ_KEY] = str(seq).encode()
+    await asyncio.to_thread(store.write, puts, deletes, sync=False)
+    return len(puts) + len(deletes)
 
 
 def _has_any_key(store: StateStore) -> bool:
