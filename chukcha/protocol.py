@@ -7,7 +7,7 @@ more ``\\n``-terminated messages, and reads are cut back to the last ``\\n``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from chukcha.errors import BadRequestError, MessageTooLargeError, WriteRejectedError
@@ -100,13 +100,19 @@ def validate_instance(name: str) -> str:
 
 @dataclass(frozen=True, slots=True, order=True)
 class ChunkName:
-    """A parsed chunk file name; orders like the name string does."""
+    """A parsed chunk file name; orders by (instance, index), which is the order of the name
+    strings for the 9-digit names this node writes.
+
+    ``text`` is the name as it was parsed (on disk, or from a peer): a Go data directory may
+    hold names whose index is not 9 digits (``moscow-chunk1``), which are kept as they are.
+    """
 
     instance: str
     index: int
+    text: str = field(default="", compare=False)
 
     def __str__(self) -> str:
-        return chunk_file_name(self.instance, self.index)
+        return self.text or chunk_file_name(self.instance, self.index)
 
 
 def chunk_file_name(instance: str, index: int) -> str:
@@ -127,7 +133,7 @@ def parse_chunk_name(name: str) -> ChunkName:
         validate_instance(instance)
     except BadRequestError as exc:
         raise BadRequestError(f"invalid chunk name {name!r}: {exc}") from None
-    return ChunkName(instance, int(rest[5:]))
+    return ChunkName(instance, int(rest[5:]), name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -225,13 +225,13 @@ class ChunkStore:
         # Never append to a chunk that existed before this start: it may end in a message that
         # a crash cut short (repaired above) and readers must be able to finish it. If our last
         # chunk holds data, start the next one now so the old one shows as complete.
+        # An empty last chunk is not reused either: like the Go server, the next write starts
+        # a new one, after which the empty one is complete and can be acked (a consumer that
+        # read it to its end acks it).
         own = [c for c in cat.chunks.values() if c.name.instance == self._instance]
         if own:
             last = max(own, key=lambda c: c.name.index)
-            if last.size == 0 and last.name.index == cat.last_index[self._instance]:
-                cat.current = str(last.name)
-                cat.write_fd = os.open(cat.path / cat.current, os.O_WRONLY | os.O_APPEND)
-            else:
+            if last.size > 0 or last.name.index < cat.last_index[self._instance]:
                 self._create_chunk(cat)
         elif self._instance in cat.last_index:
             self._create_chunk(cat)

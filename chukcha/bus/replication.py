@@ -82,6 +82,10 @@ _MAX_EVENT_LINE: Final = 64 << 10
 """Longest line read from a peer's events stream (an event is ~100 bytes)."""
 _MAX_LISTING: Final = 64 << 20
 """Largest ``/listChunks`` answer read from a peer (~70 bytes per chunk: ~1M chunks)."""
+_POLL_MIN: Final = 0.05
+_POLL_MAX: Final = 1.0
+"""Pauses between reads of an open chunk of a peer that does not long-poll (grows while it
+is idle, back to the minimum on data)."""
 _REPORT_EVERY: Final = 0.05
 """During a catch-up, progress is reported to the owner at most this often (and at its end)."""
 _EMPTY: Final = b'{"Type":"","Chunk":{"Owner":"","Category":"","FileName":""}}\n'
@@ -280,7 +284,7 @@ class ReplicationServer:
         key = (category, instance)
         new = (chunk, size)
         cur = self._progress.get(key)
-        if cur is not None and new <= cur:
+        if cur is not None and _rank(new) <= _rank(cur):
             return
         self._progress[key] = new
         waiters = self._waiters.get(category)
@@ -291,9 +295,10 @@ class ReplicationServer:
                 w.future.set_result(None)
 
     def _held_by(self, category: str, chunk: str, end: int) -> int:
-        want = (chunk, end)
+        want = _rank((chunk, end))
         return sum(
-            1 for (cat, _), pos in self._progress.items() if cat == category and pos >= want
+            1 for (cat, _), pos in self._progress.items()
+            if cat == category and _rank(pos) >= want
         )
 
     async def wait_replicas(self, category: str, chunk: str, end: int, count: int) -> None:
@@ -330,6 +335,12 @@ class ReplicationServer:
                 waiters.remove(waiter)
             if not waiters:
                 self._waiters.pop(category, None)
+
+
+def _rank(position: tuple[str, int]) -> tuple[int, int]:
+    """A position in OUR stream, ordered by chunk index (not by name: a Go data directory's
+    ``me-chunk1`` sorts after ``me-chunk000000002`` as a string)."""
+    return parse_chunk_name(position[0]).index, position[1]
 
 
 # --- the replica side ---------------------------------------------------------------------
@@ -374,6 +385,10 @@ class PeerLink:
         self.bytes_replicated = 0
         self.connects = 0
         self._fetch_unsupported = False
+        self.no_long_poll = False
+        self.empty_polls = 0
+        """Reads of the peer's open chunks that found nothing new."""
+        """Whether the peer answered a ``/read?wait=`` at once with nothing (no long polls)."""
 
     @property
     def up(self) -> bool:
@@ -432,6 +447,10 @@ class PeerLink:
                     backoff = self._config.retry_interval
                     logger.info("instance=%s subscribed to %s events", self._me,
                                 self.peer.instance)
+                    # The Go server sends no replay of what exists: look at every category of
+                    # the peer once per subscription (events that arrive meanwhile wait in the
+                    # stream), or chunks created before we subscribed would wait for the next.
+                    await self._wake_all()
                     async for line in _lines(resp.content, _MAX_EVENT_LINE):
                         self.last_seen = time.time()
                         await self._on_event(line)
@@ -448,6 +467,23 @@ class PeerLink:
             self._up.clear()
             await asyncio.sleep(backoff)  # reconnect backoff, not synchronisation
             backoff = min(backoff * 2, 5.0)
+
+    async def _wake_all(self) -> None:
+        """Start (or re-run) the downloader of every category the peer lists."""
+        url = f"{self.peer.url}/listCategories"
+        async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            if resp.status != 200:
+                raise ReplicationError(f"{url}: HTTP {resp.status}")
+            names = orjson.loads(await _read_capped(resp, _MAX_LISTING))
+        if not isinstance(names, list):
+            raise ReplicationError(f"{url}: unexpected answer")
+        for name in names:
+            if isinstance(name, str):
+                try:
+                    self.wake(validate_category(name))
+                except ChukchaError:
+                    logger.warning("ignoring category %r listed by %s", name[:200],
+                                   self.peer.instance)
 
     async def _on_event(self, line: bytes) -> None:
         if not line.strip():
@@ -653,7 +689,7 @@ class PeerLink:
         so downloads never wait for it."""
         new = (chunk, size)
         cur = self._reports.get(category)
-        if cur is None or new > cur:
+        if cur is None or _rank(new) > _rank(cur):
             self._reports[category] = new
         self._report_wake.set()
 
@@ -705,17 +741,45 @@ class PeerLink:
         back to back by :meth:`_fetch_complete`."""
         chunk = info.name
         wait = self._config.poll_wait
+        loop = asyncio.get_running_loop()
+        pause = _POLL_MIN
         while not info.complete:
+            asked = loop.time()
             data = await self._read(category, chunk, offset, wait)
             if data is None:
                 return  # acked or removed at the owner; the ack event follows
             if data:
+                pause = _POLL_MIN
                 new_size = await self._store.append_replica(category, chunk, offset, data)
                 if new_size is None:
                     return  # acked meanwhile: dropped, never resurrected
                 self.bytes_replicated += len(data)
                 offset = new_size
                 self._report(category, chunk, offset)
+                continue
+            self.empty_polls += 1
+            if loop.time() - asked < min(wait / 2, _POLL_MAX):
+                # An empty answer at once: the chunk became complete, or the peer does not
+                # hold the request (the Go server ignores wait=). In the second case poll with
+                # a growing pause (woken early by the peer's events) instead of re-reading and
+                # re-listing in a tight loop.
+                fresh = next((c for c in await self._list(category, state)
+                              if c.name == chunk), None)
+                if fresh is None:
+                    return
+                if fresh.complete:
+                    info = fresh
+                    continue
+                if not self.no_long_poll:
+                    self.no_long_poll = True
+                    logger.info("instance=%s peer %s does not long-poll /read (a Go server?): "
+                                "polling its open chunks every %g-%g s", self._me,
+                                self.peer.instance, _POLL_MIN, _POLL_MAX)
+                state.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):
+                        await state.wake.wait()  # a poll interval, cut short by an event
+                pause = min(pause * 2, _POLL_MAX)
                 continue
             # Nothing new for `wait` seconds, or the chunk became complete: ask which.
             fresh = next((c for c in await self._list(category, state) if c.name == chunk), None)
