@@ -50,6 +50,12 @@ class _Reader:
     async def publish(self, category: str, lines: list[bytes]) -> None:
         raise NotImplementedError
 
+    async def complete_chunks(self, category: str) -> list[tuple[str, int]]:
+        raise NotImplementedError
+
+    async def ack_chunk(self, category: str, chunk: str, size: int) -> None:
+        raise NotImplementedError
+
     async def read_all(self, category: str) -> list[bytes]:
         lines: list[bytes] = []
         api = self._client.api
@@ -64,7 +70,7 @@ class _Reader:
 
 async def one_run(url: str, state_dir: Path, group: str, n: int, *, changelog: bool) -> float:
     app = App(group, nodes=[url], state_dir=state_dir,
-              config=ProcessorConfig(changelog=changelog))
+              config=ProcessorConfig(changelog=changelog, snapshot_every=0))
     done = asyncio.Event()
     count = 0
 

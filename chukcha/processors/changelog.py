@@ -15,8 +15,15 @@ restored first: every record on the bus (read from every node the app knows, so 
 not yet replicated somewhere is still found) is replayed in ``seq`` order into the store, which
 then resumes at the positions recorded there: nothing acknowledged is lost with the disk.
 
-Not done yet: snapshots (the changelog grows for as long as the app runs; replay reads it
-whole), standbys, and epochs from etcd (records carry epoch 0).
+Every ``snapshot_every`` commits (``ProcessorConfig.snapshot_every``) the partition also
+publishes a **snapshot**: every key of its store right after the last published commit (taken
+while nothing else writes to that store: the checkpoint is its only writer and waits), as one
+record marked ``base``. Once the snapshot is confirmed, the changelog chunks that were complete
+before it was written hold only older records: they are acked (deleted on every node), so the
+changelog and a restore's replay stay bounded by one snapshot plus ``snapshot_every`` records.
+
+Not done yet: standbys (a warm copy on another instance) and epochs from etcd (records carry
+epoch 0): an app runs as one instance or a static split.
 """
 
 from __future__ import annotations
@@ -58,15 +65,28 @@ class ChangelogBus(Protocol):
         """Every message of ``category`` now on the bus (from every node that answers)."""
         ...
 
+    async def complete_chunks(self, category: str) -> list[tuple[str, int]]:
+        """The complete chunks of ``category`` (name, size) on a node that answers."""
+        ...
+
+    async def ack_chunk(self, category: str, chunk: str, size: int) -> None:
+        """Ack (delete) one chunk of ``category`` on the cluster."""
+        ...
+
 
 class Changelog:
     """The changelog of one partition (see the module docstring)."""
 
-    def __init__(self, app: str, partition: int, bus: ChangelogBus, *, epoch: int = 0) -> None:
+    def __init__(self, app: str, partition: int, bus: ChangelogBus, *, epoch: int = 0,
+                 snapshot_every: int = 0) -> None:
         self.category = changelog_category(app, partition)
         self.partition = partition
         self.epoch = epoch
         self._bus = bus
+        self._snapshot_every = snapshot_every
+        self._snapshot_seq = 0
+        self._store: StateStore | None = None
+        self.snapshots = 0
         self.seq = 0
         self._pending: list[tuple[bytes, list[bytes]]] = []  # committed, not confirmed
         self._confirmed: list[bytes] = []  # c/ keys to delete with the next commit
@@ -117,6 +137,8 @@ class Changelog:
         """Read the last ``seq`` and the unpublished records (blocking)."""
         raw = store.get(SEQ_KEY)
         self.seq = int(raw) if raw else 0
+        self._store = store
+        self._snapshot_seq = self.seq
         self._pending = [(key, value.split(b"\n"))
                          for key, value in store.scan(PENDING_PREFIX)]
 
@@ -153,6 +175,35 @@ class Changelog:
             self._pending.pop(0)
             self._confirmed.append(key)
             self.published += 1
+        every = self._snapshot_every
+        if every and self.seq - self._snapshot_seq >= every:
+            await self._snapshot()
+
+    async def _snapshot(self) -> None:
+        """Publish the whole store as of ``self.seq`` (every record is published), then ack the
+        changelog chunks that were complete before (they hold only older records)."""
+        store = self._store
+        if store is None:
+            return
+        seq = self.seq
+        before = await self._bus.complete_chunks(self.category)
+        items = await asyncio.to_thread(_store_items, store)
+        lines = encode_record(Record(self.partition, self.epoch, seq, items, base=True))
+        await self._bus.publish(self.category, lines)
+        self._snapshot_seq = seq
+        self.snapshots += 1
+        acked = 0
+        for chunk, size in before:
+            try:
+                await self._bus.ack_chunk(self.category, chunk, size)
+            except Exception as exc:  # noqa: BLE001 - not fatal: the next snapshot acks it
+                logger.info("category=%s changelog chunk %s not acked yet: %s", self.category,
+                            chunk, exc)
+            else:
+                acked += 1
+        logger.info("category=%s snapshot of partition %d at seq %d: %d keys in %d lines; "
+                    "acked %d older changelog chunk(s)", self.category, self.partition, seq,
+                    len(items), len(lines), acked)
 
 
 async def _write_merged(store: StateStore, merged: dict[bytes, bytes | None], seq: int) -> int:
@@ -162,6 +213,12 @@ async def _write_merged(store: StateStore, merged: dict[bytes, bytes | None], se
     puts[SEQ_KEY] = str(seq).encode()
     await asyncio.to_thread(store.write, puts, deletes, sync=False)
     return len(puts) + len(deletes)
+
+
+def _store_items(store: StateStore) -> dict[bytes, bytes]:
+    """Every key of ``store`` but the changelog's own bookkeeping."""
+    return {k: v for k, v in store.scan(b"")
+            if not k.startswith(PENDING_PREFIX) and k != SEQ_KEY}
 
 
 def _has_any_key(store: StateStore) -> bool:

@@ -43,6 +43,8 @@ class ProcessorConfig:
             (:mod:`chukcha.processors.changelog`; default off).
         changelog_min_sync_replicas: how many other nodes must hold a changelog record before
             it counts as published (default 0: the node written to).
+        snapshot_every: with the changelog, publish a snapshot of a partition's store every
+            this many commits and delete the changelog before it (default 1000; 0: never).
         state: the state store settings (fsync policy, cache).
         dedup: the event-ID index retention.
         token: sent as ``Authorization: Bearer`` to the nodes (``--auth-token-file`` on them;
@@ -58,6 +60,7 @@ class ProcessorConfig:
     stop_timeout: float = 30.0
     changelog: bool = False
     changelog_min_sync_replicas: int = 0
+    snapshot_every: int = 1000
     state: StateConfig = field(default_factory=StateConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     token: str | None = field(default=None, repr=False)
@@ -70,7 +73,7 @@ class ProcessorConfig:
             raise ValueError("max_batch_bytes must be positive")
         if self.read_timeout <= 0 or self.stop_timeout <= 0:
             raise ValueError("timeouts must be positive")
-        if self.changelog_min_sync_replicas < 0:
-            raise ValueError("changelog_min_sync_replicas must be >= 0")
+        if self.changelog_min_sync_replicas < 0 or self.snapshot_every < 0:
+            raise ValueError("changelog_min_sync_replicas and snapshot_every must be >= 0")
         if not 0 < self.retry_initial <= self.retry_max:
             raise ValueError("need 0 < retry_initial <= retry_max")

@@ -68,7 +68,8 @@ class PartitionSet:
         self.checkpoints = [
             Checkpoint(engine, store, io, app.config,
                        name=app.name if one else f"{app.name}/{partition_dir_name(i)}",
-                       changelog=Changelog(app.name, i, changelog_bus)
+                       changelog=Changelog(app.name, i, changelog_bus,
+                                           snapshot_every=app.config.snapshot_every)
                        if changelog_bus is not None and app.config.changelog else None)
             for i, (engine, store) in enumerate(zip(self.engines, stores, strict=True))
         ]

@@ -279,6 +279,23 @@ class _BusIO:
             raise ClientError(f"no node answered reading {category!r}: {'; '.join(errors)}")
         return lines
 
+    async def complete_chunks(self, category: str) -> list[tuple[str, int]]:
+        return [(c.name, c.size) for c in await self._client.list_chunks(category)
+                if c.complete]
+
+    async def ack_chunk(self, category: str, chunk: str, size: int) -> None:
+        """A plain ack (no group: nothing else reads a changelog) on the first node that takes
+        it; acks replicate to every node."""
+        errors: list[str] = []
+        for url in self._client.nodes:
+            try:
+                await self._client.api.ack(url, category, chunk, size)
+            except ClientError as exc:
+                errors.append(f"{url}: {exc}")
+            else:
+                return
+        raise ClientError(f"ack of {category}/{chunk} failed: {'; '.join(errors)}")
+
     async def ack(self, checkpoint: Checkpoint, *, force: bool) -> None:
         """Ack (through each consumer) everything wholly before the lowest committed position
         of all partitions, once none of them waits for an fsync."""

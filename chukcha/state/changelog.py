@@ -11,6 +11,10 @@ Wire format (version 2): the payload is MessagePack ``[put keys, put values, del
 
     {"v": 2, "p": 3, "e": 0, "s": 17, "i": 0, "n": 2, "b": "<base64 slice>"}
 
+A **snapshot** is a record with ``"k": 1`` (:attr:`Record.base`): every key of the store as it
+was right after commit ``seq`` (no deletes). A replay starts from the latest snapshot found and
+applies the records after it, so records before a snapshot are no longer needed.
+
 Encoding and decoding are a few C calls per record (msgspec, binascii), not per key.
 :class:`Assembler` collects lines in any order, with duplicates (a record is resent after a
 crash; a producer retry writes it twice), and yields whole records; :func:`replay_order` picks
@@ -46,6 +50,8 @@ class Record:
     seq: int
     puts: dict[bytes, bytes] = field(default_factory=dict)
     deletes: list[bytes] = field(default_factory=list)
+    base: bool = False
+    """A snapshot: the whole store after commit ``seq`` (replayed into an empty store)."""
 
 
 def encode_record(record: Record, *, max_line: int = MAX_LINE) -> list[bytes]:
@@ -57,7 +63,9 @@ def encode_record(record: Record, *, max_line: int = MAX_LINE) -> list[bytes]:
     text = binascii.b2a_base64(payload, newline=False).decode()
     step = max_line - _OVERHEAD
     slices = [text[i:i + step] for i in range(0, len(text), step)] or [""]
-    head = {"v": 2, "p": record.partition, "e": record.epoch, "s": record.seq}
+    head: dict[str, int] = {"v": 2, "p": record.partition, "e": record.epoch, "s": record.seq}
+    if record.base:
+        head["k"] = 1
     return [orjson.dumps({**head, "i": i, "n": len(slices), "b": b})
             for i, b in enumerate(slices)]
 
@@ -66,15 +74,15 @@ class Assembler:
     """Collects record lines (any order, duplicates allowed) into whole records."""
 
     def __init__(self) -> None:
-        self._parts: dict[tuple[int, int, int], dict[int, str]] = {}
-        self._done: dict[tuple[int, int, int], Record] = {}
+        self._parts: dict[tuple[int, int, int, bool], dict[int, str]] = {}
+        self._done: dict[tuple[int, int, int, bool], Record] = {}
         self.bad_lines = 0
         """Lines that were not changelog records (skipped)."""
 
     def add(self, line: bytes) -> None:
         try:
             msg: dict[str, Any] = orjson.loads(line)
-            key = (int(msg["p"]), int(msg["e"]), int(msg["s"]))
+            key = (int(msg["p"]), int(msg["e"]), int(msg["s"]), msg.get("k") == 1)
             index, total, data = int(msg["i"]), int(msg["n"]), str(msg["b"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             self.bad_lines += 1
@@ -92,7 +100,7 @@ class Assembler:
                 self.bad_lines += total
                 return
             self._done[key] = Record(key[0], key[1], key[2], dict(zip(keys, values, strict=True)),
-                                     deletes)
+                                     deletes, base=key[3])
 
     def forget(self, upto_seq: int) -> None:
         """Drop the whole records with ``seq <= upto_seq`` of every partition and epoch (they
@@ -111,16 +119,28 @@ class Assembler:
 
 
 def replay_order(records: Iterable[Record], after: int = 0) -> Iterator[Record]:
-    """The records to apply, in order, to a store that holds the commits up to ``after``: one
-    per ``seq`` (the highest epoch winning), contiguous from ``after + 1`` (a missing ``seq``
-    ends the replay: what follows it cannot be applied without it); a record of an epoch
-    older than one already applied ends it too (a fenced-off former owner's late record)."""
+    """The records to apply, in order, to a store that holds the commits up to ``after``
+    (``0``: an empty store).
+
+    Into an empty store the replay starts with the latest snapshot (if any) and goes on with
+    the records after it. Then one record per ``seq`` (the highest epoch winning), contiguous
+    (a missing ``seq`` ends the replay: what follows cannot be applied without it); a record of
+    an epoch older than one already applied ends it too (a fenced-off former owner's late
+    record)."""
     best: dict[int, Record] = {}
+    snapshot: Record | None = None
     for r in records:
-        if r.seq > after and (r.seq not in best or r.epoch > best[r.seq].epoch):
+        if r.base:
+            if after == 0 and (snapshot is None or (r.seq, r.epoch) > (snapshot.seq,
+                                                                       snapshot.epoch)):
+                snapshot = r
+        elif r.seq > after and (r.seq not in best or r.epoch > best[r.seq].epoch):
             best[r.seq] = r
     epoch = 0
     seq = after + 1
+    if snapshot is not None:
+        yield snapshot
+        epoch, seq = snapshot.epoch, snapshot.seq + 1
     while (record := best.get(seq)) is not None and record.epoch >= epoch:
         epoch = record.epoch
         yield record

@@ -1,6 +1,6 @@
 """The app of the changelog tests (``chukcha run tests.processors.changelog_app:app``): 4
-partitions keyed by customer, state on the bus (``changelog=True``), small batches so that a run
-makes many commits."""
+partitions keyed by customer, state on the bus (``changelog=True``, a snapshot every 4 commits),
+small batches so that a run makes many commits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from chukcha.processors import ProcessorConfig
 __all__ = ["app"]
 
 app = App("billing", partitions=4, config=ProcessorConfig(
-    max_batch_bytes=2048, read_timeout=0.2, changelog=True))
+    max_batch_bytes=2048, read_timeout=0.2, changelog=True, snapshot_every=4))
 
 
 @app.processor("orders", key=lambda order: order["customer"])

@@ -68,3 +68,24 @@ def test_replay_is_contiguous_by_seq_and_the_newest_epoch_wins() -> None:
     assert [r.seq for r in replay_order([rec(1), rec(2), rec(4)])] == [1, 2]  # 3 missing
     assert [r.seq for r in replay_order([rec(1), rec(2), rec(3)], after=1)] == [2, 3]
     assert list(replay_order([])) == []
+
+
+def snap(seq: int, epoch: int = 0) -> Record:
+    return Record(0, epoch, seq, {b"all": str(seq).encode()}, base=True)
+
+
+def test_replay_starts_at_the_latest_snapshot() -> None:
+    got = [(r.seq, r.base) for r in replay_order(
+        [rec(1), rec(2), snap(2), rec(3), rec(4), snap(4), rec(5), rec(7)])]
+    assert got == [(4, True), (5, False)]  # 7 waits for 6
+    assert [(r.seq, r.base) for r in replay_order([snap(3), rec(5)])] == [(3, True)]
+    # Into a store that holds commits already, a snapshot is not a starting point.
+    assert [r.seq for r in replay_order([snap(4), rec(3), rec(4)], after=2)] == [3, 4]
+
+
+def test_a_snapshot_round_trips_marked_as_a_base() -> None:
+    lines = encode_record(snap(9), max_line=1024)
+    assembler = Assembler()
+    for line in lines + encode_record(rec(9), max_line=1024):
+        assembler.add(line)
+    assert sorted((r.seq, r.base) for r in assembler.records()) == [(9, False), (9, True)]
