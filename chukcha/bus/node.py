@@ -25,6 +25,7 @@ from chukcha.bus.partitions import CategoryPartitions
 from chukcha.bus.peers import PeerAccess
 from chukcha.bus.retain import AckedRetention
 from chukcha.bus.server import HttpServer, Router
+from chukcha.bus.ui import NodeUi
 
 __all__ = ["Node", "NodeState"]
 
@@ -90,6 +91,9 @@ class Node:
         # Operations (issue 12): /groups/lag and /metrics.
         self.lag = LagMeter(self.store, self.groups.registry)
         self.router.add_routes(LagApi(self.lag).routes())
+        self.ui = NodeUi(config.instance, lambda: self.address if self._sock else "",
+                         self.store, self.cluster.status, self.lag)
+        self.router.add_routes(self.ui.routes())
         self.metrics: NodeMetrics | None = None
         self.router.add_check(self.auth.check)  # before every handler
         if config.metrics:
@@ -152,6 +156,7 @@ class Node:
                 self._tasks.append(
                     asyncio.create_task(self.tokens.watch_forever(), name="auth-tokens")
                 )
+            self._tasks.append(asyncio.create_task(self.ui.sample_forever(), name="ui-rates"))
             # With TLS peers must be told to use https: etcd gets the URL, not host:port.
             await self.cluster.start(self.url if server_tls is not None else self.address)
         except BaseException:

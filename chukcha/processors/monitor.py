@@ -1,5 +1,7 @@
-"""A running app's HTTP port: Prometheus ``/metrics`` (``chukcha run --http HOST:PORT``,
-``App.run(http="HOST:PORT")``).
+"""A running app's HTTP port (``chukcha run --http HOST:PORT``, ``App.run(http="HOST:PORT")``):
+Prometheus ``/metrics``, the web monitor ``/ui`` (partitions, counters, lag, and a query box
+that looks up a key in the app's table: Goka's query page) and ``/ui/query?key=K`` (JSON:
+``{"key", "found", "value"}``, the committed value).
 
 Everything is read at scrape time from what the engines and checkpoints count anyway:
 
@@ -23,11 +25,13 @@ The counters start at zero with each run of the process.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Final
+from typing import Any, Final
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.core import (
@@ -40,13 +44,25 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from chukcha.client.consumer import Consumer
+from chukcha.monitor_html import page, table
 from chukcha.processors.checkpoint import COMMIT_BUCKETS, Checkpoint
+from chukcha.processors.context import TABLE_PREFIX
 
 __all__ = ["AppMonitor", "parse_http_address"]
 
 logger = logging.getLogger(__name__)
 
 _BOUNDS: Final = (*(str(float(b)) for b in COMMIT_BUCKETS), "+Inf")
+_QUERY_SCRIPT: Final = """
+document.getElementById("query").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const key = document.getElementById("key").value;
+  const out = document.getElementById("result");
+  const r = await fetch("/ui/query?key=" + encodeURIComponent(key));
+  const d = await r.json();
+  out.textContent = d.found ? JSON.stringify(d.value) : (d.error || "not found");
+});
+"""
 
 
 def parse_http_address(text: str) -> tuple[str, int]:
@@ -76,8 +92,13 @@ class AppMonitor:
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_AppCollector(app_name, partitions, checkpoints, consumers))
+        self._name = app_name
+        self._checkpoints = checkpoints
+        self._consumers = consumers
         self.app = web.Application()
         self.app.router.add_get("/metrics", self._metrics)
+        self.app.router.add_get("/ui", self._ui)
+        self.app.router.add_get("/ui/query", self._query)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.address = ""
@@ -96,12 +117,51 @@ class AppMonitor:
         sockets = getattr(server, "sockets", None) or []
         bound = sockets[0].getsockname() if sockets else (host, port)
         self.address = f"{bound[0]}:{bound[1]}"
-        logger.info("app HTTP port on http://%s (/metrics)", self.address)
+        logger.info("app HTTP port on http://%s (/metrics, /ui)", self.address)
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+    async def lookup(self, key: str) -> tuple[bool, Any]:
+        """The committed value of ``key`` in the app's table: ``(found, value)``."""
+
+        def get() -> tuple[bool, Any]:
+            for checkpoint in self._checkpoints.values():
+                raw = checkpoint.store.get(TABLE_PREFIX + key.encode())
+                if raw is not None:
+                    return True, orjson.loads(raw)
+            return False, None
+
+        return await asyncio.to_thread(get)
+
+    async def _query(self, request: web.Request) -> web.StreamResponse:
+        key = request.query.get("key", "")
+        if not key:
+            return web.json_response({"error": "give ?key=K"}, status=400)
+        found, value = await self.lookup(key)
+        return web.json_response({"key": key, "found": found, "value": value},
+                                 dumps=lambda v: orjson.dumps(v).decode())
+
+    async def _ui(self, request: web.Request) -> web.StreamResponse:
+        parts = table(
+            ["partition", "applied", "duplicates", "dead-lettered", "commits", "unsent emits"],
+            [(i, c.engine.applied, c.engine.duplicates, c.engine.dead_lettered, c.commits,
+              len(c.engine.outbox)) for i, c in sorted(self._checkpoints.items())],
+            css_id="partitions",
+        )
+        lag = table(["category", "lag (bytes)"],
+                    [(c, consumer.backlog_bytes())
+                     for c, consumer in sorted(self._consumers().items())],
+                    css_id="lag", empty="not reading yet")
+        query = ('<form id="query"><label>look up a key in the table: <input id="key" '
+                 'name="key" autocomplete="off"></label> <button id="lookup">look up</button>'
+                 '</form><pre id="result"></pre>')
+        main = f"<h2>Partitions this instance runs</h2>{parts}<h2>Input lag</h2>{lag}"
+        return web.Response(body=page(f"chukcha app {self._name}", main, before_main=query,
+                                      extra_script=_QUERY_SCRIPT),
+                            content_type="text/html", charset="utf-8")
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         resp = web.Response(body=generate_latest(self.registry))
