@@ -98,6 +98,11 @@ class Changelog:
     def unpublished(self) -> bool:
         return bool(self._pending)
 
+    @property
+    def pending_records(self) -> int:
+        """Committed records not confirmed on the bus yet (the app's metrics show it)."""
+        return len(self._pending)
+
     # --- start ---------------------------------------------------------------------------
 
     async def restore_if_empty(self, store: StateStore) -> None:

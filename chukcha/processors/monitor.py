@@ -16,6 +16,8 @@ Everything is read at scrape time from what the engines and checkpoints count an
 ``chukcha_app_commit_duration_seconds{app}``          histogram write batch + fsync
 ``chukcha_app_outbox_entries{app,partition}``         gauge     committed emits not sent yet
 ``chukcha_app_dedup_ids{app,partition}``              gauge     IDs in the dedup index
+``chukcha_app_changelog_published_total{...}``        counter   changelog records confirmed
+``chukcha_app_changelog_unpublished{...}``            gauge     changelog records not yet
 ``chukcha_app_lag_bytes{app,category}``               gauge     bytes listed beyond the read
                                                                 position (as last listed)
 ==================================================== ========= ===============================
@@ -227,6 +229,18 @@ class _AppCollector(Collector):
             for partition, checkpoint in sorted(self._checkpoints.items()):
                 gauge.add_metric([self._app, str(partition)], read(checkpoint))
             yield gauge
+        published = CounterMetricFamily("chukcha_app_changelog_published",
+                                        "Changelog records confirmed on the bus", labels=labels)
+        pending = GaugeMetricFamily("chukcha_app_changelog_unpublished",
+                                    "Committed changelog records not confirmed yet",
+                                    labels=labels)
+        for partition, checkpoint in sorted(self._checkpoints.items()):
+            changelog = checkpoint.changelog
+            if changelog is not None:
+                published.add_metric([self._app, str(partition)], changelog.published)
+                pending.add_metric([self._app, str(partition)], changelog.pending_records)
+        yield published
+        yield pending
 
     def _commit_histogram(self) -> Metric:
         family = HistogramMetricFamily("chukcha_app_commit_duration_seconds",

@@ -12,9 +12,9 @@ __all__ = ["app", "build"]
 
 
 def build(on_error: str = "stop", nodes: tuple[str, ...] = ("http://127.0.0.1:8080",),
-          state_dir: str | None = None) -> App:
+          state_dir: str | None = None, *, changelog: bool = False) -> App:
     a = App("shop", nodes=nodes, state_dir=state_dir, on_error=on_error,
-            config=ProcessorConfig(read_timeout=0.2))
+            config=ProcessorConfig(read_timeout=0.2, changelog=changelog))
 
     @a.processor("orders")
     def on_order(ctx: Context, order: dict[str, Any]) -> None:

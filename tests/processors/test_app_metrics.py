@@ -73,3 +73,29 @@ async def test_app_metrics_match_the_work_done(
         assert "app=shop progress applied=" in caplog.text
         assert "app=shop category=orders caught up: applied=10 duplicates=3" in caplog.text
         assert "lag_bytes=orders:0" in caplog.text
+
+
+async def test_app_metrics_count_changelog_records(tmp_path: Path) -> None:
+    async with run_node(tmp_path / "d") as node, Client([node.url]) as client, \
+            aiohttp.ClientSession() as http:
+        await client.send("orders", [{"id": f"o{i}", "customer": "c", "amount": i}
+                                     for i in range(5)])
+        runner = Runner(build(nodes=(node.url,), state_dir=str(tmp_path / "s"),
+                              changelog=True), http="127.0.0.1:0")
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop))
+        try:
+            labels = {"app": "shop", "partition": "0"}
+
+            async def published() -> bool:
+                if runner.monitor is None or not runner.monitor.address:
+                    return False
+                m = await scrape(http, f"http://{runner.monitor.address}")
+                return (value(m, "chukcha_app_events_applied_total", **labels) == 5
+                        and value(m, "chukcha_app_changelog_published_total", **labels) >= 1
+                        and value(m, "chukcha_app_changelog_unpublished", **labels) == 0)
+
+            await wait_for(published, timeout=30, what="the changelog to be published")
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
