@@ -424,9 +424,14 @@ class _Session:
         parts, client = self._parts, self._client
         await parts.send_outbox()  # what the previous run committed but did not send
         for plan in await plan_inputs(self.app, client):
-            for stream in plan.streams:
+            # A partitioned input: stream i is partition i; with a static split an instance
+            # reads (and its group holds back) only its own partitions' streams.
+            partitioned = len(plan.streams) == self.app.partitions > 1
+            for index, stream in enumerate(plan.streams):
+                if partitioned and not self._split.owns(index):
+                    continue
                 self._handler_of[stream] = plan.handler
-                await self._register(stream)
+                await self._register(stream, mine_only=partitioned)
                 saved = parts.resume_positions(stream)
                 self._consumers[stream] = client.consumer(
                     stream,
@@ -458,11 +463,13 @@ class _Session:
             # One failure (ProcessorError, StateLockedError...) is what the caller wants to see.
             raise_single(group)
 
-    async def _register(self, category: str) -> None:
+    async def _register(self, category: str, *, mine_only: bool = False) -> None:
         # On every node, so that no node drops chunks this group has not acked yet; with a
-        # split, every instance's group, so that none loses input before it first runs.
+        # split, every instance's group (so that none loses input before it first runs),
+        # except on a partition's stream, which only its owner reads.
+        groups = [self._group] if mine_only else self._split.groups(self.app.name)
         try:
-            for group in self._split.groups(self.app.name):
+            for group in groups:
                 await self._client.register_group(category, group)
         except ClientError as exc:
             logger.warning("app=%s registering group on every node failed (the consumer "

@@ -3,8 +3,11 @@
 ``chukcha run module:app --instance-index I --instances N`` (or
 ``app.run(split=StaticSplit(I, N))``) processes only the partitions ``p`` with ``p % N == I``.
 Each instance keeps its own state directory and reads the input as its own consumer group,
-``<app>.<I>of<N>``; every instance registers all N groups on start, so a chunk is deleted only
-when all N instances acked it (each acks it once all its partitions have committed past it).
+``<app>.<I>of<N>``. An input partitioned on the bus with the app's count is read only where it
+belongs: instance I reads (and its group alone holds back) the partitions' categories it owns.
+Any other input is read by every instance, which skips the other instances' events; there every
+instance registers all N groups on start, so a chunk is deleted only when all N instances acked
+it (each acks it once all its partitions have committed past it).
 Ownership never moves, so no state has to move either: an instance that is down simply leaves
 its partitions waiting (their input stays on the bus) until it is back.
 
@@ -49,7 +52,11 @@ class StaticSplit:
             raise ValueError(f"{self.count} instances for {partitions} partitions: some "
                              "instances would own nothing (use at most as many instances as "
                              "partitions)")
-        return [p for p in range(partitions) if p % self.count == self.index]
+        return [p for p in range(partitions) if self.owns(p)]
+
+    def owns(self, partition: int) -> bool:
+        """Whether this instance processes ``partition``."""
+        return partition % self.count == self.index
 
     def group(self, app: str) -> str:
         """This instance's consumer group (the app's name when there is no split)."""

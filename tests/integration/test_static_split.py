@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ pytestmark = [pytest.mark.timeout(150), pytest.mark.allow_blocking]  # subproces
 TARGET = "tests.processors.sigkill_app:partitioned"  # 8 partitions, key = customer
 
 
+def by_customer(event: dict[str, Any]) -> str:
+    return str(event["customer"])
+
+
 def split_args(index: int, count: int) -> list[str]:
     return ["--instance-index", str(index), "--instances", str(count)]
 
@@ -40,7 +45,13 @@ async def tables_of(state_dir: Path) -> list[dict[str, Any]]:
             s.close()
 
 
-async def test_two_instances_split_the_partitions_exactly_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("partitioned_input", [False, True])
+async def test_two_instances_split_the_partitions_exactly_once(
+    tmp_path: Path, partitioned_input: bool
+) -> None:
+    """Plain input (every instance reads it, through the repartitioning hop) or input already
+    partitioned with the app's count (each instance reads only its partitions' categories, and
+    only its group holds them back: every complete chunk of every partition still gets acked)."""
     rng = random.Random(7)  # noqa: S311 - reproducible input
     events = [order(i, rng) for i in range(600)]
     expected: dict[str, int] = {}
@@ -49,6 +60,11 @@ async def test_two_instances_split_the_partitions_exactly_once(tmp_path: Path) -
     async with run_cluster(tmp_path / "cluster", ("a",),
                            args=("--max-chunk-size", "4096")) as cluster, \
             Client(cluster.urls) as client:
+        inputs = ["orders"]
+        key: Callable[[dict[str, Any]], str] | None = None
+        if partitioned_input:
+            inputs = await client.create_partitions("orders", 8)
+            key = by_customer
         procs = []
         for i in range(2):
             p = Processor(cluster, tmp_path / f"state{i}", tmp_path / f"p{i}.log", TARGET)
@@ -58,8 +74,8 @@ async def test_two_instances_split_the_partitions_exactly_once(tmp_path: Path) -
         for p in procs:
             await p.wait_ready()
         for part in range(0, len(events), 100):
-            await client.send("orders", events[part:part + 100])
-            await client.send("orders", events[part:part + 50])  # duplicates, same IDs
+            await client.send("orders", events[part:part + 100], key=key)
+            await client.send("orders", events[part:part + 50], key=key)  # duplicates
             if part == 300:
                 # SIGKILL one instance in the middle, then restart it.
                 assert await procs[1].kill() == -9
@@ -71,7 +87,8 @@ async def test_two_instances_split_the_partitions_exactly_once(tmp_path: Path) -
 
         async def all_acked() -> bool:
             # Both groups acked every complete chunk: only the open one is left.
-            return all(not c.complete for c in await client.list_chunks("orders"))
+            listings = [await client.list_chunks(category) for category in inputs]
+            return all(not c.complete for listing in listings for c in listing)
 
         await wait_for(all_acked, what="both instances' groups to ack every complete chunk")
         for p in procs:
@@ -84,9 +101,9 @@ async def test_two_instances_split_the_partitions_exactly_once(tmp_path: Path) -
         for partition, table in enumerate(tables):
             if partition not in mine:
                 assert table == {}  # never touched
-            for key, value in table.items():
-                assert partition_of(key, 8) == partition
-                union[key] = value
+            for customer, value in table.items():
+                assert partition_of(customer, 8) == partition
+                union[customer] = value
     assert union == expected
 
 
