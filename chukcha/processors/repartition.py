@@ -6,7 +6,8 @@ For an app ``billing`` with P partitions reading ``orders``:
 
 - the app's category is ``billing.orders`` (:func:`repartition_category`) with P partitions,
   ``billing.orders.p0000`` …, created (idempotently) when the app starts;
-- the stage reads ``orders``'s owner streams as the group ``billing``, takes each event's key
+- the stage reads ``orders``'s owner streams (those of each of its partitions, when it is
+  partitioned with another count) as the group ``billing``, takes each event's key
   (the processor's ``key=``, default the ID) and writes the event's line, unchanged, into the
   partition of its key; an event without an ID gets the one the processor would give it at its
   original place, ``"orders:<chunk>:<offset>"``, spliced in, so every copy the hop writes has
@@ -33,7 +34,7 @@ import orjson
 
 from chukcha.client.events import split_bodies
 from chukcha.codecs import JSON, splice_id
-from chukcha.errors import ClientError
+from chukcha.errors import ClientError, RemoteNotFoundError
 from chukcha.partitioning import partition_category
 from chukcha.processors.base import default_event_id
 from chukcha.processors.engine import decode_batch
@@ -57,12 +58,19 @@ def repartition_category(app: str, category: str) -> str:
 @dataclass(frozen=True, slots=True)
 class InputPlan:
     """How a processor's input is read: ``streams`` (the categories the keyed stage reads) and,
-    when a hop is needed, the plain ``source`` it copies from into ``target``."""
+    when a hop is needed, the input categories ``sources`` it copies from into ``target``."""
 
     handler: str
     streams: tuple[str, ...]
-    source: str | None = None
-    target: str | None = None
+    sources: tuple[str, ...] = ()
+    target: str = ""
+
+
+async def _bus_count(client: Client, category: str) -> int:
+    try:
+        return await client.partitions(category)
+    except RemoteNotFoundError:  # a node without /partitions (the Go server): none
+        return 0
 
 
 async def plan_inputs(app: App, client: Client) -> list[InputPlan]:
@@ -78,25 +86,24 @@ async def plan_inputs(app: App, client: Client) -> list[InputPlan]:
     n = app.partitions
     for name, handler in app.handlers.items():
         pinned = handler.input_partitions
-        if n == 1 and pinned is None:
-            plans.append(InputPlan(name, (name,)))  # one partition: any input fits as it is
-            continue
-        count = await client.partitions(name)
+        count = await _bus_count(client, name)
         if pinned is not None and count != pinned:
             raise ValueError(
                 f"app {app.name!r}: the processor of {name!r} pins input_partitions={pinned}, "
                 f"but the bus has {name!r} " + (f"with {count} partitions" if count else
                                                "unpartitioned")
                 + (f" (create them: chukcha partitions {name} {pinned})" if not count else ""))
-        if count == n:
-            plans.append(InputPlan(name, tuple(partition_category(name, i) for i in range(n))))
+        inputs = tuple(partition_category(name, i) for i in range(count)) or (name,)
+        if n in {1, count}:
+            # One partition reads any input as it is; the same count needs no hop either.
+            plans.append(InputPlan(name, inputs))
             continue
         target = repartition_category(app.name, name)
         streams = tuple(await client.create_partitions(target, n))
         logger.info("app=%s category=%s has %s; repartitioning into %s (%d partitions)",
                     app.name, name, f"{count} partitions" if count else "no partitions",
                     target, n)
-        plans.append(InputPlan(name, streams, source=name, target=target))
+        plans.append(InputPlan(name, streams, sources=inputs, target=target))
     return plans
 
 
@@ -105,7 +112,8 @@ class Repartitioner:
     docstring); :meth:`step` handles one read's batches."""
 
     def __init__(self, app: App, client: Client, consumer: Consumer, *, source: str,
-                 target: str, partitions: int, owned: Collection[int] | None = None) -> None:
+                 target: str, partitions: int, owned: Collection[int] | None = None,
+                 handler: str | None = None) -> None:
         self._app = app
         self._client = client
         self.consumer = consumer
@@ -115,10 +123,11 @@ class Repartitioner:
         # With a static split each instance copies only its own partitions' events (every
         # instance reads the whole input as its own group): one writer per partition.
         self._owned = None if owned is None or len(set(owned)) == partitions else set(owned)
-        handler = app.handlers[source]
-        self._stamp = handler.codec.json_object
-        self._key = handler.key
-        self._fast = handler.codec is JSON and app.event_id is default_event_id
+        self._handler = handler or source
+        handler_def = app.handlers[self._handler]
+        self._stamp = handler_def.codec.json_object
+        self._key = handler_def.key
+        self._fast = handler_def.codec is JSON and app.event_id is default_event_id
         self.events = 0
         """Events copied (written and confirmed) since start."""
         self._written: dict[str, Position] = {}  # owner -> position, everything before written
@@ -142,7 +151,8 @@ class Repartitioner:
         ID function)."""
         n, source, owned = self._partitions, self.source, self._owned
         blake2b, from_bytes = hashlib.blake2b, int.from_bytes
-        items, _ = decode_batch(self._app, source, b.chunk, b.offset, b.data)
+        items, _ = decode_batch(self._app, source, b.chunk, b.offset, b.data,
+                                handler=self._handler)
         for ev_off, line, event, eid, key, _error in items:
             p = from_bytes(blake2b(key.encode(), digest_size=8).digest(), "big") % n
             if owned is not None and p not in owned:

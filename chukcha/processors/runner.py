@@ -440,15 +440,16 @@ class _Session:
                                for owner, (chunk, off) in saved.items()},
                     max_batch_bytes=self.config.max_batch_bytes,
                 )
-            if plan.source is not None and plan.target is not None:
-                await self._register(plan.source)
-                consumer = client.consumer(plan.source, group=self._group,
+            for source in plan.sources:
+                await self._register(source)
+                consumer = client.consumer(source, group=self._group,
                                            max_batch_bytes=self.config.max_batch_bytes)
                 self._hop_consumers.append(consumer)
-                self._hops.append(Repartitioner(self.app, client, consumer, source=plan.source,
+                self._hops.append(Repartitioner(self.app, client, consumer, source=source,
                                                 target=plan.target,
                                                 partitions=self.app.partitions,
-                                                owned=self._parts.owned))
+                                                owned=self._parts.owned,
+                                                handler=plan.handler))
         try:
             async with asyncio.TaskGroup() as tg:
                 for category, consumer in self._consumers.items():

@@ -7,6 +7,7 @@ bus contradicts stops the app with a clear error."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 
 from chukcha import App, Client, Context
 from chukcha.bus.node import Node
+from chukcha.errors import RequestRejectedError
 from chukcha.partitioning import partition_category, partition_of
 from chukcha.processors.tester import Tester
 from chukcha.testing import run_node
@@ -131,3 +133,56 @@ async def test_a_pinned_count_the_bus_contradicts_is_refused(small_node: Node,
         await app.run_async(asyncio.Event())
     with pytest.raises(ValueError, match="from 1 to 1024"):
         App("x").processor("c", input_partitions=0)
+
+
+async def test_another_count_is_repartitioned_from_its_partitions(small_node: Node,
+                                                                  tmp_path: Path) -> None:
+    """An input with 2 partitions for an app with 4: the hop reads both partitions."""
+    orders = [{"id": f"o{i}", "customer": f"c{i % 7}", "amount": i} for i in range(25)]
+    async with Client([small_node.url]) as client:
+        await client.create_partitions("orders", 2)
+        await client.send("orders", orders, key=lambda o: o["customer"])
+        stop = asyncio.Event()
+        task = asyncio.create_task(keyed_app(small_node.url, tmp_path / "state").run_async(stop))
+        await collect(client, "receipts", {f"r-o{i}" for i in range(25)})
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        assert await client.partitions("billing.orders") == 4
+    t = Tester(keyed_app(small_node.url, None))
+    await t.feed_async("orders", *orders)
+    assert await asyncio.to_thread(table_of, tmp_path / "state") == t.table
+
+
+async def test_one_partition_reads_a_partitioned_input_directly(small_node: Node,
+                                                                tmp_path: Path) -> None:
+    orders: list[dict[str, Any]] = [
+        {"id": f"o{i}", "customer": f"c{i % 7}", "amount": i} for i in range(15)]
+    app = App("single", nodes=[small_node.url], state_dir=tmp_path / "state")
+
+    @app.processor("orders")
+    def on_order(ctx: Context, order: dict[str, Any]) -> None:
+        ctx.set(order["customer"], ctx.get(order["customer"], 0) + order["amount"])
+        ctx.emit("receipts", {"id": f"r-{ctx.event_id}"})
+
+    async with Client([small_node.url]) as client:
+        await client.create_partitions("orders", 3)
+        await client.send("orders", orders, key=lambda o: o["customer"])
+        stop = asyncio.Event()
+        task = asyncio.create_task(app.run_async(stop))
+        await collect(client, "receipts", {f"r-o{i}" for i in range(15)})
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        assert not any(c.startswith("single.") for c in await client.list_categories())
+    want: dict[str, int] = {}
+    for o in orders:
+        want[o["customer"]] = want.get(o["customer"], 0) + o["amount"]
+    assert await asyncio.to_thread(table_of, tmp_path / "state") == want
+
+
+async def test_the_apps_category_name_taken_by_data_is_refused(small_node: Node,
+                                                               tmp_path: Path) -> None:
+    async with Client([small_node.url]) as client:
+        await client.send("billing.orders.p0001", [{"id": "x"}])  # someone else's category
+    with pytest.raises(RequestRejectedError,
+                       match=re.escape("'billing.orders.p0001' already exists with data")):
+        await keyed_app(small_node.url, tmp_path / "state").run_async(asyncio.Event())
