@@ -25,6 +25,8 @@ def blockbuster(request: pytest.FixtureRequest) -> Iterator[BlockBuster | None]:
     with blockbuster_ctx() as bb:
         # Small page-cache appends run on the loop by design (chukcha.bus.chunks._append_small).
         bb.functions["os.write"].can_block_in("chukcha/bus/chunks.py", "_append_small")
+        # ... and so is a small replicated chunk's creation (ChunkStore._store_replica).
+        bb.functions["os.write"].can_block_in("chukcha/bus/chunks.py", "_create_file")
         # Hypothesis scans the test modules' source once per process, at its first draw, which
         # can happen inside a running loop: test tooling, not our code.
         for func in bb.functions.values():

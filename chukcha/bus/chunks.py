@@ -604,11 +604,16 @@ class ChunkStore:
         change together (run under ``cat.lock`` through :func:`_finish`)."""
         chunk = str(cname)
         if c is None:
-            # Created and filled in one worker-thread hop (catching up thousands of small
-            # chunks pays per hop).
+            # Created and filled at once: on the loop when small (like _append_small: a
+            # worker-thread hop costs more than creating a file and copying 64 KiB into the
+            # page cache, and a catch-up of thousands of small chunks pays it per chunk),
+            # else in one worker-thread hop.
             c = _Chunk(cname, 0)
             try:
-                await asyncio.to_thread(self._create_file, cat.path / chunk, c, data, sync)
+                if not sync and len(data) <= INLINE_WRITE_LIMIT:
+                    self._create_file(cat.path / chunk, c, data, False)
+                else:
+                    await asyncio.to_thread(self._create_file, cat.path / chunk, c, data, sync)
             except DiskWriteError:
                 c.size = 0  # the file exists, empty: index it like one created empty
                 raise

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from chukcha.bus.chunks import ChunkStore
+from chukcha.bus.chunks import INLINE_WRITE_LIMIT, ChunkStore
 from chukcha.errors import ChunkNotFoundError
 
 PEER_CHUNK = "peer-chunk000000000"
@@ -39,7 +39,10 @@ async def test_replicated_ack_during_the_download_that_creates_the_chunk(
         real_create(self, path, *args)
 
     monkeypatch.setattr(ChunkStore, "_create_file", gated_create)
-    download = asyncio.create_task(store.append_replica("c", PEER_CHUNK, 0, b"one\ntwo\n"))
+    # Over INLINE_WRITE_LIMIT: created and written in a worker thread, so the ack can arrive
+    # while the download holds the lock.
+    data = b"x" * INLINE_WRITE_LIMIT + b"\n"
+    download = asyncio.create_task(store.append_replica("c", PEER_CHUNK, 0, data))
     # The download holds the category lock and is creating the file in a worker thread.
     assert await asyncio.to_thread(entered.wait, 5)
     ack = asyncio.create_task(store.tombstone_replica("c", PEER_CHUNK))

@@ -63,7 +63,7 @@ async def _let_others_run() -> None:
 async def test_cancelled_replica_append_holds_the_lock_until_the_thread_is_done(
     store: ChunkStore, gate: _Gate, tmp_path: Path
 ) -> None:
-    data = b"one\ntwo\n"
+    data = b"x" * INLINE_WRITE_LIMIT + b"\n"  # created and written in a worker thread
     first = asyncio.create_task(store.append_replica("c", PEER_CHUNK, 0, data))
     await asyncio.to_thread(gate.entered.wait, 5)  # the worker is inside the append
     first.cancel()
