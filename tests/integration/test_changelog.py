@@ -84,3 +84,61 @@ async def test_state_survives_sigkill_and_a_deleted_state_directory(tmp_path: Pa
     assert changelog
     last = max(int(c.name.rsplit("chunk", 1)[1]) for c in changelog)
     assert len(changelog) < last + 1
+
+
+@pytest.mark.slow
+async def test_a_static_split_loses_nothing_when_instances_lose_their_disks(
+    tmp_path: Path,
+) -> None:
+    """Two instances of a static split on a 2-node bus, every event written to both nodes;
+    SIGKILL one of them at random moments, deleting its state directory entirely at every
+    other kill. After the last restart the union of the instances' tables equals the totals,
+    every receipt has one content per ID, and every complete input chunk is acked."""
+    rng = random.Random(77)  # noqa: S311 - a reproducible kill schedule
+    expected: dict[str, int] = {}
+    sent = 0
+    wiped = 0
+    async with run_cluster(tmp_path / "cluster", ("a", "b"),
+                           args=("--max-chunk-size", "4096")) as cluster, \
+            Client(cluster.urls) as client:
+        procs = []
+        for i in range(2):
+            p = Processor(cluster, tmp_path / f"state{i}", tmp_path / f"app{i}.log", TARGET)
+            p.cmd += ["--instance-index", str(i), "--instances", "2"]
+            procs.append(p)
+            await p.start()
+
+        async def acked_all() -> bool:
+            return all(not c.complete for c in await client.list_chunks("orders"))
+
+        for p in procs:
+            await p.wait_ready()
+        for kill in range(8):
+            events = [order(sent + k, rng) for k in range(PER_ROUND)]
+            sent += PER_ROUND
+            for e in events:
+                expected[e["customer"]] = expected.get(e["customer"], 0) + e["amount"]
+            for url in cluster.urls:  # every event on both nodes: the same ID twice
+                await client.send_to(url, "orders", events)
+            await asyncio.sleep(rng.uniform(0.0, 1.5))  # a random moment to kill at
+            victim = procs[rng.randrange(2)]
+            assert await victim.kill() == -9
+            if kill % 2 == 0:
+                state = tmp_path / f"state{procs.index(victim)}"
+                await asyncio.to_thread(shutil.rmtree, state, True)  # the disk is gone
+                wiped += 1
+            await victim.start()
+            await victim.wait_ready()
+        receipts = await read_receipts(client, cluster.urls[0],
+                                       {f"o{i}/0" for i in range(sent)}, procs[0].log)
+        await wait_for(acked_all, what="every complete input chunk to be acked by both")
+        for p in procs:
+            assert await p.terminate() == 0
+
+    assert len(receipts) == sent
+    assert all(len({str(r) for r in copies}) == 1 for copies in receipts.values())
+    union: dict[str, int] = {}
+    for i in range(2):
+        union.update(await asyncio.to_thread(read_state_table, tmp_path / f"state{i}"))
+    assert union == expected
+    assert wiped == 4
