@@ -12,11 +12,13 @@ import warnings
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from chukcha.bus.auth import NodeAuth, TokenFile
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.cluster import Cluster
 from chukcha.bus.config import NodeConfig
+from chukcha.bus.coordination import ETCD_ERRORS
 from chukcha.bus.groups import ConsumerGroups
 from chukcha.bus.http import BusApi
 from chukcha.bus.lag import LagApi, LagMeter
@@ -26,6 +28,7 @@ from chukcha.bus.peers import PeerAccess
 from chukcha.bus.retain import AckedRetention
 from chukcha.bus.server import HttpServer, Router
 from chukcha.bus.ui import NodeUi
+from chukcha.errors import ChukchaError
 
 __all__ = ["Node", "NodeState"]
 
@@ -92,7 +95,8 @@ class Node:
         self.lag = LagMeter(self.store, self.groups.registry)
         self.router.add_routes(LagApi(self.lag).routes())
         self.ui = NodeUi(config.instance, lambda: self.address if self._sock else "",
-                         self.store, self.cluster.status, self.lag)
+                         self.store, self.cluster.status, self.lag,
+                         apps=self._read_apps if config.etcd_endpoints else None)
         self.router.add_routes(self.ui.routes())
         self.metrics: NodeMetrics | None = None
         self.router.add_check(self.auth.check)  # before every handler
@@ -113,6 +117,28 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._state = NodeState.NEW
         self._stopped = asyncio.Event()
+
+    async def _read_apps(self, names: list[str]) -> dict[str, Any]:
+        """The partition claims of the apps ``names`` in etcd (for ``/ui``); an app etcd does
+        not answer for within 2 s, or knows nothing of, is left out."""
+        from chukcha.bus.app_coordination import read_app  # noqa: PLC0415 - etcd is an extra
+
+        cfg = self.config
+        apps: dict[str, Any] = {}
+        for name in names:
+            try:
+                async with asyncio.timeout(2.0):
+                    view = await read_app(cfg.etcd_endpoints, cfg.cluster, name)
+            except (ChukchaError, TimeoutError, OSError, *ETCD_ERRORS) as exc:
+                logger.debug("app %s: no claims from etcd: %r", name, exc)
+                continue
+            if view.claims or view.members:
+                apps[name] = {
+                    "partitions": view.partitions, "members": sorted(view.members),
+                    "claims": {str(p): {"owner": c.owner, "epoch": c.epoch}
+                               for p, c in sorted(view.claims.items())},
+                }
+        return apps
 
     @property
     def state(self) -> NodeState:

@@ -1,17 +1,19 @@
 """A node's web monitor: ``/ui`` (HTML) and ``/ui/data`` (the same as JSON).
 
 Shows this node and its peers (up, replication lag), the categories with their chunks, bytes
-and write/read rates over the last minute and the last five minutes, and the consumer groups
-(apps) with their lag. Rates come from samples of the chunk store's counters taken every
-:data:`SAMPLE_INTERVAL` seconds by :meth:`NodeUi.sample_forever` (the node runs it).
+and write/read rates over the last minute and the last five minutes, the consumer groups
+(apps) with their lag, and, with etcd, the apps' partitions with their owners and epochs.
+Rates come from samples of the chunk store's counters taken every :data:`SAMPLE_INTERVAL`
+seconds by :meth:`NodeUi.sample_forever` (the node runs it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from html import escape
 from typing import Any, Final
 
@@ -30,6 +32,15 @@ _KEEP: Final = 900.0  # seconds of samples kept (the longest rate window, with r
 _WINDOWS: Final = (60.0, 300.0)
 
 
+_SPLIT_GROUP: Final = re.compile(r"^(.*)\.\d+of\d+$")
+
+
+def _app_name(group: str) -> str:
+    """The app of a consumer group (a static split's ``<app>.<I>of<N>`` is ``<app>``)."""
+    m = _SPLIT_GROUP.match(group)
+    return m.group(1) if m else group
+
+
 class NodeUi:
     """Serves ``/ui`` and ``/ui/data`` from the node's components (read-only)."""
 
@@ -40,12 +51,15 @@ class NodeUi:
         store: ChunkStore,
         status: Callable[[], dict[str, Any]],
         lag: LagMeter,
+        *,
+        apps: Callable[[list[str]], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self._instance = instance
         self._address = address
         self._store = store
         self._status = status
         self._lag = lag
+        self._apps = apps
         self._samples: deque[tuple[float, dict[str, tuple[int, int, int]]]] = deque()
 
     def routes(self) -> dict[str, Handler]:
@@ -99,12 +113,16 @@ class NodeUi:
                                                      "read_bytes": r[2]}
                           for k, r in rates.items()},
             })
+        groups = [x.to_json() for x in await self._lag.lags()]
+        names = sorted({_app_name(g["group"]) for g in groups})
+        apps = await self._apps(names) if self._apps is not None and names else {}
         return {
             "instance": self._instance, "address": self._address(),
             "cluster": status.get("cluster"), "peers": status.get("peers") or [],
             "subscribers": status.get("subscribers") or [],
             "categories": categories,
-            "groups": [x.to_json() for x in await self._lag.lags()],
+            "groups": groups,
+            "apps": apps,
         }
 
     async def json(self, request: web.Request) -> web.StreamResponse:
@@ -142,12 +160,21 @@ class NodeUi:
              for g in d["groups"]],
             css_id="groups", empty="no consumer groups registered",
         )
+        app_rows = [
+            (name, p, claim["owner"], claim["epoch"])
+            for name, app in sorted(d["apps"].items())
+            for p, claim in sorted(app["claims"].items(), key=lambda kv: int(kv[0]))
+        ]
+        apps = table(["app", "partition", "owner (instance)", "epoch"], app_rows,
+                     css_id="apps", empty="no app instances known (apps register their "
+                     "partition owners in etcd; this node has none, or no app runs)")
         main = (
             f'<p>instance <b id="instance">{escape(d["instance"])}</b> at '
             f'{escape(d["address"])}, cluster mode {escape(str(d["cluster"]))}; replicas '
             f'subscribed: {escape(", ".join(d["subscribers"]) or "none")}</p>'
             f"<h2>Cluster members</h2>{peers}<h2>Categories</h2>{cats}"
             f"<h2>Consumer groups and apps</h2>{groups}"
+            f"<h2>App partitions and their owners</h2>{apps}"
         )
         return web.Response(body=page(f"chukcha node {d['instance']}", main),
                             content_type="text/html; charset=utf-8")
