@@ -50,7 +50,16 @@ class Browser:
         return str(found[_ELEMENT])
 
     async def text(self, css: str) -> str:
-        return str(await self._call("GET", f"/element/{await self.find(css)}/text"))
+        """The element's rendered text, read in one step (the page replaces its ``<main>``
+        every few seconds, which would make a found element stale before its text is read)."""
+        found = await self._call("POST", "/execute/sync", {
+            "script": "const e = document.querySelector(arguments[0]); "
+                      "return e === null ? null : e.innerText;",
+            "args": [css],
+        })
+        if found is None:
+            raise LookupError(f"no element {css!r} on the page")
+        return str(found)
 
     async def type(self, css: str, text: str) -> None:
         await self._call("POST", f"/element/{await self.find(css)}/value", {"text": text})
@@ -58,8 +67,8 @@ class Browser:
     async def click(self, css: str) -> None:
         await self._call("POST", f"/element/{await self.find(css)}/click", {})
 
-    async def script(self, source: str) -> Any:
-        return await self._call("POST", "/execute/sync", {"script": source, "args": []})
+    async def script(self, source: str, *args: Any) -> Any:
+        return await self._call("POST", "/execute/sync", {"script": source, "args": list(args)})
 
 
 @contextlib.asynccontextmanager
