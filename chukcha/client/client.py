@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from chukcha.client.consumer import Consumer, ConsumerConfig, Position
-from chukcha.client.events import Event, encode_events, split_bodies
+from chukcha.client.events import Event, encode_events, event_list, split_bodies
 from chukcha.client.http import DEFAULT_TIMEOUT, NodeApi, normalize_url
 from chukcha.client.keyed import KeyedProducer, KeyFn, route
 from chukcha.client.producer import Producer, ProducerConfig
@@ -157,13 +157,14 @@ class Client:
     async def send(
         self,
         category: str,
-        events: Iterable[Event],
+        events: Event | Iterable[Event],
         *,
         sync: bool = False,
         min_sync_replicas: int = 0,
         key: KeyFn | None = None,
     ) -> list[str]:
-        """Write events (dicts or bytes lines) with failover; returns their IDs.
+        """Write events (dicts, typed events, str or bytes lines; one such event alone is one
+        event) with failover; returns their IDs.
 
         Every event is encoded (and given an ID) before the first attempt. Bodies over
         ``max_batch_bytes`` are split; each part fails over on its own, so when a later part
@@ -181,7 +182,7 @@ class Client:
             NodeUnavailableError: every node failed; ``errors`` has each node's error.
         """
         validate_category(category)
-        seq = events if isinstance(events, list) else list(events)
+        seq = event_list(events)
         lines, ids = encode_events(seq)
         if key is not None:
             count = await self._known_partitions(category)
@@ -236,7 +237,7 @@ class Client:
         self,
         node_url: str,
         category: str,
-        events: Iterable[Event],
+        events: Event | Iterable[Event],
         *,
         sync: bool = False,
         min_sync_replicas: int = 0,

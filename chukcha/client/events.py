@@ -17,11 +17,19 @@ from typing import Any, Final
 import orjson
 
 from chukcha.client.ids import new_ids
-from chukcha.codecs import encode_object, splice_id
+from chukcha.codecs import encode_object, is_typed_event, splice_id
 from chukcha.errors import MessageTooLargeError, WriteRejectedError
 from chukcha.protocol import MAX_MESSAGE_SIZE
 
-__all__ = ["Event", "IdSupply", "encode_event", "encode_events", "id_of_line", "split_bodies"]
+__all__ = [
+    "Event",
+    "IdSupply",
+    "encode_event",
+    "encode_events",
+    "event_list",
+    "id_of_line",
+    "split_bodies",
+]
 
 Event = bytes | bytearray | memoryview | dict[str, Any] | str | Any
 """A dict, a typed event (msgspec.Struct, dataclass, attrs, pydantic), str or bytes."""
@@ -98,11 +106,22 @@ def encode_event(
     return line, ident
 
 
+def event_list(events: Event | Iterable[Event]) -> list[Event]:
+    """``events`` as a sequence; one event (a dict, str, bytes or typed event) is a sequence of
+    one: iterated, it would be a dict's keys or a string's characters."""
+    if isinstance(events, list):
+        return events
+    if isinstance(events, dict | str | bytes | bytearray | memoryview) or is_typed_event(events):
+        return [events]
+    return list(events)
+
+
 def encode_events(
-    events: Iterable[Event], max_message: int = MAX_MESSAGE_SIZE
+    events: Event | Iterable[Event], max_message: int = MAX_MESSAGE_SIZE
 ) -> tuple[list[bytes], list[str]]:
-    """Encode every event (see :func:`encode_event`); nothing is returned if one is refused."""
-    seq = events if isinstance(events, list | tuple) else list(events)
+    """Encode every event (see :func:`encode_event`; one event alone is one event); nothing is
+    returned if one is refused."""
+    seq = event_list(events)
     supply: IdSupply | None = None
     fresh: Iterator[str] | None = None
     dumps = orjson.dumps

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from chukcha.client.client import Client
 from chukcha.client.consumer import Batch, Consumer, Position
-from chukcha.client.events import Event
+from chukcha.client.events import Event, event_list
 from chukcha.protocol import ChunkInfo
 
 __all__ = ["SyncClient", "SyncConsumer"]
@@ -50,14 +50,15 @@ class SyncClient:
             raise RuntimeError("client is closed")
         return self._runner.run(coro)
 
-    def send(self, category: str, events: Iterable[Event], **kwargs: Any) -> list[str]:
+    def send(self, category: str, events: Event | Iterable[Event], **kwargs: Any) -> list[str]:
         """:meth:`Client.send`: write with failover; returns the event IDs."""
-        return self._run(self._client.send(category, list(events), **kwargs))
+        return self._run(self._client.send(category, event_list(events), **kwargs))
 
     def send_to(
-        self, node_url: str, category: str, events: Iterable[Event], **kwargs: Any
+        self, node_url: str, category: str, events: Event | Iterable[Event], **kwargs: Any
     ) -> list[str]:
-        return self._run(self._client.send_to(node_url, category, list(events), **kwargs))
+        return self._run(self._client.send_to(node_url, category, event_list(events),
+                                              **kwargs))
 
     def list_categories(self) -> list[str]:
         return self._run(self._client.list_categories())

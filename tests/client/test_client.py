@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -344,3 +345,25 @@ async def test_consumer_polls_gently_a_node_that_ignores_wait(
         later = asyncio.ensure_future(read_all(consumer, 1))
         await client.send("go", [b"2"])
         assert await later == [b"2"]
+
+
+async def test_one_event_is_sent_as_one_event_not_iterated(client: Client) -> None:
+    # A lone dict, str, bytes or typed event is one event: iterating it would send a dict's
+    # keys or a string's characters as lines.
+    @dataclasses.dataclass
+    class Order:
+        customer: str
+
+    ids = [*await client.send("one", {"id": "d1", "n": 1}), *await client.send("one", "t1"),
+           *await client.send("one", b'{"id": "b1"}'), *await client.send("one", Order("ann"))]
+    assert len(ids) == 4 and ids[:3] == ["d1", "", "b1"]
+    async with client.consumer("one") as consumer:
+        got = await read_all(consumer, 4)
+    assert got[:3] == [b'{"id":"d1","n":1}', b"t1", b'{"id": "b1"}']
+    assert orjson.loads(got[3]) == {"id": ids[3], "customer": "ann"}
+
+    def sync_send() -> list[str]:
+        with SyncClient([client.nodes[0]]) as sync:
+            return sync.send("one", {"id": "d2"})
+
+    assert await asyncio.to_thread(sync_send) == ["d2"]
