@@ -205,10 +205,11 @@ class GroupForwarder:
                         done += 1
                 finally:
                     if done:
-                        async with self._lock:
-                            # Only this (locked) pump removes; new entries go to the end.
+                        # Only this (locked) pump removes; new entries go to the end. If the
+                        # save fails they stay (in memory too) and are delivered again, which
+                        # is harmless: every change is idempotent at its destination.
+                        async with self._lock, self._registry.change():
                             del self._registry.outbox[dest][:done]
-                            await self._registry.save()
 
     async def _deliver(self, dest: str, entry: dict[str, Any]) -> None:
         if dest == _ETCD:

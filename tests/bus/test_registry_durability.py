@@ -13,10 +13,12 @@ import orjson
 import pytest
 
 from chukcha.bus import files
+from chukcha.bus.config import Peer, ReplicationConfig
 from chukcha.bus.groups import GROUPS_FILE
 from chukcha.bus.node import Node
-from chukcha.testing import run_node
+from chukcha.testing import bind_loopback, run_node
 from tests.bus.conftest import Api, read_file
+from tests.integration.cluster_helpers import wait_for
 
 TOO_BIG = [str(1 << 63), str(1 << 64), str((1 << 64) + 1), str(1 << 70), "9" * 5000]
 
@@ -173,3 +175,46 @@ async def test_numbers_out_of_range_are_refused_before_anything_changes(
     after = await _file(small)
     assert set(after["categories"]["c"]["groups"]) == {"g", "h"}
     assert after["categories"]["c"]["retention"]["max_bytes"] == (1 << 63) - 1
+
+
+async def test_a_failed_save_after_a_forward_keeps_the_outbox_entry(
+    tmp_path: Path, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The outbox entry leaves memory only with a successful save: a failed one keeps it (it is
+    # delivered again, harmlessly), so memory never runs ahead of the file.
+    a_dir = tmp_path / "a"
+    real = files.write_atomic
+    full = False
+    failed = 0
+
+    def write(path: Path, data: bytes) -> None:
+        nonlocal failed
+        if full and path.parent == a_dir:
+            failed += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(files, "write_atomic", write)
+    b_sock = bind_loopback()  # listening, not served yet: a's forward waits in the backlog
+    b_addr = "{}:{}".format(*b_sock.getsockname()[:2])
+    async with run_node(a_dir, "a", peers=(Peer("b", b_addr),),
+                        replication=ReplicationConfig(retry_interval=0.05)) as a:
+        api = Api(http, a.url)
+        assert (await api.call("/groups/register", {"category": "c", "group": "g"})).status \
+            == 200
+        assert a.groups.pending() == {"b": 1}
+        full = True
+        async with run_node(tmp_path / "b", "b", listen_fd=b_sock.detach(),
+                            peers=(Peer("a", a.address),)) as b:
+            await wait_for(lambda: _true("g" in b.groups.registry.groups("c")),
+                           what="b to get the registration")
+            await wait_for(lambda: _true(failed > 0), what="a's save to fail")
+            assert a.groups.pending() == {"b": 1}  # still queued, in memory as on disk
+            full = False
+            await wait_for(lambda: _true(a.groups.pending() == {}),
+                           what="a to drop the delivered entry")
+            assert (await _file(a))["outbox"] == {}
+
+
+async def _true(value: bool) -> bool:
+    return value
