@@ -217,10 +217,9 @@ async def _send_async(args: argparse.Namespace) -> int:
 
 
 def _producer(client: Client, args: argparse.Namespace) -> Producer | KeyedProducer:
-    options: dict[str, Any] = {"sync": args.sync, "min_sync_replicas": args.min_sync_replicas,
-                               "max_batch_bytes": 4 << 20}
     if args.key is None:
-        return client.producer(args.category, **options)
+        return client.producer(args.category, sync=args.sync,
+                               min_sync_replicas=args.min_sync_replicas, max_batch_bytes=4 << 20)
     field: str = args.key
 
     def key(event: Any) -> str | int:
@@ -230,7 +229,8 @@ def _producer(client: Client, args: argparse.Namespace) -> Producer | KeyedProdu
                              f"by (--key {field}): {orjson.dumps(event)[:200].decode()}")
         return value
 
-    return client.keyed_producer(args.category, key, **options)
+    return client.producer(args.category, key=key, sync=args.sync,
+                           min_sync_replicas=args.min_sync_replicas, max_batch_bytes=4 << 20)
 
 
 def _id_stamper(args: argparse.Namespace) -> Callable[[bytes, int], bytes] | None:

@@ -17,7 +17,7 @@ import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import aiohttp
 
@@ -285,19 +285,39 @@ class Client:
         detail = "; ".join(str(e) for e in errors.values())
         raise NodeUnavailableError(f"{what} failed on every node: {detail}", errors)
 
+    @overload
+    def producer(
+        self, category: str, *, key: None = None, max_batch_bytes: int = ...,
+        linger: float = ..., max_buffer_bytes: int = ..., max_in_flight: int = ...,
+        sync: bool = ..., min_sync_replicas: int = ...,
+    ) -> Producer: ...
+
+    @overload
+    def producer(
+        self, category: str, *, key: KeyFn, max_batch_bytes: int = ...,
+        linger: float = ..., max_buffer_bytes: int = ..., max_in_flight: int = ...,
+        sync: bool = ..., min_sync_replicas: int = ...,
+    ) -> KeyedProducer: ...
+
     def producer(
         self,
         category: str,
         *,
+        key: KeyFn | None = None,
         max_batch_bytes: int = 1 << 20,
         linger: float = 0.005,
         max_buffer_bytes: int = 16 << 20,
         max_in_flight: int = 1,
         sync: bool = False,
         min_sync_replicas: int = 0,
-    ) -> Producer:
+    ) -> Producer | KeyedProducer:
         """A batching producer for ``category``: ``async with client.producer("c") as p:``.
-        For a partitioned category written by key see :meth:`keyed_producer`."""
+        With ``key`` the partitioned ``category`` is written by key (:meth:`keyed_producer`)."""
+        if key is not None:
+            return self.keyed_producer(
+                category, key, max_batch_bytes=max_batch_bytes, linger=linger,
+                max_buffer_bytes=max_buffer_bytes, max_in_flight=max_in_flight, sync=sync,
+                min_sync_replicas=min_sync_replicas)
         config = ProducerConfig(
             max_batch_bytes=min(max_batch_bytes, self._max_batch),
             linger=linger,

@@ -46,7 +46,7 @@ async def test_create_route_by_key_and_restart(tmp_path: Path) -> None:
         assert await client.create_partitions("orders", 4) == names  # the same: a no-op
         ids = await client.send("orders", orders(40), key=lambda o: o["customer"])
         assert ids == [f"o{i}" for i in range(40)]
-        async with client.keyed_producer("orders", key=lambda o: o["customer"]) as producer:
+        async with client.producer("orders", key=lambda o: o["customer"]) as producer:
             await producer.send_many(orders(50)[40:])
             await producer.send({"id": "o50", "customer": "c0", "amount": 50})
         seen: list[str] = []
