@@ -75,7 +75,9 @@ def register(sub: Any) -> None:
     p.add_argument("--instance-index", type=int, default=None, metavar="I",
                    help="this instance's index, 0..N-1 (with --instances)")
     p.add_argument("--http", default=None, metavar="HOST:PORT",
-                   help="serve the app's Prometheus /metrics on this address")
+                   help="serve the app's Prometheus /metrics and its web monitor /ui on this "
+                        "address (read-only, no authentication: keep it on loopback or a "
+                        "private network)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(handler=_run)
 
