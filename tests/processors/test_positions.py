@@ -7,13 +7,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
 from chukcha import App, Client
 from chukcha.errors import ProcessorError
 from chukcha.processors.engine import read_state_table
+from chukcha.processors.runner import Runner
 from chukcha.testing import run_node
+from tests.bus.test_metrics import scrape, value
 from tests.integration.cluster_helpers import read_all, wait_for
 from tests.integration.test_client_cli import chukcha
 from tests.processors.poison_app import build
@@ -36,8 +39,6 @@ def table(state: Path) -> dict[str, Any]:
 
 
 async def lines(client: Client, url: str, category: str) -> list[dict[str, Any]]:
-    import aiohttp  # noqa: PLC0415
-
     async with aiohttp.ClientSession() as http:
         if category not in await client.list_categories():
             return []
@@ -128,6 +129,25 @@ async def test_reset_moves_to_the_earliest_retained_data_or_to_the_end(tmp_path:
         row = out.splitlines()[1].split()
         total = sum(c.size for c in await client.list_chunks("orders"))
         assert row[2:] == [first, "0", str(total)]  # everything is ahead again
+        # The replay reads the acknowledged (retained) chunks again; the dedup index drops
+        # every event, so the state and the emits stay as they were: exactly once.
+        runner = Runner(build(nodes=(node.url,), state_dir=str(state)), http="127.0.0.1:0")
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop))
+        try:
+            async with aiohttp.ClientSession() as http:
+                async def replayed() -> bool:
+                    if runner.monitor is None or not runner.monitor.address:
+                        return False
+                    m = await scrape(http, f"http://{runner.monitor.address}")
+                    return value(m, "chukcha_app_events_duplicate_total", app="shop",
+                                 partition="0") == 6
+                await wait_for(replayed, timeout=30, what="the six events to be read again")
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        assert await asyncio.to_thread(table, state) == {"c": 6}
+        assert len(await lines(client, node.url, "receipts")) == 6
         code, out, err = await chukcha("app", "reset", TARGET, "--category", "orders",
                                        "--to", "end", *args)
         assert code == 0, err
