@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["run_loop"]
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
-def run_loop(main: Coroutine[Any, Any, Any]) -> None:
-    """Run ``main`` on uvloop when it is installed (it is a dependency), else asyncio."""
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is installed (CPython off Windows), else asyncio; return
+    its result."""
     try:
         import uvloop  # noqa: PLC0415
     except ImportError:  # pragma: no cover
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+        return asyncio.run(main)
+    return uvloop.run(main)

@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from chukcha.cli.client import _run, _table
-from chukcha.cli.options import nodes_from, tls_from, token_from
+from chukcha.cli.common import connect, format_table, run_command
+from chukcha.cli.options import nodes_from, token_from
 from chukcha.cli.run import load_app
 from chukcha.client import Client
 from chukcha.processors.positions import read_positions, reset_positions, skip_event
@@ -61,8 +61,7 @@ def _app(args: argparse.Namespace) -> int:
     token = token_from(args) or app.config.token
 
     async def main() -> int:
-        async with Client(nodes, timeout=args.timeout, token=token,
-                          ssl=tls_from(args)) as client:
+        async with connect(args, nodes, token) as client:
             if args.action == "positions":
                 return await _show(client, state_dir, list(app.handlers))
             category = validate_category(args.category)
@@ -80,7 +79,7 @@ def _app(args: argparse.Namespace) -> int:
                   + (f" (it failed with {skipped.error})" if skipped.error else ""))
             return 0
 
-    return _run(main)
+    return run_command(main)
 
 
 def _at(text: str | None) -> tuple[str, int] | None:
@@ -110,5 +109,5 @@ async def _show(client: Client, state_dir: Path, categories: list[str]) -> int:
             behind = sum(c.size for c in stream if c.name > chunk) + sum(
                 max(0, c.size - offset) for c in stream if c.name == chunk)
             rows.append((category, owner, chunk, str(offset), str(behind)))
-    print(_table(rows))
+    print(format_table(rows))
     return 0

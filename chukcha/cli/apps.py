@@ -18,10 +18,8 @@ import orjson
 
 from chukcha.bus.app_coordination import read_app
 from chukcha.cli import app_positions
-from chukcha.cli.client import _common, _nodes, _run, _table
-from chukcha.cli.groups import _lag_cells, _lags
-from chukcha.cli.options import tls_from, token_from
-from chukcha.client import Client
+from chukcha.cli.common import add_client_options, connect, format_table, run_command
+from chukcha.cli.groups import group_lags, lag_cells
 from chukcha.protocol import validate_category
 
 __all__ = ["register"]
@@ -55,7 +53,7 @@ def register(sub: Any) -> None:
                    help="the cluster name (etcd key prefix chukcha/<cluster>/; default "
                         "'default')")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    _common(p)
+    add_client_options(p)
     app_positions.add_arguments(p)
     p.set_defaults(handler=_dispatch)
 
@@ -63,7 +61,7 @@ def register(sub: Any) -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.action != "status":
         return app_positions.run_action(args)
-    return _run(lambda: _status(args))
+    return run_command(lambda: _status(args))
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -80,9 +78,8 @@ async def _status(args: argparse.Namespace) -> int:
         result["claims"] = {str(p): {"owner": c.owner, "epoch": c.epoch}
                             for p, c in sorted(view.claims.items())}
     own_groups = re.compile(rf"{re.escape(name)}(\.\d+of\d+)?")
-    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
-                      ssl=tls_from(args)) as client:
-        lags = await _lags(client, None)
+    async with connect(args) as client:
+        lags = await group_lags(client, None)
     result["lag"] = [lag for (_, group), lag in sorted(lags.items())
                      if own_groups.fullmatch(group)]
     if args.json:
@@ -100,16 +97,16 @@ def _print(result: dict[str, Any], args: argparse.Namespace) -> None:
         else:
             print(f"app {name}: {result['partitions']} partitions, "
                   f"{len(result['instances'])} instance(s) (cluster {args.cluster})")
-            print(_table([("INSTANCE", "PID", "PARTITIONS"), *(
+            print(format_table([("INSTANCE", "PID", "PARTITIONS"), *(
                 (m, str(i["pid"]), ",".join(map(str, i["partitions"])) or "-")
                 for m, i in result["instances"].items())]))
-            print(_table([("PARTITION", "OWNER", "EPOCH"), *(
+            print(format_table([("PARTITION", "OWNER", "EPOCH"), *(
                 (p, c["owner"], str(c["epoch"])) for p, c in result["claims"].items())]))
             unowned = (result["partitions"] or 0) - len(result["claims"])
             if unowned > 0:
                 print(f"{unowned} partition(s) have no owner now")
     if result["lag"]:
-        print(_table([("CATEGORY", "GROUP", "UNACKED", "BYTES", "OLDEST"), *(
-            (lag["category"], lag["group"], *_lag_cells(lag)) for lag in result["lag"])]))
+        print(format_table([("CATEGORY", "GROUP", "UNACKED", "BYTES", "OLDEST"), *(
+            (lag["category"], lag["group"], *lag_cells(lag)) for lag in result["lag"])]))
     else:
         print(f"no consumer group of app {name} on the node")

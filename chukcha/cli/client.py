@@ -14,41 +14,22 @@ import io
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable
 from typing import IO, Any, Final, cast
 
 import orjson
 
-from chukcha.cli.options import (
-    add_node_option,
-    duration,
-    nodes_from,
-    quiet_broken_pipe,
-    seconds,
-    size,
-    tls_from,
-    token_from,
-)
+from chukcha.cli.common import add_client_options, connect, format_table, one_line, run_command
+from chukcha.cli.options import duration, size
 from chukcha.client import Client, Consumer, Producer
 from chukcha.client.keyed import KeyedProducer
-from chukcha.errors import ChukchaError, ClientError, RemoteNotFoundError
+from chukcha.errors import ClientError, RemoteNotFoundError
 from chukcha.protocol import format_go_duration, validate_category
 
 __all__ = ["register"]
 
 _PROGRESS_MIN_BYTES: Final = 8 << 20
 _READ_BLOCK: Final = 1 << 20
-
-
-def _nodes(args: argparse.Namespace) -> list[str]:
-    return nodes_from(args)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    add_node_option(p)
-    p.add_argument("--timeout", type=seconds, default=30.0, metavar="DURATION",
-                   help="how long one request may take before the next node is tried "
-                        "(default 30s)")
 
 
 def register(sub: Any) -> None:
@@ -75,7 +56,7 @@ def register(sub: Any) -> None:
                      help="lines are JSON objects; one without an \"id\" gets a deterministic "
                           "one (a hash of its line number and content), so sending the same "
                           "file again is deduplicated by processors")
-    _common(p)
+    add_client_options(p)
     p.set_defaults(handler=_send)
 
     p = sub.add_parser("tail", help="print the events of a category",
@@ -93,7 +74,7 @@ def register(sub: Any) -> None:
                         "remove G later with `chukcha groups rm G --category C`")
     p.add_argument("--follow", "-f", action="store_true",
                    help="keep waiting for new events (with --group: implies --commit)")
-    _common(p)
+    add_client_options(p)
     p.set_defaults(handler=_tail)
 
     p = sub.add_parser("ls", help="list categories, or the chunks of one",
@@ -101,7 +82,7 @@ def register(sub: Any) -> None:
                                    "and sizes. With it: each chunk, its size, whether it is "
                                    "complete, and which consumer groups have acked it.")
     p.add_argument("category", nargs="?")
-    _common(p)
+    add_client_options(p)
     p.set_defaults(handler=_ls)
 
     p = sub.add_parser("retention", help="show or set a category's retention",
@@ -114,37 +95,17 @@ def register(sub: Any) -> None:
     p.add_argument("--max-bytes", type=size, metavar="SIZE",
                    help="delete the oldest complete chunks while the category holds more "
                         "(bytes, or 500MB, 10GiB...; 0 = off)")
-    _common(p)
+    add_client_options(p)
     p.set_defaults(handler=_retention)
 
     p = sub.add_parser("status", help="show a node's peers and replication lag",
                        description="Show each --node's /status: its peers, whether they are "
                                    "up, and the replication lag in bytes.")
-    _common(p)
+    add_client_options(p)
     p.set_defaults(handler=_status)
 
 
 # --- plumbing -------------------------------------------------------------------------------
-
-
-def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    try:
-        try:
-            import uvloop  # noqa: PLC0415 - optional speed-up
-        except ImportError:  # pragma: no cover
-            return asyncio.run(main())
-        return uvloop.run(main())
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return quiet_broken_pipe()
-    except (ChukchaError, OSError, ValueError) as exc:
-        print(f"chukcha: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 async def _write_out(stream: IO[bytes], data: bytes) -> None:
@@ -161,11 +122,10 @@ def _write_flush(stream: IO[bytes], data: bytes) -> None:
 
 
 def _send(args: argparse.Namespace) -> int:
-    return _run(lambda: _send_async(args))
+    return run_command(lambda: _send_async(args))
 
 
 async def _send_async(args: argparse.Namespace) -> int:
-    nodes = _nodes(args)
     if args.file == "-":
         stream = cast(io.BufferedReader, sys.stdin.buffer)
         total = None
@@ -178,10 +138,7 @@ async def _send_async(args: argparse.Namespace) -> int:
     count = 0
     started = time.monotonic()
     try:
-        async with Client(nodes, timeout=args.timeout, token=token_from(args),
-                          ssl=tls_from(args)) as client, _producer(
-            client, args
-        ) as producer:
+        async with connect(args) as client, _producer(client, args) as producer:
             # read1 returns what is there (from a pipe: without waiting for a full block), so
             # `tail -f log | chukcha send c` sends each line within the producer's linger.
             rest = b""
@@ -284,7 +241,7 @@ def _progress(total: int | None) -> Any:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    return _run(lambda: _tail_async(args))
+    return run_command(lambda: _tail_async(args))
 
 
 async def _tail_async(args: argparse.Namespace) -> int:
@@ -293,8 +250,7 @@ async def _tail_async(args: argparse.Namespace) -> int:
     if args.commit and not args.group:
         raise ValueError("--commit needs --group G (the group to ack for)")
     commit = bool(args.group) and (args.commit or args.follow)
-    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
-                            ssl=tls_from(args)) as client:
+    async with connect(args) as client:
         if not args.follow and args.category not in await client.list_categories():
             raise ValueError(f"no category {args.category!r} on {client.nodes[0]} "
                              "(chukcha ls lists them)")
@@ -323,12 +279,11 @@ async def _final_commit(consumer: Consumer) -> None:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    return _run(lambda: _ls_async(args))
+    return run_command(lambda: _ls_async(args))
 
 
 async def _ls_async(args: argparse.Namespace) -> int:
-    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
-                            ssl=tls_from(args)) as client:
+    async with connect(args) as client:
         if args.category is None:
             rows: list[tuple[str, ...]] = [("CATEGORY", "CHUNKS", "BYTES")]
             for cat in await client.list_categories():
@@ -349,23 +304,15 @@ async def _ls_async(args: argparse.Namespace) -> int:
                       ",".join(acked_by.get(c.name, [])) or "-") for c in chunks]
             if groups:
                 print(f"groups: {', '.join(groups)}")
-        print(_table(rows))
+        print(format_table(rows))
     return 0
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-        for r in rows
-    )
 
 
 # --- retention ------------------------------------------------------------------------------
 
 
 def _retention(args: argparse.Namespace) -> int:
-    return _run(lambda: _retention_async(args))
+    return run_command(lambda: _retention_async(args))
 
 
 async def _retention_async(args: argparse.Namespace) -> int:
@@ -375,8 +322,7 @@ async def _retention_async(args: argparse.Namespace) -> int:
         params["max_age"] = f"{args.max_age:g}"
     if args.max_bytes is not None:
         params["max_bytes"] = str(args.max_bytes)
-    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
-                            ssl=tls_from(args)) as client:
+    async with connect(args) as client:
         for url in client.nodes:
             policy = await client.api.get_json(url, "/retention", params)
             age, max_bytes = policy.get("max_age"), policy.get("max_bytes")
@@ -389,13 +335,12 @@ async def _retention_async(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    return _run(lambda: _status_async(args))
+    return run_command(lambda: _status_async(args))
 
 
 async def _status_async(args: argparse.Namespace) -> int:
     code = 0
-    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
-                            ssl=tls_from(args)) as client:
+    async with connect(args) as client:
         for url in client.nodes:
             code = max(code, await _one_status(client, url))
     return code
@@ -409,7 +354,7 @@ async def _one_status(client: Client, url: str) -> int:
               "node); it answers, so it is up")
         return 0
     except ClientError as exc:
-        print(f"chukcha: error: {url}: {_one_line(exc)}", file=sys.stderr)
+        print(f"chukcha: error: {url}: {one_line(exc)}", file=sys.stderr)
         return 1
     print(f"{url}: instance {st.get('instance', '?')} at {st.get('address', '?')}")
     peers = st.get("peers") or []
@@ -423,5 +368,5 @@ async def _one_status(client: Client, url: str) -> int:
         rows.append((str(p.get("instance", "?")), str(p.get("url", "?")),
                      "yes" if p.get("up") else "no", str(p.get("lag_bytes", "?")),
                      f"{now - float(seen):.1f} s ago" if seen is not None else "never"))
-    print("\n".join("  " + line for line in _table(rows).splitlines()))
+    print("\n".join("  " + line for line in format_table(rows).splitlines()))
     return 0

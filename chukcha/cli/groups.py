@@ -13,13 +13,12 @@ import argparse
 import sys
 from typing import Any
 
-from chukcha.cli.client import _common, _nodes, _run, _table
-from chukcha.cli.options import tls_from, token_from
+from chukcha.cli.common import add_client_options, connect, format_table, run_command
 from chukcha.client import Client
 from chukcha.errors import ClientError, RemoteNotFoundError
 from chukcha.protocol import format_go_duration, validate_category
 
-__all__ = ["register"]
+__all__ = ["group_lags", "lag_cells", "register"]
 
 
 def register(sub: Any) -> None:
@@ -38,7 +37,7 @@ def register(sub: Any) -> None:
     p.add_argument("name", nargs="?", metavar="CATEGORY|NAME",
                    help="ls: the category (default: all); rm: the group to remove")
     p.add_argument("--category", metavar="C", help="rm: the category the group belongs to")
-    _common(p)
+    add_client_options(p)
     p.set_defaults(handler=_groups)
 
 
@@ -50,17 +49,16 @@ def _groups(args: argparse.Namespace) -> int:
             return 2
         args.action, args.name = "ls", args.action  # `chukcha groups CATEGORY`
     if args.action == "rm":
-        return _run(lambda: _rm(args))
-    return _run(lambda: _ls(args))
+        return run_command(lambda: _rm(args))
+    return run_command(lambda: _ls(args))
 
 
 async def _ls(args: argparse.Namespace) -> int:
     category = args.name or args.category
-    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
-                            ssl=tls_from(args)) as client:
+    async with connect(args) as client:
         if category is not None:
             validate_category(category)
-        lags = await _lags(client, category)
+        lags = await group_lags(client, category)
         if category is not None:
             categories = [category]
         else:  # with the categories that have groups but no data yet
@@ -74,16 +72,16 @@ async def _ls(args: argparse.Namespace) -> int:
                 raise ValueError(f"{client.nodes[0]} has no consumer groups (a Go server?)"
                                  ) from None
             rows += [(cat, str(g["name"]), str(len(g.get("acked", []))),
-                      *_lag_cells(lags.get((cat, str(g["name"])))))
+                      *lag_cells(lags.get((cat, str(g["name"])))))
                      for g in described.get("groups", [])]
         if len(rows) == 1:
             print("no consumer groups" + (f" for {category}" if category else ""))
         else:
-            print(_table(rows))
+            print(format_table(rows))
     return 0
 
 
-async def _lags(client: Client, category: str | None) -> dict[tuple[str, str], dict[str, Any]]:
+async def group_lags(client: Client, category: str | None) -> dict[tuple[str, str], dict[str, Any]]:
     """``/groups/lag`` of the first node that answers; empty when none has it (a Go node)."""
     params = {"category": category} if category is not None else {}
     for url in client.nodes:
@@ -97,7 +95,8 @@ async def _lags(client: Client, category: str | None) -> dict[tuple[str, str], d
     return {}
 
 
-def _lag_cells(lag: dict[str, Any] | None) -> tuple[str, str, str]:
+def lag_cells(lag: dict[str, Any] | None) -> tuple[str, str, str]:
+    """The UNACKED, BYTES and OLDEST cells of one group's lag (``-`` when unknown)."""
     if lag is None:
         return ("-", "-", "-")
     age = lag.get("oldest_age")
@@ -112,8 +111,7 @@ async def _rm(args: argparse.Namespace) -> int:
         raise ValueError("groups rm needs --category C (groups are per category)")
     category = validate_category(args.category)
     params = {"category": category, "group": args.name}
-    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
-                            ssl=tls_from(args)) as client:
+    async with connect(args) as client:
         errors: list[str] = []
         for url in client.nodes:  # the first node that answers forwards it to the others
             try:

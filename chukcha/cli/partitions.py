@@ -6,9 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from chukcha.cli.client import _common, _nodes, _run
-from chukcha.cli.options import tls_from, token_from
-from chukcha.client import Client
+from chukcha.cli.common import add_client_options, connect, run_command
 from chukcha.partitioning import MAX_PARTITIONS
 from chukcha.protocol import validate_category
 
@@ -29,18 +27,17 @@ def register(sub: Any) -> None:
     )
     p.add_argument("category")
     p.add_argument("count", nargs="?", type=int, metavar="COUNT")
-    _common(p)
+    add_client_options(p)
     p.set_defaults(handler=_partitions)
 
 
 def _partitions(args: argparse.Namespace) -> int:
-    return _run(lambda: _partitions_async(args))
+    return run_command(lambda: _partitions_async(args))
 
 
 async def _partitions_async(args: argparse.Namespace) -> int:
     validate_category(args.category)
-    async with Client(_nodes(args), timeout=args.timeout, token=token_from(args),
-                      ssl=tls_from(args)) as client:
+    async with connect(args) as client:
         if args.count is None:
             count = await client.partitions(args.category)
             names = [f"{args.category}.p{i:04d}" for i in range(count)]
