@@ -35,13 +35,13 @@ import orjson
 from chukcha.client import Client, Consumer
 from chukcha.errors import ChukchaError
 from chukcha.partitioning import parse_partition_category
+from chukcha.processors.context import TABLE_PREFIX
 from chukcha.state.changelog import Assembler, replay_order
 
 __all__ = ["View"]
 
 logger = logging.getLogger(__name__)
 
-_TABLE: Final = b"t/"
 _RELIST: Final = 1.0  # seconds between looks for changelog categories not seen yet
 
 
@@ -197,14 +197,14 @@ class View:
 
     def _apply(self, partition: int, assembler: Assembler) -> None:
         table = self._table
-        n = len(_TABLE)
+        n = len(TABLE_PREFIX)
         seq = self.seqs[partition]
         for record in replay_order(assembler.records(), after=seq):
             for key in record.deletes:
-                if key.startswith(_TABLE):
+                if key.startswith(TABLE_PREFIX):
                     table.pop(key[n:].decode(), None)
             for key, value in record.puts.items():
-                if key.startswith(_TABLE):
+                if key.startswith(TABLE_PREFIX):
                     table[key[n:].decode()] = value
             seq = record.seq
         self.seqs[partition] = seq
