@@ -13,12 +13,14 @@ from chukcha import App, Client, Context, Node
 from chukcha.processors import ProcessorConfig
 from chukcha.processors.tester import Tester
 from chukcha.processors.views import View
+from chukcha.testing import run_node
 from tests.processors.test_runner import collect
 
 
-def billing_app(url: str, state: Path) -> App:
+def billing_app(url: str, state: Path, snapshot_every: int = 1000) -> App:
     app = App("billing", nodes=[url], state_dir=state, partitions=2,
-              config=ProcessorConfig(changelog=True, read_timeout=0.2))
+              config=ProcessorConfig(changelog=True, read_timeout=0.2,
+                                     snapshot_every=snapshot_every))
 
     @app.processor("orders", key=lambda order: order["customer"])
     def on_order(ctx: Context, order: dict[str, Any]) -> None:
@@ -71,6 +73,34 @@ async def test_a_view_follows_a_running_app_and_answers_lookups(
     finally:
         stop.set()
         for task in tasks:
+            await asyncio.wait_for(task, 30)
+
+
+async def test_a_view_started_late_builds_from_the_latest_snapshot(tmp_path: Path) -> None:
+    # Small chunks and a snapshot every 2 commits: the changelog chunks before a snapshot are
+    # deleted, so a view that starts afterwards has only the snapshot and what followed it.
+    async with run_node(tmp_path / "node", max_chunk_size=300) as node, \
+            Client([node.url]) as client:
+        billing = billing_app(node.url, tmp_path / "billing", snapshot_every=2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(billing.run_async(stop))
+        try:
+            expected: dict[str, int] = {}
+            async with View("billing", [node.url]) as early:
+                for i in range(12):  # one commit each: the app applied it before the next
+                    customer = f"c{i % 3}"
+                    total = expected[customer] = expected.get(customer, 0) + i
+                    await client.send("orders", {"id": str(i), "customer": customer,
+                                                 "amount": i})
+                    await early.wait_for(lambda v: v.get(customer) == total)  # noqa: B023
+            changelog = [c for c in await client.list_categories() if ".changelog." in c]
+            first = {c: (await client.list_chunks(c))[0].name for c in changelog}
+            assert any(not name.endswith("000000000") for name in first.values()), first
+            async with View("billing", [node.url]) as view:
+                await view.wait_caught_up()
+                assert dict(view.items()) == expected
+        finally:
+            stop.set()
             await asyncio.wait_for(task, 30)
 
 
