@@ -15,6 +15,7 @@ from chukcha.cli.node import setup_logging
 from chukcha.cli.options import add_credential_options, nodes_from, token_from
 from chukcha.errors import ChukchaError
 from chukcha.processors.base import App
+from chukcha.processors.group import GroupConfig
 from chukcha.processors.monitor import parse_http_address
 from chukcha.processors.split import StaticSplit
 
@@ -74,6 +75,19 @@ def register(sub: Any) -> None:
                         "p %% N == --instance-index; each keeps its own --state-dir")
     p.add_argument("--instance-index", type=int, default=None, metavar="I",
                    help="this instance's index, 0..N-1 (with --instances)")
+    p.add_argument("--etcd", action="append", default=None, metavar="URL",
+                   help="join the app's instances through etcd (repeatable): partitions are "
+                        "shared among the running instances and move when one joins, leaves "
+                        "or dies; needs changelog=True and inputs partitioned with the app's "
+                        "count")
+    p.add_argument("--cluster", default="default", metavar="NAME",
+                   help="with --etcd: the cluster name, as the nodes' (default 'default')")
+    p.add_argument("--instance", default=None, metavar="NAME",
+                   help="with --etcd: this instance's name, stable across restarts (default: "
+                        "the host name and a hash of --state-dir)")
+    p.add_argument("--lease-ttl", type=int, default=10, metavar="SECONDS",
+                   help="with --etcd: how long a killed instance keeps its partitions "
+                        "(default 10)")
     p.add_argument("--http", default=None, metavar="HOST:PORT",
                    help="serve the app's Prometheus /metrics and its web monitor /ui on this "
                         "address (read-only, no authentication: keep it on loopback or a "
@@ -90,6 +104,14 @@ def _split_from(args: argparse.Namespace, app: App) -> StaticSplit | None:
     split = StaticSplit(args.instance_index, args.instances)
     split.owned(app.partitions)  # refuses more instances than partitions
     return split
+
+
+def _group_from(args: argparse.Namespace, split: StaticSplit | None) -> GroupConfig | None:
+    if not args.etcd:
+        return None
+    if split is not None:
+        raise ValueError("--etcd and --instances exclude each other")
+    return GroupConfig(tuple(args.etcd), args.cluster, args.instance, args.lease_ttl)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -110,13 +132,14 @@ def _run(args: argparse.Namespace) -> int:
             app.config = replace(app.config, token=token or app.config.token,
                                  tls_ca=Path(tls_ca) if tls_ca else app.config.tls_ca)
         split = _split_from(args, app)
+        group = _group_from(args, split)
         if args.http is not None:
             parse_http_address(args.http)
     except (ValueError, TypeError) as exc:
         logger.error("%s", exc)  # noqa: TRY400 - one clear line, not a traceback
         return 2
     try:
-        app.run(split=split, http=args.http)
+        app.run(split=split, http=args.http, group=group)
     except ChukchaError as exc:
         logger.error("app=%s failed: %s", app.name, exc)  # noqa: TRY400
         return 1

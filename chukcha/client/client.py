@@ -352,13 +352,16 @@ class Client:
         node: str | None = None,
         config: ConsumerConfig | None = None,
         register: bool = True,
+        fence: tuple[int, int] | None = None,
     ) -> Consumer:
         """A consumer of ``category`` reading from one node (``node``, else the first one;
         the others are used when it fails).
 
         With ``group`` it skips the chunks that group acked and (``register=True``) registers
         the group on the nodes so that :meth:`Consumer.commit` can ack for it; with
-        ``register=False`` it only reads as the group: nothing is registered or acked."""
+        ``register=False`` it only reads as the group: nothing is registered or acked.
+        ``fence=(partition, epoch)``: its acks are fenced (an instance of a partitioned app
+        that lost the partition gets them refused, :class:`~chukcha.errors.ConsumerError`)."""
         urls = list(self._nodes)
         if node is not None:
             first = normalize_url(node)
@@ -367,7 +370,7 @@ class Client:
             config = ConsumerConfig(max_batch_bytes=max_batch_bytes)
         consumer = Consumer(self.api, urls, category, group=group, positions=positions,
                             config=config, on_close=self._consumers.discard,
-                            register=register)
+                            register=register, fence=fence)
         self._consumers.add(consumer)
         return consumer
 

@@ -175,9 +175,12 @@ class Consumer:
         config: ConsumerConfig | None = None,
         on_close: Callable[[Consumer], None] | None = None,
         register: bool = True,
+        fence: tuple[int, int] | None = None,
     ) -> None:
         if not urls:
             raise ValueError("a consumer needs a node URL")
+        self.fence = fence
+        """``(partition, epoch)`` sent with every ack (a fenced ack), or ``None``."""
         self._api = api
         self._urls = list(urls)
         self._url_index = 0
@@ -618,7 +621,8 @@ class Consumer:
                         s.finished.pop(name, None)
                     continue
                 try:
-                    await self._api.ack(self.url, self._category, name, size, group=self._group)
+                    await self._api.ack(self.url, self._category, name, size, group=self._group,
+                                        fence=self.fence)
                 except RequestRejectedError as exc:
                     raise ConsumerError(f"cannot ack {self._category}/{name}: {exc}") from exc
                 except ClientError as exc:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from chukcha.processors.context import Context
+    from chukcha.processors.group import GroupConfig
     from chukcha.processors.split import StaticSplit
 
 __all__ = ["App", "EventIdFn", "Handler", "KeyFn", "ProcessorFn", "Sink", "TimerHandler"]
@@ -274,12 +275,13 @@ class App:
 
     async def run_async(
         self, stop: asyncio.Event | None = None, *, split: StaticSplit | None = None,
-        http: str | None = None,
+        http: str | None = None, group: GroupConfig | None = None,
     ) -> None:
         """Run until ``stop`` is set (or the task is cancelled), then stop gracefully: finish
         the batch, commit, ack, close. ``split``: run only instance ``split.index`` of
         ``split.count``'s share of the partitions (:mod:`chukcha.processors.split`). ``http``:
-        ``HOST:PORT`` to serve the app's ``/metrics`` on. Same as
+        ``HOST:PORT`` to serve the app's ``/metrics`` on. ``group``: join the app's instances
+        through etcd (:mod:`chukcha.processors.group`). Same as
         :func:`chukcha.processors.runner.run_app_async`.
 
         Raises:
@@ -289,11 +291,12 @@ class App:
         # The definition does not import the machinery that runs it; this is the hand-over.
         from chukcha.processors.runner import run_app_async  # noqa: PLC0415
 
-        await run_app_async(self, stop, split=split, http=http)
+        await run_app_async(self, stop, split=split, http=http, group=group)
 
-    def run(self, *, split: StaticSplit | None = None, http: str | None = None) -> None:
+    def run(self, *, split: StaticSplit | None = None, http: str | None = None,
+            group: GroupConfig | None = None) -> None:
         """Run until SIGINT or SIGTERM (blocking). Same as
         :func:`chukcha.processors.runner.run_app`."""
         from chukcha.processors.runner import run_app  # noqa: PLC0415
 
-        run_app(self, split=split, http=http)
+        run_app(self, split=split, http=http, group=group)

@@ -63,22 +63,52 @@ class PartitionSet:
             raise ValueError(f"app {app.name!r} has {app.partitions} partitions, "
                              f"got {len(stores)} stores")
         self.app = app
+        self._stores = list(stores)
+        self._io = io
+        self._changelog_bus = changelog_bus
         self.engines = [Engine(app, store, partition=i) for i, store in enumerate(stores)]
-        one = len(stores) == 1
-        self.checkpoints = [
-            Checkpoint(engine, store, io, app.config,
-                       name=app.name if one else f"{app.name}/{partition_dir_name(i)}",
-                       changelog=Changelog(app.name, i, changelog_bus,
-                                           snapshot_every=app.config.snapshot_every)
-                       if changelog_bus is not None and app.config.changelog else None)
-            for i, (engine, store) in enumerate(zip(self.engines, stores, strict=True))
-        ]
-        self.owned = sorted(set(owned)) if owned is not None else list(range(len(stores)))
-        if not self.owned or not set(self.owned) <= set(range(len(stores))):
-            raise ValueError(f"owned partitions {self.owned} are not a non-empty subset of "
-                             f"0..{len(stores) - 1}")
+        self.checkpoints = [self._checkpoint(i, engine) for i, engine in enumerate(self.engines)]
+        self.owned: list[int] = []
+        self._mine: list[Checkpoint] = []
+        self._all = False
+        self.stream_partition: dict[str, int] = {}
+        """Streams that hold one partition's events only (a partitioned input read by the
+        instances of an app through etcd): their batches go to that partition alone."""
+        self.set_owned(range(len(stores)) if owned is None else owned)
+
+    def _checkpoint(self, i: int, engine: Engine, epoch: int = 0) -> Checkpoint:
+        app, bus = self.app, self._changelog_bus
+        return Checkpoint(
+            engine, self._stores[i], self._io, app.config,
+            name=app.name if len(self._stores) == 1 else f"{app.name}/{partition_dir_name(i)}",
+            changelog=Changelog(app.name, i, bus, epoch=epoch,
+                                snapshot_every=app.config.snapshot_every)
+            if bus is not None and app.config.changelog else None)
+
+    def set_owned(self, owned: Collection[int]) -> None:
+        """The partitions this process runs from now on (empty: none yet, see :meth:`take`)."""
+        n = len(self._stores)
+        self.owned = sorted(set(owned))
+        if not set(self.owned) <= set(range(n)):
+            raise ValueError(f"owned partitions {self.owned} are not a subset of 0..{n - 1}")
         self._mine = [self.checkpoints[i] for i in self.owned]
-        self._all = len(self.owned) == len(stores)
+        self._all = len(self.owned) == n
+
+    def take(self, partition: int, epoch: int) -> Checkpoint:
+        """Run ``partition`` from now on with a fresh engine and checkpoint (its changelog
+        records carry ``epoch``); the caller loads it (:meth:`Checkpoint.load`)."""
+        engine = Engine(self.app, self._stores[partition], partition=partition)
+        self.engines[partition] = engine
+        self.checkpoints[partition] = self._checkpoint(partition, engine, epoch)
+        self.set_owned({*self.owned, partition})
+        return self.checkpoints[partition]
+
+    def drop(self, partition: int) -> None:
+        """Stop running ``partition`` (its staged changes are dropped)."""
+        self.engines[partition].discard()
+        self.set_owned(set(self.owned) - {partition})
+        for stream in [s for s, p in self.stream_partition.items() if p == partition]:
+            del self.stream_partition[stream]
 
     async def load(self) -> None:
         for checkpoint in self._mine:
@@ -96,6 +126,11 @@ class PartitionSet:
         n = len(engines)
         if n == 1:
             await engines[0].process(category, owner, chunk, offset, data, handler=handler)
+            return
+        only = self.stream_partition.get(category)
+        if only is not None:
+            # One partition's stream: its events hash to it (the producer routed them).
+            await engines[only].process(category, owner, chunk, offset, data, handler=handler)
             return
         items, end = decode_batch(self.app, category, chunk, offset, data, handler=handler)
         parts: list[list[Decoded]] = [[] for _ in range(n)]
@@ -149,7 +184,7 @@ class PartitionSet:
         pending = [c for c in self._mine if c.unsynced]
         for checkpoint in pending:
             await checkpoint.sync()
-        if not pending:
+        if not pending and self._mine:
             await self._mine[0].idle()
 
     async def send_outbox(self) -> None:
@@ -183,7 +218,10 @@ class PartitionSet:
         return self._lowest(category)
 
     def _lowest(self, category: str) -> dict[str, tuple[str, int]]:
-        engines = [self.engines[i] for i in self.owned]
+        only = self.stream_partition.get(category)
+        engines = [self.engines[i] for i in ([only] if only is not None else self.owned)]
+        if not engines:
+            return {}
         first = engines[0].positions.get(category, {})
         if len(engines) == 1:
             return dict(first)

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from chukcha.client import Client
 from chukcha.client.consumer import Batch, Consumer, Position
-from chukcha.errors import ClientError
+from chukcha.errors import AppConfigError, ClientError, ConsumerError
 from chukcha.loop import run_loop
 from chukcha.processors.checkpoint import Checkpoint
 from chukcha.processors.engine import Engine
+from chukcha.processors.group import GroupConfig, GroupMode, check_group_app
 from chukcha.processors.monitor import AppMonitor, parse_http_address
 from chukcha.processors.partitions import PartitionSet, raise_single
 from chukcha.processors.repartition import Repartitioner, plan_inputs
@@ -55,7 +56,7 @@ _TIMER_TICK = 1.0  # seconds: the longest a newly scheduled, due timer waits for
 
 async def run_app_async(
     app: App, stop: asyncio.Event | None = None, *, split: StaticSplit | None = None,
-    http: str | None = None,
+    http: str | None = None, group: GroupConfig | None = None,
 ) -> None:
     """Run ``app`` until ``stop`` is set (or the task is cancelled), then stop gracefully:
     finish the batch, commit, ack, close. ``split``: run only this instance's share of the
@@ -69,10 +70,11 @@ async def run_app_async(
     """
     if not app.handlers:
         raise ValueError(f"app {app.name!r} has no processors")
-    await Runner(app, split, http=http).run(stop or asyncio.Event())
+    await Runner(app, split, http=http, group=group).run(stop or asyncio.Event())
 
 
-def run_app(app: App, *, split: StaticSplit | None = None, http: str | None = None) -> None:
+def run_app(app: App, *, split: StaticSplit | None = None, http: str | None = None,
+            group: GroupConfig | None = None) -> None:
     """Run ``app`` until SIGINT or SIGTERM (blocking)."""
 
     async def main() -> None:
@@ -81,7 +83,7 @@ def run_app(app: App, *, split: StaticSplit | None = None, http: str | None = No
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await run_app_async(app, stop, split=split, http=http)
+            await run_app_async(app, stop, split=split, http=http, group=group)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
@@ -93,8 +95,11 @@ class Runner:
     """Runs one :class:`~chukcha.processors.base.App` until its stop event is set."""
 
     def __init__(self, app: App, split: StaticSplit | None = None, *,
-                 http: str | None = None) -> None:
+                 http: str | None = None, group: GroupConfig | None = None) -> None:
+        if group is not None and split is not None and split.count > 1:
+            raise ValueError("a static split and instances through etcd exclude each other")
         self.app = app
+        self.group = group
         self.split = split or StaticSplit(0, 1)
         self.http = parse_http_address(http) if http else None
         self.monitor: AppMonitor | None = None
@@ -103,6 +108,8 @@ class Runner:
         """Open the state, run every category's loop, stop gracefully when ``stop`` is set."""
         app, split = self.app, self.split
         owned = split.owned(app.partitions)
+        if self.group is not None:
+            check_group_app(app)
         await asyncio.to_thread(split.check_state_dir, app.state_dir)
         stores = await asyncio.to_thread(
             open_partition_stores, app.state_dir, app.partitions,
@@ -116,7 +123,7 @@ class Runner:
                 ssl=ssl.create_default_context(cafile=app.config.tls_ca)
                 if app.config.tls_ca else None,
             ) as client:
-                session = _Session(app, stores, client, split)
+                session = _Session(app, stores, client, split, group=self.group)
                 await session.load()
                 if self.http is not None:
                     self.monitor = session.monitor()
@@ -303,7 +310,7 @@ class _BusIO:
         if parts is None or not parts.synced:
             return
         async with self._ack_lock:
-            for category, consumer in self._consumers.items():
+            for category, consumer in list(self._consumers.items()):
                 positions = parts.ack_positions(category)
                 if not force and positions == self._acked.get(category):
                     continue
@@ -315,6 +322,13 @@ class _BusIO:
                     # Not fatal: the positions are committed; the next commit acks again.
                     logger.warning("app=%s category=%s ack failed: %s", self._app.name,
                                    category, exc)
+                except ConsumerError as exc:
+                    if consumer.fence is None:
+                        raise
+                    # A fenced ack refused: another instance owns the partition now; its
+                    # loops are being stopped (the lease watch says so too).
+                    logger.warning("app=%s category=%s ack refused, the partition moved: %s",
+                                   self._app.name, category, exc)
                 else:
                     self._acked[category] = dict(positions)
 
@@ -353,8 +367,10 @@ class _Session:
     """One run: the open state, the client and the consumers."""
 
     def __init__(self, app: App, stores: list[LevelDBStore], client: Client,
-                 split: StaticSplit) -> None:
+                 split: StaticSplit, *, group: GroupConfig | None = None) -> None:
         self.app = app
+        self._stores = stores
+        self._group_config = group
         self.config = app.config
         self._client = client
         self._split = split
@@ -367,7 +383,8 @@ class _Session:
         self._progress = _Progress(app.name, self._totals)
         io = _BusIO(app, client, self._consumers)
         self._parts = io.partitions = PartitionSet(app, stores, io,
-                                                   owned=split.owned(app.partitions),
+                                                   owned=() if group is not None
+                                                   else split.owned(app.partitions),
                                                    changelog_bus=io)
 
     async def load(self) -> None:
@@ -422,6 +439,9 @@ class _Session:
 
     async def _work(self, stop: asyncio.Event) -> None:
         parts, client = self._parts, self._client
+        if self._group_config is not None:
+            await self._work_group(self._group_config, stop)
+            return
         await parts.send_outbox()  # what the previous run committed but did not send
         for plan in await plan_inputs(self.app, client):
             # A partitioned input: stream i is partition i; with a static split an instance
@@ -463,6 +483,25 @@ class _Session:
         except BaseExceptionGroup as group:
             # One failure (ProcessorError, StateLockedError...) is what the caller wants to see.
             raise_single(group)
+
+    async def _work_group(self, config: GroupConfig, stop: asyncio.Event) -> None:
+        """Instances through etcd (:mod:`chukcha.processors.group`): partition ``p`` reads
+        stream ``p`` of every (partitioned) input."""
+        streams: dict[int, list[str]] = {p: [] for p in range(self.app.partitions)}
+        for plan in await plan_inputs(self.app, self._client):
+            if plan.sources:
+                raise AppConfigError(
+                    f"app {self.app.name!r}: instances through etcd need the input "
+                    f"{plan.handler!r} partitioned on the bus with the app's count "
+                    f"(chukcha partitions {plan.handler} {self.app.partitions}; produce it "
+                    "with Client.send(..., key=fn))")
+            for p, stream in enumerate(plan.streams):
+                self._handler_of[stream] = plan.handler
+                await self._register(stream, mine_only=True)
+                streams[p].append(stream)
+        await GroupMode(self.app, config, parts=self._parts, stores=list(self._stores),
+                        client=self._client, lock=self._lock, consumers=self._consumers,
+                        streams=streams, consume_loop=self._consume_loop).run(stop)
 
     async def _register(self, category: str, *, mine_only: bool = False) -> None:
         # On every node, so that no node drops chunks this group has not acked yet; with a

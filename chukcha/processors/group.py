@@ -1,0 +1,232 @@
+"""Instances of an app through etcd: ``chukcha run module:app --etcd URL --cluster NAME``.
+
+Every instance registers in etcd and claims its share of the app's partitions
+(:class:`~chukcha.bus.app_coordination.AppInstances`); this module runs what it owns:
+
+- **Assigned** partition ``p`` with ``epoch``: its local store is emptied and rebuilt from the
+  bus (the changelog: latest snapshot + the records after it; a local copy may be stale, since
+  another instance may have owned ``p`` meanwhile), then the consumers of ``p``'s input
+  partitions start at the positions restored there, as the app's group, with acks fenced by
+  ``(p, epoch)``: a node refuses them once another instance holds ``p``.
+- **Revoking** ``p`` (rebalancing, SIGTERM): its loops finish their batch, the partition
+  commits, publishes its changelog and acks, then the claim is released; the new owner starts
+  only after that.
+- **Lost** ``p`` (the lease could not be renewed in time, or the claim changed): its loops stop
+  at once; whatever they still commit locally is never acked (the fence) and is thrown away
+  when the partition is assigned again.
+
+Requirements (checked at start, with a clear error): the changelog is on
+(``ProcessorConfig(changelog=True)``: a partition's state must be on the bus to move), every
+input is partitioned on the bus with the app's partition count (``chukcha partitions C N``;
+produced with ``Client.send(..., key=)``), and the app has no timers or views (not supported
+with instances yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import socket
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from chukcha.bus.app_coordination import AppInstances
+from chukcha.bus.coordination import DEFAULT_LEASE_TTL
+from chukcha.client import Client
+from chukcha.client.consumer import Consumer, Position
+from chukcha.errors import AppConfigError
+from chukcha.processors.partitions import PartitionSet
+from chukcha.state.base import StateStore
+
+if TYPE_CHECKING:
+    from chukcha.processors.base import App
+
+__all__ = ["GroupConfig", "GroupMode", "check_group_app", "default_instance_name"]
+
+logger = logging.getLogger(__name__)
+
+ConsumeLoop = Callable[[str, Consumer, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupConfig:
+    """How an instance joins its app's group through etcd.
+
+    Attributes:
+        etcd: etcd endpoints (``http://host:port``).
+        cluster: the cluster name (etcd prefix ``chukcha/<cluster>/``; the nodes' too).
+        instance: this instance's name, stable across restarts (default: host name and a hash
+            of the state directory, :func:`default_instance_name`).
+        lease_ttl: seconds after which a killed instance's partitions are taken over.
+    """
+
+    etcd: tuple[str, ...]
+    cluster: str = "default"
+    instance: str | None = None
+    lease_ttl: int = DEFAULT_LEASE_TTL
+
+    def __post_init__(self) -> None:
+        if not self.etcd:
+            raise ValueError("instances through etcd need at least one --etcd endpoint")
+        if self.lease_ttl < 1:
+            raise ValueError("lease_ttl must be at least 1 s")
+
+
+def default_instance_name(state_dir: Path) -> str:
+    """``<host>-<8 hex digits of the state directory's absolute path>``: the same on every
+    restart on this machine with this state directory."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
+    digest = hashlib.blake2b(str(Path(state_dir).resolve()).encode(), digest_size=4).hexdigest()
+    return f"{host}-{digest}"
+
+
+def check_group_app(app: App) -> None:
+    """Refuse what instances through etcd do not support (see the module docstring)."""
+    if not app.config.changelog:
+        raise AppConfigError(
+            f"app {app.name!r}: instances through etcd need ProcessorConfig(changelog=True) "
+            "(a partition's state must be on the bus to move between instances)")
+    if app.timers or app.key_timer is not None or app.views:
+        raise AppConfigError(f"app {app.name!r}: timers and views are not supported with "
+                             "instances through etcd yet; run it as one instance or a split")
+
+
+class GroupMode:
+    """Runs the partitions etcd gives this instance (a
+    :class:`~chukcha.bus.app_coordination.PartitionListener`)."""
+
+    def __init__(self, app: App, config: GroupConfig, *, parts: PartitionSet,
+                 stores: list[StateStore], client: Client, lock: asyncio.Lock,
+                 consumers: dict[str, Consumer], streams: Mapping[int, list[str]],
+                 consume_loop: ConsumeLoop) -> None:
+        self.app = app
+        self.config = config
+        self._parts = parts
+        self._stores = stores
+        self._client = client
+        self._lock = lock
+        self._consumers = consumers
+        self._streams = streams
+        self._consume_loop = consume_loop
+        self._stops: dict[int, asyncio.Event] = {}
+        self._tasks: dict[int, list[asyncio.Task[None]]] = {}
+        self._crashed: asyncio.Future[BaseException] | None = None
+        self.instance = config.instance or default_instance_name(app.state_dir)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Join, run what is assigned until ``stop``, then hand everything over and leave."""
+        loop = asyncio.get_running_loop()
+        self._crashed = loop.create_future()
+        instances = AppInstances(self.config.etcd, self.config.cluster, self.app.name,
+                                 self.instance, self.app.partitions, listener=self,
+                                 lease_ttl=self.config.lease_ttl)
+        logger.info("app=%s instance=%s joining through etcd %s cluster=%s", self.app.name,
+                    self.instance, ",".join(self.config.etcd), self.config.cluster)
+        await instances.start()
+        waits: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(stop.wait()), asyncio.ensure_future(instances.wait_failed()),
+            self._crashed]
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits[:2]:
+                w.cancel()
+            await instances.stop()  # revokes (finishes, commits, acks) every partition
+        for w in done:
+            if w is not waits[0] and not w.cancelled():
+                raise w.result()
+
+    # --- the listener --------------------------------------------------------------------
+
+    async def assigned(self, partition: int, epoch: int) -> None:
+        started = time.monotonic()
+        async with self._lock:
+            store = self._stores[partition]
+            await asyncio.to_thread(_wipe, store)
+            checkpoint = self._parts.take(partition, epoch)
+            await checkpoint.load()  # rebuilt from the changelog
+            engine = self._parts.engines[partition]
+            stop = self._stops[partition] = asyncio.Event()
+            tasks: list[asyncio.Task[None]] = []
+            for stream in self._streams[partition]:
+                self._parts.stream_partition[stream] = partition
+                saved = engine.positions.get(stream, {})
+                consumer = self._client.consumer(
+                    stream, group=self.app.name,
+                    positions={o: Position(c, off) for o, (c, off) in saved.items()},
+                    max_batch_bytes=self.app.config.max_batch_bytes, fence=(partition, epoch))
+                self._consumers[stream] = consumer
+                task = asyncio.create_task(self._consume_loop(stream, consumer, stop),
+                                           name=f"app-{self.app.name}-{stream}")
+                task.add_done_callback(self._on_done)
+                tasks.append(task)
+            self._tasks[partition] = tasks
+        logger.info("app=%s instance=%s partition %d assigned (epoch %d): restored and started "
+                    "in %.2f s", self.app.name, self.instance, partition, epoch,
+                    time.monotonic() - started)
+
+    async def revoking(self, partition: int) -> None:
+        started = time.monotonic()
+        await self._stop_loops(partition)
+        async with self._lock:
+            if partition in self._parts.owned:
+                await self._parts.checkpoints[partition].finish()  # commit, publish, ack
+            await self._close(partition)
+        logger.info("app=%s instance=%s partition %d handed over in %.2f s", self.app.name,
+                    self.instance, partition, time.monotonic() - started)
+
+    async def lost(self, partition: int) -> None:
+        await self._stop_loops(partition)
+        async with self._lock:
+            await self._close(partition)
+        logger.warning("app=%s instance=%s partition %d stopped: ownership lost",
+                       self.app.name, self.instance, partition)
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _on_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        crashed = self._crashed
+        if crashed is not None and not crashed.done():
+            crashed.set_result(task.exception())  # type: ignore[arg-type]
+
+    async def _stop_loops(self, partition: int) -> None:
+        stop = self._stops.pop(partition, None)
+        if stop is not None:
+            stop.set()
+        tasks = self._tasks.pop(partition, [])
+        if tasks:
+            # A loop finishes its batch (and its commit) before it sees the stop.
+            await asyncio.wait(tasks, timeout=self.app.config.stop_timeout)
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+
+    async def _close(self, partition: int) -> None:
+        for stream in self._streams[partition]:
+            consumer = self._consumers.pop(stream, None)
+            if consumer is not None:
+                await consumer.stop()
+        if partition in self._parts.owned:
+            self._parts.drop(partition)
+
+
+def _wipe(store: StateStore) -> None:
+    """Delete every key of ``store`` (blocking; in batches)."""
+    while keys := [k for k, _ in _first(store, 50_000)]:
+        store.write({}, keys, sync=False)
+
+
+def _first(store: StateStore, n: int) -> list[tuple[bytes, bytes]]:
+    out: list[tuple[bytes, bytes]] = []
+    for item in store.scan(b""):
+        out.append(item)
+        if len(out) >= n:
+            break
+    return out
