@@ -35,9 +35,12 @@ _READ_BLOCK: Final = 1 << 20
 def register(sub: Any) -> None:
     """Add ``send``, ``tail``, ``ls`` and ``status`` to the subcommand parsers."""
     p = sub.add_parser("send", help="send lines of a file (or stdin) as events",
-                       description="Send each non-empty line of FILE (or stdin) as one event. "
-                                   "Lines are sent as they are; with failover between nodes.")
-    p.add_argument("category")
+                       description="Send each non-empty line of FILE (or stdin) as one event, "
+                                   "with failover between nodes. Lines are sent as they are, "
+                                   "so a line without an \"id\" sent twice is two events to "
+                                   "processors; --id-field or --auto-id give JSON lines IDs "
+                                   "that make a re-sent file count once.")
+    p.add_argument("category", help="the category to write to (created by the first write)")
     p.add_argument("file", nargs="?", default="-", metavar="FILE|-",
                    help="input file, '-' for stdin (default)")
     p.add_argument("--sync", action="store_true", help="ask the node to fsync before answering")
@@ -66,7 +69,7 @@ def register(sub: Any) -> None:
                                    "skips what group G has acked; with --commit (or --follow) "
                                    "it also registers G and acks, for G, the chunks it "
                                    "printed. Without either it changes nothing on the nodes.")
-    p.add_argument("category")
+    p.add_argument("category", help="the category to print")
     p.add_argument("--group", metavar="G", help="read as consumer group G: skip the chunks G "
                                                 "acked")
     p.add_argument("--commit", action="store_true",
@@ -81,7 +84,8 @@ def register(sub: Any) -> None:
                        description="Without CATEGORY: the categories with their chunk counts "
                                    "and sizes. With it: each chunk, its size, whether it is "
                                    "complete, and which consumer groups have acked it.")
-    p.add_argument("category", nargs="?")
+    p.add_argument("category", nargs="?",
+                   help="the category whose chunks to list (default: list the categories)")
     add_client_options(p)
     p.set_defaults(handler=_ls)
 
@@ -89,7 +93,7 @@ def register(sub: Any) -> None:
                        description="Show, or set on every --node, how long a category keeps "
                                    "complete chunks (acked or not): by age and by total bytes. "
                                    "0 turns a limit off.")
-    p.add_argument("category")
+    p.add_argument("category", help="the category whose retention to show or set")
     p.add_argument("--max-age", type=duration, metavar="DURATION",
                    help="delete complete chunks older than this (90m, 24h, 7d, 2w; 0 = off)")
     p.add_argument("--max-bytes", type=size, metavar="SIZE",

@@ -25,8 +25,9 @@ def register(sub: Any) -> None:
                     "with `chukcha send --key FIELD`. The same COUNT again changes nothing; "
                     "another count is refused while a partition holds data.",
     )
-    p.add_argument("category")
-    p.add_argument("count", nargs="?", type=int, metavar="COUNT")
+    p.add_argument("category", help="the category (e.g. orders)")
+    p.add_argument("count", nargs="?", type=int, metavar="COUNT",
+                   help=f"create this many partitions (1..{MAX_PARTITIONS}); omit to show them")
     add_client_options(p)
     p.set_defaults(handler=_partitions)
 

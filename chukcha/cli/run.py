@@ -92,7 +92,9 @@ def register(sub: Any) -> None:
                    help="serve the app's Prometheus /metrics and its web monitor /ui on this "
                         "address (read-only, no authentication: keep it on loopback or a "
                         "private network)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="logging level (default: INFO; progress lines are INFO, undecodable "
+                        "events WARNING)")
     p.set_defaults(handler=_run)
 
 

@@ -3,6 +3,7 @@ groups listed and removed, IDs for sent lines, ``--node`` everywhere, durations 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -153,9 +154,20 @@ async def test_run_takes_its_nodes_from_the_environment(node: Node, tmp_path: Pa
 def test_every_client_command_takes_node_repeatedly() -> None:
     parser = build_parser()
     for argv in (["send", "c"], ["tail", "c"], ["ls"], ["status"], ["retention", "c"],
-                 ["groups"], ["run", "examples.orders:app"]):
+                 ["groups"], ["groups", "rm", "g"], ["partitions", "c"], ["app", "status", "a"],
+                 ["run", "examples.orders:app"]):
         args = parser.parse_args([*argv, "--node", "a:1", "--node", "b:2"])
         assert args.node == ["a:1", "b:2"], argv
+
+
+def test_every_argument_of_every_command_is_explained() -> None:
+    parser = build_parser()
+    commands: dict[str, argparse.ArgumentParser] = next(
+        a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands) >= {"send", "tail", "ls", "groups", "partitions", "run", "app"}
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"chukcha {name}: {action.dest} has no help text"
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
