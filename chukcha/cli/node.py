@@ -15,7 +15,7 @@ from typing import Any
 
 from chukcha.bus.config import NodeConfig, ReplicationConfig, default_instance_name, parse_peers
 from chukcha.bus.server import ServerLimits
-from chukcha.cli.options import duration
+from chukcha.cli.options import duration, whole_seconds
 from chukcha.cli.options import positive_duration as _duration
 from chukcha.cli.options import positive_size as _size
 from chukcha.errors import ChukchaError
@@ -114,8 +114,9 @@ def register(sub: Any) -> None:
           help="cluster name: the etcd key prefix chukcha/<cluster>/")
     _flag(ext, "dead-peer-timeout", type=_duration, default="1h", metavar="DURATION",
           help="after a peer has been gone this long its last chunk counts as complete")
-    _flag(ext, "etcd-lease-ttl", type=int, default=10, metavar="SECONDS",
-          help="etcd lease TTL: how long a killed node stays registered")
+    _flag(ext, "etcd-lease-ttl", type=whole_seconds, default=10, metavar="DURATION",
+          help="etcd lease TTL: how long a killed node stays registered (whole seconds: "
+               "10, 30s, 2m)")
     _flag(ext, "replication-poll-wait", type=_duration, default="10s", metavar="DURATION",
           help="how long a replica's long poll on a peer's open chunk lasts when idle")
     _flag(ext, "retain-acked", type=_retain, action="append", default=[],

@@ -29,6 +29,7 @@ __all__ = [
     "size",
     "tls_from",
     "token_from",
+    "whole_seconds",
 ]
 
 DEFAULT_NODE: Final = "http://127.0.0.1:8080"
@@ -119,6 +120,15 @@ def seconds(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"duration {text!r} must be positive")
     return value
+
+
+def whole_seconds(text: str) -> int:
+    """argparse type: a positive whole number of seconds (an etcd lease TTL): ``30``, ``30s``,
+    ``2m``."""
+    value = seconds(text)
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"duration {text!r} must be whole seconds")
+    return int(value)
 
 
 def positive_duration(text: str) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from chukcha.cli.node import setup_logging
-from chukcha.cli.options import add_credential_options, nodes_from, token_from
+from chukcha.cli.options import add_credential_options, nodes_from, token_from, whole_seconds
 from chukcha.errors import ChukchaError
 from chukcha.processors.base import App
 from chukcha.processors.group import GroupConfig
@@ -85,9 +85,9 @@ def register(sub: Any) -> None:
     p.add_argument("--instance", default=None, metavar="NAME",
                    help="with --etcd: this instance's name, stable across restarts (default: "
                         "the host name and a hash of --state-dir)")
-    p.add_argument("--lease-ttl", type=int, default=10, metavar="SECONDS",
+    p.add_argument("--lease-ttl", type=whole_seconds, default=10, metavar="DURATION",
                    help="with --etcd: how long a killed instance keeps its partitions "
-                        "(default 10)")
+                        "(whole seconds: 10, 30s, 2m; default 10s)")
     p.add_argument("--http", default=None, metavar="HOST:PORT",
                    help="serve the app's Prometheus /metrics and its web monitor /ui on this "
                         "address (read-only, no authentication: keep it on loopback or a "

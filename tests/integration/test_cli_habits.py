@@ -207,12 +207,16 @@ def test_bad_sizes(text: str) -> None:
 def test_node_flags_take_units() -> None:
     args = build_parser().parse_args([
         "node", "--rotate-chunk-interval", "1d", "--dead-peer-timeout", "2w",
-        "--max-chunk-size", "64KiB", "--max-batch-size", "8MB",
+        "--max-chunk-size", "64KiB", "--max-batch-size", "8MB", "--etcd-lease-ttl", "1m",
     ])
     config = config_from_args(args)
     assert (config.rotate_interval, config.max_chunk_size, config.max_batch_size) == (
         86400, 65536, 8_000_000)
     assert config.replication.dead_peer_timeout == 14 * 86400
+    assert args.etcd_lease_ttl == 60
+    parser = build_parser()
+    assert parser.parse_args(["run", "m:app", "--lease-ttl", "30s"]).lease_ttl == 30
+    assert parser.parse_args(["run", "m:app", "--lease-ttl", "15"]).lease_ttl == 15  # seconds
 
 
 async def test_retention_takes_days_and_sizes(node: Node) -> None:
