@@ -66,11 +66,22 @@ class InputPlan:
     target: str = ""
 
 
-async def _bus_count(client: Client, category: str) -> int:
-    try:
-        return await client.partitions(category)
-    except RemoteNotFoundError:  # a node without /partitions (the Go server): none
-        return 0
+async def _bus_count(app: App, client: Client, category: str) -> int:
+    """The partition count of ``category`` on the bus; while no node answers, asked again
+    with backoff (an app may start before the bus, as the consumers wait for it too)."""
+    delay = app.config.retry_initial
+    while True:
+        try:
+            return await client.partitions(category)
+        except RemoteNotFoundError:  # a node without /partitions (the Go server): none
+            return 0
+        except ClientError as exc:
+            if not exc.retriable:
+                raise
+            logger.warning("app=%s cannot read the partitions of %s yet, retrying in %.1fs: "
+                           "%s", app.name, category, delay, exc)
+        await asyncio.sleep(delay)  # backoff between attempts
+        delay = min(delay * 2, app.config.retry_max)
 
 
 async def plan_inputs(app: App, client: Client) -> list[InputPlan]:
@@ -86,7 +97,7 @@ async def plan_inputs(app: App, client: Client) -> list[InputPlan]:
     n = app.partitions
     for name, handler in app.handlers.items():
         pinned = handler.input_partitions
-        count = await _bus_count(client, name)
+        count = await _bus_count(app, client, name)
         if pinned is not None and count != pinned:
             raise ValueError(
                 f"app {app.name!r}: the processor of {name!r} pins input_partitions={pinned}, "

@@ -7,7 +7,10 @@ bus contradicts stops the app with a clear error."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import re
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from chukcha.errors import RequestRejectedError
 from chukcha.partitioning import partition_category, partition_of
 from chukcha.processors.tester import Tester
 from chukcha.testing import run_node
+from tests.integration.cluster_helpers import wait_for
 from tests.processors.test_runner import collect, table_of
 
 
@@ -186,3 +190,39 @@ async def test_the_apps_category_name_taken_by_data_is_refused(small_node: Node,
     with pytest.raises(RequestRejectedError,
                        match=re.escape("'billing.orders.p0001' already exists with data")):
         await keyed_app(small_node.url, tmp_path / "state").run_async(asyncio.Event())
+
+
+async def test_an_app_started_before_the_bus_waits_for_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The partition count is asked again until a node answers (refused connections at
+    first: the port is bound but not listening yet)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    app = keyed_app(url, tmp_path / "state")
+    app.config = dataclasses.replace(app.config, retry_initial=0.05, retry_max=0.2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.run_async(stop))
+    try:
+        with caplog.at_level(logging.WARNING, logger="chukcha.processors.repartition"):
+
+            async def retried() -> bool:
+                return caplog.text.count("cannot read the partitions of orders yet") >= 2
+
+            await wait_for(retried, timeout=20, what="the app to retry")
+            assert not task.done()  # still waiting for the bus, not failed
+        # The node owns the socket from now on (it listens on it and closes it).
+        async with run_node(tmp_path / "data", listen_fd=sock.detach()) as node, \
+                Client([node.url]) as client:
+            await client.send("orders", [{"id": "o1", "customer": "c1", "amount": 5}])
+            await collect(client, "receipts", {"r-o1"})
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    finally:
+        if not task.done():  # the test failed before the app could finish: do not leak it
+            task.cancel()
+            await asyncio.wait([task])
+        if sock.fileno() != -1:
+            sock.close()
+    assert await asyncio.to_thread(table_of, tmp_path / "state") == {"c1": 5}
