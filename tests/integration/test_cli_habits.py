@@ -39,14 +39,19 @@ async def test_a_closed_pipe_ends_tail_quietly_with_exit_0(node: Node) -> None:
     line = b'{"pad": "%s"}' % (b"x" * 200)
     async with Client([node.url]) as c:
         await c.send("big", [line] * 5000)  # ~1 MB: far more than a pipe buffer holds
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chukcha", "tail", "big", "--node", node.url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
+    read_end, write_end = os.pipe()  # `chukcha tail big | head -1`, with this test as head
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "chukcha", "tail", "big", "--node", node.url,
+            stdout=write_end, stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.stderr is not None
     async with asyncio.timeout(30):
-        assert await proc.stdout.readline() == line + b"\n"  # `| head -1`
-        proc._transport.get_pipe_transport(1).close()  # type: ignore[attr-defined]
+        with os.fdopen(read_end, "rb") as reader:
+            assert await asyncio.to_thread(reader.readline) == line + b"\n"
+        # the reader is gone, as `head` exits after one line
         err = await proc.stderr.read()
         assert await proc.wait() == 0, err
     assert err == b""
