@@ -38,6 +38,7 @@ __all__ = [
     "StateLockedError",
     "UnknownPeerError",
     "WriteRejectedError",
+    "WriterUnavailableError",
     "error_from_status",
 ]
 
@@ -148,6 +149,14 @@ class StateLayoutError(ChukchaError, ValueError):
 
 
 # --- cluster ------------------------------------------------------------------------------
+
+
+class WriterUnavailableError(ChukchaError):
+    """A front worker (``--workers``) cannot reach the node's writer process (it is restarting
+    or stopping); nothing was done, retry."""
+
+    http_status = 503
+    retriable = True
 
 
 class ReplicationError(ChukchaError):

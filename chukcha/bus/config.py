@@ -155,6 +155,8 @@ class NodeConfig:
             :mod:`chukcha.bus.metrics` and ``bench/bench_metrics.py`` for the cost).
         server: connection and memory limits of the HTTP server (its body limit is
             ``max_batch_size``).
+        internal_socket: with ``--workers``, the unix socket path where this (primary)
+            process also serves the front workers' requests.
     """
 
     instance: str
@@ -181,6 +183,7 @@ class NodeConfig:
     retain_acked_categories: tuple[tuple[str, float | None], ...] = ()
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     server: ServerLimits = field(default_factory=ServerLimits)
+    internal_socket: str | None = None
 
     def _check_operations(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

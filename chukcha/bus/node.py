@@ -30,7 +30,7 @@ from chukcha.bus.server import HttpServer, Router
 from chukcha.bus.ui import NodeUi
 from chukcha.errors import ChukchaError
 
-__all__ = ["Node", "NodeState"]
+__all__ = ["Node", "NodeState", "server_tls"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,9 @@ class Node:
             memory_budget=max(limits.memory_budget, config.max_batch_size),
         ))
         self._serving = False
+        self.internal = HttpServer(self.router, dataclasses.replace(
+            self.server.limits, max_connections=100_000, keepalive_timeout=3600.0,
+        ))
         self._sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._state = NodeState.NEW
@@ -175,6 +178,9 @@ class Node:
             self._sock = self._bind()
             await self.server.start(self._sock, ssl=server_tls)
             self._serving = True
+            if cfg.internal_socket is not None:
+                # --workers: the front workers hand their requests over here.
+                await self.internal.start(_bind_unix(cfg.internal_socket))
             self._tasks.append(
                 asyncio.create_task(self._rotate_forever(), name="chunk-rotation")
             )
@@ -204,6 +210,7 @@ class Node:
         if self._serving:
             self._serving = False
             await self.server.stop(self.config.stop_timeout)
+            await self.internal.stop(self.config.stop_timeout)
         await self._close_store()
 
     def _bind(self) -> socket.socket:
@@ -257,6 +264,7 @@ class Node:
                 # Stops accepting, then waits (up to stop_timeout) for in-flight requests.
                 self._serving = False
                 await self.server.stop(self.config.stop_timeout)
+                await self.internal.stop(self.config.stop_timeout)
             await self._close_store()
         finally:
             self._state = NodeState.STOPPED
@@ -296,6 +304,21 @@ class Node:
         if self._state is NodeState.RUNNING:
             warnings.warn(f"Node {self.config.instance} was not stopped", ResourceWarning,
                           stacklevel=1)
+
+
+def _bind_unix(path: str) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        Path(path).unlink()  # left by a killed predecessor
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def server_tls(cert: Path, key: Path) -> ssl.SSLContext:
+    """The TLS context of a node serving HTTPS (front workers use it too)."""
+    return _server_tls(cert, key)
 
 
 def _server_tls(cert: Path, key: Path) -> ssl.SSLContext:

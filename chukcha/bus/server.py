@@ -134,6 +134,7 @@ class Router:
         self.routes: dict[str, Handler] = {}
         self.checks: list[Check] = []
         self.observers: list[Observer] = []
+        self.fallback: Handler | None = None  # for paths without a route (else 404)
 
     def add_routes(self, routes: Mapping[str, Handler]) -> None:
         for path, handler in routes.items():
@@ -528,7 +529,7 @@ class _Connection(asyncio.Protocol):
                 resp = await check(request)
                 if resp is not None:
                     return resp
-            handler = self._router.routes.get(request.path)
+            handler = self._router.routes.get(request.path) or self._router.fallback
             if handler is None:
                 return Response(status=404, text="not found\n")
             return await handler(request)

@@ -105,6 +105,10 @@ def register(sub: Any) -> None:
           help="largest accepted write body")
     _flag(ext, "sync-each-write", action="store_true",
           help="fsync every write before answering (else per request with sync=1)")
+    _flag(ext, "workers", type=_workers, default=os.cpu_count() or 1, metavar="N",
+          help="serve from N processes: one writer (the node) and N-1 front workers that "
+               "parse HTTP on the same socket and hand requests to it, coalescing concurrent "
+               "writes; a worker that dies is restarted (default: the number of cores)")
     _flag(ext, "no-group-commit", action="store_true",
           help="fsync each durable write (sync=1, --sync-each-write) on its own instead of "
                "letting concurrent ones share one fsync (for comparison benchmarks)")
@@ -227,6 +231,16 @@ async def run_async(config: NodeConfig) -> None:
         await node.stop()
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of processes: {text!r}") from None
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError("must be between 1 and 1024")
+    return value
+
+
 def _return_big_buffers_to_the_os() -> None:
     """glibc raises its mmap threshold after a big buffer is freed, so later 1-16 MiB read
     answers and write bodies come from the heap, which is not given back: a burst of slow
@@ -254,6 +268,14 @@ def _run(args: argparse.Namespace) -> int:
         config.instance, config.data_dir, *config.listen,
         format_go_duration(config.rotate_interval),
     )
+    if args.workers > 1:
+        from chukcha.cli.workers import run_workers  # noqa: PLC0415 - keep --help light
+
+        try:
+            return run_workers(config, args.workers)
+        except OSError as exc:
+            logger.error("cannot start: %s", exc)  # noqa: TRY400
+            return 1
     try:
         run_loop(run_async(config))
     except ChukchaError as exc:

@@ -1,0 +1,280 @@
+"""Front workers (``chukcha node --workers N``): HTTP on every core, one writer behind them.
+
+A node started with ``--workers N`` is one *primary* process (the whole node: chunk store,
+replication, groups, every guarantee) and ``N - 1`` *front* processes. All of them accept on the
+same listening socket. A front parses the client's HTTP and hands each request to the primary
+over a local unix socket; concurrent single-message writes with the same parameters are
+coalesced into one write of the primary (each body is validated on its own first, and a write
+lands whole in one chunk, so each client gets exactly the answer the primary gave the batch).
+Every other request, reads included, is relayed as it is (streams too), so the primary keeps
+being the one place where state lives: a front holds nothing and can die at any moment.
+
+Why this design and not shards (``docs/DESIGN.md``): shards would need per-worker owner names,
+which Go peers do not replicate, and every shard is one more stream for readers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ssl import SSLContext
+from typing import Final
+
+from chukcha.bus import web
+from chukcha.bus.server import HttpServer, Router, ServerLimits
+from chukcha.errors import WriterUnavailableError
+from chukcha.protocol import check_messages
+
+__all__ = ["FrontWorker", "PrimaryClient"]
+
+logger = logging.getLogger(__name__)
+
+_FORWARD_HEADERS: Final = ("authorization", "origin", "sec-fetch-site", "host", "content-type")
+_KEEP_ANSWER_HEADERS: Final = ("www-authenticate", "retry-after")
+_POOL: Final = 64
+
+
+class _PrimaryConn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    chunked: bool = False
+    conn: _PrimaryConn | None = None  # a streamed answer still reads from it
+
+
+class PrimaryClient:
+    """Requests to the primary over its unix socket (keep-alive connections, a small pool)."""
+
+    def __init__(self, path: str, timeout: float = 90.0) -> None:
+        self._path = path
+        self._idle: list[_PrimaryConn] = []
+        self._timeout = timeout
+
+    async def _conn(self) -> _PrimaryConn:
+        if self._idle:
+            return self._idle.pop()
+        try:
+            reader, writer = await asyncio.open_unix_connection(self._path, limit=1 << 22)
+        except OSError as exc:
+            raise WriterUnavailableError(f"the node's writer process is not reachable: {exc}") \
+                from None
+        return _PrimaryConn(reader, writer)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until the primary accepts connections (it is starting: imports, the store)."""
+        delay = 0.01
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    self.release(await self._conn())
+                except WriterUnavailableError:
+                    await asyncio.sleep(delay)  # retry with backoff: the writer is starting
+                    delay = min(0.2, delay * 2)
+                else:
+                    return
+
+    def release(self, conn: _PrimaryConn) -> None:
+        if len(self._idle) < _POOL:
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    async def request(self, method: str, target: str, headers: Mapping[str, str],
+                      body: bytes) -> Answer:
+        conn = await self._conn()
+        try:
+            head = [f"{method} {target} HTTP/1.1\r\nContent-Length: {len(body)}\r\n"]
+            head += [f"{k}: {v}\r\n" for k, v in headers.items()]
+            head.append("\r\n")
+            conn.writer.write("".join(head).encode("latin-1") + body if len(body) < 65536
+                              else "".join(head).encode("latin-1"))
+            if len(body) >= 65536:
+                conn.writer.write(body)
+            async with asyncio.timeout(self._timeout):
+                raw = await conn.reader.readuntil(b"\r\n\r\n")
+                lines = raw.decode("latin-1").split("\r\n")
+                status = int(lines[0].split(" ", 2)[1])
+                answer_headers: dict[str, str] = {}
+                for line in lines[1:]:
+                    name, sep, value = line.partition(":")
+                    if sep:
+                        answer_headers[name.strip().lower()] = value.strip()
+                if answer_headers.get("transfer-encoding", "").lower() == "chunked":
+                    return Answer(status, answer_headers, chunked=True, conn=conn)
+                length = int(answer_headers.get("content-length", "0"))
+                data = await conn.reader.readexactly(length) if length else b""
+        except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError) as exc:
+            conn.close()
+            raise WriterUnavailableError(f"the node's writer process failed to answer: {exc!r}") \
+                from None
+        except BaseException:
+            conn.close()
+            raise
+        if answer_headers.get("connection", "").lower() == "close":
+            conn.close()
+        else:
+            self.release(conn)
+        return Answer(status, answer_headers, data)
+
+    def close(self) -> None:
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
+
+async def _relay_chunks(answer: Answer, request: web.Request) -> web.StreamResponse:
+    """Relay a chunked (never-ending) answer piece by piece."""
+    conn = answer.conn
+    assert conn is not None  # noqa: S101 - chunked answers keep their connection
+    headers = {k.title(): v for k, v in answer.headers.items()
+               if k in ("content-type",)}
+    resp = web.StreamResponse(status=answer.status, headers=headers)
+    try:
+        await resp.prepare(request)
+        while True:
+            size_line = await conn.reader.readline()
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                await conn.reader.readline()
+                break
+            data = await conn.reader.readexactly(size + 2)
+            await resp.write(data[:-2])
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        logger.debug("relayed stream ended: %r", exc)
+    finally:
+        conn.close()
+    return resp
+
+
+@dataclass
+class _Batch:
+    bodies: list[bytes] = field(default_factory=list)
+    waiters: list[asyncio.Future[Answer]] = field(default_factory=list)
+    size: int = 0
+
+
+class _WriteCoalescer:
+    """Single writes with the same query string, arriving while one is on its way to the
+    primary, go as one write when it returns."""
+
+    def __init__(self, client: PrimaryClient, max_batch: int) -> None:
+        self._client = client
+        self._max = max_batch
+        self._busy: dict[str, _Batch | None] = {}  # query -> the batch gathering (None: idle)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def write(self, key: str, query: str, headers: Mapping[str, str],
+                    body: bytes) -> Answer:
+        if key in self._busy:
+            batch = self._busy[key]
+            if batch is None:
+                batch = self._busy[key] = _Batch()
+            if batch.size + len(body) <= self._max:
+                fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+                batch.bodies.append(body)
+                batch.waiters.append(fut)
+                batch.size += len(body)
+                return await fut
+            return await self._client.request("POST", f"/write?{query}", headers, body)
+        self._busy[key] = None
+        try:
+            answer = await self._client.request("POST", f"/write?{query}", headers, body)
+        finally:
+            self._flush(key, query, headers)
+        return answer
+
+    def _flush(self, key: str, query: str, headers: Mapping[str, str]) -> None:
+        batch = self._busy.pop(key, None)
+        if batch is None or not batch.waiters:
+            return
+        self._busy[key] = None
+        task = asyncio.get_running_loop().create_task(self._send(key, query, headers, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, key: str, query: str, headers: Mapping[str, str],
+                    batch: _Batch) -> None:
+        try:
+            answer = await self._client.request("POST", f"/write?{query}", headers,
+                                                b"".join(batch.bodies))
+        except BaseException as exc:
+            for fut in batch.waiters:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else
+                                      WriterUnavailableError("stopping"))
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for fut in batch.waiters:
+                if not fut.done():
+                    fut.set_result(answer)
+        finally:
+            self._flush(key, query, headers)
+
+
+class FrontWorker:
+    """Serves the public socket and hands everything to the primary (see the module doc)."""
+
+    def __init__(self, primary_socket: str, limits: ServerLimits, *,
+                 max_message_size: int) -> None:
+        self._client = PrimaryClient(primary_socket)
+        self._coalescer = _WriteCoalescer(self._client, limits.max_body_size)
+        self._max_message = max_message_size
+        self.router = Router()
+        self.router.fallback = self._relay
+        self.router.add_routes({"/write": self._write})
+        self.server = HttpServer(self.router, limits)
+
+    @staticmethod
+    def _headers(request: web.Request) -> dict[str, str]:
+        return {k: v for k in _FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
+
+    async def _write(self, request: web.Request) -> web.StreamResponse:
+        body = request.body
+        if body:
+            check_messages(body, self._max_message)  # each body on its own, as the primary
+        headers = self._headers(request)
+        if not body or "min_sync_replicas" in request.query:
+            answer = await self._client.request(request.method, request.path_qs, headers, body)
+        else:
+            # Only requests the writer would treat alike share a write: the same parameters
+            # and the same credentials (a batch is checked once, with its first request's).
+            key = "\n".join([request.query_string, *(f"{k}:{v}" for k, v in headers.items())])
+            answer = await self._coalescer.write(key, request.query_string, headers, body)
+        return _response(answer)
+
+    async def _relay(self, request: web.Request) -> web.StreamResponse:
+        answer = await self._client.request(request.method, request.path_qs,
+                                            self._headers(request), request.body)
+        if answer.chunked:
+            return await _relay_chunks(answer, request)
+        return _response(answer)
+
+    async def start(self, sock: socket.socket, *, ssl: SSLContext | None = None,
+                    ready_timeout: float = 120.0) -> None:
+        """Serve once the primary answers (so no client meets a front that cannot work)."""
+        await self._client.wait_ready(ready_timeout)
+        await self.server.start(sock, ssl=ssl)
+
+    async def stop(self, timeout: float) -> None:
+        await self.server.stop(timeout)
+        self._client.close()
+
+
+def _response(answer: Answer) -> web.Response:
+    headers = {k.title(): v for k, v in answer.headers.items() if k in _KEEP_ANSWER_HEADERS}
+    return web.Response(status=answer.status, body=answer.body,
+                        content_type=answer.headers.get("content-type", ""), headers=headers)
+

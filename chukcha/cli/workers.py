@@ -1,0 +1,191 @@
+"""``chukcha node --workers N``: one node served by N processes (see :mod:`chukcha.bus.front`).
+
+The process started by the command is a small supervisor: it binds the listening socket, forks
+the primary (the whole node, which also listens on a private unix socket) and ``N - 1`` front
+workers that accept on the same socket, restarts any of them that dies, and on SIGTERM/SIGINT
+stops the fronts first (their requests in flight finish), then the primary. Children die with
+the supervisor (``PR_SET_PDEATHSIG``), so a SIGKILL of the command leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+from chukcha.bus.config import NodeConfig
+from chukcha.errors import ChukchaError
+from chukcha.loop import run_loop
+
+__all__ = ["run_workers"]
+
+logger = logging.getLogger(__name__)
+
+_EARLY_EXIT = 5.0
+"""A primary that exits with an error this soon after its first start is a bad start (a held
+lock, a bad directory): the command exits with its code instead of restarting it forever."""
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _listening_socket(config: NodeConfig) -> socket.socket:
+    if config.listen_fd is not None:
+        return socket.socket(fileno=config.listen_fd)
+    host, port = config.listen
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    return sock
+
+
+async def _serve_front(config: NodeConfig, primary_socket: str) -> None:
+    from chukcha.bus.front import FrontWorker  # noqa: PLC0415 - only in front processes
+    from chukcha.bus.node import server_tls  # noqa: PLC0415
+
+    limits = dataclasses.replace(
+        config.server, max_body_size=config.max_batch_size,
+        memory_budget=max(config.server.memory_budget, config.max_batch_size),
+    )
+    front = FrontWorker(primary_socket, limits, max_message_size=config.max_message_size)
+    assert config.listen_fd is not None  # noqa: S101 - run_workers sets it
+    sock = socket.socket(fileno=config.listen_fd)
+    sock.setblocking(False)
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = await asyncio.to_thread(server_tls, config.tls_cert, config.tls_key)
+    await front.start(sock, ssl=tls)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await front.stop(config.stop_timeout)
+
+
+def _child(role: str, config: NodeConfig, primary_socket: str) -> None:
+    """The body of a forked child: never returns."""
+    code = 1
+    try:
+        _die_with_parent()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        if role == "primary":
+            from chukcha.cli.node import run_async  # noqa: PLC0415 - avoids an import cycle
+
+            run_loop(run_async(dataclasses.replace(config, internal_socket=primary_socket)))
+        else:
+            run_loop(_serve_front(config, primary_socket))
+        code = 0
+    except (ChukchaError, OSError) as exc:
+        logger.error("%s worker: %s", role, exc)  # noqa: TRY400 - one clear line
+    except BaseException:
+        logger.exception("%s worker failed", role)
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+class _Supervisor:
+    def __init__(self, config: NodeConfig, workers: int, primary_socket: str) -> None:
+        self.config = config
+        self.workers = workers
+        self.primary_socket = primary_socket
+        self.children: dict[int, tuple[str, float]] = {}
+        self.first_start: dict[str, float] = {}
+        self.stopping = False
+        self.primary_signalled = False
+        self.code = 0
+
+    def spawn(self, role: str) -> None:
+        pid = os.fork()
+        if pid == 0:
+            _child(role, self.config, self.primary_socket)
+        now = time.monotonic()
+        self.children[pid] = (role, now)
+        self.first_start.setdefault(role, now)
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if not self.stopping:
+            logger.info("instance=%s stopping %d workers (signal)", self.config.instance,
+                        self.workers)
+        self.stopping = True
+        self._signal("front")
+
+    def _signal(self, role: str) -> None:
+        for pid, (r, _) in list(self.children.items()):
+            if r == role:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+
+    def run(self) -> None:
+        self.spawn("primary")
+        for _ in range(self.workers - 1):
+            self.spawn("front")
+        logger.info("instance=%s serving from %d processes (1 writer, %d fronts)",
+                    self.config.instance, self.workers, self.workers - 1)
+        while self.children:
+            if self.stopping and not self.primary_signalled and \
+                    all(r == "primary" for r, _ in self.children.values()):
+                # The fronts are gone (their requests answered): now the writer.
+                self.primary_signalled = True
+                self._signal("primary")
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            self._reap(pid, os.waitstatus_to_exitcode(status))
+
+    def _reap(self, pid: int, exit_code: int) -> None:
+        role, started = self.children.pop(pid, ("?", 0.0))
+        if self.stopping:
+            if role == "primary" and exit_code > 0:
+                self.code = exit_code
+            return
+        if role == "primary" and exit_code > 0 and started == self.first_start["primary"] \
+                and time.monotonic() - started < _EARLY_EXIT:
+            logger.error("the writer process could not start (exit code %d)", exit_code)
+            self.code = exit_code
+            self.on_signal(signal.SIGTERM, None)
+            return
+        how = f"code {exit_code}" if exit_code >= 0 else f"signal {-exit_code}"
+        logger.warning("instance=%s %s worker %d exited (%s): restarting it",
+                       self.config.instance, role, pid, how)
+        if time.monotonic() - started < 1.0:
+            time.sleep(1.0)  # a crash loop must not spin
+        self.spawn(role)
+
+
+def run_workers(config: NodeConfig, workers: int) -> int:
+    """Serve ``config`` from ``workers`` processes until SIGTERM/SIGINT; the exit code."""
+    sock = _listening_socket(config)
+    os.set_inheritable(sock.fileno(), True)
+    tmp = tempfile.mkdtemp(prefix="chukcha-node-")
+    supervisor = _Supervisor(dataclasses.replace(config, listen_fd=sock.fileno()), workers,
+                             str(Path(tmp) / "writer.sock"))
+    signal.signal(signal.SIGTERM, supervisor.on_signal)
+    signal.signal(signal.SIGINT, supervisor.on_signal)
+    try:
+        supervisor.run()
+    finally:
+        sock.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return supervisor.code

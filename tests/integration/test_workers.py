@@ -1,0 +1,160 @@
+"""``chukcha node --workers N``: a SIGKILLed worker is restarted, nothing answered 200 is lost or
+doubled, SIGTERM stops every process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from chukcha.testing import NodeProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(x) for x in text.split()]
+
+
+def _children_or_none(pid: int) -> list[int]:
+    try:
+        return _children(pid)
+    except OSError:  # the supervisor is gone (and reaped): so are its children
+        return []
+
+
+def _gone(pids: list[int]) -> bool:
+    """Every process exited (a zombie waiting for its reaper counts as exited)."""
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            return False
+    return True
+
+
+def _holds_lock(pid: int) -> bool:
+    fds = Path(f"/proc/{pid}/fd")
+    with contextlib.suppress(OSError):
+        return any(str(p.readlink()).endswith("running.lock") for p in fds.iterdir())
+    return False
+
+
+async def _wait_for_children(pid: int, count: int, exclude: set[int]) -> list[int]:
+    async with asyncio.timeout(60):
+        while True:
+            kids = await asyncio.to_thread(_children, pid)
+            fresh = [k for k in kids if k not in exclude]
+            if len(kids) == count and len(fresh) == count:
+                return kids
+            await asyncio.sleep(0.05)  # polling a state the supervisor does not announce
+
+
+async def _read_everything(url: str, category: str) -> list[bytes]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/listChunks", params={"category": category}) as resp:
+            chunks = [c["name"] for c in await resp.json(content_type=None)]
+        out: list[bytes] = []
+        for chunk in chunks:
+            off = 0
+            while True:
+                async with http.get(f"{url}/read", params={
+                    "category": category, "chunk": chunk, "off": str(off),
+                    "max_size": str(1 << 20)}) as resp:
+                    assert resp.status == 200, await resp.text()
+                    data = await resp.read()
+                if not data:
+                    break
+                out += data.splitlines()
+                off += len(data)
+        return out
+
+
+@pytest.mark.parametrize("victim", ["front", "writer"])
+async def test_a_worker_killed_during_sync_writes_is_restarted_and_nothing_answered_is_lost(
+    tmp_path: Path, victim: str
+) -> None:
+    node = NodeProcess(tmp_path / "data", "w", ["--workers", "4", "--log-level", "WARNING"])
+    await node.start()
+    try:
+        assert node.proc is not None
+        sup = node.proc.pid
+        kids = await _wait_for_children(sup, 4, set())
+        writer = [k for k in kids if await asyncio.to_thread(_holds_lock, k)]
+        assert len(writer) == 1, kids
+        target = writer[0] if victim == "writer" else next(k for k in kids if k != writer[0])
+        answered: list[bytes] = []
+        flowing = asyncio.Event()  # writes are being answered through every worker
+        killed = asyncio.Event()
+        after_kill = 0
+
+        async def client(name: str) -> None:
+            nonlocal after_kill
+            timeout = aiohttp.ClientTimeout(total=30)
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                for i in range(100_000):
+                    msg = b"%s-%06d" % (name.encode(), i)
+                    try:
+                        async with http.post(f"{node.url}/write",
+                                             params={"category": "pay", "sync": "1"},
+                                             data=msg + b"\n") as resp:
+                            await resp.read()
+                            ok = resp.status == 200
+                    except (aiohttp.ClientError, TimeoutError):
+                        ok = False  # unknown fate: may be stored, never twice
+                    if ok:
+                        answered.append(msg)
+                        if len(answered) >= 300:
+                            flowing.set()
+                        if killed.is_set():
+                            after_kill += 1
+                    if killed.is_set() and after_kill >= 400:
+                        return
+
+        clients = [asyncio.create_task(client(f"c{n}")) for n in range(16)]
+        async with asyncio.timeout(60):
+            await flowing.wait()
+        os.kill(target, signal.SIGKILL)
+        killed.set()
+        # The supervisor restarts it, and writes keep being answered.
+        await _wait_for_children(sup, 4, {target})
+        async with asyncio.timeout(90):
+            await asyncio.gather(*clients)
+        stored = await _read_everything(node.url, "pay")
+        counts = Counter(stored)
+        assert not [m for m, n in counts.items() if n > 1], "a message was stored twice"
+        missing = set(answered) - set(counts)
+        assert not missing, f"{len(missing)} writes answered 200 are not stored"
+    finally:
+        code = await node.stop()
+        node.close()
+    assert code == 0
+    assert await asyncio.to_thread(_gone, await asyncio.to_thread(_children_or_none, sup))
+
+
+async def test_sigterm_stops_every_worker_and_the_data_stays(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path / "data", "w", ["--workers", "3"])
+    await node.start()
+    assert node.proc is not None
+    kids = await _wait_for_children(node.proc.pid, 3, set())
+    async with aiohttp.ClientSession() as http:
+        for i in range(20):
+            async with http.post(f"{node.url}/write", params={"category": "c"},
+                                 data=b"m%d\n" % i) as resp:
+                assert resp.status == 200
+    code = await node.stop()
+    node.close()
+    assert code == 0
+    assert await asyncio.to_thread(_gone, kids)
+    chunk = tmp_path / "data" / "c" / "w-chunk000000000"
+    data = await asyncio.to_thread(chunk.read_bytes)
+    assert sorted(data.splitlines()) == sorted(b"m%d" % i for i in range(20))
