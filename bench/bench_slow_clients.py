@@ -8,8 +8,9 @@ Starts a ``chukcha node`` per scenario (fresh data directory), fills a chunk wit
 - ``idle``: 1,100 connections are opened and left idle.
 
 During each, a well-behaved client reads 1 MiB and writes a message (its latency is printed);
-the node's peak resident memory (``VmHWM``) and its memory after the stalled clients close are
-taken from ``/proc``. ``--node-arg`` passes flags to the node, e.g. a bigger
+the node's peak resident memory (``VmHWM``, summed over its processes with ``--workers``, which
+counts pages shared since the fork once per process) and its memory after the stalled clients
+close are taken from ``/proc``. ``--node-arg`` passes flags to the node, e.g. a bigger
 ``--memory-budget`` to compare.
 
     .venv/bin/python bench/bench_slow_clients.py
@@ -39,10 +40,15 @@ _REFUSED: list[int] = []
 
 
 def _mem(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """``field`` of ``pid`` and its children (``--workers``: the supervisor, the writer and the
+    fronts), summed: for ``VmHWM`` an upper bound of the peak they held together."""
+    total = 0
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for p in [pid, *map(int, children)]:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                total += int(line.split()[1]) * 1024
+    return total
 
 
 async def _open(host: str, port: int, first: bytes) -> socket.socket:

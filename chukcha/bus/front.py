@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 _FORWARD_HEADERS: Final = ("authorization", "origin", "sec-fetch-site", "host", "content-type")
 _KEEP_ANSWER_HEADERS: Final = ("www-authenticate", "retry-after")
 _POOL: Final = 64
+_RELAY_WHOLE: Final = 1 << 20
+"""Answers up to this size are read whole; bigger ones are relayed piece by piece, so a client
+slow to take 16 MiB makes a front hold one piece (as the writer does)."""
+_PIECE: Final = 128 << 10
 
 
 class _PrimaryConn:
@@ -52,6 +56,7 @@ class Answer:
     body: bytes = b""
     chunked: bool = False
     conn: _PrimaryConn | None = None  # a streamed answer still reads from it
+    length: int = 0  # of a big answer still to be read from conn
 
 
 class PrimaryClient:
@@ -114,6 +119,8 @@ class PrimaryClient:
                 if answer_headers.get("transfer-encoding", "").lower() == "chunked":
                     return Answer(status, answer_headers, chunked=True, conn=conn)
                 length = int(answer_headers.get("content-length", "0"))
+                if length > _RELAY_WHOLE:  # the caller relays it piece by piece
+                    return Answer(status, answer_headers, conn=conn, length=length)
                 data = await conn.reader.readexactly(length) if length else b""
         except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError) as exc:
             conn.close()
@@ -132,6 +139,34 @@ class PrimaryClient:
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+
+
+async def _relay_sized(client: PrimaryClient, answer: Answer,
+                       request: web.Request) -> web.StreamResponse:
+    """Relay a big answer of known length piece by piece, as the client takes it."""
+    conn = answer.conn
+    assert conn is not None  # noqa: S101 - big answers keep their connection
+    headers = {"Content-Length": str(answer.length)}
+    if "content-type" in answer.headers:
+        headers["Content-Type"] = answer.headers["content-type"]
+    resp = web.StreamResponse(status=answer.status, headers=headers)
+    done = False
+    try:
+        await resp.prepare(request)
+        left = answer.length
+        while left:
+            piece = await conn.reader.readexactly(min(_PIECE, left))
+            left -= len(piece)
+            await resp.write(piece)  # waits while the client is slow
+        done = True
+    except asyncio.IncompleteReadError as exc:
+        raise ConnectionResetError("the writer process went away mid-answer") from exc
+    finally:
+        if done:
+            client.release(conn)
+        else:
+            conn.close()
+    return resp
 
 
 async def _relay_chunks(answer: Answer, request: web.Request) -> web.StreamResponse:
@@ -260,6 +295,8 @@ class FrontWorker:
                                             self._headers(request), request.body)
         if answer.chunked:
             return await _relay_chunks(answer, request)
+        if answer.conn is not None:
+            return await _relay_sized(self._client, answer, request)
         return _response(answer)
 
     async def start(self, sock: socket.socket, *, ssl: SSLContext | None = None,

@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 _SMALL_BODY: Final = 64 << 10
 """Bodies and answers up to this size do not count against the memory budget (the connection
 cap bounds them)."""
-_FILE_PIECE: Final = 512 << 10
+_FILE_PIECE: Final = 128 << 10
 """A big answer from a file is read and sent this much at a time."""
 _MAX_PIPELINED: Final = 64
 """Parsed requests queued on one connection before it stops reading."""
@@ -335,6 +335,7 @@ class _Connection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._streaming = False
         self._chunked_out = False
+        self._stream_sized = False
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -560,8 +561,9 @@ class _Connection(asyncio.Protocol):
             return True  # the client left (perhaps while a stream was being written)
         if not isinstance(resp, Response):
             if self._streaming:
+                sized_or_chunked = self._chunked_out or self._stream_sized
                 self.end_stream()
-                return not request.keep_alive or not self._chunked_out
+                return not request.keep_alive or not sized_or_chunked
             resp = Response(status=resp.status, headers=resp.headers)
         if self._streaming:  # a stream started, then the handler failed: nothing sane to add
             return True
@@ -657,12 +659,18 @@ class _Connection(asyncio.Protocol):
             raise ConnectionResetError("the client closed the connection")
         self._streaming = True
         content_type = headers.get("Content-Type", "").encode("latin-1")
-        extra = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-        self._chunked_out = self._parser.get_http_version() == "1.1"
+        length = next((v for k, v in headers.items() if k.lower() == "content-length"), None)
+        extra = {k: v for k, v in headers.items()
+                 if k.lower() not in ("content-type", "content-length")}
+        self._stream_sized = length is not None  # the handler writes exactly that many bytes
+        self._chunked_out = not self._stream_sized and self._parser.get_http_version() == "1.1"
         if self._chunked_out:
             extra["Transfer-Encoding"] = "chunked"
-        self._transport.write(self._head(status, content_type, None, close=not self._chunked_out,
-                                         headers=extra))
+        self._transport.write(self._head(
+            status, content_type, int(length) if length is not None else None,
+            close=not (self._chunked_out or self._stream_sized), headers=extra,
+            version=self._parser.get_http_version(),
+        ))
 
     async def write_stream(self, data: bytes) -> None:
         if self._closed or self._transport is None:
