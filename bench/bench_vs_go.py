@@ -112,10 +112,25 @@ async def _wait_ready(address: str, proc: asyncio.subprocess.Process) -> None:
         return
 
 
+def _tree_cpu(pid: int | None) -> float:
+    """CPU seconds of ``pid`` and its children (a ``--workers`` node's writer and fronts)."""
+    if pid is None:
+        return float("nan")
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    total = _cpu_seconds(pid)
+    for kid in kids:
+        with contextlib.suppress(OSError):
+            total += _cpu_seconds(int(kid))
+    return total
+
+
 async def _measured(pid: int | None, phase: Awaitable[Result]) -> Result:
-    before = _cpu_seconds(pid)
+    before = _tree_cpu(pid)
     result = await phase
-    return dataclasses.replace(result, node_cpu=(_cpu_seconds(pid) - before) / result.seconds)
+    return dataclasses.replace(result, node_cpu=(_tree_cpu(pid) - before) / result.seconds)
 
 
 async def _check_single(address: str, category: str, n: int) -> None:
