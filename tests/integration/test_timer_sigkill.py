@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from chukcha import Client, Node
+from chukcha.partitioning import partition_of
 from chukcha.processors.engine import read_state_table
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -75,15 +76,17 @@ async def test_a_timer_fires_once_across_sigkills(node: Node, tmp_path: Path) ->
             assert await app.stop(signal.SIGKILL) == -signal.SIGKILL  # right after its run
 
             await app.start()
-            # A timer due at once: once it ran, a restored "a" (due earlier) would have too.
+            # A timer due at once in a's partition: once it ran, a restored "a" (due earlier,
+            # and timers of a partition run oldest first) would have run too.
+            assert partition_of("b", 2) == partition_of("a", 2)
             now = time.time()
-            await client.send("signups", [{"id": "s-z", "user": "z", "at": now}])
-            await wait_for(client, "fired", f"timer:@z:{round(now * 1000)}/0", seen)
+            await client.send("signups", [{"id": "s-b", "user": "b", "at": now}])
+            await wait_for(client, "fired", f"timer:@b:{round(now * 1000)}/0", seen)
             assert await app.stop(signal.SIGTERM) == 0
         finally:
             if app.proc is not None and app.proc.returncode is None:
                 await app.stop(signal.SIGKILL)
-    assert seen.keys() == {fired_a, f"timer:@z:{round(now * 1000)}/0"}, seen
+    assert seen.keys() == {fired_a, f"timer:@b:{round(now * 1000)}/0"}, seen
     assert all(copy["n"] == 1 for copies in seen.values() for copy in copies), seen
     table = await asyncio.to_thread(read_state_table, state)
-    assert table == {"fired:a": 1, "fired:z": 1}
+    assert table == {"fired:a": 1, "fired:b": 1}
