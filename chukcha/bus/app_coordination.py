@@ -381,8 +381,13 @@ class AppInstances(_EtcdWatcher):
             self.revision = max(self.revision, kv.mod_revision)
             value = kv.value if event.kind == "PUT" else None
             self.view.apply(self._prefix, kv.key, value, kv.mod_revision, kv.lease)
+            # Another process under our name: a newer write of our member key by another
+            # incarnation (our own re-registration after a lost lease keeps our incarnation;
+            # comparing leases would race with the write's answer).
             if (kv.key == self.member_key and value is not None
-                    and kv.mod_revision > self._registered_at and kv.lease != self._lease_id):
+                    and kv.mod_revision > self._registered_at
+                    and self.view.members.get(self._instance, {}).get("incarnation")
+                    != self._incarnation):
                 exc = InstanceTakenOverError(
                     f"another process registered as instance {self._instance!r} of app "
                     f"{self.app!r}: this one stops (give each instance its own name)")

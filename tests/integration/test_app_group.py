@@ -8,7 +8,10 @@ receipt has one content per ID, and every complete input chunk is acked."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import random
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -108,73 +111,157 @@ async def state_on_the_bus(client: Client, base: Path) -> dict[str, Any]:
     return table
 
 
-async def test_instances_share_take_over_and_hand_over_partitions_exactly_once(
-    tmp_path: Path, etcd: EtcdServer
-) -> None:
-    rng = random.Random(5)  # noqa: S311 - reproducible input
-    expected: dict[str, int] = {}
-    sent = 0
+class Scenario:
+    """The bus, the input, what was sent and what the state must be."""
+
+    def __init__(self, tmp_path: Path, etcd: EtcdServer, cluster: ClusterProcess,
+                 client: Client, *, inputs: list[str], seed: int) -> None:
+        self.tmp_path, self.etcd, self.cluster, self.client = tmp_path, etcd, cluster, client
+        self.inputs = inputs
+        self.rng = random.Random(seed)  # noqa: S311 - reproducible input
+        self.expected: dict[str, int] = {}
+        self.sent = 0
+
+    def instance(self, name: str, state: str) -> Processor:
+        return instance(self.cluster, self.etcd, self.tmp_path, name, state)
+
+    async def send_round(self) -> None:
+        events = [order(self.sent + k, self.rng) for k in range(PER_ROUND)]
+        self.sent += PER_ROUND
+        by_partition: dict[int, list[dict[str, Any]]] = {}
+        for e in events:
+            self.expected[e["customer"]] = self.expected.get(e["customer"], 0) + e["amount"]
+            by_partition.setdefault(partition_of(e["customer"], PARTITIONS), []).append(e)
+        for url in self.cluster.urls:  # every event on both nodes: the same ID twice
+            for p, part in sorted(by_partition.items()):
+                await self.client.send_to(url, partition_category("orders", p), part)
+
+    async def receipts(self) -> dict[str, list[Any]]:
+        return await read_receipts(self.client, self.cluster.urls[0],
+                                   {f"o{i}/0" for i in range(self.sent)},
+                                   self.tmp_path / "x.log")
+
+    async def acked_all(self) -> bool:
+        listings = [await self.client.list_chunks(c) for c in self.inputs]
+        return all(not c.complete for listing in listings for c in listing)
+
+    async def check_end(self, seen: dict[str, list[Any]]) -> None:
+        """Every receipt once per ID, every input chunk acked, the state on the bus exact."""
+        assert len(seen) == self.sent
+        assert all(len({str(r) for r in copies}) == 1 for copies in seen.values())
+        await wait_for(self.acked_all, what="every complete input chunk to be acked")
+        assert await state_on_the_bus(self.client, self.tmp_path) == self.expected
+
+
+@contextlib.asynccontextmanager
+async def scenario(tmp_path: Path, etcd: EtcdServer, seed: int) -> AsyncIterator[Scenario]:
     async with run_cluster(tmp_path / "cluster", ("a", "b"), etcd=etcd.endpoint,
                            args=("--max-chunk-size", "4096")) as cluster, \
             Client(cluster.urls) as client:
         inputs = await client.create_partitions("orders", PARTITIONS)
+        yield Scenario(tmp_path, etcd, cluster, client, inputs=inputs, seed=seed)
 
-        async def send_round() -> None:
-            nonlocal sent
-            events = [order(sent + k, rng) for k in range(PER_ROUND)]
-            sent += PER_ROUND
-            for e in events:
-                expected[e["customer"]] = expected.get(e["customer"], 0) + e["amount"]
-            by_partition: dict[int, list[dict[str, Any]]] = {}
-            for e in events:
-                by_partition.setdefault(partition_of(e["customer"], PARTITIONS), []).append(e)
-            for url in cluster.urls:  # every event on both nodes: the same ID twice
-                for p, part in sorted(by_partition.items()):
-                    await client.send_to(url, partition_category("orders", p), part)
 
-        async def receipts() -> dict[str, list[Any]]:
-            return await read_receipts(client, cluster.urls[0],
-                                       {f"o{i}/0" for i in range(sent)}, tmp_path / "x.log")
-
-        x = instance(cluster, etcd, tmp_path, "x", "state-x")
-        y = instance(cluster, etcd, tmp_path, "y", "state-y")
+async def test_instances_share_take_over_and_hand_over_partitions_exactly_once(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    async with scenario(tmp_path, etcd, seed=5) as sc:
+        x, y = sc.instance("x", "state-x"), sc.instance("y", "state-y")
         for p in (x, y):
             await p.start()
         for p in (x, y):
             await p.wait_ready()
         shared = await wait_owners(etcd, balanced, "x and y to share the partitions")
-        await send_round()
-        await receipts()
+        await sc.send_round()
+        await sc.receipts()
 
         # SIGKILL y: after its lease (2 s) x owns everything, its state from the changelog.
         assert await y.kill() == -9
-        await send_round()
+        await sc.send_round()
         await wait_owners(etcd, lambda o: set(o.values()) == {"x"} and len(o) == PARTITIONS,
                           "x to take y's partitions over")
-        await receipts()
+        await sc.receipts()
         log = await asyncio.to_thread(x.log.read_text)
         for part in (part for part, owner in shared.items() if owner == "y"):
             assert f"restored partition {part} from the bus" in log  # not from y's disk
 
         # A replacement for y with an empty disk: x hands its share over in order.
-        y2 = instance(cluster, etcd, tmp_path, "y", "state-y2")
+        y2 = sc.instance("y", "state-y2")
         await y2.start()
         await y2.wait_ready()
         await wait_owners(etcd, balanced, "x to hand y2 its share")
-        await send_round()
-        seen = await receipts()
-
-        async def acked_all() -> bool:
-            listings = [await client.list_chunks(c) for c in inputs]
-            return all(not c.complete for listing in listings for c in listing)
-
-        await wait_for(acked_all, what="every complete input chunk to be acked")
+        await sc.send_round()
+        seen = await sc.receipts()
+        await wait_for(sc.acked_all, what="every complete input chunk to be acked")
         for p in (x, y2):
             assert await p.terminate() == 0
-        final = await state_on_the_bus(client, tmp_path)
-        x_log = await asyncio.to_thread(x.log.read_text)
+        await sc.check_end(seen)
+        assert "handed over" in await asyncio.to_thread(x.log.read_text)
 
-    assert len(seen) == sent
-    assert all(len({str(r) for r in copies}) == 1 for copies in seen.values())
-    assert final == expected
-    assert "handed over" in x_log
+
+async def test_a_paused_owner_is_fenced_and_the_state_stays_exact(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    """SIGSTOP an owner past its lease while input keeps coming; the other instance takes its
+    partitions over and processes; SIGCONT: the former owner notices it lost them and stops
+    them (whatever it still tries to ack is refused), and the state stays exact."""
+    async with scenario(tmp_path, etcd, seed=9) as sc:
+        x, y = sc.instance("x", "state-x"), sc.instance("y", "state-y")
+        for p in (x, y):
+            await p.start()
+        for p in (x, y):
+            await p.wait_ready()
+        await wait_owners(etcd, balanced, "x and y to share the partitions")
+        await sc.send_round()
+        await sc.receipts()
+        assert y.proc is not None
+        y.proc.send_signal(signal.SIGSTOP)
+        await sc.send_round()
+        await wait_owners(etcd, lambda o: set(o.values()) == {"x"} and len(o) == PARTITIONS,
+                          "x to take the paused y's partitions over")
+        await sc.receipts()
+        y.proc.send_signal(signal.SIGCONT)
+
+        async def y_stopped_them() -> bool:
+            text = await asyncio.to_thread(y.log.read_text)
+            return "stops partitions" in text or "ownership lost" in text
+
+        await wait_for(y_stopped_them, what="the resumed y to stop its former partitions")
+        await wait_owners(etcd, balanced, "y to rejoin and get its share again")
+        await sc.send_round()
+        seen = await sc.receipts()
+        await wait_for(sc.acked_all, what="every complete input chunk to be acked")
+        for p in (x, y):
+            assert await p.terminate() == 0
+        await sc.check_end(seen)
+
+
+async def test_an_etcd_outage_pauses_processing_and_it_resumes(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    """etcd goes away: the instances stop their partitions once their leases cannot be proven
+    (no double processing), input keeps coming, etcd comes back: they resume (or rebalance)
+    and the state is exact."""
+    async with scenario(tmp_path, etcd, seed=13) as sc:
+        x, y = sc.instance("x", "state-x"), sc.instance("y", "state-y")
+        for p in (x, y):
+            await p.start()
+        for p in (x, y):
+            await p.wait_ready()
+        await wait_owners(etcd, balanced, "x and y to share the partitions")
+        await sc.send_round()
+        await sc.receipts()
+        await etcd.stop()
+
+        async def stopped(p: Processor) -> bool:
+            return "stops partitions" in await asyncio.to_thread(p.log.read_text)
+
+        for p in (x, y):
+            await wait_for(functools.partial(stopped, p), what="the instances to stop")
+        await sc.send_round()  # the nodes take input without etcd
+        await etcd.start()
+        await wait_owners(etcd, balanced, "x and y to own the partitions again")
+        seen = await sc.receipts()
+        for p in (x, y):
+            assert await p.terminate() == 0
+        await sc.check_end(seen)
