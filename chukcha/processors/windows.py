@@ -125,15 +125,34 @@ class Window:
         return int(ctx.get(f"{self._p}late", 0))
 
     def _track(self, ctx: Context, start: int, key: str) -> None:
+        """Record that window ``start`` holds ``key``: as its ``n``-th key, one table entry
+        each (a list of the keys, read and rewritten for every new key, made a window of K
+        keys cost O(K^2))."""
         p = self._p
         starts: list[int] = ctx.get(f"{p}open", [])
         if start not in starts:
             starts.append(start)
             starts.sort()
             ctx.set(f"{p}open", starts)
+        count_key = f"{p}n/{start:016d}"
+        n = ctx.get(count_key, 0)
+        ctx.set(f"{p}k/{start:016d}/{n}", key)
+        ctx.set(count_key, n + 1)
+
+    def _pop_keys(self, ctx: Context, start: int) -> list[str]:
+        """The keys of window ``start`` (in the order they came), their entries deleted."""
+        p = self._p
+        count_key = f"{p}n/{start:016d}"
+        # a window opened by an earlier release keeps its keys as one list
         keys: list[str] = ctx.get(f"{p}k/{start:016d}", [])
-        keys.append(key)
-        ctx.set(f"{p}k/{start:016d}", keys)
+        if keys:
+            ctx.delete(f"{p}k/{start:016d}")
+        for i in range(ctx.get(count_key, 0)):
+            entry = f"{p}k/{start:016d}/{i}"
+            keys.append(ctx.get(entry))
+            ctx.delete(entry)
+        ctx.delete(count_key)
+        return keys
 
     def _watermark(self, ctx: Context) -> int | None:
         marks = []
@@ -156,7 +175,7 @@ class Window:
         saved_id = ctx.event_id
         try:
             for start in closing:
-                for key in ctx.get(f"{p}k/{start:016d}", []):
+                for key in self._pop_keys(ctx, start):
                     vkey = f"{p}v/{start:016d}/{key}"
                     result = WindowResult(f"window:{self.name}:{start}:{key}", key,
                                           start / 1000, (start + self._size) / 1000,
@@ -169,7 +188,6 @@ class Window:
                     if self._on_close is not None:
                         self._on_close(ctx, result)
                     ctx.delete(vkey)
-                ctx.delete(f"{p}k/{start:016d}")
         finally:
             ctx.event_id = saved_id
         ctx.set(f"{p}open", [s for s in starts if s not in closing])

@@ -51,6 +51,8 @@ def test_tumbling_windows_close_after_grace() -> None:
     # Closed windows leave nothing behind but the bookkeeping of the open one.
     assert {k for k in t.table if k.startswith("~w/per_minute/v/")} == {
         "~w/per_minute/v/0000000000180000//"}
+    assert {k for k in t.table if k.startswith(("~w/per_minute/k/", "~w/per_minute/n/"))} == {
+        "~w/per_minute/k/0000000000180000/0", "~w/per_minute/n/0000000000180000"}
 
 
 def test_hopping_windows_count_an_event_in_each_window() -> None:
