@@ -110,20 +110,9 @@ async def _rm(args: argparse.Namespace) -> int:
     if not args.category:
         raise ValueError("groups rm needs --category C (groups are per category)")
     category = validate_category(args.category)
-    params = {"category": category, "group": args.name}
     async with connect(args) as client:
-        errors: list[str] = []
-        for url in client.nodes:  # the first node that answers forwards it to the others
-            try:
-                answer = await client.api.get_json(url, "/groups/unregister", params)
-            except ClientError as exc:
-                if not exc.retriable:
-                    raise
-                errors.append(f"{url}: {exc}")
-                continue
-            if isinstance(answer, dict) and answer.get("removed"):
-                print(f"removed group {args.name} of {category}")
-                return 0
-            print(f"chukcha: error: no group {args.name!r} of {category!r}", file=sys.stderr)
-            return 1
-        raise ValueError(f"no node answered: {'; '.join(errors)}")
+        if await client.unregister_group(category, args.name):
+            print(f"removed group {args.name} of {category}")
+            return 0
+    print(f"chukcha: error: no group {args.name!r} of {category!r}", file=sys.stderr)
+    return 1

@@ -390,6 +390,14 @@ class Client:
         validate_category(category)
         await asyncio.gather(*(self.api.register_group(u, category, group) for u in self._nodes))
 
+    async def unregister_group(self, category: str, group: str) -> bool:
+        """Remove consumer group ``group`` of ``category`` with its acks, cluster-wide (the
+        node that answers forwards it), so it no longer holds back the deletion of chunks.
+        Returns whether it was registered."""
+        validate_category(category)
+        return await self._any(f"removing group {group!r} of {category!r}",
+                               lambda url: self.api.unregister_group(url, category, group))
+
     async def list_groups(self, category: str) -> dict[str, Any]:
         validate_category(category)
         return await self._any(f"listing groups of {category!r}",

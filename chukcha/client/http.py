@@ -165,9 +165,13 @@ class NodeApi:
         await self._request(url, "/groups/register", {"category": category, "group": group},
                             timeout=timeout)
 
-    async def unregister_group(self, url: str, category: str, group: str) -> None:
-        """``/groups/unregister`` (extension)."""
-        await self._request(url, "/groups/unregister", {"category": category, "group": group})
+    async def unregister_group(self, url: str, category: str, group: str) -> bool:
+        """``/groups/unregister`` (extension): whether the group was registered (the node
+        forwards the removal to the cluster)."""
+        data = await self._request(url, "/groups/unregister",
+                                   {"category": category, "group": group})
+        answer = _json(data, url)
+        return isinstance(answer, dict) and bool(answer.get("removed"))
 
     async def list_groups(self, url: str, category: str) -> dict[str, Any]:
         """``/groups/list`` (extension): ``{"category", "groups": [{"name", "acked"}]}``."""

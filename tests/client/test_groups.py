@@ -123,8 +123,9 @@ async def test_unregistering_a_group_releases_what_the_others_acked(client: Clie
     for name in names[:2]:
         await api.ack(url, "g", name, 81, group="fast")
     assert await live(client) == names
-    await api.unregister_group(url, "g", "stuck")
+    assert await client.unregister_group("g", "stuck") is True
     assert await live(client) == names[2:]
+    assert await client.unregister_group("g", "stuck") is False  # gone already
 
 
 async def test_groups_and_their_acks_survive_a_restart(tmp_path: Path) -> None:
