@@ -8,6 +8,8 @@ Then, per layout:
    MB/s = history size / (time from ``b`` serving until its listing equals ``a``'s).
 2. **consumer walk**: a :class:`chukcha.client.Consumer` (no group) reads the whole history
    from ``a``, chunk after chunk; MB/s = history size / time until every byte was returned.
+   Twice, alternating which goes first: with the default read-ahead and with
+   ``read_ahead=0`` (one round trip per chunk, the consumer before read-ahead).
 
 A fresh pair of node subprocesses per run; the load generator and both nodes share the cores.
 
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import aiohttp
 
-from chukcha.client import Client
+from chukcha.client import Client, ConsumerConfig
 from chukcha.testing import ClusterProcess
 
 __all__ = ["main"]
@@ -85,19 +87,20 @@ async def _replica(http: aiohttp.ClientSession, cluster: ClusterProcess,
     return elapsed, cpu1 - cpu0
 
 
-async def _consume(url: str, size: int) -> float:
+async def _consume(url: str, size: int, config: ConsumerConfig) -> float:
     started = time.perf_counter()
     got = 0
-    async with Client(url) as client, client.consumer(CATEGORY) as consumer:
+    async with Client(url) as client, client.consumer(CATEGORY, config=config) as consumer:
         while got < size:
             for batch in await consumer.read(timeout=30):
                 got += len(batch.data)
     return time.perf_counter() - started
 
 
-async def one_run(base: Path, mb: int, chunk: int) -> tuple[int, float, float, float]:
+async def one_run(base: Path, mb: int, chunk: int,
+                  flip: bool) -> tuple[int, float, float, float, float]:
     """Returns (chunks, replica MB/s, replica MB per CPU-second of both nodes, consumer
-    MB/s)."""
+    MB/s, consumer MB/s without read-ahead)."""
     cluster = ClusterProcess(base, ("a", "b"), args=(
         "--log-level", "WARNING", "--max-chunk-size", str(chunk)))
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
@@ -109,9 +112,11 @@ async def one_run(base: Path, mb: int, chunk: int) -> tuple[int, float, float, f
             want = await _listing(http, a.url)
             size = sum(want.values())
             replica_s, cpu_s = await _replica(http, cluster, want)
-            consumer_s = await _consume(a.url, size)
+            configs = [ConsumerConfig(), ConsumerConfig(read_ahead=0)]
+            walks = [await _consume(a.url, size, cfg) for cfg in configs[::-1 if flip else 1]]
+            ahead_s, plain_s = walks[::-1 if flip else 1]
             return (len(want), size / replica_s / 1e6, size / max(cpu_s, 0.01) / 1e6,
-                    size / consumer_s / 1e6)
+                    size / ahead_s / 1e6, size / plain_s / 1e6)
         finally:
             await cluster.stop()
 
@@ -119,22 +124,25 @@ async def one_run(base: Path, mb: int, chunk: int) -> tuple[int, float, float, f
 async def amain(args: argparse.Namespace) -> None:
     layouts = [(f"{args.small} KiB chunks", args.small << 10),
                (f"{args.large} MiB chunks", args.large << 20)]
-    results: dict[str, list[tuple[int, float, float, float]]] = {n: [] for n, _ in layouts}
+    results: dict[str, list[tuple[int, float, float, float, float]]] = {
+        n: [] for n, _ in layouts}
     with tempfile.TemporaryDirectory(prefix="bench-catchup-") as tmp:
         for run in range(args.runs):
             for name, chunk in layouts:  # side by side, alternating
-                r = await one_run(Path(tmp) / f"run{run}-{chunk}", args.mb, chunk)
+                r = await one_run(Path(tmp) / f"run{run}-{chunk}", args.mb, chunk, run % 2 == 1)
                 results[name].append(r)
                 print(f"run {run + 1} {name}: {r[0]} chunks, replica {r[1]:.1f} MB/s "
-                      f"({r[2]:.0f} MB per CPU-s), consumer {r[3]:.1f} MB/s", file=sys.stderr)
+                      f"({r[2]:.0f} MB per CPU-s), consumer {r[3]:.1f} MB/s "
+                      f"(no read-ahead {r[4]:.1f})", file=sys.stderr)
     med = statistics.median
     print(f"\n{args.mb} MiB history, {args.runs} runs, medians; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'layout':18} {'chunks':>7} {'replica MB/s':>13} {'MB/CPU-s':>9} "
-          f"{'consumer MB/s':>14}")
+          f"{'consumer MB/s':>14} {'no read-ahead':>14}")
     for name, rs in results.items():
         print(f"{name:18} {rs[0][0]:>7} {med(r[1] for r in rs):>13.1f} "
-              f"{med(r[2] for r in rs):>9.0f} {med(r[3] for r in rs):>14.1f}")
+              f"{med(r[2] for r in rs):>9.0f} {med(r[3] for r in rs):>14.1f} "
+              f"{med(r[4] for r in rs):>14.1f}")
     print("(MB/CPU-s: history size per CPU-second used by both nodes during the catch-up; "
           "steadier than wall-clock MB/s on a busy machine)")
 

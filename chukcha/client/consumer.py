@@ -7,6 +7,11 @@ request (``wait=``, our long-poll extension) so an idle consumer neither spins n
 Go server ignores ``wait`` and answers at once, which the consumer notices and then polls every
 ``poll_interval`` instead.
 
+Complete chunks never change, so the reads of an owner's next complete chunks (from their start)
+go out while the current one is processed (``read_ahead``): walking many small chunks then costs
+no round trip per chunk. A read-ahead answer is only handed out when the stream reaches that
+chunk, in order; it changes no position and acks nothing.
+
 Acks follow commits, never the other way round: :meth:`Consumer.commit` is told how far the
 caller has *durably* processed each stream and only then acks (for its group) the complete
 chunks that lie wholly before those positions.
@@ -15,6 +20,7 @@ chunks that lie wholly before those positions.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
@@ -106,6 +112,9 @@ class ConsumerConfig:
         retry_interval: the pause after a failed request (default 1 s).
         copy_ack_timeout: how long registering the group on, or copying a group ack to, a node
             other than the one read from may take (default 2 s).
+        read_ahead: how many of an owner's next complete chunks are read (from their start,
+            ``max_batch_bytes`` each) while the current one is processed (default 4; 0 turns
+            read-ahead off). Memory held: up to ``read_ahead * max_batch_bytes`` per owner.
     """
 
     max_batch_bytes: int = 1 << 20
@@ -114,8 +123,11 @@ class ConsumerConfig:
     poll_interval: float = 0.25
     retry_interval: float = 1.0
     copy_ack_timeout: float = 2.0
+    read_ahead: int = 4
 
     def __post_init__(self) -> None:
+        if not 0 <= self.read_ahead <= 64:
+            raise ValueError("read_ahead must be between 0 and 64")
         if not 0 < self.max_batch_bytes <= MAX_READ_SIZE:
             raise ValueError(f"max_batch_bytes must be between 1 and {MAX_READ_SIZE}")
         if self.long_poll < 0 or self.long_poll > 60:
@@ -152,6 +164,8 @@ class _Stream:
     # Complete chunks read to their end, or lying before a restored position: name -> size.
     finished: dict[str, int] = field(default_factory=dict)
     task: asyncio.Task[_ReadResult] | None = None
+    # Reads of the owner's next complete chunks from offset 0, in chunk order: name -> read.
+    ahead: dict[str, asyncio.Task[_ReadResult]] = field(default_factory=dict)
     not_before: float = 0.0
     at_end: bool = False
     big_read: bool = False
@@ -283,6 +297,8 @@ class Consumer:
         tasks = [s.task for s in self._streams.values() if s.task is not None]
         for s in self._streams.values():
             s.task = None
+            tasks += s.ahead.values()
+            s.ahead.clear()
         for t in tasks:
             t.cancel()
         if tasks:
@@ -307,7 +323,8 @@ class Consumer:
     def __del__(self) -> None:
         # getattr: __init__ may have failed before setting these.
         streams: dict[str, _Stream] = getattr(self, "_streams", {})
-        if not getattr(self, "_closed", True) and any(s.task for s in streams.values()):
+        if not getattr(self, "_closed", True) and any(s.task or s.ahead
+                                                      for s in streams.values()):
             warnings.warn(f"Consumer of {self._category!r} was not stopped", ResourceWarning,
                           stacklevel=1)
 
@@ -460,6 +477,8 @@ class Consumer:
         """A request failed (node down?): log, and read from the next node if there is one."""
         self._failures += 1
         if len(self._urls) > 1:
+            for s in self._streams.values():  # asked of the node we leave: ask again
+                _cancel_ahead(s, "")
             self._url_index = (self._url_index + 1) % len(self._urls)
             logger.warning("category=%s %s; switching to %s", self._category, exc, self.url)
         else:
@@ -530,9 +549,32 @@ class Consumer:
             # first, so that an empty answer soon tells the stream is caught up.
             wait = cfg.long_poll if s.at_end and not (info and info.complete) else 0.0
             size = MAX_MESSAGE_SIZE + 1 if s.big_read else cfg.max_batch_bytes
-            s.task = asyncio.create_task(
+            ahead = s.ahead.pop(s.chunk, None)
+            _cancel_ahead(s, s.chunk)  # reads of chunks the stream went past (gone, acked)
+            if ahead is not None and (
+                    s.offset or s.big_read or (ahead.done() and ahead.result().error)):
+                ahead.cancel()  # not what is needed now (or it failed): read again
+                ahead = None
+            s.task = ahead or asyncio.create_task(
                 self._fetch(self.url, s.chunk, s.offset, max(size, cfg.max_batch_bytes), wait),
                 name=f"consumer-{self._category}-{s.owner}",
+            )
+            self._read_ahead(s)
+
+    def _read_ahead(self, s: _Stream) -> None:
+        """Start the reads of the owner's next complete chunks (up to ``read_ahead``)."""
+        cfg = self._config
+        if len(s.ahead) >= cfg.read_ahead:
+            return
+        lst = self._by_owner.get(s.owner, [])
+        for c in lst[bisect.bisect_right(lst, s.chunk, key=_name):]:
+            if len(s.ahead) >= cfg.read_ahead or not c.complete:
+                break
+            if c.name in s.ahead:
+                continue
+            s.ahead[c.name] = asyncio.create_task(
+                self._fetch(self.url, c.name, 0, cfg.max_batch_bytes, 0.0),
+                name=f"consumer-{self._category}-{s.owner}-ahead",
             )
 
     async def _fetch(
@@ -637,3 +679,13 @@ class Consumer:
                 logger.debug("category=%s group=%s acked %s", self._category, self._group, name)
         # Bound the memory of acked names: the listing drops a chunk once it is tombstoned.
         self._acked.intersection_update(self._chunks)
+
+
+def _name(c: ChunkInfo) -> str:
+    return c.name
+
+
+def _cancel_ahead(s: _Stream, upto: str) -> None:
+    """Cancel the read-ahead of chunks up to ``upto`` (all of them for ``""``)."""
+    for name in [n for n in s.ahead if not upto or n <= upto]:
+        s.ahead.pop(name).cancel()

@@ -70,6 +70,10 @@ async def read_all(consumer: Consumer, count: int, timeout: float = 20) -> list[
     return got
 
 
+async def live(c: Client, category: str) -> list[str]:
+    return [x.name for x in await c.list_chunks(category)]
+
+
 def ids_of(lines: list[bytes]) -> list[str]:
     return [orjson.loads(m)["id"] for m in lines]
 
@@ -367,3 +371,54 @@ async def test_one_event_is_sent_as_one_event_not_iterated(client: Client) -> No
             return sync.send("one", {"id": "d2"})
 
     assert await asyncio.to_thread(sync_send) == ["d2"]
+
+
+@pytest.mark.parametrize("read_ahead", [0, 4])
+async def test_read_ahead_delivers_in_order_and_acks_only_committed_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_ahead: int
+) -> None:
+    async with (
+        run_node(tmp_path / "d", instance="a", max_chunk_size=100) as node,
+        Client([node.url]) as c,
+    ):
+        ids: list[str] = []
+        for i in range(24):  # one body per chunk: 23 complete chunks and the open one
+            ids += await c.send("ra", [{"i": i, "pad": "x" * 60}])
+        names = [x.name for x in await c.list_chunks("ra")]
+        assert len(names) == 24
+        # Spy on the real requests (the node answers them): which chunks were asked for when.
+        asked: list[tuple[str, int]] = []
+        real_read = c.api.read
+
+        async def read(url: str, category: str, chunk: str, offset: int, size: int,
+                       **kw: Any) -> bytes:
+            asked.append((chunk, offset))
+            return await real_read(url, category, chunk, offset, size, **kw)
+
+        monkeypatch.setattr(c.api, "read", read)
+        config = ConsumerConfig(read_ahead=read_ahead)
+        got: list[bytes] = []
+        asked_before: list[set[str]] = []  # per batch: the chunks asked for before it came
+        committed = ""
+        async with c.consumer("ra", group="g", config=config) as consumer:
+            async with asyncio.timeout(20):
+                while len(got) < len(ids):
+                    for batch in await consumer.read():
+                        asked_before.append({ch for ch, _ in asked})
+                        got += batch.messages()
+                        # Nothing acked (the only group: acked = deleted) but what was
+                        # committed before this batch.
+                        assert await live(c, "ra") == [
+                            n for n in names if n > committed or n == names[-1]]
+                        if len(got) % 3 == 0:
+                            await consumer.commit({batch.owner: batch.position})
+                            committed = batch.chunk
+                            assert await live(c, "ra") == [
+                                n for n in names if n > committed or n == names[-1]]
+        assert ids_of(got) == ids  # every message once, in order
+        # How many of the next chunks had been asked for when each batch was handed over.
+        ahead = [sum(n in asked_before[i] for n in names[i + 1:]) for i in range(len(names))]
+        if read_ahead:  # the next complete chunks were asked for early (the open one never)
+            assert min(ahead[:len(names) - 4]) >= 2
+        else:
+            assert max(ahead) == 0
