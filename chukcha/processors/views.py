@@ -36,7 +36,7 @@ from chukcha.client import Client, Consumer
 from chukcha.errors import ChukchaError
 from chukcha.partitioning import parse_partition_category
 from chukcha.processors.context import TABLE_PREFIX
-from chukcha.state.changelog import Assembler, replay_order
+from chukcha.state.changelog import Assembler, Record, replay_order
 
 __all__ = ["View"]
 
@@ -65,6 +65,7 @@ class View:
         self.seqs: dict[int, int] = {}
         """The last applied changelog ``seq`` per partition."""
         self._assemblers: dict[int, Assembler] = {}
+        self._keys: dict[int, set[str]] = {}  # the table's keys per partition
         self._consumers: dict[int, Consumer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
@@ -197,15 +198,31 @@ class View:
 
     def _apply(self, partition: int, assembler: Assembler) -> None:
         table = self._table
+        keys = self._keys.setdefault(partition, set())
         n = len(TABLE_PREFIX)
         seq = self.seqs[partition]
-        for record in replay_order(assembler.records(), after=seq):
-            for key in record.deletes:
-                if key.startswith(TABLE_PREFIX):
-                    table.pop(key[n:].decode(), None)
-            for key, value in record.puts.items():
-                if key.startswith(TABLE_PREFIX):
-                    table[key[n:].decode()] = value
+        records = assembler.records()
+        if seq and _skipped_to_snapshot(records, seq):
+            # The records after ``seq`` were deleted with the changelog chunks before a newer
+            # snapshot (the app acks them once it is confirmed) while this view was behind:
+            # rebuild the partition from the snapshot, or it would stay at ``seq`` for good.
+            logger.warning("view=%s partition %d fell behind a snapshot; rebuilding it from "
+                           "the snapshot", self.app, partition)
+            for key in keys:
+                del table[key]
+            keys.clear()
+            seq = 0
+        for record in replay_order(records, after=seq):
+            for raw in record.deletes:
+                if raw.startswith(TABLE_PREFIX):
+                    key = raw[n:].decode()
+                    if table.pop(key, None) is not None:
+                        keys.discard(key)
+            for raw, value in record.puts.items():
+                if raw.startswith(TABLE_PREFIX):
+                    key = raw[n:].decode()
+                    table[key] = value
+                    keys.add(key)
             seq = record.seq
         self.seqs[partition] = seq
         assembler.forget(seq)
@@ -216,4 +233,10 @@ class View:
 
     def __repr__(self) -> str:
         return f"View({self.app!r}, keys={len(self._table)}, seqs={self.seqs})"
+
+
+def _skipped_to_snapshot(records: list[Record], seq: int) -> bool:
+    """Whether ``records`` hold a snapshot newer than ``seq`` but not the record after it."""
+    return (any(r.base and r.seq > seq for r in records)
+            and not any(r.seq == seq + 1 and not r.base for r in records))
 

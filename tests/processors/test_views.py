@@ -13,6 +13,7 @@ from chukcha import App, Client, Context, Node
 from chukcha.processors import ProcessorConfig
 from chukcha.processors.tester import Tester
 from chukcha.processors.views import View
+from chukcha.state.changelog import Assembler, Record, encode_record
 from chukcha.testing import run_node
 from tests.processors.test_runner import collect
 
@@ -102,6 +103,29 @@ async def test_a_view_started_late_builds_from_the_latest_snapshot(tmp_path: Pat
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)
+
+
+def test_a_view_that_fell_behind_a_snapshot_starts_over_from_it() -> None:
+    # The view applied seq 1 of partition 0; the records after it were deleted with the
+    # changelog chunks before a snapshot at seq 5 (the app acks them once it is confirmed), so
+    # what it reads next is the snapshot and seq 6: it must rebuild partition 0 from them.
+    view = View("billing")
+    view.seqs = {0: 0, 1: 0}
+    p0, p1 = Assembler(), Assembler()
+    for record in (Record(0, 0, 1, {b"t/a": b"1", b"t/b": b"1"}),):
+        for line in encode_record(record):
+            p0.add(line)
+    for line in encode_record(Record(1, 0, 1, {b"t/z": b"9"})):
+        p1.add(line)
+    view._apply(0, p0)
+    view._apply(1, p1)
+    assert (dict(view.items()), view.seqs) == ({"a": 1, "b": 1, "z": 9}, {0: 1, 1: 1})
+    for record in (Record(0, 0, 5, {b"t/a": b"5", b"t/c": b"5", b"d/x": b""}, base=True),
+                   Record(0, 0, 6, {b"t/d": b"6"}, [b"t/c"])):
+        for line in encode_record(record):
+            p0.add(line)
+    view._apply(0, p0)
+    assert (dict(view.items()), view.seqs) == ({"a": 5, "d": 6, "z": 9}, {0: 6, 1: 1})
 
 
 def test_lookups_in_the_tester() -> None:
