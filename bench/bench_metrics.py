@@ -2,14 +2,17 @@
 
 Starts two ``chukcha node`` subprocesses, identical except for ``--no-metrics``, and writes
 single messages to them in alternating rounds (on, off, on, off, ...), so machine load hits
-both alike. Prints per-round throughput and the medians, and the ratio on/off (the target is at
-least 0.95), and the node's CPU time per write (from ``/proc``), which machine load disturbs
-far less than throughput does on a shared machine. The bulk-write phase does the same with
+both alike; halfway through both are restarted with their start order swapped (on a busy
+machine the process started first was slower even when both ran without metrics). Prints
+per-round throughput and the medians, and the ratio on/off (the target is at least 0.95), and
+the node's CPU time per write (from ``/proc``), which machine load disturbs less than
+throughput does on a shared machine. The bulk-write phase does the same with
 1 MiB bodies of 100-byte messages (counting their messages is the one per-byte cost metrics
 add).
 
-    .venv/bin/python bench/bench_metrics.py                 # 7 rounds of 4000 writes, 8 conns
-    .venv/bin/python bench/bench_metrics.py --rounds 11 -n 10000 -c 16
+    .venv/bin/python bench/bench_metrics.py                 # 8 rounds of 4000 writes, 8 conns
+    .venv/bin/python bench/bench_metrics.py --rounds 24 -n 2000 --bulk-n 10
+    .venv/bin/python bench/bench_metrics.py --on-arg=--no-metrics   # A/A: the noise here
 """
 
 from __future__ import annotations
@@ -89,35 +92,38 @@ def cpu_seconds(node: NodeProcess) -> float:
 
 
 async def run(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryDirectory(prefix="chukcha-bench-metrics-") as tmp:
-        nodes = {
-            "on": NodeProcess(Path(tmp) / "on", "on", ["--log-level", "WARNING", *args.on_arg]),
-            "off": NodeProcess(Path(tmp) / "off", "off", ["--log-level", "WARNING",
-                                                          "--no-metrics"]),
-        }
-        try:
-            for node in nodes.values():
-                await node.start()
-            single: dict[str, list[float]] = {"on": [], "off": []}
-            bulk: dict[str, list[float]] = {"on": [], "off": []}
-            cpu = {"on": 0.0, "off": 0.0}
-            for r in range(args.rounds):
-                order = ("on", "off") if r % 2 == 0 else ("off", "on")  # neither always first
-                for name in order:
-                    before = cpu_seconds(nodes[name])
-                    single[name].append(await single_writes(
-                        nodes[name].address, f"s{r}", args.n, args.s, args.c))
-                    cpu[name] += cpu_seconds(nodes[name]) - before
-                for name in order:
-                    bulk[name].append(await bulk_writes(
-                        nodes[name].address, f"b{r}", args.bulk_n, args.c))
-                print(f"round {r + 1}: single on {single['on'][-1]:8.0f} off "
-                      f"{single['off'][-1]:8.0f} msg/s | bulk on {bulk['on'][-1]:6.0f} off "
-                      f"{bulk['off'][-1]:6.0f} MB/s", flush=True)
-        finally:
-            for node in nodes.values():
-                await node.stop()
-                node.close()
+    single: dict[str, list[float]] = {"on": [], "off": []}
+    bulk: dict[str, list[float]] = {"on": [], "off": []}
+    cpu = {"on": 0.0, "off": 0.0}
+    flags = {"on": list(args.on_arg), "off": ["--no-metrics"]}
+    # Two halves with the processes' roles swapped: on a busy machine the process started
+    # first was measurably slower even when both ran the same configuration (an A/A run).
+    for half, slots in enumerate((("on", "off"), ("off", "on"))):
+        with tempfile.TemporaryDirectory(prefix="chukcha-bench-metrics-") as tmp:
+            nodes = {name: NodeProcess(Path(tmp) / name, name,
+                                       ["--log-level", "WARNING", *flags[name]])
+                     for name in slots}
+            try:
+                for name in slots:
+                    await nodes[name].start()
+                for r in range(half * args.rounds // 2, (half + 1) * args.rounds // 2):
+                    order = ("on", "off") if r % 2 == 0 else ("off", "on")  # neither first
+                    for name in order:
+                        before = cpu_seconds(nodes[name])
+                        single[name].append(await single_writes(
+                            nodes[name].address, f"s{r}", args.n, args.s, args.c))
+                        cpu[name] += cpu_seconds(nodes[name]) - before
+                    for name in order:
+                        bulk[name].append(await bulk_writes(
+                            nodes[name].address, f"b{r}", args.bulk_n, args.c))
+                    print(f"round {r + 1}: single on {single['on'][-1]:8.0f} off "
+                          f"{single['off'][-1]:8.0f} msg/s | bulk on {bulk['on'][-1]:6.0f} "
+                          f"off {bulk['off'][-1]:6.0f} MB/s", flush=True)
+            finally:
+                for node in nodes.values():
+                    await node.stop()
+                    node.close()
+    args.rounds = len(single["on"])
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\nmetrics cost, {args.rounds} alternating rounds, {args.c} connections, "
           f"load average {load}")
@@ -138,11 +144,13 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("-n", type=int, default=4000, help="single-message writes per round")
     parser.add_argument("-s", type=int, default=100, help="message size in bytes")
     parser.add_argument("-c", type=int, default=8, help="connections")
-    parser.add_argument("--on-arg", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--on-arg", action="append", default=[],
+                        help="an extra flag for the 'on' node (--on-arg=--no-metrics: an A/A "
+                             "run that shows this machine's noise)")
     parser.add_argument("--bulk-n", type=int, default=100, help="1 MiB writes per round")
     args = parser.parse_args(argv)
     return uvloop.run(run(args))
