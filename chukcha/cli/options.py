@@ -27,6 +27,7 @@ __all__ = [
     "quiet_broken_pipe",
     "seconds",
     "size",
+    "tls_ca_path",
     "tls_from",
     "token_from",
     "whole_seconds",
@@ -188,6 +189,11 @@ def token_from(args: argparse.Namespace) -> str | None:
     return os.environ.get("CHUKCHA_TOKEN", "").strip() or None
 
 
+def tls_ca_path(args: argparse.Namespace) -> str | None:
+    """The CA file for https:// nodes: ``--tls-ca``, else ``$CHUKCHA_TLS_CA``, else ``None``."""
+    return getattr(args, "tls_ca", None) or os.environ.get("CHUKCHA_TLS_CA", "").strip() or None
+
+
 def tls_from(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The TLS trust for https:// nodes: ``--tls-ca``, else ``$CHUKCHA_TLS_CA``, else ``None``
     (the system's store).
@@ -195,8 +201,8 @@ def tls_from(args: argparse.Namespace) -> ssl.SSLContext | None:
     Raises:
         ValueError: the file cannot be read as certificates.
     """
-    path = getattr(args, "tls_ca", None) or os.environ.get("CHUKCHA_TLS_CA", "").strip()
-    if not path:
+    path = tls_ca_path(args)
+    if path is None:
         return None
     try:
         return ssl.create_default_context(cafile=path)

@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from chukcha.cli.node import setup_logging
-from chukcha.cli.options import add_credential_options, nodes_from, token_from, whole_seconds
+from chukcha.cli.options import (
+    add_credential_options,
+    nodes_from,
+    tls_ca_path,
+    token_from,
+    whole_seconds,
+)
 from chukcha.errors import ChukchaError
 from chukcha.processors.base import App
 from chukcha.processors.group import GroupConfig
@@ -129,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.state_dir is not None:
             app.state_dir = args.state_dir
         token = token_from(args)
-        tls_ca = args.tls_ca or os.environ.get("CHUKCHA_TLS_CA", "").strip() or None
+        tls_ca = tls_ca_path(args)
         if token is not None or tls_ca is not None:
             app.config = replace(app.config, token=token or app.config.token,
                                  tls_ca=Path(tls_ca) if tls_ca else app.config.tls_ca)

@@ -16,7 +16,7 @@ import pytest
 from chukcha.bus.node import Node
 from chukcha.cli import build_parser
 from chukcha.cli.node import config_from_args
-from chukcha.cli.options import parse_duration, parse_size
+from chukcha.cli.options import parse_duration, parse_size, tls_ca_path
 from chukcha.client import Client
 from chukcha.testing import run_node
 from tests.integration.test_client_cli import chukcha
@@ -231,3 +231,13 @@ async def test_retention_takes_days_and_sizes(node: Node) -> None:
     assert "max age 168h0m0s, max bytes 10737418240" in out, out
     policy = node.groups.registry.retention("r")
     assert (policy.max_age, policy.max_bytes) == (7 * 86400, 10 << 30)
+
+
+def test_tls_ca_from_the_flag_else_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = build_parser()
+    monkeypatch.setenv("CHUKCHA_TLS_CA", " /env/ca.pem ")
+    for argv in (["ls"], ["run", "m:app"]):
+        assert tls_ca_path(parser.parse_args(argv)) == "/env/ca.pem"
+        assert tls_ca_path(parser.parse_args([*argv, "--tls-ca", "/flag.pem"])) == "/flag.pem"
+    monkeypatch.delenv("CHUKCHA_TLS_CA")
+    assert tls_ca_path(parser.parse_args(["ls"])) is None
