@@ -9,7 +9,7 @@ from typing import Any
 from chukcha import App, Context
 from chukcha.processors import ProcessorConfig
 
-__all__ = ["app"]
+__all__ = ["app", "app12"]
 
 app = App("billing", partitions=4, config=ProcessorConfig(
     max_batch_bytes=2048, read_timeout=0.2, changelog=True, snapshot_every=4))
@@ -17,6 +17,18 @@ app = App("billing", partitions=4, config=ProcessorConfig(
 
 @app.processor("orders", key=lambda order: order["customer"])
 def on_order(ctx: Context, order: dict[str, Any]) -> None:
+    spent = ctx.get(ctx.key, 0) + order["amount"]
+    ctx.set(ctx.key, spent)
+    ctx.emit("receipts", {"order": ctx.event_id, "customer": ctx.key, "spent": spent})
+
+
+app12 = App("billing12", partitions=12, config=ProcessorConfig(
+    max_batch_bytes=2048, read_timeout=0.2, changelog=True, snapshot_every=4))
+"""The same with 12 partitions (the torture test of instances through etcd)."""
+
+
+@app12.processor("orders", key=lambda order: order["customer"])
+def on_order12(ctx: Context, order: dict[str, Any]) -> None:
     spent = ctx.get(ctx.key, 0) + order["amount"]
     ctx.set(ctx.key, spent)
     ctx.emit("receipts", {"order": ctx.event_id, "customer": ctx.key, "spent": spent})
