@@ -67,6 +67,7 @@ async def test_every_change_needs_a_token_and_reads_do_not(secured: Node) -> Non
                              "size": str(first.size), "from": "b"}, None),
             ("/groups/unregister", {"category": "c", "group": "g"}, None),
             ("/retention", {"category": "c", "max_age": "3600"}, None),
+            ("/partitions", {"category": "pc", "count": "2"}, None),
             ("/ack", {"category": "c", "chunk": first.name, "size": str(first.size)}, None),
             ("/replication/ack", {"category": "c", "chunk": "b-chunk000000000",
                                   "instance": "b", "size": "1"}, None),
@@ -84,6 +85,8 @@ async def test_every_change_needs_a_token_and_reads_do_not(secured: Node) -> Non
         assert secured.store.is_tombstoned("c", first.name)
         for path, params in [("/listChunks", {"category": "c"}), ("/listCategories", {}),
                              ("/retention", {"category": "c"}), ("/status", {}),
+                             ("/partitions", {"category": "pc"}), ("/groups/lag", {}),
+                             ("/ui", {}), ("/ui/data", {}),
                              ("/groups/list", {"category": "c"}), ("/metrics", {})]:
             assert await status_of(http, url, path, params) == 200, path
         async with http.post(f"{url}/write", params={"category": "c"}, data=b"q\n") as resp:
