@@ -100,3 +100,18 @@ async def test_a_bad_token_file_stops_the_node_with_one_line(tmp_path: Path) -> 
         assert message in err and "Traceback" not in err, err
     code, _, err = await chukcha("node", "--dirname", str(tmp_path / "d"), "--auth-reads")
     assert code == 2 and "--auth-reads needs --auth-token-file" in err, err
+
+
+async def test_the_cli_talks_to_a_tls_node(tmp_path: Path) -> None:
+    from tests.bus.test_auth import make_cert  # noqa: PLC0415
+
+    cert, key = await asyncio.to_thread(make_cert, tmp_path)
+    async with run_node(tmp_path / "d", tls_cert=cert, tls_key=key) as node:
+        code, out, err = await chukcha("send", "c", "--node", node.url, "--tls-ca", str(cert),
+                                       stdin=b"over tls\n")
+        assert code == 0, err
+        code, out, err = await chukcha("tail", "c", "--node", node.url,
+                                       env={"CHUKCHA_TLS_CA": str(cert)})
+        assert (code, out) == (0, "over tls\n"), err
+        code, _, err = await chukcha("ls", "--node", node.url)  # not trusted: a clear error
+        assert code == 1 and "certificate" in err.lower(), err
