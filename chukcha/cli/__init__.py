@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="chukcha",
         description="Chukcha: a persistent, distributed event bus and exactly-once processors.",
+        epilog="`chukcha COMMAND --help` explains a command. The commands that talk to nodes "
+               "take --node URL (repeatable), else $CHUKCHA_NODES (comma-separated), else "
+               "http://127.0.0.1:8080 (run: the app's own nodes); without --token-file and "
+               "--tls-ca they use $CHUKCHA_TOKEN (the token itself) and $CHUKCHA_TLS_CA.",
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"chukcha {version()}")
