@@ -168,6 +168,11 @@ class View:
                         self._start_partition(partition, category)
                 if not self._listed:
                     self._listed = True
+                    if not self._consumers:
+                        logger.warning(
+                            "view=%s: no changelog of app %r on the bus yet (%s.p0000...): the "
+                            "view is empty until that app commits with "
+                            "ProcessorConfig(changelog=True)", self.app, self.app, self._prefix)
                     await self._notify()
             await asyncio.sleep(_RELIST)  # a new partition's first record: look again
 

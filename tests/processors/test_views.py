@@ -4,6 +4,7 @@ scripts and for ``ctx.lookup`` in another app's callbacks."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,16 @@ def test_a_view_that_fell_behind_a_snapshot_starts_over_from_it() -> None:
             p0.add(line)
     view._apply(0, p0)
     assert (dict(view.items()), view.seqs) == ({"a": 5, "d": 6, "z": 9}, {0: 6, 1: 1})
+
+
+async def test_a_view_of_an_app_without_a_changelog_warns(
+    node: Node, caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="chukcha.processors.views"):
+        async with View("nochangelog", [node.url]) as view:
+            await view.wait_caught_up()
+            assert len(view) == 0
+    assert any("no changelog of app 'nochangelog'" in r.getMessage() for r in caplog.records)
 
 
 def test_lookups_in_the_tester() -> None:
