@@ -6,10 +6,13 @@ Starts a ``chukcha node`` subprocess, loads N events of 200 bytes of JSON into a
 this process, pinned to one CPU: read a batch (the next one is read meanwhile), take each
 event's key (a field), write the lines into ``<app>.events.pNNNN`` (confirmed by the node),
 ack. A run ends when all N events are written; the copy is counted. Prints one row per run
-and the median; ``--profile`` adds a cProfile summary of one more run.
+and the median; ``--profile`` adds a cProfile summary of one more run. ``--compare`` alternates
+each run with the routing of the first release of the hop (:class:`BeforeRepartitioner`: a full
+decode, a hash and a dict per event), so both are measured side by side under the same load.
 
     .venv/bin/python bench/bench_repartition.py                 # 200,000 events, 3 runs
     .venv/bin/python bench/bench_repartition.py -n 500000 --runs 5 --profile
+    .venv/bin/python bench/bench_repartition.py --runs 5 --compare
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import hashlib
 import io
 import os
 import pstats
@@ -27,7 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from chukcha import App, Client, Context
+from chukcha.codecs import splice_id
 from chukcha.loop import run_loop
 from chukcha.partitioning import partition_category
 from chukcha.processors import ProcessorConfig
@@ -37,6 +44,50 @@ from chukcha.testing import NodeProcess
 __all__ = ["main"]
 
 CATEGORY = "events"
+
+
+class BeforeRepartitioner(Repartitioner):
+    """The hop as first released (its step and JSON routing, kept here to compare against)."""
+
+    async def step(self, batches: list[Any]) -> None:
+        parts: dict[int, list[bytes]] = {}
+        for b in batches:
+            self._before_route(b, parts)
+        if parts:
+            await asyncio.gather(*(self._write(p, lines) for p, lines in parts.items()))
+            self.events += sum(len(lines) for lines in parts.values())
+        for b in batches:
+            self._written[b.owner] = b.position
+        await self.ack()
+
+    def _before_route(self, b: Any, parts: dict[int, list[bytes]]) -> None:
+        n, owned = self._partitions, self._owned
+        key_fn, loads = self._app.handlers[self._handler].key, orjson.loads
+        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+        pos = b.offset
+        for line in b.data[:-1].split(b"\n") if b.data else ():
+            off = pos
+            pos += len(line) + 1
+            try:
+                event = loads(line)
+            except orjson.JSONDecodeError:
+                event = None
+            eid = event.get("id") if type(event) is dict else None
+            if eid is None or eid == "":
+                eid = f"{self.source}:{b.chunk}:{off}"
+                if type(event) is dict and "id" not in event:
+                    line = splice_id(line, eid)  # noqa: PLW2901
+            key: Any = eid
+            if key_fn is not None and event is not None:
+                try:
+                    key = key_fn(event)
+                except Exception:  # noqa: BLE001
+                    key = eid
+            if type(key) is not str:
+                key = str(key) if type(key) is int else str(eid)
+            p = from_bytes(blake2b(key.encode(), digest_size=8).digest(), "big") % n
+            if owned is None or p in owned:
+                parts.setdefault(p, []).append(line)
 
 
 def make_events(n: int, keys: int) -> list[bytes]:
@@ -52,7 +103,8 @@ def by_customer(event: dict[str, Any]) -> str:
     return key
 
 
-async def one_run(url: str, group: str, n: int, partitions: int, batch: int) -> float:
+async def one_run(url: str, group: str, n: int, partitions: int, batch: int, *,
+                  before: bool = False) -> float:
     """Copy all ``n`` events; returns the seconds it took."""
     app = App(group, nodes=[url], partitions=partitions,
               config=ProcessorConfig(max_batch_bytes=batch))
@@ -65,8 +117,9 @@ async def one_run(url: str, group: str, n: int, partitions: int, batch: int) -> 
     async with Client([url]) as client:
         await client.create_partitions(target, partitions)
         consumer = client.consumer(CATEGORY, group=group, max_batch_bytes=batch)
-        hop = Repartitioner(app, client, consumer, source=CATEGORY, target=target,
-                            partitions=partitions)
+        kind = BeforeRepartitioner if before else Repartitioner
+        hop = kind(app, client, consumer, source=CATEGORY, target=target,
+                   partitions=partitions)
         started = time.perf_counter()
         read = asyncio.create_task(consumer.read(timeout=5.0))
         try:
@@ -98,7 +151,8 @@ async def bench(args: argparse.Namespace) -> None:
         try:
             cpus = sorted(os.sched_getaffinity(0))
             os.sched_setaffinity(0, {cpus[0]})  # the hop: one core (the node: any)
-            runs = args.runs + (1 if args.profile else 0)
+            kinds = ["before", "now"] if args.compare else ["now"]
+            runs = args.runs * len(kinds) + (1 if args.profile else 0)
             groups = [f"hop{i}" for i in range(runs)]
             events = make_events(args.events, args.keys)
             async with Client([node.url]) as client:
@@ -108,14 +162,22 @@ async def bench(args: argparse.Namespace) -> None:
                     await client.send(CATEGORY, events[i:i + 15_000])
             print(f"loaded {args.events:,} events of 200 B (one owner stream); hop pinned to "
                   f"CPU {cpus[0]} of {len(cpus)}; {args.partitions} partitions")
-            print(f"{'run':>5} {'events':>9} {'seconds':>8} {'events/s':>10}")
-            rates = []
+            print(f"{'run':>5} {'routing':>7} {'events':>9} {'seconds':>8} {'events/s':>10}")
+            rates: dict[str, list[float]] = {k: [] for k in kinds}
             for i in range(args.runs):
-                seconds = await one_run(node.url, groups[i], args.events, args.partitions,
-                                        args.batch)
-                rates.append(args.events / seconds)
-                print(f"{i + 1:>5} {args.events:>9,} {seconds:>8.2f} {rates[-1]:>10,.0f}")
-            print(f"{'median':>5} {'':>9} {'':>8} {statistics.median(rates):>10,.0f}")
+                for j, kind in enumerate(kinds):  # alternate: the same load for both
+                    seconds = await one_run(node.url, groups[i * len(kinds) + j], args.events,
+                                            args.partitions, args.batch,
+                                            before=kind == "before")
+                    rates[kind].append(args.events / seconds)
+                    print(f"{i + 1:>5} {kind:>7} {args.events:>9,} {seconds:>8.2f} "
+                          f"{rates[kind][-1]:>10,.0f}")
+            medians = {k: statistics.median(r) for k, r in rates.items()}
+            for kind in kinds:
+                print(f"{'median':>5} {kind:>7} {'':>9} {'':>8} {medians[kind]:>10,.0f}")
+            if args.compare:
+                print(f"ratio now/before of the medians: {medians['now'] / medians['before']:.2f}"
+                      f"; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
             if args.profile:
                 prof = cProfile.Profile()
                 prof.enable()
@@ -141,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--batch", type=int, default=1 << 20, help="max_batch_bytes per read")
     p.add_argument("--profile", action="store_true", help="add a cProfile summary")
+    p.add_argument("--compare", action="store_true",
+                   help="alternate each run with the first release's routing (side by side)")
     args = p.parse_args(argv)
     run_loop(bench(args))
     return 0

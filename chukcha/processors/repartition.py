@@ -24,13 +24,10 @@ count (the same hash is implied: it is the only one the bus knows).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import orjson
+from typing import TYPE_CHECKING
 
 from chukcha.client.events import split_bodies
 from chukcha.codecs import JSON, splice_id
@@ -38,6 +35,7 @@ from chukcha.errors import ClientError, RemoteNotFoundError
 from chukcha.partitioning import partition_category
 from chukcha.processors.base import default_event_id
 from chukcha.processors.engine import decode_batch
+from chukcha.processors.routing import JsonRouter, KeyHash
 
 if TYPE_CHECKING:
     from chukcha.client import Batch, Client, Consumer, Position
@@ -137,75 +135,49 @@ class Repartitioner:
         self._handler = handler or source
         handler_def = app.handlers[self._handler]
         self._stamp = handler_def.codec.json_object
-        self._key = handler_def.key
-        self._fast = handler_def.codec is JSON and app.event_id is default_event_id
+        # JSON with the default ``id`` field: the hot path; else what the keyed stage computes.
+        self._router = (JsonRouter(source, partitions, handler_def.key)
+                        if handler_def.codec is JSON and app.event_id is default_event_id
+                        else None)
+        self._hash = KeyHash(partitions)
         self.events = 0
         """Events copied (written and confirmed) since start."""
         self._written: dict[str, Position] = {}  # owner -> position, everything before written
 
     async def step(self, batches: list[Batch]) -> None:
         """Write every event of ``batches`` into its partition, then ack what they finish."""
-        route = self._route_json if self._fast else self._route_any
-        parts: dict[int, list[bytes]] = {}
-        for b in batches:
-            route(b, parts)
+        lists: list[list[bytes]] = [[] for _ in range(self._partitions)]
+        appends = [lines.append for lines in lists]
+        if self._router is not None:
+            route = self._router.route
+            for b in batches:
+                route(b.chunk, b.offset, b.data, appends)
+        else:
+            for b in batches:
+                self._route_any(b, appends)
+        owned = self._owned
+        parts = [(p, lines) for p, lines in enumerate(lists)
+                 if lines and (owned is None or p in owned)]
         if parts:
-            await asyncio.gather(*(self._write(p, lines) for p, lines in parts.items()))
-            self.events += sum(len(lines) for lines in parts.values())
+            await asyncio.gather(*(self._write(p, lines) for p, lines in parts))
+            self.events += sum(len(lines) for _, lines in parts)
         # Every write is confirmed: now the input before these positions may go.
         for b in batches:
             self._written[b.owner] = b.position
         await self.ack()
 
-    def _route_any(self, b: Batch, parts: dict[int, list[bytes]]) -> None:
+    def _route_any(self, b: Batch, appends: list[Callable[[bytes], None]]) -> None:
         """Route by what the keyed stage will compute (:func:`decode_batch`: any codec, any
         ID function)."""
-        n, source, owned = self._partitions, self.source, self._owned
-        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+        source, partition = self.source, self._hash.partition
         items, _ = decode_batch(self._app, source, b.chunk, b.offset, b.data,
                                 handler=self._handler)
         for ev_off, line, event, eid, key, _error in items:
-            p = from_bytes(blake2b(key.encode(), digest_size=8).digest(), "big") % n
-            if owned is not None and p not in owned:
-                continue
             if self._stamp and type(event) is dict and event.get("id") is None \
                     and eid is not None and eid == f"{source}:{b.chunk}:{ev_off}":
                 # No ID of its own: carry the one of its original place.
                 line = splice_id(line, eid)  # noqa: PLW2901
-            parts.setdefault(p, []).append(line)
-
-    def _route_json(self, b: Batch, parts: dict[int, list[bytes]]) -> None:
-        """The same for JSON events and the default ``id`` field, without the tuples of
-        :func:`decode_batch` (the hop's hot path). What the keyed stage would treat as a failure
-        (invalid JSON, a key function that raises or returns another type) is routed by the
-        event's ID or place: any fixed partition will do, the keyed stage applies the error
-        policy there."""
-        n, owned, key_fn, loads = self._partitions, self._owned, self._key, orjson.loads
-        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
-        pos = b.offset
-        for line in b.data[:-1].split(b"\n") if b.data else ():
-            off = pos
-            pos += len(line) + 1
-            try:
-                event = loads(line)
-            except orjson.JSONDecodeError:
-                event = None
-            eid = event.get("id") if type(event) is dict else None
-            if eid is None or eid == "":
-                eid = f"{self.source}:{b.chunk}:{off}"
-                if type(event) is dict and "id" not in event:
-                    line = splice_id(line, eid)  # noqa: PLW2901 - carry its place ID
-            key: Any = eid
-            if key_fn is not None and event is not None:
-                try:
-                    key = key_fn(event)
-                except Exception:  # noqa: BLE001 - the keyed stage's error policy decides
-                    key = eid
-            if type(key) is not str:
-                key = str(key) if type(key) is int else str(eid)
-            p = from_bytes(blake2b(key.encode(), digest_size=8).digest(), "big") % n
-            if owned is None or p in owned:
-                parts.setdefault(p, []).append(line)
+            appends[partition(key)](line)
 
     async def ack(self) -> None:
         """Ack what lies wholly before the positions whose events are written (again when
