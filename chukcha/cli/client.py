@@ -24,6 +24,7 @@ from chukcha.cli.options import duration, size
 from chukcha.client import Client, Consumer, Producer
 from chukcha.client.keyed import KeyedProducer
 from chukcha.errors import ClientError, RemoteNotFoundError
+from chukcha.partitioning import partition_category
 from chukcha.protocol import format_go_duration, validate_category
 
 __all__ = ["register"]
@@ -65,7 +66,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("tail", help="print the events of a category",
                        description="Print every event of CATEGORY, one per line. Without "
                                    "--follow it prints what is there and exits (exit code 1 "
-                                   "when the category does not exist). With --group G it "
+                                   "when the category does not exist; for a partitioned one "
+                                   "it names the partitions to tail). With --group G it "
                                    "skips what group G has acked; with --commit (or --follow) "
                                    "it also registers G and acks, for G, the chunks it "
                                    "printed. Without either it changes nothing on the nodes.")
@@ -256,6 +258,14 @@ async def _tail_async(args: argparse.Namespace) -> int:
     commit = bool(args.group) and (args.commit or args.follow)
     async with connect(args) as client:
         if not args.follow and args.category not in await client.list_categories():
+            count = 0
+            with contextlib.suppress(RemoteNotFoundError):  # a Go node: no partitions
+                count = await client.partitions(args.category)
+            if count:
+                raise ValueError(
+                    f"{args.category} is partitioned: tail one of its {count} partitions, "
+                    f"{partition_category(args.category, 0)} to "
+                    f"{partition_category(args.category, count - 1)}")
             raise ValueError(f"no category {args.category!r} on {client.nodes[0]} "
                              "(chukcha ls lists them)")
         consumer = client.consumer(args.category, group=args.group, register=commit)

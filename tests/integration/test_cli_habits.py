@@ -63,6 +63,15 @@ async def test_tail_of_an_unknown_category_says_so_and_exits_1(node: Node) -> No
     assert "no category 'nosuch'" in err and err.count("\n") == 1, err
 
 
+async def test_tail_of_a_partitioned_category_names_its_partitions(node: Node) -> None:
+    async with Client([node.url]) as c:
+        await c.create_partitions("orders", 2)
+        await c.send("orders", {"customer": "ann"}, key=lambda o: o["customer"])
+    code, out, err = await chukcha("tail", "orders", "--node", node.url)
+    assert (code, out) == (1, "")
+    assert "orders is partitioned" in err and "orders.p0000" in err, err
+
+
 async def test_tail_group_without_commit_leaves_no_group_and_groups_rm_removes_one(
     tmp_path: Path,
 ) -> None:
