@@ -180,7 +180,7 @@ class Node:
             self._serving = True
             if cfg.internal_socket is not None:
                 # --workers: the front workers hand their requests over here.
-                await self.internal.start(_bind_unix(cfg.internal_socket))
+                await self.internal.start(await asyncio.to_thread(_bind_unix, cfg.internal_socket))
             self._tasks.append(
                 asyncio.create_task(self._rotate_forever(), name="chunk-rotation")
             )

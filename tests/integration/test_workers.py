@@ -170,3 +170,4 @@ async def test_sigterm_stops_every_worker_and_the_data_stays(tmp_path: Path) -> 
     chunk = tmp_path / "data" / "c" / "w-chunk000000000"
     data = await asyncio.to_thread(chunk.read_bytes)
     assert sorted(data.splitlines()) == sorted(b"m%d" % i for i in range(20))
+
