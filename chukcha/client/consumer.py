@@ -518,9 +518,10 @@ class Consumer:
         """Move ``s`` to the owner's next chunk when its chunk is finished or gone."""
         lst = self._by_owner.get(s.owner, [])
         info = self._chunks.get(s.chunk)
-        nxt = next((c for c in lst if c.name > s.chunk), None)
-        if nxt is None:
+        i = bisect.bisect_right(lst, s.chunk, key=_name)  # the listing is sorted by name
+        if i == len(lst):
             return
+        nxt = lst[i]
         if info is not None and info.complete and s.offset >= info.size:
             s.finished[s.chunk] = info.size
         elif info is None:
