@@ -15,6 +15,12 @@ A fresh pair of node subprocesses per run; the load generator and both nodes sha
 
     .venv/bin/python bench/bench_catchup.py                       # 3 runs, 128 MiB, medians
     .venv/bin/python bench/bench_catchup.py --runs 5 --mb 256 --small 64 --large 16
+
+Before/after a change of the node: ``--baseline SRC`` runs, alternating with the current code,
+nodes that import ``chukcha`` from ``SRC`` (a directory holding an older ``chukcha/``, e.g.
+``git archive <commit> chukcha | tar -x -C /tmp/base``); the consumer is the current one.
+
+    .venv/bin/python bench/bench_catchup.py --runs 3 --baseline /tmp/base --layouts small
 """
 
 from __future__ import annotations
@@ -97,10 +103,14 @@ async def _consume(url: str, size: int, config: ConsumerConfig) -> float:
     return time.perf_counter() - started
 
 
-async def one_run(base: Path, mb: int, chunk: int,
-                  flip: bool) -> tuple[int, float, float, float, float]:
+async def one_run(base: Path, mb: int, chunk: int, flip: bool,
+                  src: str | None) -> tuple[int, float, float, float, float]:
     """Returns (chunks, replica MB/s, replica MB per CPU-second of both nodes, consumer
-    MB/s, consumer MB/s without read-ahead)."""
+    MB/s, consumer MB/s without read-ahead); the nodes import chukcha from ``src`` if set."""
+    if src is not None:
+        os.environ["PYTHONPATH"] = src
+    else:
+        os.environ.pop("PYTHONPATH", None)
     cluster = ClusterProcess(base, ("a", "b"), args=(
         "--log-level", "WARNING", "--max-chunk-size", str(chunk)))
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
@@ -124,12 +134,19 @@ async def one_run(base: Path, mb: int, chunk: int,
 async def amain(args: argparse.Namespace) -> None:
     layouts = [(f"{args.small} KiB chunks", args.small << 10),
                (f"{args.large} MiB chunks", args.large << 20)]
+    if args.layouts != "both":
+        layouts = layouts[:1] if args.layouts == "small" else layouts[1:]
+    variants: list[tuple[str, str | None]] = [("", None)]
+    if args.baseline:
+        variants = [(" before", args.baseline), (" after", None)]
+    runs = [(name + v, chunk, src) for name, chunk in layouts for v, src in variants]
     results: dict[str, list[tuple[int, float, float, float, float]]] = {
-        n: [] for n, _ in layouts}
+        n: [] for n, _, _ in runs}
     with tempfile.TemporaryDirectory(prefix="bench-catchup-") as tmp:
         for run in range(args.runs):
-            for name, chunk in layouts:  # side by side, alternating
-                r = await one_run(Path(tmp) / f"run{run}-{chunk}", args.mb, chunk, run % 2 == 1)
+            order = runs if run % 2 == 0 else runs[::-1]
+            for i, (name, chunk, src) in enumerate(order):  # side by side, alternating
+                r = await one_run(Path(tmp) / f"run{run}-{i}", args.mb, chunk, run % 2 == 1, src)
                 results[name].append(r)
                 print(f"run {run + 1} {name}: {r[0]} chunks, replica {r[1]:.1f} MB/s "
                       f"({r[2]:.0f} MB per CPU-s), consumer {r[3]:.1f} MB/s "
@@ -137,10 +154,10 @@ async def amain(args: argparse.Namespace) -> None:
     med = statistics.median
     print(f"\n{args.mb} MiB history, {args.runs} runs, medians; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"{'layout':18} {'chunks':>7} {'replica MB/s':>13} {'MB/CPU-s':>9} "
+    print(f"{'layout':25} {'chunks':>7} {'replica MB/s':>13} {'MB/CPU-s':>9} "
           f"{'consumer MB/s':>14} {'no read-ahead':>14}")
     for name, rs in results.items():
-        print(f"{name:18} {rs[0][0]:>7} {med(r[1] for r in rs):>13.1f} "
+        print(f"{name:25} {rs[0][0]:>7} {med(r[1] for r in rs):>13.1f} "
               f"{med(r[2] for r in rs):>9.0f} {med(r[3] for r in rs):>14.1f} "
               f"{med(r[4] for r in rs):>14.1f}")
     print("(MB/CPU-s: history size per CPU-second used by both nodes during the catch-up; "
@@ -153,7 +170,18 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=128, help="history size (MiB)")
     parser.add_argument("--small", type=int, default=64, help="small chunk size (KiB)")
     parser.add_argument("--large", type=int, default=16, help="large chunk size (MiB)")
-    asyncio.run(amain(parser.parse_args()))
+    parser.add_argument("--layouts", choices=("both", "small", "large"), default="both",
+                        help="which layouts to run (default both)")
+    parser.add_argument("--baseline", metavar="SRC",
+                        help="also run nodes importing chukcha from SRC (an older checkout's "
+                             "directory holding chukcha/), alternating: before/after")
+    args = parser.parse_args()
+    if args.baseline:
+        args.baseline = str(Path(args.baseline).resolve())
+        # The nodes must not import the chukcha/ of the current directory (python -m puts it
+        # first on sys.path): run them from elsewhere.
+        os.chdir(tempfile.gettempdir())
+    asyncio.run(amain(args))
 
 
 if __name__ == "__main__":
