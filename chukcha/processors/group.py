@@ -5,15 +5,17 @@ Every instance registers in etcd and claims its share of the app's partitions
 
 - **Assigned** partition ``p`` with ``epoch``: its local store is emptied and rebuilt from the
   bus (the changelog: latest snapshot + the records after it; a local copy may be stale, since
-  another instance may have owned ``p`` meanwhile), then the consumers of ``p``'s input
-  partitions start at the positions restored there, as the app's group, with acks fenced by
-  ``(p, epoch)``: a node refuses them once another instance holds ``p``.
+  another instance may have owned ``p`` meanwhile) unless this instance last ran ``p`` at the
+  same epoch (its lease survived an etcd outage: nobody else ran it); then the consumers of
+  ``p``'s input partitions start at the positions restored there, as the app's group, with
+  acks fenced by ``(p, epoch)``: a node refuses them once another instance holds ``p``.
 - **Revoking** ``p`` (rebalancing, SIGTERM): its loops finish their batch, the partition
   commits, publishes its changelog and acks, then the claim is released; the new owner starts
   only after that.
 - **Lost** ``p`` (the lease could not be renewed in time, or the claim changed): its loops stop
-  at once; whatever they still commit locally is never acked (the fence) and is thrown away
-  when the partition is assigned again.
+  at once; whatever they still commit locally is not acked under another owner (the fence)
+  and is thrown away when the partition comes back at another epoch (kept, and published, when
+  it comes back at the same one).
 
 Requirements (checked at start, with a clear error): the changelog is on
 (``ProcessorConfig(changelog=True)``: a partition's state must be on the bus to move), every
@@ -116,6 +118,7 @@ class GroupMode:
         self._stops: dict[int, asyncio.Event] = {}
         self._tasks: dict[int, list[asyncio.Task[None]]] = {}
         self._crashed: asyncio.Future[BaseException] | None = None
+        self._held: dict[int, int] = {}  # partition -> the epoch its local store was last run at
         self.instance = config.instance or default_instance_name(app.state_dir)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -147,9 +150,15 @@ class GroupMode:
         started = time.monotonic()
         async with self._lock:
             store = self._stores[partition]
-            await asyncio.to_thread(_wipe, store)
+            # The same epoch as last time here (the lease survived an etcd outage): nobody
+            # else ran the partition meanwhile, the local store is its latest state (with its
+            # unpublished records, published now). Otherwise it may be stale: rebuild it.
+            local = self._held.get(partition) == epoch
+            if not local:
+                await asyncio.to_thread(_wipe, store)
+            self._held[partition] = epoch
             checkpoint = self._parts.take(partition, epoch)
-            await checkpoint.load()  # rebuilt from the changelog
+            await checkpoint.load()  # an emptied store is rebuilt from the changelog
             engine = self._parts.engines[partition]
             stop = self._stops[partition] = asyncio.Event()
             tasks: list[asyncio.Task[None]] = []
@@ -166,8 +175,9 @@ class GroupMode:
                 task.add_done_callback(self._on_done)
                 tasks.append(task)
             self._tasks[partition] = tasks
-        logger.info("app=%s instance=%s partition %d assigned (epoch %d): restored and started "
-                    "in %.2f s", self.app.name, self.instance, partition, epoch,
+        logger.info("app=%s instance=%s partition %d assigned (epoch %d): %s and started in "
+                    "%.2f s", self.app.name, self.instance, partition, epoch,
+                    "local copy kept" if local else "restored from the bus",
                     time.monotonic() - started)
 
     async def revoking(self, partition: int) -> None:
