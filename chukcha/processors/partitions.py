@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 from chukcha.partitioning import partition_dir_name
 from chukcha.processors.changelog import Changelog, ChangelogBus
 from chukcha.processors.checkpoint import Checkpoint, CheckpointIO
-from chukcha.processors.engine import Decoded, Engine, decode_batch
+from chukcha.processors.decoding import Decoded, decode_batch
+from chukcha.processors.engine import Engine
 
 if TYPE_CHECKING:
     from chukcha.processors.base import App

@@ -34,7 +34,7 @@ from chukcha.codecs import JSON, splice_id
 from chukcha.errors import ClientError, RemoteNotFoundError
 from chukcha.partitioning import partition_category
 from chukcha.processors.base import default_event_id
-from chukcha.processors.engine import decode_batch
+from chukcha.processors.decoding import decode_batch
 from chukcha.processors.routing import JsonRouter, KeyHash
 
 if TYPE_CHECKING:

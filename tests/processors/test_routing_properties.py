@@ -19,7 +19,7 @@ from chukcha import App, Context
 from chukcha.codecs import splice_id
 from chukcha.partitioning import partition_of
 from chukcha.processors import routing
-from chukcha.processors.engine import decode_batch
+from chukcha.processors.decoding import decode_batch
 from chukcha.processors.routing import JsonRouter, KeyHash
 
 SOURCE = "orders"
