@@ -142,10 +142,16 @@ class Repartitioner:
         self._hash = KeyHash(partitions)
         self.events = 0
         """Events copied (written and confirmed) since start."""
+        self.routed = 0
+        """Events handed to writes since start (confirmed or in flight)."""
+        self._inflight: asyncio.Task[None] | None = None  # the last step's writes, then ack
         self._written: dict[str, Position] = {}  # owner -> position, everything before written
 
     async def step(self, batches: list[Batch]) -> None:
-        """Write every event of ``batches`` into its partition, then ack what they finish."""
+        """Route every event of ``batches`` to its partition, wait for the previous step's
+        writes (their error is raised here) and start this step's: routing a batch overlaps
+        with writing the one before. What a step's writes finish is acked once they are all
+        confirmed (:meth:`ack` waits for the writes in flight)."""
         lists: list[list[bytes]] = [[] for _ in range(self._partitions)]
         appends = [lines.append for lines in lists]
         if self._router is not None:
@@ -158,13 +164,34 @@ class Repartitioner:
         owned = self._owned
         parts = [(p, lines) for p, lines in enumerate(lists)
                  if lines and (owned is None or p in owned)]
+        positions = {b.owner: b.position for b in batches}
+        await self._settle()
+        self.routed += sum(len(lines) for _, lines in parts)
+        self._inflight = asyncio.create_task(
+            self._write_then_ack(parts, positions),
+            name=f"repartition-{self._app.name}-{self.source}-write")
+
+    async def _write_then_ack(self, parts: list[tuple[int, list[bytes]]],
+                              positions: dict[str, Position]) -> None:
         if parts:
             await asyncio.gather(*(self._write(p, lines) for p, lines in parts))
             self.events += sum(len(lines) for _, lines in parts)
         # Every write is confirmed: now the input before these positions may go.
-        for b in batches:
-            self._written[b.owner] = b.position
-        await self.ack()
+        self._written.update(positions)
+        await self._commit()
+
+    async def _settle(self) -> None:
+        """Wait for the writes in flight and their ack (raising their error)."""
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            await task
+
+    async def cancel(self) -> None:
+        """Stop the writes in flight, if any (not acked: resent after a restart)."""
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
 
     def _route_any(self, b: Batch, appends: list[Callable[[bytes], None]]) -> None:
         """Route by what the keyed stage will compute (:func:`decode_batch`: any codec, any
@@ -180,8 +207,13 @@ class Repartitioner:
             appends[partition(key)](line)
 
     async def ack(self) -> None:
-        """Ack what lies wholly before the positions whose events are written (again when
-        idle: a chunk copied earlier may have become complete since)."""
+        """Wait for the writes in flight, then ack what lies wholly before the positions whose
+        events are written (again when idle: a chunk copied earlier may have become complete
+        since)."""
+        await self._settle()
+        await self._commit()
+
+    async def _commit(self) -> None:
         if not self._written:
             return
         try:

@@ -529,13 +529,15 @@ class _Session:
                 # Read ahead while this batch is written (never acked before it is written).
                 read = asyncio.create_task(consumer.read(timeout=timeout))
                 if batches:
-                    await hop.step(batches)
+                    await hop.step(batches)  # its writes go on while the next is read
                 else:
                     await hop.ack()
+            await hop.ack()  # the batch being copied is finished
         finally:
             for task in (read, stopped):
                 task.cancel()
             await asyncio.wait([read, stopped])
+            await hop.cancel()  # only left on an error: not acked, resent after a restart
             logger.info("app=%s repartitioned %d events of %s into %s", self.app.name,
                         hop.events, hop.source, hop.target)
 
