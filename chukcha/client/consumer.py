@@ -113,8 +113,11 @@ class ConsumerConfig:
         copy_ack_timeout: how long registering the group on, or copying a group ack to, a node
             other than the one read from may take (default 2 s).
         read_ahead: how many of an owner's next complete chunks are read (from their start,
-            ``max_batch_bytes`` each) while the current one is processed (default 4; 0 turns
-            read-ahead off). Memory held: up to ``read_ahead * max_batch_bytes`` per owner.
+            up to ``max_batch_bytes`` each) while the current one is processed (default 8; 0
+            turns read-ahead off).
+        read_ahead_bytes: at most this many bytes (listed size, up to ``max_batch_bytes`` per
+            chunk) are asked for or held by the read-ahead of one owner (default 4 MiB): many
+            small chunks are read 8 deep, large ones 4 deep.
     """
 
     max_batch_bytes: int = 1 << 20
@@ -123,11 +126,14 @@ class ConsumerConfig:
     poll_interval: float = 0.25
     retry_interval: float = 1.0
     copy_ack_timeout: float = 2.0
-    read_ahead: int = 4
+    read_ahead: int = 8
+    read_ahead_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         if not 0 <= self.read_ahead <= 64:
             raise ValueError("read_ahead must be between 0 and 64")
+        if not 0 <= self.read_ahead_bytes <= 1 << 30:
+            raise ValueError("read_ahead_bytes must be between 0 and 1 GiB")
         if not 0 < self.max_batch_bytes <= MAX_READ_SIZE:
             raise ValueError(f"max_batch_bytes must be between 1 and {MAX_READ_SIZE}")
         if self.long_poll < 0 or self.long_poll > 60:
@@ -563,16 +569,22 @@ class Consumer:
             self._read_ahead(s)
 
     def _read_ahead(self, s: _Stream) -> None:
-        """Start the reads of the owner's next complete chunks (up to ``read_ahead``)."""
+        """Start the reads of the owner's next complete chunks (up to ``read_ahead`` chunks
+        and ``read_ahead_bytes``)."""
         cfg = self._config
         if len(s.ahead) >= cfg.read_ahead:
             return
+        held = sum(min(c.size if (c := self._chunks.get(n)) else cfg.max_batch_bytes,
+                       cfg.max_batch_bytes) for n in s.ahead)
         lst = self._by_owner.get(s.owner, [])
         for c in lst[bisect.bisect_right(lst, s.chunk, key=_name):]:
             if len(s.ahead) >= cfg.read_ahead or not c.complete:
                 break
             if c.name in s.ahead:
                 continue
+            held += min(c.size, cfg.max_batch_bytes)
+            if held > cfg.read_ahead_bytes:
+                break
             s.ahead[c.name] = asyncio.create_task(
                 self._fetch(self.url, c.name, 0, cfg.max_batch_bytes, 0.0),
                 name=f"consumer-{self._category}-{s.owner}-ahead",

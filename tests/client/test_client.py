@@ -373,10 +373,11 @@ async def test_one_event_is_sent_as_one_event_not_iterated(client: Client) -> No
     assert await asyncio.to_thread(sync_send) == ["d2"]
 
 
-@pytest.mark.parametrize("read_ahead", [0, 4])
+@pytest.mark.parametrize(("read_ahead", "budget"), [(0, 0), (4, 0), (8, 3)])
 async def test_read_ahead_delivers_in_order_and_acks_only_committed_chunks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_ahead: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_ahead: int, budget: int
 ) -> None:
+    """``budget``: read_ahead_bytes as a number of (the largest) chunks; 0: the default."""
     async with (
         run_node(tmp_path / "d", instance="a", max_chunk_size=100) as node,
         Client([node.url]) as c,
@@ -396,7 +397,10 @@ async def test_read_ahead_delivers_in_order_and_acks_only_committed_chunks(
             return await real_read(url, category, chunk, offset, size, **kw)
 
         monkeypatch.setattr(c.api, "read", read)
+        largest = max(x.size for x in await c.list_chunks("ra"))
         config = ConsumerConfig(read_ahead=read_ahead)
+        if budget:
+            config = dataclasses.replace(config, read_ahead_bytes=budget * largest)
         got: list[bytes] = []
         asked_before: list[set[str]] = []  # per batch: the chunks asked for before it came
         committed = ""
@@ -420,5 +424,6 @@ async def test_read_ahead_delivers_in_order_and_acks_only_committed_chunks(
         ahead = [sum(n in asked_before[i] for n in names[i + 1:]) for i in range(len(names))]
         if read_ahead:  # the next complete chunks were asked for early (the open one never)
             assert min(ahead[:len(names) - 4]) >= 2
+            assert max(ahead) <= (budget or read_ahead)
         else:
             assert max(ahead) == 0
