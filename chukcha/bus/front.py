@@ -68,8 +68,11 @@ class PrimaryClient:
         self._timeout = timeout
 
     async def _conn(self) -> _PrimaryConn:
-        if self._idle:
-            return self._idle.pop()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.reader.at_eof() and not conn.writer.is_closing():
+                return conn
+            conn.close()  # the writer closed it (it restarted): never reuse it
         try:
             reader, writer = await asyncio.open_unix_connection(self._path, limit=1 << 22)
         except OSError as exc:
@@ -124,6 +127,7 @@ class PrimaryClient:
                 data = await conn.reader.readexactly(length) if length else b""
         except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError) as exc:
             conn.close()
+            self.close()  # the other idle connections went to the same (dead) writer
             raise WriterUnavailableError(f"the node's writer process failed to answer: {exc!r}") \
                 from None
         except BaseException:
