@@ -145,26 +145,28 @@ async def test_a_worker_killed_during_sync_writes_is_restarted_and_nothing_answe
 async def test_sigterm_stops_every_worker_and_the_data_stays(tmp_path: Path) -> None:
     node = NodeProcess(tmp_path / "data", "w", ["--workers", "3"])
     await node.start()
-    assert node.proc is not None
-    kids = await _wait_for_children(node.proc.pid, 3, set())
-    big = b"".join(b"%06d " % i + b"q" * 900 + b"\n" for i in range(3000))  # ~2.7 MB
-    async with aiohttp.ClientSession() as http:
-        for i in range(20):
-            async with http.post(f"{node.url}/write", params={"category": "c"},
-                                 data=b"m%d\n" % i) as resp:
+    try:
+        assert node.proc is not None
+        kids = await _wait_for_children(node.proc.pid, 3, set())
+        big = b"".join(b"%06d " % i + b"q" * 900 + b"\n" for i in range(3000))  # ~2.7 MB
+        async with aiohttp.ClientSession() as http:
+            for i in range(20):
+                async with http.post(f"{node.url}/write", params={"category": "c"},
+                                     data=b"m%d\n" % i) as resp:
+                    assert resp.status == 200
+            async with http.post(f"{node.url}/write", params={"category": "big"},
+                                 data=io.BytesIO(big)) as resp:
                 assert resp.status == 200
-        async with http.post(f"{node.url}/write", params={"category": "big"},
-                             data=io.BytesIO(big)) as resp:
-            assert resp.status == 200
-    # Big answers are relayed piece by piece by the fronts: whole and intact whoever answers.
-    for _ in range(6):
-        async with aiohttp.ClientSession() as http, http.get(f"{node.url}/read", params={
-                "category": "big", "chunk": "w-chunk000000000", "off": "0",
-                "max_size": str(16 << 20)}) as resp:
-            assert resp.status == 200
-            assert await resp.read() == big
-    code = await node.stop()
-    node.close()
+        # Big answers are relayed piece by piece by the fronts: whole whoever answers.
+        for _ in range(6):
+            async with aiohttp.ClientSession() as http, http.get(f"{node.url}/read", params={
+                    "category": "big", "chunk": "w-chunk000000000", "off": "0",
+                    "max_size": str(16 << 20)}) as resp:
+                assert resp.status == 200
+                assert await resp.read() == big
+    finally:
+        code = await node.stop()  # SIGTERM to the supervisor (also when an assert failed)
+        node.close()
     assert code == 0
     assert await asyncio.to_thread(_gone, kids)
     chunk = tmp_path / "data" / "c" / "w-chunk000000000"
