@@ -570,10 +570,13 @@ class Consumer:
 
     def _read_ahead(self, s: _Stream) -> None:
         """Start the reads of the owner's next complete chunks (up to ``read_ahead`` chunks
-        and ``read_ahead_bytes``)."""
+        and ``read_ahead_bytes``) once the read in flight is the last of the current chunk."""
         cfg = self._config
         if len(s.ahead) >= cfg.read_ahead:
             return
+        info = self._chunks.get(s.chunk)
+        if info is None or not info.complete or info.size - s.offset > cfg.max_batch_bytes:
+            return  # not the last read of this chunk: the next chunk's read is not due yet
         held = sum(min(c.size if (c := self._chunks.get(n)) else cfg.max_batch_bytes,
                        cfg.max_batch_bytes) for n in s.ahead)
         lst = self._by_owner.get(s.owner, [])

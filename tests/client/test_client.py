@@ -427,3 +427,37 @@ async def test_read_ahead_delivers_in_order_and_acks_only_committed_chunks(
             assert max(ahead) <= (budget or read_ahead)
         else:
             assert max(ahead) == 0
+
+
+async def test_read_ahead_waits_for_the_last_read_of_a_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        run_node(tmp_path / "d", instance="a", max_chunk_size=250) as node,
+        Client([node.url]) as c,
+    ):
+        for i in range(4):  # one body of three ~90-byte messages per chunk
+            await c.send("rl", [b"%d-%s" % (i * 3 + j, b"x" * 85) for j in range(3)])
+        names = [x.name for x in await c.list_chunks("rl")]
+        assert len(names) == 4
+        asked: list[str] = []
+        real_read = c.api.read
+
+        async def read(url: str, category: str, chunk: str, offset: int, size: int,
+                       **kw: Any) -> bytes:
+            asked.append(chunk)
+            return await real_read(url, category, chunk, offset, size, **kw)
+
+        monkeypatch.setattr(c.api, "read", read)
+        config = ConsumerConfig(max_batch_bytes=100)  # one message per read
+        got: list[bytes] = []
+        async with c.consumer("rl", config=config) as consumer, asyncio.timeout(20):
+            first = (await consumer.read())[0]
+            # Two more reads of chunk 0 to go: nothing of the next chunks asked for yet.
+            assert set(asked) == {names[0]}
+            got += first.messages()
+            while len(got) < 12:
+                for batch in await consumer.read():
+                    got += batch.messages()
+        assert got == [b"%d-%s" % (i, b"x" * 85) for i in range(12)]
+        assert set(asked) == set(names)
