@@ -21,6 +21,7 @@ __all__ = [
     "CoordinationError",
     "CoordinationTimeoutError",
     "DiskWriteError",
+    "DuplicateInstanceError",
     "InstanceTakenOverError",
     "InvalidAckError",
     "MessageTooLargeError",
@@ -123,6 +124,11 @@ class StateLockedError(ChukchaError, RuntimeError):
 
 class AppConfigError(ChukchaError, ValueError):
     """An app instance's settings contradict its group's (say, another partition count)."""
+
+
+class DuplicateInstanceError(ChukchaError, RuntimeError):
+    """Another live instance of the app (without etcd) processes the same partitions: its
+    heartbeat in ``<app>.instances`` is fresh (:mod:`chukcha.processors.presence`)."""
 
 
 class InstanceTakenOverError(ChukchaError, RuntimeError):

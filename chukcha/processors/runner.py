@@ -35,6 +35,7 @@ from chukcha.processors.engine import Engine
 from chukcha.processors.group import GroupConfig, GroupMode, check_group_app
 from chukcha.processors.monitor import AppMonitor, parse_http_address
 from chukcha.processors.partitions import PartitionSet, raise_single
+from chukcha.processors.presence import Presence
 from chukcha.processors.repartition import Repartitioner, plan_inputs
 from chukcha.processors.split import StaticSplit
 from chukcha.processors.views import View
@@ -123,25 +124,37 @@ class Runner:
                 ssl=ssl.create_default_context(cafile=app.config.tls_ca)
                 if app.config.tls_ca else None,
             ) as client:
-                session = _Session(app, stores, client, split, group=self.group)
-                await session.load()
-                if self.http is not None:
-                    self.monitor = session.monitor()
-                    await self.monitor.start(*self.http)
-                    sinks.push_async_callback(self.monitor.stop)
-                await _enter_sinks(sinks, app)
-                async with contextlib.AsyncExitStack() as views:  # stop before the client
-                    await _start_views(views, app, client, session.engines)
-                    logger.info("app=%s running categories=%s partitions=%d nodes=%s state=%s%s",
-                                app.name, ",".join(app.handlers), app.partitions,
-                                ",".join(app.nodes), app.state_dir,
-                                f" instance {split.index} of {split.count} (partitions {owned}, "
-                                f"group {split.group(app.name)})" if split.count > 1 else "")
-                    try:
-                        await session.work_until(stop)
-                        await session.finish()
-                    finally:
-                        await session.close()
+                presence: Presence | None = None
+                if self.group is None:  # instances through etcd coordinate there
+                    presence = Presence(app.name, app.partitions, app.state_dir, split, client)
+                    # Refuses a second live instance, before anything; waits for a node to answer.
+                    await presence.start(stop, retry_initial=app.config.retry_initial,
+                                         retry_max=app.config.retry_max)
+                try:
+                    session = _Session(app, stores, client, split, group=self.group,
+                                       presence=presence)
+                    await session.load()
+                    if self.http is not None:
+                        self.monitor = session.monitor()
+                        await self.monitor.start(*self.http)
+                        sinks.push_async_callback(self.monitor.stop)
+                    await _enter_sinks(sinks, app)
+                    async with contextlib.AsyncExitStack() as views:  # stop before the client
+                        await _start_views(views, app, client, session.engines)
+                        logger.info(
+                            "app=%s running categories=%s partitions=%d nodes=%s state=%s%s",
+                            app.name, ",".join(app.handlers), app.partitions,
+                            ",".join(app.nodes), app.state_dir,
+                            f" instance {split.index} of {split.count} (partitions {owned}, "
+                            f"group {split.group(app.name)})" if split.count > 1 else "")
+                        try:
+                            await session.work_until(stop)
+                            await session.finish()
+                        finally:
+                            await session.close()
+                finally:
+                    if presence is not None:
+                        await presence.leave()  # before the client closes
         finally:
             for store in stores:
                 await asyncio.to_thread(store.close)
@@ -367,8 +380,10 @@ class _Session:
     """One run: the open state, the client and the consumers."""
 
     def __init__(self, app: App, stores: list[LevelDBStore], client: Client,
-                 split: StaticSplit, *, group: GroupConfig | None = None) -> None:
+                 split: StaticSplit, *, group: GroupConfig | None = None,
+                 presence: Presence | None = None) -> None:
         self.app = app
+        self._presence = presence
         self._stores = stores
         self._group_config = group
         self.config = app.config
@@ -480,6 +495,9 @@ class _Session:
                 for hop in self._hops:
                     tg.create_task(self._repartition_loop(hop, stop),
                                    name=f"app-{self.app.name}-repartition-{hop.source}")
+                if self._presence is not None:
+                    tg.create_task(self._presence.watch(self._lock, stop),
+                                   name=f"app-{self.app.name}-presence")
         except BaseExceptionGroup as group:
             # One failure (ProcessorError, StateLockedError...) is what the caller wants to see.
             raise_single(group)

@@ -14,8 +14,9 @@ its partitions waiting (their input stays on the bus) until it is back.
 The split is recorded in the state directory (``SPLIT``) and checked on every start: the same
 directory under another index or count, or a directory written without a split, is refused
 (:class:`~chukcha.errors.AppConfigError`), since its partitions' state would not be where the
-new split expects it. Two processes given the same index with different state directories cannot
-be told apart here (use etcd, ``--etcd``, for instances that find each other).
+new split expects it. Two processes given the same index with different state directories are
+told apart by their heartbeats on the bus (:mod:`chukcha.processors.presence`): the second is
+refused.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from chukcha import App, Client, Context
 from chukcha.bus.node import Node
 from chukcha.errors import RequestRejectedError
 from chukcha.partitioning import partition_category, partition_of
+from chukcha.processors.presence import instances_category
 from chukcha.processors.tester import Tester
 from chukcha.testing import run_node
 from tests.integration.cluster_helpers import wait_for
@@ -113,7 +114,9 @@ async def test_an_input_partitioned_like_the_app_needs_no_hop(small_node: Node,
         stop.set()
         await asyncio.wait_for(task, 30)
         assert await client.partitions("billing.orders") == 0  # no copy was made
-        assert not any(c.startswith("billing.") for c in await client.list_categories())
+        # Only the heartbeats (chukcha.processors.presence), no copy of the input.
+        assert [c for c in await client.list_categories()
+                if c.startswith("billing.")] == [instances_category("billing")]
     t = Tester(keyed_app(small_node.url, None))
     await t.feed_async("orders", *orders)
     assert await asyncio.to_thread(table_of, tmp_path / "state") == t.table
@@ -176,7 +179,9 @@ async def test_one_partition_reads_a_partitioned_input_directly(small_node: Node
         await collect(client, "receipts", {f"r-o{i}" for i in range(15)})
         stop.set()
         await asyncio.wait_for(task, 30)
-        assert not any(c.startswith("single.") for c in await client.list_categories())
+        # Only the heartbeats (chukcha.processors.presence), no copy of the input.
+        assert [c for c in await client.list_categories()
+                if c.startswith("single.")] == [instances_category("single")]
     want: dict[str, int] = {}
     for o in orders:
         want[o["customer"]] = want.get(o["customer"], 0) + o["amount"]
@@ -195,8 +200,9 @@ async def test_the_apps_category_name_taken_by_data_is_refused(small_node: Node,
 async def test_an_app_started_before_the_bus_waits_for_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The partition count is asked again until a node answers (refused connections at
-    first: the port is bound but not listening yet)."""
+    """The bus is asked again until a node answers (refused connections at first: the port
+    is bound but not listening yet): first for other instances of the app, then for the
+    partition count."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -205,10 +211,10 @@ async def test_an_app_started_before_the_bus_waits_for_it(
     stop = asyncio.Event()
     task = asyncio.create_task(app.run_async(stop))
     try:
-        with caplog.at_level(logging.WARNING, logger="chukcha.processors.repartition"):
+        with caplog.at_level(logging.WARNING, logger="chukcha.processors"):
 
             async def retried() -> bool:
-                return caplog.text.count("cannot read the partitions of orders yet") >= 2
+                return caplog.text.count("cannot check for another instance yet") >= 2
 
             await wait_for(retried, timeout=20, what="the app to retry")
             assert not task.done()  # still waiting for the bus, not failed
