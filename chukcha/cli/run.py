@@ -61,7 +61,10 @@ def register(sub: Any) -> None:
         description=(
             "Run a processor app until SIGINT or SIGTERM, then stop gracefully (finish the "
             "batch, commit, ack). Exit codes: 0 stopped, 1 failed (a callback under the stop "
-            "policy, a locked state directory), 2 bad arguments."
+            "policy, a locked state directory, another live instance of the app), 2 bad "
+            "arguments. Without --etcd, an instance announces itself in the category "
+            "<app>.instances every 3 s and refuses to start (or stops) while another instance "
+            "of the app with overlapping partitions has announced itself in the last 15 s."
         ),
         allow_abbrev=False,
     )
