@@ -24,6 +24,7 @@ from chukcha.bus.node import Node
 from chukcha.errors import RequestRejectedError
 from chukcha.partitioning import partition_category, partition_of
 from chukcha.processors.presence import instances_category
+from chukcha.processors.repartition import plan_inputs
 from chukcha.processors.tester import Tester
 from chukcha.testing import run_node
 from tests.integration.cluster_helpers import wait_for
@@ -232,3 +233,34 @@ async def test_an_app_started_before_the_bus_waits_for_it(
         if sock.fileno() != -1:
             sock.close()
     assert await asyncio.to_thread(table_of, tmp_path / "state") == {"c1": 5}
+
+
+async def test_the_partition_count_is_asked_again_until_a_node_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """plan_inputs on its own (an app's run checks for other instances first, so the bus
+    already answers when it gets here): refused connections at first, then a node."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    app = keyed_app(url, None)
+    app.config = dataclasses.replace(app.config, retry_initial=0.05, retry_max=0.2)
+    async with Client([url]) as client:
+        task = asyncio.create_task(plan_inputs(app, client))
+        try:
+            with caplog.at_level(logging.WARNING, logger="chukcha.processors.repartition"):
+
+                async def retried() -> bool:
+                    return caplog.text.count("cannot read the partitions of orders yet") >= 2
+
+                await wait_for(retried, timeout=20, what="plan_inputs to retry")
+                assert not task.done()  # still waiting for the bus, not failed
+            async with run_node(tmp_path / "data", listen_fd=sock.detach()):
+                plans = await asyncio.wait_for(task, 30)
+            assert [p.handler for p in plans] == ["orders"]
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait([task])
+            if sock.fileno() != -1:
+                sock.close()
