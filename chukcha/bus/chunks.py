@@ -99,6 +99,7 @@ class Traffic:
     messages_written: int = 0
     reads: int = 0
     bytes_read: int = 0
+    messages_read: int = 0
     bytes_replicated: int = 0
     chunks_acked: int = 0
 
@@ -734,6 +735,9 @@ class ChunkStore:
                 )
             return b""
         cat.traffic.bytes_read += cut
+        # The newlines of what is sent (chukcha_read_messages_total): one C loop over bytes in
+        # memory; answers over STREAM_READ_OVER are counted piece by piece (FileSlice.sent).
+        cat.traffic.messages_read += data.count(b"\n", 0, cut)
         return data if cut == len(data) else memoryview(data)[:cut]
 
     async def read_slice(
@@ -748,9 +752,10 @@ class ChunkStore:
         if cat is None or c is None or min(max_size, c.size - off) <= STREAM_READ_OVER:
             return await self.read_buffer(category, chunk, off, max_size)
         want = min(max_size, c.size - off)  # committed size: never past a write in progress
-        found = await asyncio.to_thread(_open_slice, cat.path / chunk, off, want)
+        found = await asyncio.to_thread(_open_slice, cat.path / chunk, off, want, cat.traffic)
         if found is None:  # no newline in the tail: the plain path decides (and errors)
             return await self.read_buffer(category, chunk, off, max_size)
+        cat.traffic.reads += 1  # its bytes and messages are counted as the pieces are sent
         return found
 
     # --- acks ---------------------------------------------------------------------------
@@ -838,14 +843,22 @@ STREAM_READ_OVER: Final = 1 << 20
 @dataclass(frozen=True, slots=True)
 class FileSlice:
     """Bytes ``[offset, offset + length)`` of an open chunk file: whole messages. The receiver
-    closes ``fd``. A chunk acked (truncated) meanwhile reads short: the sender must abort."""
+    closes ``fd`` and calls :meth:`sent` with each piece it sent (the category's read
+    counters). A chunk acked (truncated) meanwhile reads short: the sender must abort."""
 
     fd: int
     offset: int
     length: int
+    traffic: Traffic
+
+    def sent(self, piece: bytes) -> None:
+        """Count a piece sent: its bytes and its newlines (the pieces do not overlap, so the
+        sum over a whole answer is exact; an aborted answer counts what was sent)."""
+        self.traffic.bytes_read += len(piece)
+        self.traffic.messages_read += piece.count(b"\n")
 
 
-def _open_slice(path: Path, off: int, want: int) -> FileSlice | None:
+def _open_slice(path: Path, off: int, want: int, traffic: Traffic) -> FileSlice | None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -858,7 +871,7 @@ def _open_slice(path: Path, off: int, want: int) -> FileSlice | None:
         if len(data) < tail or cut == 0:
             os.close(fd)
             return None
-        return FileSlice(fd, off, want - tail + cut)
+        return FileSlice(fd, off, want - tail + cut, traffic)
     except BaseException:
         os.close(fd)
         raise

@@ -210,7 +210,7 @@ class BusApi:
                 await request.hold_memory(min(max_size, size - off))
             found = await self._store.read_slice(category, chunk, off, max_size)
             if isinstance(found, FileSlice):
-                return web.FileResponse(found.fd, found.offset, found.length)
+                return web.FileResponse(found.fd, found.offset, found.length, found.sent)
             data = found
         return web.Response(body=data, content_type="application/octet-stream")
 

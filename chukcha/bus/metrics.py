@@ -15,6 +15,8 @@ Families (counters end in ``_total``; ``category``, ``group`` and ``peer`` label
 ``chukcha_written_messages_total{category}`` count messages written into own chunks
 ``chukcha_read_requests_total{category}``    count ``/read`` requests served (clients and peers)
 ``chukcha_read_bytes_total{category}``       count bytes sent by ``/read``
+``chukcha_read_messages_total{category}``    count messages sent by ``/read`` (a message read
+                                                   twice counts twice; clients and peers)
 ``chukcha_replicated_bytes_total{category}`` count bytes downloaded from peers into this node
 ``chukcha_chunks{category,complete}``        gauge live chunks held here
 ``chukcha_chunk_bytes{category}``            gauge bytes in live chunks held here
@@ -36,8 +38,10 @@ Families (counters end in ``_total``; ``category``, ``group`` and ``peer`` label
 =========================================== ===== ==========================================
 
 The two ``chukcha_chunks_acknowledged_total`` and ``chukcha_retention_deleted_chunks_total``
-families carry a ``category`` label. Messages *read* are not counted: counting the newlines of
-a read of up to 16 MiB costs about as much as serving it; use the bytes.
+families carry a ``category`` label. Messages read are the newlines in what ``/read`` sent,
+counted as it is sent (``bytes.count``, one C loop over bytes already in memory; a streamed
+answer over 1 MiB counts each piece as it goes out, so an answer cut short by the
+client counts what it got).
 
 Each node has its own :class:`~prometheus_client.CollectorRegistry` (several nodes can run in
 one process, as in the tests); nothing is registered in the global one.
@@ -209,6 +213,8 @@ class _NodeCollector(Collector):
                                          labels=["category"]),
             "bytes_read": CounterMetricFamily("chukcha_read_bytes", "Bytes sent by /read",
                                               labels=["category"]),
+            "messages_read": CounterMetricFamily("chukcha_read_messages",
+                                                 "Messages sent by /read", labels=["category"]),
             "bytes_replicated": CounterMetricFamily("chukcha_replicated_bytes",
                                                     "Bytes downloaded from peers",
                                                     labels=["category"]),

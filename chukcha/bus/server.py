@@ -593,6 +593,8 @@ class _Connection(asyncio.Protocol):
                 else:
                     self._transport.write(piece)
                 pos += want
+                if resp.on_sent is not None:
+                    resp.on_sent(piece)
                 del piece
                 if self._write_paused and pos < end:
                     await self._wait_drained()

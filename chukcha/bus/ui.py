@@ -60,7 +60,7 @@ class NodeUi:
         self._status = status
         self._lag = lag
         self._apps = apps
-        self._samples: deque[tuple[float, dict[str, tuple[int, int, int]]]] = deque()
+        self._samples: deque[tuple[float, dict[str, tuple[int, int, int, int]]]] = deque()
 
     def routes(self) -> dict[str, Handler]:
         return {"/ui": self.html, "/ui/data": self.json}
@@ -69,7 +69,7 @@ class NodeUi:
         """Record the store's counters now (for the rates)."""
         now = time.monotonic() if now is None else now
         self._samples.append((now, {
-            c: (t.bytes_written, t.messages_written, t.bytes_read)
+            c: (t.bytes_written, t.messages_written, t.bytes_read, t.messages_read)
             for c, t in self._store.traffic().items()
         }))
         while self._samples and now - self._samples[0][0] > _KEEP:
@@ -80,22 +80,24 @@ class NodeUi:
             self.sample()
             await asyncio.sleep(SAMPLE_INTERVAL)
 
-    def _rates(self, category: str, window: float) -> tuple[float, float, float] | None:
-        """(bytes written/s, messages written/s, bytes read/s) over about ``window`` s."""
+    def _rates(self, category: str, window: float) -> tuple[float, float, float, float] | None:
+        """(bytes written/s, messages written/s, bytes read/s, messages read/s) over about
+        ``window`` s."""
         if not self._samples:
             return None
         now = time.monotonic()
         traffic = self._store.traffic().get(category)
         if traffic is None:
             return None
-        current = (traffic.bytes_written, traffic.messages_written, traffic.bytes_read)
+        current = (traffic.bytes_written, traffic.messages_written, traffic.bytes_read,
+                   traffic.messages_read)
         # The oldest sample within the window (or the oldest there is, early on).
         t0, values = next(((t, v) for t, v in self._samples if now - t <= window),
                           self._samples[-1])
         dt = now - t0
         if dt <= 0:
             return None
-        before = values.get(category, (0, 0, 0))
+        before = values.get(category, (0, 0, 0, 0))
         return tuple((c - b) / dt for c, b in zip(current, before, strict=True))  # type: ignore[return-value]
 
     async def data(self) -> dict[str, Any]:
@@ -110,7 +112,7 @@ class NodeUi:
                 "complete": sum(1 for c in chunks if c.complete),
                 "bytes": sum(c.size for c in chunks),
                 "rates": {k: None if r is None else {"write_bytes": r[0], "write_messages": r[1],
-                                                     "read_bytes": r[2]}
+                                                     "read_bytes": r[2], "read_messages": r[3]}
                           for k, r in rates.items()},
             })
         groups = [x.to_json() for x in await self._lag.lags()]
@@ -146,10 +148,11 @@ class NodeUi:
 
         cats = table(
             ["category", "chunks", "complete", "bytes", "msg/s 1 min", "msg/s 5 min",
-             "written B/s 1 min", "read B/s 1 min"],
+             "written B/s 1 min", "read B/s 1 min", "read msg/s 1 min"],
             [(c["name"], c["chunks"], c["complete"], c["bytes"], rate(c, "60s", "write_messages"),
               rate(c, "300s", "write_messages"), rate(c, "60s", "write_bytes"),
-              rate(c, "60s", "read_bytes")) for c in d["categories"]],
+              rate(c, "60s", "read_bytes"), rate(c, "60s", "read_messages"))
+             for c in d["categories"]],
             css_id="categories", empty="no categories yet",
         )
         groups = table(

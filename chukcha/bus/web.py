@@ -193,13 +193,18 @@ class Response(StreamResponse):
 class FileResponse(Response):
     """``length`` bytes of the open file ``fd`` from ``offset``, sent piece by piece as the
     client takes them (the server closes ``fd``). A file that reads short (truncated meanwhile)
-    aborts the connection: the client sees a broken answer, never wrong bytes."""
+    aborts the connection: the client sees a broken answer, never wrong bytes. ``on_sent``
+    is called with each piece once it is handed to the transport."""
 
-    def __init__(self, fd: int, offset: int, length: int) -> None:
+    def __init__(
+        self, fd: int, offset: int, length: int,
+        on_sent: Callable[[bytes], None] | None = None,
+    ) -> None:
         super().__init__(content_type="application/octet-stream")
         self.fd = fd
         self.offset = offset
         self.length = length
+        self.on_sent = on_sent
 
 
 def json_response(data: Any, *, status: int = 200) -> Response:

@@ -10,6 +10,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from chukcha.bus.chunks import STREAM_READ_OVER
 from chukcha.client.ids import new_id
 from chukcha.testing import run_cluster, run_node
 from tests.integration.cluster_helpers import read_all, wait_for, write
@@ -57,6 +58,7 @@ async def test_metrics_count_writes_reads_acks_and_requests(tmp_path: Path) -> N
         assert value(m, "chukcha_written_messages_total", category="orders") == 12
         assert value(m, "chukcha_write_requests_total", category="orders") == 11
         assert value(m, "chukcha_read_bytes_total", category="orders") == written
+        assert value(m, "chukcha_read_messages_total", category="orders") == 12
         assert value(m, "chukcha_chunks_acknowledged_total", category="orders") == 1
         assert value(m, "chukcha_acks_total", category="orders", group="") == 1
         live = node.store.list_chunks("orders")
@@ -70,6 +72,49 @@ async def test_metrics_count_writes_reads_acks_and_requests(tmp_path: Path) -> N
         assert value(m, "chukcha_http_request_duration_seconds_count", endpoint="/write") == 12
         assert value(m, "chukcha_http_request_duration_seconds_sum", endpoint="/write") > 0
         assert value(m, "chukcha_node_info", instance="m", cluster="standalone") == 1
+
+
+async def test_messages_read_are_counted_in_small_and_streamed_reads(tmp_path: Path) -> None:
+    started = time.monotonic()  # the /ui's first sample (all zeros) is taken after this
+    async with run_node(tmp_path / "d", instance="m") as node, aiohttp.ClientSession() as http:
+        # 3 writes of 1 MiB minus a little: one chunk of ~3 MiB, read whole in one /read of
+        # 4 MiB (sent from the file piece by piece: over STREAM_READ_OVER).
+        line = b"m" * 99 + b"\n"
+        body = line * 10000
+        for _ in range(3):
+            assert (await write(http, node.url, "big", body)).status == 200
+        [chunk] = node.store.list_chunks("big")
+        assert chunk.size == 3 * len(body) > STREAM_READ_OVER
+        reads_from = time.monotonic()  # the first sample was taken before any read
+        # Two small reads first (in memory), cut to whole messages: 2 and then 1.
+        for off, max_size, n in ((0, 250, 2), (200, 150, 1)):
+            async with http.get(f"{node.url}/read", params={
+                "category": "big", "chunk": chunk.name, "off": str(off),
+                "max_size": str(max_size),
+            }) as resp:
+                assert resp.status == 200
+                assert (await resp.read()).count(b"\n") == n
+        m = await scrape(http, node.url)
+        assert value(m, "chukcha_read_messages_total", category="big") == 3
+        assert value(m, "chukcha_read_bytes_total", category="big") == 300
+
+        messages = await read_all(http, node.url, "big")
+        assert len(messages) == 30000
+        m = await scrape(http, node.url)
+        assert value(m, "chukcha_read_messages_total", category="big") == 30003
+        assert value(m, "chukcha_read_bytes_total", category="big") == 300 + chunk.size
+        # read_all: the big read, then one empty read at the end.
+        assert value(m, "chukcha_read_requests_total", category="big") == 4
+
+        # The /ui rate: 30003 messages since the first sample (within the 1 min window).
+        asked = time.monotonic()
+        async with http.get(f"{node.url}/ui/data") as resp:
+            data = await resp.json()
+        answered = time.monotonic()
+        assert answered - started < 60
+        [big] = [c for c in data["categories"] if c["name"] == "big"]
+        rate = big["rates"]["60s"]["read_messages"]
+        assert 30003 / (answered - started) <= rate <= 30003 / (asked - reads_from)
 
 
 async def test_group_lag_counts_unacked_chunks_and_the_oldest_message_age(
