@@ -5,8 +5,9 @@ One consumer (group = the app's name) per category, each in its own task; a lock
 ``consumer.read()`` -> batches (at most one per owner stream), :meth:`Engine.process` each
 batch (dedup, callbacks), then :meth:`Checkpoint.commit
 <chukcha.processors.checkpoint.Checkpoint.commit>` (flush sinks, one write, fsync, send the
-outbox, ack). :class:`_BusIO` is where the checkpoint's effects go: the sinks, the client, and
-``consumer.commit(positions)``, which acks the complete chunks wholly before the positions.
+outbox, ack). :class:`~chukcha.processors.busio.BusIO` is where the checkpoint's effects go:
+the sinks, the client, and ``consumer.commit(positions)``, which acks the complete chunks
+wholly before the positions.
 
 Sinks that are async context managers (or have ``start()``/``stop()``) are entered when the app
 starts, before anything is read, and closed in reverse order when it stops, also on an error;
@@ -28,9 +29,9 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from chukcha.client import Client
 from chukcha.client.consumer import Batch, Consumer, Position
-from chukcha.errors import AppConfigError, ClientError, ConsumerError
+from chukcha.errors import AppConfigError, ClientError
 from chukcha.loop import run_loop
-from chukcha.processors.checkpoint import Checkpoint
+from chukcha.processors.busio import BusIO
 from chukcha.processors.engine import Engine
 from chukcha.processors.group import GroupConfig, GroupMode, check_group_app
 from chukcha.processors.monitor import AppMonitor, parse_http_address
@@ -251,101 +252,6 @@ class _SinkCloser:
         return False  # never swallow the app's error
 
 
-class _BusIO:
-    """Where the checkpoints' effects go in a real run: the app's sinks, the bus, the acks."""
-
-    def __init__(self, app: App, client: Client, consumers: dict[str, Consumer]) -> None:
-        self._app = app
-        self._client = client
-        self._consumers = consumers
-        self.partitions: PartitionSet | None = None
-        self._acked: dict[str, dict[str, tuple[str, int]]] = {}
-        # Partitions commit concurrently: one flush at a time per sink (a sink need not be
-        # safe for concurrent flushes), one ack round at a time.
-        self._sink_locks: dict[str, asyncio.Lock] = {}
-        self._ack_lock = asyncio.Lock()
-
-    async def flush(self, sink: str, rows: list[Any]) -> None:
-        async with self._sink_locks.setdefault(sink, asyncio.Lock()):
-            await self._app.sinks[sink].flush(rows)
-
-    async def send(self, category: str, lines: list[bytes]) -> None:
-        await self._client.send(category, lines)
-
-    async def publish(self, category: str, lines: list[bytes]) -> None:
-        """A changelog record, confirmed by ``changelog_min_sync_replicas`` other nodes."""
-        await self._client.send(category, lines,
-                                min_sync_replicas=self._app.config.changelog_min_sync_replicas)
-
-    async def read_all(self, category: str) -> list[bytes]:
-        """Every message of ``category`` on every node that answers (a record that has not
-        replicated everywhere yet is still found); raises when no node answers."""
-        lines: list[bytes] = []
-        answered: list[str] = []
-        errors: list[str] = []
-        api = self._client.api
-        for url in self._client.nodes:
-            try:
-                for info in await api.list_chunks(url, category):
-                    off = 0
-                    while data := await api.read(url, category, info.name, off, 4 << 20):
-                        off += len(data)
-                        lines.extend(data[:-1].split(b"\n"))
-            except ClientError as exc:
-                errors.append(f"{url}: {exc}")
-                continue
-            answered.append(url)
-        if not answered:
-            raise ClientError(f"no node answered reading {category!r}: {'; '.join(errors)}")
-        return lines
-
-    async def complete_chunks(self, category: str) -> list[tuple[str, int]]:
-        return [(c.name, c.size) for c in await self._client.list_chunks(category)
-                if c.complete]
-
-    async def ack_chunk(self, category: str, chunk: str, size: int) -> None:
-        """A plain ack (no group: nothing else reads a changelog) on the first node that takes
-        it; acks replicate to every node."""
-        errors: list[str] = []
-        for url in self._client.nodes:
-            try:
-                await self._client.api.ack(url, category, chunk, size)
-            except ClientError as exc:
-                errors.append(f"{url}: {exc}")
-            else:
-                return
-        raise ClientError(f"ack of {category}/{chunk} failed: {'; '.join(errors)}")
-
-    async def ack(self, checkpoint: Checkpoint, *, force: bool) -> None:
-        """Ack (through each consumer) everything wholly before the lowest committed position
-        of all partitions, once none of them waits for an fsync."""
-        parts = self.partitions
-        if parts is None or not parts.synced:
-            return
-        async with self._ack_lock:
-            for category, consumer in list(self._consumers.items()):
-                positions = parts.ack_positions(category)
-                if not force and positions == self._acked.get(category):
-                    continue
-                try:
-                    await consumer.commit(
-                        {owner: Position(chunk, off) for owner, (chunk, off) in positions.items()}
-                    )
-                except ClientError as exc:
-                    # Not fatal: the positions are committed; the next commit acks again.
-                    logger.warning("app=%s category=%s ack failed: %s", self._app.name,
-                                   category, exc)
-                except ConsumerError as exc:
-                    if consumer.fence is None:
-                        raise
-                    # A fenced ack refused: another instance owns the partition now; its
-                    # loops are being stopped (the lease watch says so too).
-                    logger.warning("app=%s category=%s ack refused, the partition moved: %s",
-                                   self._app.name, category, exc)
-                else:
-                    self._acked[category] = dict(positions)
-
-
 class _Progress:
     """The app's progress log: a line at least every :data:`PROGRESS_INTERVAL` seconds while it
     works (applied, duplicates, dead letters, lag per input category), and "caught up" when a
@@ -396,7 +302,7 @@ class _Session:
         self._hop_consumers: list[Consumer] = []
         self._hops: list[Repartitioner] = []
         self._progress = _Progress(app.name, self._totals)
-        io = _BusIO(app, client, self._consumers)
+        io = BusIO(app, client, self._consumers)
         self._parts = io.partitions = PartitionSet(app, stores, io,
                                                    owned=() if group is not None
                                                    else split.owned(app.partitions),
