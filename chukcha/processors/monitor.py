@@ -67,6 +67,22 @@ document.getElementById("query").addEventListener("submit", async (ev) => {
 """
 
 
+@web.middleware
+async def _plain_errors(
+    request: web.Request, handler: Callable[[web.Request], Any]
+) -> web.StreamResponse:
+    """An unhandled error is logged with its traceback and answered 500 with its reason in plain
+    text, as the node does (not aiohttp's generic "Server got itself in trouble")."""
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        logger.exception("app HTTP port: %s %s failed", request.method, request.path_qs)
+        return web.Response(status=500, text=f"internal error: {type(exc).__name__}: {exc}\n")
+    return response
+
+
 def parse_http_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``:PORT`` is ``127.0.0.1:PORT``; port 0 picks a free one)."""
     host, sep, port = text.rpartition(":")
@@ -97,7 +113,7 @@ class AppMonitor:
         self._name = app_name
         self._checkpoints = checkpoints
         self._consumers = consumers
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[_plain_errors])
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/ui", self._ui)
         self.app.router.add_get("/ui/query", self._query)
