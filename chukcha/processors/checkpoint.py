@@ -6,7 +6,8 @@ After a batch was staged by the partition's :class:`~chukcha.processors.engine.E
 1. flush the sink rows of the applied events (retried with backoff until they succeed);
 2. write ONE batch to the partition's store: table + dedup + positions + outbox;
 3. fsync it per the policy (``StateConfig.sync_interval``);
-4. send the outbox (retried), scheduling its keys for deletion in the next commit;
+4. with a changelog, publish the commit's record (confirmed) first; then send the outbox
+   (retried), scheduling its keys for deletion in the next commit;
 5. ack, through :class:`CheckpointIO`, what lies wholly before the committed positions, but
    only once they are fsync'ed (or the policy never fsyncs).
 
@@ -136,10 +137,14 @@ class Checkpoint:
     async def _ack(self, *, force: bool) -> None:
         """Step 5, after publishing the committed changelog records (retried until they are
         confirmed): an ack never precedes the bus holding the state it covers."""
+        await self._publish_changelog()
+        await self._io.ack(self, force=force)
+
+    async def _publish_changelog(self) -> None:
+        """Publish the committed changelog records (retried until they are confirmed)."""
         changelog = self.changelog
         if changelog is not None and changelog.unpublished:
             await self.retry(f"changelog publish to {changelog.category!r}", changelog.publish)
-        await self._io.ack(self, force=force)
 
     async def flush_sinks(self) -> None:
         """Step 1: write the staged sink rows (retried until they succeed)."""
@@ -149,7 +154,11 @@ class Checkpoint:
                                  lambda n=name, r=rows: self._io.flush(n, r))  # type: ignore[misc]
 
     async def send_outbox(self) -> None:
-        """Step 4: send the committed outbox (also what a previous run left unsent)."""
+        """Step 4: send the committed outbox (also what a previous run left unsent); with a
+        changelog, only once the bus holds the commits the emits come from (fsync'ed ones): a
+        partition rebuilt from the bus must never emit an ID already sent with other content."""
+        if not self.unsynced:
+            await self._publish_changelog()
         engine = self.engine
         for entry in list(engine.outbox):
             await self.retry(f"emit of {len(entry.lines())} events to {entry.category!r}",
