@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Final
 
 import orjson
 
 from chukcha.bus.chunks import ChunkStore
+from chukcha.bus.files import read_file, write_atomic
 from chukcha.errors import ChukchaError
 from chukcha.protocol import validate_category
 
@@ -74,7 +73,7 @@ class AckedRetention:
         return {c: len(chunks) for c, chunks in self._since.items() if chunks}
 
     async def load(self) -> None:
-        raw = await asyncio.to_thread(_read, self._path)
+        raw = await asyncio.to_thread(read_file, self._path)
         if raw is None:
             return
         try:
@@ -86,7 +85,7 @@ class AckedRetention:
 
     async def _save(self) -> None:
         data = orjson.dumps({c: chunks for c, chunks in sorted(self._since.items()) if chunks})
-        await asyncio.to_thread(_write_atomic, self._path, data)
+        await asyncio.to_thread(write_atomic, self._path, data)
 
     async def acked(self, category: str, chunk: str, size: int | None, *,
                     replica: bool = False) -> bool:
@@ -141,27 +140,3 @@ class AckedRetention:
                         self._store.instance, ", ".join(done))
         return done
 
-
-def _read(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
