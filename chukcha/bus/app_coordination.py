@@ -48,7 +48,7 @@ import orjson
 from chukcha.assignment import assign
 from chukcha.bus.config import ETCD_EXTRA_MISSING, etcd_installed, parse_etcd_endpoint
 from chukcha.bus.coordination import DEFAULT_LEASE_TTL, ETCD_ERRORS, _EtcdWatcher
-from chukcha.bus.tasks import log_task_crash
+from chukcha.bus.tasks import log_task_crash, run_until_first_ends
 from chukcha.errors import AppConfigError, CoordinationError, InstanceTakenOverError
 from chukcha.protocol import validate_instance
 
@@ -286,14 +286,7 @@ class AppInstances(_EtcdWatcher):
             asyncio.create_task(self._watch_loop(watch), name="app-watch"),
             asyncio.create_task(self._reconcile_loop(client), name="app-reconcile"),
         ]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.wait(tasks)
-        for t in done:
-            t.result()
+        await run_until_first_ends(tasks)
 
     async def _check_partitions(self, client: Any) -> None:
         key = self._prefix + b"partitions"

@@ -32,7 +32,7 @@ import orjson
 
 from chukcha.bus.config import ETCD_EXTRA_MISSING, Peer, etcd_installed, parse_etcd_endpoint
 from chukcha.bus.files import read_file, write_atomic
-from chukcha.bus.tasks import log_task_crash
+from chukcha.bus.tasks import log_task_crash, run_until_first_ends
 from chukcha.errors import BadRequestError, CoordinationError, StaleEpochError
 from chukcha.protocol import parse_uint, validate_instance
 
@@ -358,16 +358,7 @@ class EtcdMembership(_EtcdWatcher):
             asyncio.create_task(self._keepalive_loop(client), name="etcd-keepalive"),
             asyncio.create_task(self._watch_loop(watch), name="etcd-watch"),
         ]
-        # Both run until the session breaks; the first failure ends the session (a TaskGroup
-        # would wrap it in an ExceptionGroup, which the retry loop would have to unpick).
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.wait(tasks)
-        for t in done:
-            t.result()
+        await run_until_first_ends(tasks)  # both run until the session breaks
 
     async def _register(self, client: Any) -> None:
         if self._lease_id is not None:

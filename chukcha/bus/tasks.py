@@ -8,7 +8,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["log_task_crash", "run_to_end"]
+__all__ = ["log_task_crash", "run_to_end", "run_until_first_ends"]
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +20,20 @@ def log_task_crash(task: asyncio.Task[Any], what: str) -> None:
     ended with, so a crashed background task is never silent. A cancellation is not a crash."""
     if not task.cancelled() and (exc := task.exception()) is not None:
         logger.error("%s task %s crashed", what, task.get_name(), exc_info=exc)
+
+
+async def run_until_first_ends(tasks: list[asyncio.Task[Any]]) -> None:
+    """Wait until one of ``tasks`` ends, cancel and await the others, then re-raise what the
+    first ended with (an etcd session's loops: the first failure ends the session; a TaskGroup
+    would wrap it in an ExceptionGroup, which the retry loop would have to unpick)."""
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks)
+    for t in done:
+        t.result()
 
 
 async def run_to_end(step: Coroutine[Any, Any, _T]) -> _T:

@@ -266,16 +266,9 @@ class Consumer:
         return self._listed_at > -_INF and all(s.at_end for s in self._streams.values())
 
     def backlog_bytes(self) -> int:
-        """Bytes listed (as of the last listing) beyond where each stream is read up to."""
-        total = 0
-        for owner, chunks in self._by_owner.items():
-            s = self._streams.get(owner)
-            for c in chunks:
-                if s is None or c.name > s.chunk:
-                    total += c.size
-                elif c.name == s.chunk:
-                    total += max(0, c.size - s.offset)
-        return total
+        """Bytes listed (as of the last listing) beyond where each stream is read up to: the
+        same as :attr:`lag_bytes`."""
+        return self.lag_bytes
 
     def positions(self) -> dict[str, Position]:
         """Where each stream is read up to (delivered, not necessarily committed)."""
