@@ -125,6 +125,20 @@ class Scenario:
     def instance(self, name: str, state: str) -> Processor:
         return instance(self.cluster, self.etcd, self.tmp_path, name, state)
 
+    async def start_x_and_y(self) -> tuple[Processor, Processor, dict[int, str]]:
+        """Start instances x and y, wait until they share the partitions, send a round and
+        wait for its receipts: the opening of every scenario here. Returns the two and the
+        shared assignment."""
+        x, y = self.instance("x", "state-x"), self.instance("y", "state-y")
+        for p in (x, y):
+            await p.start()
+        for p in (x, y):
+            await p.wait_ready()
+        shared = await wait_owners(self.etcd, balanced, "x and y to share the partitions")
+        await self.send_round()
+        await self.receipts()
+        return x, y, shared
+
     async def send_round(self) -> None:
         events = [order(self.sent + k, self.rng) for k in range(PER_ROUND)]
         self.sent += PER_ROUND
@@ -166,14 +180,7 @@ async def test_instances_share_take_over_and_hand_over_partitions_exactly_once(
     tmp_path: Path, etcd: EtcdServer
 ) -> None:
     async with scenario(tmp_path, etcd, seed=5) as sc:
-        x, y = sc.instance("x", "state-x"), sc.instance("y", "state-y")
-        for p in (x, y):
-            await p.start()
-        for p in (x, y):
-            await p.wait_ready()
-        shared = await wait_owners(etcd, balanced, "x and y to share the partitions")
-        await sc.send_round()
-        await sc.receipts()
+        x, y, shared = await sc.start_x_and_y()
 
         # SIGKILL y: after its lease (2 s) x owns everything, its state from the changelog.
         assert await y.kill() == -9
@@ -206,14 +213,7 @@ async def test_a_paused_owner_is_fenced_and_the_state_stays_exact(
     partitions over and processes; SIGCONT: the former owner notices it lost them and stops
     them (whatever it still tries to ack is refused), and the state stays exact."""
     async with scenario(tmp_path, etcd, seed=9) as sc:
-        x, y = sc.instance("x", "state-x"), sc.instance("y", "state-y")
-        for p in (x, y):
-            await p.start()
-        for p in (x, y):
-            await p.wait_ready()
-        await wait_owners(etcd, balanced, "x and y to share the partitions")
-        await sc.send_round()
-        await sc.receipts()
+        x, y, _ = await sc.start_x_and_y()
         assert y.proc is not None
         y.proc.send_signal(signal.SIGSTOP)
         await sc.send_round()
@@ -243,14 +243,7 @@ async def test_an_etcd_outage_pauses_processing_and_it_resumes(
     (no double processing), input keeps coming, etcd comes back: they resume (or rebalance)
     and the state is exact."""
     async with scenario(tmp_path, etcd, seed=13) as sc:
-        x, y = sc.instance("x", "state-x"), sc.instance("y", "state-y")
-        for p in (x, y):
-            await p.start()
-        for p in (x, y):
-            await p.wait_ready()
-        await wait_owners(etcd, balanced, "x and y to share the partitions")
-        await sc.send_round()
-        await sc.receipts()
+        x, y, _ = await sc.start_x_and_y()
         await etcd.stop()
 
         async def stopped(p: Processor) -> bool:
