@@ -15,6 +15,8 @@ Every phase checks that what was written is read back exactly once. Medians over
     .venv/bin/python bench/bench_vs_go.py --go ../shared/bin/chukcha-go
     .venv/bin/python bench/bench_vs_go.py --go PATH --runs 3 --single-n 60000 -n 3000000
     .venv/bin/python bench/bench_vs_go.py --go PATH --node-arg=--workers=16   # other flags
+    .venv/bin/python bench/bench_vs_go.py --go PATH --only bulk --runs 5   # bulk phases only
+    .venv/bin/python bench/bench_vs_go.py --go PATH --baseline /tmp/main-src   # before/after
 
 The load generator shares the machine with the node under test (on 2 cores it takes about one).
 """
@@ -83,11 +85,22 @@ async def _go(path: str) -> AsyncIterator[Target]:
 
 
 @contextlib.asynccontextmanager
-async def _ours(args: Sequence[str]) -> AsyncIterator[Target]:
+async def _ours(args: Sequence[str], source: str | None = None) -> AsyncIterator[Target]:
     with tempfile.TemporaryDirectory(prefix="chukcha-bench-py-") as tmp:
         node = NodeProcess(Path(tmp) / "data", "pybench", ["--log-level", "WARNING", *args])
         try:
-            await node.start()
+            if source is None:
+                await node.start()
+            else:  # the node's package from another source tree (before/after in one run)
+                saved = os.environ.get("PYTHONPATH")
+                os.environ["PYTHONPATH"] = source
+                try:
+                    await node.start()
+                finally:
+                    if saved is None:
+                        del os.environ["PYTHONPATH"]
+                    else:
+                        os.environ["PYTHONPATH"] = saved
             pid = node.proc.pid if node.proc is not None else None
             yield Target("ours", node.address, pid)
         finally:
@@ -150,6 +163,10 @@ async def _single(t: Target, category: str, n: int, conns: int, sync: bool = Fal
 
 
 async def _bulk(t: Target, bodies: list[bytes], n: int) -> tuple[Result, Result]:
+    # Warm-up, not measured: the first big bodies pay one-time costs (our node imports numpy
+    # for its message counters; both fill their allocators), which a short phase would show.
+    await _write_all_raw(t.address, "warmup", bodies[:16], 4)
+    await _read_all_raw(f"http://{t.address}", 1 << 20, 4, "warmup", Verifier(bodies[:16]).chunk)
     write = await _measured(t.pid, _write_all_raw(t.address, "bulk", bodies, 4))
     verifier = Verifier(bodies)
     read = await _measured(t.pid, _read_all_raw(f"http://{t.address}", 1 << 20, 4, "bulk",
@@ -172,18 +189,25 @@ async def _one_run(args: argparse.Namespace, bodies: list[bytes]) -> dict[str, R
     starters: list[tuple[str, Callable[[], contextlib.AbstractAsyncContextManager[Target]]]] = [
         ("go", lambda: _go(args.go)), ("ours", lambda: _ours(args.node_arg)),
     ]
+    if args.baseline:
+        starters.append(("ours, baseline", lambda: _ours(args.node_arg, args.baseline)))
+    only = set(args.only or ("single", "bulk", "sync"))
     for who, start in starters:
         async with start() as t:
-            put("single, 8 conns", who, await _single(t, "s8", args.single_n, 8))
-            put("single, 64 conns", who, await _single(t, "s64", args.single_n, 64))
-            write, read = await _bulk(t, bodies, args.n)
-            put("bulk write, 4 conns", who, write)
-            put("bulk read, 4 conns", who, read)
-            sync = await _single(t, "sync", args.sync_n, 64, sync=True)
-            put("sync=1 single, 64 conns", who, sync)  # Go ignores sync=1: no fsync there
-    async with _ours([*args.node_arg, "--no-group-commit"]) as t:
-        put("sync=1 single, 64 conns", "ours, no group commit",
-            await _single(t, "sync", args.sync_n, 64, sync=True))
+            if "single" in only:
+                put("single, 8 conns", who, await _single(t, "s8", args.single_n, 8))
+                put("single, 64 conns", who, await _single(t, "s64", args.single_n, 64))
+            if "bulk" in only:
+                write, read = await _bulk(t, bodies, args.n)
+                put("bulk write, 4 conns", who, write)
+                put("bulk read, 4 conns", who, read)
+            if "sync" in only:
+                sync = await _single(t, "sync", args.sync_n, 64, sync=True)
+                put("sync=1 single, 64 conns", who, sync)  # Go ignores sync=1: no fsync there
+    if "sync" in only:
+        async with _ours([*args.node_arg, "--no-group-commit"]) as t:
+            put("sync=1 single, 64 conns", "ours, no group commit",
+                await _single(t, "sync", args.sync_n, 64, sync=True))
     return rows
 
 
@@ -239,6 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sync-n", type=int, default=10_000, help="sync=1 single-message writes")
     p.add_argument("--node-arg", action="append", default=[],
                    help="extra flag for our node (repeatable): --node-arg=--workers=4")
+    p.add_argument("--baseline", metavar="SRC",
+                   help="also run our node from this source tree (e.g. `git archive main` "
+                        "unpacked), alternating with the others: before/after in one run")
+    p.add_argument("--only", action="append", choices=("single", "bulk", "sync"),
+                   help="run only these phases (repeatable; default: all)")
     args = p.parse_args(argv)
     if not Path(args.go).is_file():
         print(f"no Go binary at {args.go}", file=sys.stderr)

@@ -6,7 +6,9 @@ more ``\\n``-terminated messages, and reads are cut back to the last ``\\n``.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -24,6 +26,7 @@ __all__ = [
     "ChunkName",
     "check_messages",
     "chunk_file_name",
+    "count_newlines",
     "cut_to_last_newline",
     "format_go_duration",
     "parse_chunk_name",
@@ -173,6 +176,32 @@ def check_messages(
         if nl < 0:
             raise MessageTooLargeError(max_message)
         pos = nl + 1
+
+
+_VECTOR_COUNT_OVER: Final = 16 << 10
+"""Bodies and answers of at least this many bytes have their newlines counted by numpy."""
+
+
+def count_newlines(data: bytes | bytearray | memoryview) -> int:
+    """The number of ``\\n`` in ``data`` (messages of a write or a read, for the metrics).
+
+    CPython's ``bytes.count`` of one byte is a plain byte loop: about 1 ms per MiB here, as
+    much as the Go server's whole CPU per MiB written, and in a profile of bulk writes and
+    reads it was the largest single cost (a quarter of the node's CPU). numpy's compare and
+    count runs at memory speed (about 0.2 ms per MiB) and reads a ``memoryview`` without a
+    copy; small pieces keep ``bytes.count`` (numpy's per-call cost is larger there).
+    """
+    if len(data) < _VECTOR_COUNT_OVER:
+        if isinstance(data, memoryview):
+            return data.tobytes().count(b"\n")
+        return data.count(b"\n")
+    if "numpy" not in sys.modules:
+        # numpy's BLAS starts a thread per core that spins for work: none is needed here.
+        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, "1")
+    import numpy as np  # noqa: PLC0415 - only nodes that see big bodies pay for the import
+
+    return int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A))
 
 
 def cut_to_last_newline(data: bytes | bytearray | memoryview) -> int:

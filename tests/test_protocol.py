@@ -13,6 +13,7 @@ from chukcha.protocol import (
     ChunkName,
     check_messages,
     chunk_file_name,
+    count_newlines,
     cut_to_last_newline,
     format_go_duration,
     parse_chunk_name,
@@ -55,6 +56,16 @@ def test_check_messages_on_structured_bodies(lengths: list[int], max_message: in
     assert outcome(body, max_message) == expected
     assert outcome(memoryview(body), max_message) == expected  # type: ignore[arg-type]
     assert outcome(body[:-1] + b"x", max_message) is WriteRejectedError
+
+
+@given(st.lists(st.binary(max_size=300), max_size=200), st.integers(min_value=0, max_value=40))
+def test_count_newlines_agrees_with_bytes_count(pieces: list[bytes], skip: int) -> None:
+    # Bodies on both sides of the vectorised threshold (16 KiB), as bytes, bytearray and views.
+    data = b"\n".join(pieces) * (1 + len(pieces) % 3) * (60 if skip % 2 else 1)
+    expected = data.count(b"\n")
+    assert count_newlines(data) == expected
+    assert count_newlines(bytearray(data)) == expected
+    assert count_newlines(memoryview(data)[skip:]) == data[skip:].count(b"\n")
 
 
 def test_check_messages_limits_exactly() -> None:

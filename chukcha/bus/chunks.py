@@ -40,6 +40,7 @@ from chukcha.protocol import (
     ChunkInfo,
     ChunkName,
     chunk_file_name,
+    count_newlines,
     parse_chunk_name,
     validate_category,
 )
@@ -448,7 +449,7 @@ class ChunkStore:
             traffic = cat.traffic
             traffic.writes += 1
             traffic.bytes_written += len(body)
-            traffic.messages_written += body.count(b"\n")
+            traffic.messages_written += count_newlines(body)
             if grouped:
                 cat.sync_waiters += 1  # before the lock is released: a rotation syncs for us
         if grouped:
@@ -737,8 +738,9 @@ class ChunkStore:
         cat.traffic.bytes_read += cut
         # The newlines of what is sent (chukcha_read_messages_total): one C loop over bytes in
         # memory; answers over STREAM_READ_OVER are counted piece by piece (FileSlice.sent).
-        cat.traffic.messages_read += data.count(b"\n", 0, cut)
-        return data if cut == len(data) else memoryview(data)[:cut]
+        answer = data if cut == len(data) else memoryview(data)[:cut]
+        cat.traffic.messages_read += count_newlines(answer)
+        return answer
 
     async def read_slice(
         self, category: str, chunk: str, off: int, max_size: int
@@ -855,7 +857,7 @@ class FileSlice:
         """Count a piece sent: its bytes and its newlines (the pieces do not overlap, so the
         sum over a whole answer is exact; an aborted answer counts what was sent)."""
         self.traffic.bytes_read += len(piece)
-        self.traffic.messages_read += piece.count(b"\n")
+        self.traffic.messages_read += count_newlines(piece)
 
 
 def _open_slice(path: Path, off: int, want: int, traffic: Traffic) -> FileSlice | None:
