@@ -191,17 +191,26 @@ def count_newlines(data: bytes | bytearray | memoryview) -> int:
     count runs at memory speed (about 0.2 ms per MiB) and reads a ``memoryview`` without a
     copy; small pieces keep ``bytes.count`` (numpy's per-call cost is larger there).
     """
-    if len(data) < _VECTOR_COUNT_OVER:
+    np = _numpy() if len(data) >= _VECTOR_COUNT_OVER else None
+    if np is None:
         if isinstance(data, memoryview):
             return data.tobytes().count(b"\n")
         return data.count(b"\n")
+    return int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A))
+
+
+def _numpy() -> Any:
+    """numpy, imported on first use (only nodes that see big bodies pay for the import), or
+    ``None`` where it is not installed (an environment older than the dependency)."""
     if "numpy" not in sys.modules:
         # numpy's BLAS starts a thread per core that spins for work: none is needed here.
         for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(name, "1")
-    import numpy as np  # noqa: PLC0415 - only nodes that see big bodies pay for the import
-
-    return int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A))
+    try:
+        import numpy  # noqa: PLC0415 - see the docstring
+    except ImportError:
+        return None
+    return numpy
 
 
 def cut_to_last_newline(data: bytes | bytearray | memoryview) -> int:
