@@ -22,8 +22,14 @@ record marked ``base``. Once the snapshot is confirmed, the changelog chunks tha
 before it was written hold only older records: they are acked (deleted on every node), so the
 changelog and a restore's replay stay bounded by one snapshot plus ``snapshot_every`` records.
 
-Not done yet: standbys (a warm copy on another instance) and epochs from etcd (records carry
-epoch 0): an app runs as one instance or a static split.
+**Epochs.** Records carry the epoch of the writer's ownership: the etcd revision of its claim
+for instances through etcd (:mod:`chukcha.processors.group`), else the epoch of the last record
+the store holds (``0`` for a new one: one instance, or a static split, never changes it). A
+writer whose epoch is newer than the store's last record links its records to that record
+(:attr:`~chukcha.state.changelog.Record.link`): the store's position is kept under
+:data:`HEAD_KEY` with every commit and restore, so a new owner's records say which records it
+built on, and a reader (:func:`~chukcha.state.changelog.plan_replay`) ignores a former owner's
+records that came later, however late they reach the bus.
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ from typing import Final, Protocol
 from chukcha.partitioning import partition_category
 from chukcha.processors.engine import CommitPlan
 from chukcha.state.base import StateStore
-from chukcha.state.changelog import Assembler, Record, encode_record, replay_order
+from chukcha.state.changelog import Assembler, Head, Record, encode_record, plan_replay
 
-__all__ = ["PENDING_PREFIX", "SEQ_KEY", "Changelog", "ChangelogBus", "changelog_category"]
+__all__ = ["HEAD_KEY", "PENDING_PREFIX", "SEQ_KEY", "Changelog", "ChangelogBus",
+           "changelog_category", "read_head"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +53,27 @@ PENDING_PREFIX: Final = b"c/"
 """Records committed but not yet confirmed on the bus: ``c/<seq:016x>`` -> lines."""
 SEQ_KEY: Final = b"cseq"
 """The partition's last committed changelog ``seq`` (decimal)."""
+HEAD_KEY: Final = b"chead"
+"""The epoch of the record at ``seq`` and that epoch's link: ``b"<epoch>"`` or
+``b"<epoch> <link epoch> <link seq>"`` (absent in a store of the previous release)."""
 _RESTORE_BATCH: Final = 200_000  # keys per write batch of a restore
+
+
+def read_head(store: StateStore) -> Head | None:
+    """Where ``store`` stands in its changelog (blocking): ``None`` for a store whose last
+    record's epoch is not known (written by the previous release); ``Head(0, 0)`` for a new
+    one."""
+    raw = store.get(SEQ_KEY)
+    seq = int(raw) if raw else 0
+    head = store.get(HEAD_KEY)
+    if head is None:
+        return Head(0, 0) if seq == 0 else None
+    parts = [int(x) for x in head.split()]
+    return Head(parts[0], seq, (parts[1], parts[2]) if len(parts) == 3 else None)
+
+
+def _head_value(epoch: int, link: tuple[int, int] | None) -> bytes:
+    return b"%d" % epoch if link is None else b"%d %d %d" % (epoch, *link)
 
 
 def changelog_category(app: str, partition: int) -> str:
@@ -82,6 +109,9 @@ class Changelog:
         self.category = changelog_category(app, partition)
         self.partition = partition
         self.epoch = epoch
+        """The epoch of this writer's records (``0``: the epoch of the store's last record)."""
+        self.link: tuple[int, int] | None = None
+        """The link of this writer's records (set by :meth:`load`)."""
         self._bus = bus
         self._snapshot_every = snapshot_every
         self._snapshot_seq = 0
@@ -115,20 +145,20 @@ class Changelog:
             assembler.add(line)
         keys = 0
         merged: dict[bytes, bytes | None] = {}  # None: deleted (later records win)
-        seq = 0
-        for record in replay_order(assembler.records()):
+        head = Head(0, 0)
+        for record in plan_replay(assembler.records()).records:
             for key in record.deletes:
                 merged[key] = None
             for key, value in record.puts.items():
                 if not key.startswith(PENDING_PREFIX):
                     merged[key] = value
-            seq = record.seq
+            head = record.head
             self.restored_records += 1
             if len(merged) >= _RESTORE_BATCH:
-                keys += await _write_merged(store, merged, seq)
+                keys += await _write_merged(store, merged, head)
                 merged = {}
         if merged:
-            keys += await _write_merged(store, merged, seq)
+            keys += await _write_merged(store, merged, head)
         if self.restored_records:
             await asyncio.to_thread(store.write, {}, (), sync=True)
             took = time.monotonic() - started
@@ -139,9 +169,26 @@ class Changelog:
                         if assembler.incomplete else "")
 
     def load(self, store: StateStore) -> None:
-        """Read the last ``seq`` and the unpublished records (blocking)."""
+        """Read the last ``seq``, the epoch link and the unpublished records (blocking)."""
         raw = store.get(SEQ_KEY)
         self.seq = int(raw) if raw else 0
+        head = read_head(store)
+        if head is None:  # a store of the previous release: no link can be named
+            self.link = None
+        else:
+            if self.epoch == 0:
+                self.epoch = head.epoch  # no etcd: the store's epoch goes on
+            if self.epoch == head.epoch:
+                self.link = head.link  # the same ownership goes on (its link, if any)
+            elif self.epoch > head.epoch:
+                self.link = (head.epoch, head.seq)  # a new epoch builds on the store's head
+            else:
+                self.link = None
+                logger.warning(
+                    "category=%s partition %d: the claim's epoch %d is older than the epoch %d "
+                    "of the store's last record (was etcd reset?): readers of the changelog "
+                    "will not replay this partition's new records", self.category,
+                    self.partition, self.epoch, head.epoch)
         self._store = store
         self._snapshot_seq = self.seq
         self._pending = [(key, value.split(b"\n"))
@@ -153,10 +200,11 @@ class Changelog:
         """The extra puts and deletes that make ``plan``'s record part of its write batch."""
         seq = self.seq + 1
         lines = encode_record(Record(self.partition, self.epoch, seq, plan.puts,
-                                     list(plan.deletes)))
+                                     list(plan.deletes), link=self.link))
         key = PENDING_PREFIX + b"%016x" % seq
         self._staged = (key, lines)
-        puts = {key: b"\n".join(lines), SEQ_KEY: str(seq).encode()}
+        puts = {key: b"\n".join(lines), SEQ_KEY: str(seq).encode(),
+                HEAD_KEY: _head_value(self.epoch, self.link)}
         deletes, self._confirmed = self._confirmed, []
         return puts, deletes
 
@@ -193,7 +241,8 @@ class Changelog:
         seq = self.seq
         before = await self._bus.complete_chunks(self.category)
         items = await asyncio.to_thread(_store_items, store)
-        lines = encode_record(Record(self.partition, self.epoch, seq, items, base=True))
+        lines = encode_record(Record(self.partition, self.epoch, seq, items, base=True,
+                                     link=self.link))
         await self._bus.publish(self.category, lines)
         self._snapshot_seq = seq
         self.snapshots += 1
@@ -211,11 +260,12 @@ class Changelog:
                     len(items), len(lines), acked)
 
 
-async def _write_merged(store: StateStore, merged: dict[bytes, bytes | None], seq: int) -> int:
+async def _write_merged(store: StateStore, merged: dict[bytes, bytes | None], head: Head) -> int:
     """Write the net effect of consecutive records (one write batch, not fsync'ed yet)."""
     puts = {k: v for k, v in merged.items() if v is not None}
     deletes = [k for k, v in merged.items() if v is None]
-    puts[SEQ_KEY] = str(seq).encode()
+    puts[SEQ_KEY] = str(head.seq).encode()
+    puts[HEAD_KEY] = _head_value(head.epoch, head.link)
     await asyncio.to_thread(store.write, puts, deletes, sync=False)
     return len(puts) + len(deletes)
 
@@ -223,7 +273,7 @@ async def _write_merged(store: StateStore, merged: dict[bytes, bytes | None], se
 def _store_items(store: StateStore) -> dict[bytes, bytes]:
     """Every key of ``store`` but the changelog's own bookkeeping."""
     return {k: v for k, v in store.scan(b"")
-            if not k.startswith(PENDING_PREFIX) and k != SEQ_KEY}
+            if not k.startswith(PENDING_PREFIX) and k not in (SEQ_KEY, HEAD_KEY)}
 
 
 def _has_any_key(store: StateStore) -> bool:

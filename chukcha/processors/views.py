@@ -20,6 +20,12 @@ or not at all). Partitions are not synchronised with each other. A lookup in a c
 the view as it is at that moment: reprocessing an event after a crash may see a newer value.
 
 The view reads the changelog without a consumer group: it never acks, so it deletes nothing.
+
+**Which records.** The changelog can hold records that do not count: a former owner's (paused
+past its lease, then resumed) written after a newer owner took the partition. The view applies
+what :func:`~chukcha.state.changelog.plan_replay` puts on the chain; when a newer owner's link
+shows that the view already applied such a record (it arrived before the newer owner's records),
+the view rebuilds that partition from the start of its changelog (a WARNING says so).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from chukcha.client import Client, Consumer
 from chukcha.errors import ChukchaError
 from chukcha.partitioning import parse_partition_category
 from chukcha.processors.context import TABLE_PREFIX
-from chukcha.state.changelog import Assembler, Record, replay_order
+from chukcha.state.changelog import Assembler, Head, Record, plan_replay
 
 __all__ = ["View"]
 
@@ -64,6 +70,9 @@ class View:
         self._table: dict[str, bytes] = {}
         self.seqs: dict[int, int] = {}
         """The last applied changelog ``seq`` per partition."""
+        self._heads: dict[int, Head] = {}  # the last applied record per partition
+        self.rebuilds = 0
+        """Partitions rebuilt from the start because a record applied was off the chain."""
         self._assemblers: dict[int, Assembler] = {}
         self._keys: dict[int, set[str]] = {}  # the table's keys per partition
         self._consumers: dict[int, Consumer] = {}
@@ -186,6 +195,7 @@ class View:
 
     async def _follow(self, partition: int, consumer: Consumer) -> None:
         assembler = self._assemblers[partition]
+        category = consumer.category
         while True:
             try:
                 batches = await consumer.read(timeout=1.0)
@@ -198,10 +208,29 @@ class View:
             for batch in batches:
                 for line in batch.messages():
                     assembler.add(line)
-            self._apply(partition, assembler)
+            if not self._apply(partition, assembler):
+                # Applied a record off the chain: read the partition's changelog again.
+                logger.warning("view=%s partition %d applied a record that a newer owner did "
+                               "not build on (a former owner's late record); rebuilding the "
+                               "partition from its changelog", self.app, partition)
+                self.rebuilds += 1
+                self._clear(partition)
+                await consumer.stop()
+                consumer = self._consumers[partition] = self._need_client().consumer(category)
+                assembler = self._assemblers[partition] = Assembler()
             await self._notify()
 
-    def _apply(self, partition: int, assembler: Assembler) -> None:
+    def _clear(self, partition: int) -> None:
+        """Forget what the view applied of ``partition``."""
+        keys = self._keys.setdefault(partition, set())
+        for key in keys:
+            del self._table[key]
+        keys.clear()
+        self.seqs[partition] = 0
+        self._heads.pop(partition, None)
+
+    def _apply(self, partition: int, assembler: Assembler) -> bool:
+        """Apply what came (``False``: the view's position is off the chain, start over)."""
         table = self._table
         keys = self._keys.setdefault(partition, set())
         n = len(TABLE_PREFIX)
@@ -213,11 +242,16 @@ class View:
             # rebuild the partition from the snapshot, or it would stay at ``seq`` for good.
             logger.warning("view=%s partition %d fell behind a snapshot; rebuilding it from "
                            "the snapshot", self.app, partition)
-            for key in keys:
-                del table[key]
-            keys.clear()
+            self._clear(partition)
             seq = 0
-        for record in replay_order(records, after=seq):
+        replay = plan_replay(records, self._heads.get(partition))
+        if replay.diverged:
+            return False
+        for record in replay.records:
+            if record.base:  # a snapshot is the whole table: nothing before it stays
+                for key in keys:
+                    del table[key]
+                keys.clear()
             for raw in record.deletes:
                 if raw.startswith(TABLE_PREFIX):
                     key = raw[n:].decode()
@@ -229,8 +263,10 @@ class View:
                     table[key] = value
                     keys.add(key)
             seq = record.seq
+            self._heads[partition] = record.head
         self.seqs[partition] = seq
         assembler.forget(seq)
+        return True
 
     async def _notify(self) -> None:
         async with self._changed:

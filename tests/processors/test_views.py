@@ -129,6 +129,26 @@ def test_a_view_that_fell_behind_a_snapshot_starts_over_from_it() -> None:
     assert (dict(view.items()), view.seqs) == ({"a": 5, "d": 6, "z": 9}, {0: 6, 1: 1})
 
 
+async def test_a_view_that_applied_a_former_owners_late_record_rebuilds_the_partition(
+    node: Node,
+) -> None:
+    # Epoch 5 wrote seqs 1..3; the view applies them. Epoch 7 had taken the partition over
+    # having seen only 1..2 (3 reached the bus late): its records name (5, 2) as their link,
+    # so the view's seq 3 is off the chain and the partition is read again from the start.
+    def lines(*records: Record) -> list[bytes]:
+        return [line for r in records for line in encode_record(r)]
+
+    old = [Record(0, 5, s, {b"t/a": b'"5:%d"' % s}, link=(0, 0)) for s in (1, 2, 3)]
+    async with Client([node.url]) as client, View("billing", [node.url]) as view:
+        await client.send("billing.changelog.p0000", lines(*old))
+        await view.wait_for(lambda v: v.get("a") == "5:3")
+        await client.send("billing.changelog.p0000", lines(
+            Record(0, 7, 3, {b"t/a": b'"7:3"'}, link=(5, 2)),
+            Record(0, 7, 4, {b"t/b": b'"7:4"'}, link=(5, 2))))
+        await view.wait_for(lambda v: dict(v.items()) == {"a": "7:3", "b": "7:4"})
+        assert (view.rebuilds, view.seqs) == (1, {0: 4})
+
+
 async def test_a_view_of_an_app_without_a_changelog_warns(
     node: Node, caplog: pytest.LogCaptureFixture,
 ) -> None:
