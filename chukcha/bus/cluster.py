@@ -21,7 +21,8 @@ from chukcha.bus.config import NodeConfig, Peer
 from chukcha.bus.coordination import EtcdGroups, EtcdMembership, Membership, StaticMembership
 from chukcha.bus.http import Handler, ReplicaWaiter
 from chukcha.bus.peers import PeerAccess
-from chukcha.bus.replication import ReplicationServer, Replicator
+from chukcha.bus.replication import ReplicationServer
+from chukcha.bus.replicator import Replicator
 from chukcha.bus.status import StatusApi
 
 __all__ = ["PEERS_FILE", "Cluster"]

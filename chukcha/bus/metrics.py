@@ -70,7 +70,7 @@ from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.groups import ConsumerGroups
 from chukcha.bus.http import Handler
 from chukcha.bus.lag import GroupLag, LagMeter
-from chukcha.bus.replication import Replicator
+from chukcha.bus.replicator import Replicator
 
 __all__ = ["LATENCY_BUCKETS", "NodeMetrics"]
 

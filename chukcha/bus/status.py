@@ -21,7 +21,8 @@ import orjson
 from chukcha.bus import web
 from chukcha.bus.coordination import Membership
 from chukcha.bus.http import Handler
-from chukcha.bus.replication import ReplicationServer, Replicator
+from chukcha.bus.replication import ReplicationServer
+from chukcha.bus.replicator import Replicator
 
 __all__ = ["StatusApi"]
 

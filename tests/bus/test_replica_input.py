@@ -9,11 +9,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from chukcha.bus import replication
+from chukcha.bus import replication_link
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import Peer, ReplicationConfig
 from chukcha.bus.node import Node
-from chukcha.bus.replication import PeerLink, _BufferPool, _CategoryState, _lines
+from chukcha.bus.replication_link import BufferPool, PeerLink, _CategoryState, _lines
 from chukcha.errors import ReplicationError
 from tests.bus.conftest import Api
 
@@ -53,10 +53,10 @@ async def test_a_peer_listing_over_the_cap_is_refused(
         await api.write("c", b"x\n")
         await node.store.rotate()
     link = PeerLink(Peer("moscow", node.address), store, ReplicationConfig(), http,
-                    _BufferPool(1 << 10, 1))
+                    BufferPool(1 << 10, 1))
     state = _CategoryState()
     assert len(await link._list("c", state)) == 4  # ~200 bytes of JSON
-    monkeypatch.setattr(replication, "_MAX_LISTING", 100)
+    monkeypatch.setattr(replication_link, "_MAX_LISTING", 100)
     with pytest.raises(ReplicationError, match="over 100"):
         await link._list("c", state)
 

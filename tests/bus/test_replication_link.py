@@ -16,7 +16,7 @@ from chukcha.bus import chunks, replication
 from chukcha.bus.chunks import ChunkStore, StoreEvent, StoreEventKind
 from chukcha.bus.config import Peer, ReplicationConfig
 from chukcha.bus.node import Node
-from chukcha.bus.replication import PeerLink, _BufferPool
+from chukcha.bus.replication_link import BufferPool, PeerLink
 from chukcha.testing import run_node
 from tests.bus.conftest import Api
 
@@ -64,7 +64,7 @@ async def test_events_loop_survives_an_unexpected_error_and_resubscribes(
 
         replica.add_listener(on_event)
         link = PeerLink(Peer("a", owner.address), replica, ReplicationConfig(retry_interval=0.05),
-                        http, _BufferPool(1 << 20, 1))
+                        http, BufferPool(1 << 20, 1))
         link.start()
         try:
             async with asyncio.timeout(10):
@@ -110,7 +110,7 @@ async def _link_until(
 ) -> PeerLink:
     """Replicate from ``owner`` until ``check()`` holds, then stop the link."""
     link = PeerLink(Peer("a", owner.address), replica, _LINK_CONFIG, http,
-                    _BufferPool(1 << 20, 1))
+                    BufferPool(1 << 20, 1))
     link.start()
     try:
         await _until(replica, check)
@@ -187,7 +187,7 @@ async def test_a_catch_up_of_many_chunks_lists_once_and_reads_each_chunk_once(
         async with aiohttp.ClientSession(trace_configs=[trace]) as traced:
             # Plain reads through aiohttp (traced) instead of the raw fetcher.
             link = PeerLink(Peer("a", owner.address), replica, _LINK_CONFIG, traced,
-                            _BufferPool(1 << 20, 1))
+                            BufferPool(1 << 20, 1))
             link._fetch_unsupported = True
             link.start()
             try:
