@@ -17,6 +17,7 @@ from chukcha.client.consumer import Consumer, Position
 from chukcha.errors import ClientError, ConsumerError
 from chukcha.processors.checkpoint import Checkpoint
 from chukcha.processors.partitions import PartitionSet
+from chukcha.protocol import ChunkInfo
 
 if TYPE_CHECKING:
     from chukcha.processors.base import App
@@ -74,6 +75,18 @@ class BusIO:
         if not answered:
             raise ClientError(f"no node answered reading {category!r}: {'; '.join(errors)}")
         return lines
+
+    @property
+    def nodes(self) -> list[str]:
+        """Every node the app knows (a follower reads each of them)."""
+        return self._client.nodes
+
+    async def chunks_on(self, url: str, category: str) -> list[ChunkInfo]:
+        return await self._client.api.list_chunks(url, category)
+
+    async def read_on(self, url: str, category: str, chunk: str, offset: int, max_size: int,
+                      *, wait: float = 0.0) -> bytes:
+        return await self._client.api.read(url, category, chunk, offset, max_size, wait=wait)
 
     async def complete_chunks(self, category: str) -> list[tuple[str, int]]:
         return [(c.name, c.size) for c in await self._client.list_chunks(category)

@@ -45,7 +45,7 @@ from chukcha.state.base import StateStore
 from chukcha.state.changelog import Assembler, Head, Record, encode_record, plan_replay
 
 __all__ = ["HEAD_KEY", "PENDING_PREFIX", "SEQ_KEY", "Changelog", "ChangelogBus",
-           "changelog_category", "read_head"]
+           "changelog_category", "head_entries", "read_head"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,11 @@ def read_head(store: StateStore) -> Head | None:
 
 def _head_value(epoch: int, link: tuple[int, int] | None) -> bytes:
     return b"%d" % epoch if link is None else b"%d %d %d" % (epoch, *link)
+
+
+def head_entries(head: Head) -> dict[bytes, bytes]:
+    """The store keys that say it stands at ``head`` (written with the records applied)."""
+    return {SEQ_KEY: str(head.seq).encode(), HEAD_KEY: _head_value(head.epoch, head.link)}
 
 
 def changelog_category(app: str, partition: int) -> str:
@@ -264,8 +269,7 @@ async def _write_merged(store: StateStore, merged: dict[bytes, bytes | None], he
     """Write the net effect of consecutive records (one write batch, not fsync'ed yet)."""
     puts = {k: v for k, v in merged.items() if v is not None}
     deletes = [k for k, v in merged.items() if v is None]
-    puts[SEQ_KEY] = str(head.seq).encode()
-    puts[HEAD_KEY] = _head_value(head.epoch, head.link)
+    puts.update(head_entries(head))
     await asyncio.to_thread(store.write, puts, deletes, sync=False)
     return len(puts) + len(deletes)
 
