@@ -17,6 +17,12 @@ The assignment is:
   claims (all instances restarted) the result depends only on the set of instance names, through
   a rendezvous hash (:func:`affinity`): the same instances get the same partitions back.
 
+**Standbys** (:func:`assign_standbys`): each partition also gets up to ``n`` standby instances
+(never its owner) that follow its changelog; balanced (every instance follows at most
+``ceil(slots / members)`` partitions when that is possible), sticky (a live standby keeps its
+partitions), and :func:`assign` gives a partition that has lost its owner to one of its
+standbys when one has room, so a failover finds the state already there.
+
 No I/O, no clock, no randomness: property-tested in ``tests/test_assignment.py``.
 """
 
@@ -24,9 +30,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
-__all__ = ["affinity", "assign", "minimal_moves", "moved"]
+__all__ = ["affinity", "assign", "assign_standbys", "minimal_moves", "moved"]
 
 
 def affinity(instance: str, partition: int) -> int:
@@ -53,17 +59,21 @@ def _live_current(
     return held
 
 
-def _shares(partitions: int, held: dict[str, list[int]]) -> dict[str, int]:
+def _shares(partitions: int, held: dict[str, list[int]],
+            warm: Mapping[str, int] | None = None) -> dict[str, int]:
     """Each member's share: ``q`` or ``q + 1``; the ``+1`` goes to those holding most now (ties:
-    by name), which is what keeps the number of moves minimal."""
+    those that are standbys of more partitions without an owner, then by name), which is what
+    keeps the number of moves minimal."""
     members = list(held)
     q, extra = divmod(partitions, len(members))
-    by_holdings = sorted(members, key=lambda m: (-len(held[m]), m))
+    warm = warm or {}
+    by_holdings = sorted(members, key=lambda m: (-len(held[m]), -warm.get(m, 0), m))
     return {m: q + (1 if i < extra else 0) for i, m in enumerate(by_holdings)}
 
 
 def assign(
-    partitions: int, members: Iterable[str], current: Mapping[int, str] | None = None
+    partitions: int, members: Iterable[str], current: Mapping[int, str] | None = None,
+    standbys: Mapping[int, Collection[str]] | None = None,
 ) -> dict[int, str]:
     """The owner of each partition.
 
@@ -72,6 +82,8 @@ def assign(
         members: the live instances (order and duplicates do not matter).
         current: the current owner of some partitions; owners that are not ``members`` (gone)
             and partitions out of range are ignored.
+        standbys: each partition's standby instances: a partition without a live owner goes
+            to one of them if one has room (the rest of the result is unchanged by them).
 
     Returns:
         ``{partition: instance}`` for every partition, or ``{}`` without members.
@@ -82,7 +94,13 @@ def assign(
     if not names:
         return {}
     held = _live_current(partitions, names, current or {})
-    shares = _shares(partitions, held)
+    owned = {p for ps in held.values() for p in ps}
+    warm_count: dict[str, int] = {}
+    for p, ms in (standbys or {}).items():
+        if p not in owned:
+            for m in ms:
+                warm_count[m] = warm_count.get(m, 0) + 1
+    shares = _shares(partitions, held, warm_count)
     result: dict[int, str] = {}
     room: dict[str, int] = {}
     for m in names:
@@ -95,7 +113,9 @@ def assign(
     for p in range(partitions):
         if p in result:
             continue
-        owner = max((m for m in names if room[m] > 0), key=lambda m: (affinity(m, p), m))
+        warm = standbys.get(p, ()) if standbys else ()
+        owner = max((m for m in names if room[m] > 0),
+                    key=lambda m: (m in warm, affinity(m, p), m))
         result[p] = owner
         room[owner] -= 1
     return result
@@ -116,3 +136,77 @@ def minimal_moves(partitions: int, members: Iterable[str], current: Mapping[int,
     held = _live_current(partitions, names, current)
     shares = _shares(partitions, held)
     return sum(max(0, len(held[m]) - shares[m]) for m in names)
+
+
+def assign_standbys(
+    partitions: int, members: Iterable[str], owners: Mapping[int, str], n: int,
+    current: Mapping[int, Collection[str]] | None = None,
+) -> dict[int, list[str]]:
+    """Up to ``n`` standby instances for each partition.
+
+    Args:
+        partitions: how many partitions the app has.
+        members: the live instances.
+        owners: each partition's owner (normally :func:`assign`'s result): never its standby.
+        n: standbys wanted per partition (``min(n, len(members) - 1)`` are given).
+        current: the current standbys (kept while live, not the owner and within the cap).
+
+    Returns:
+        ``{partition: sorted standby names}`` for the partitions that get any.
+    """
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    names = sorted(set(members))
+    k = min(n, len(names) - 1)
+    if k <= 0:
+        return {}
+    cap = -(-partitions * k // len(names))  # ceil: the most any member should follow
+    load = dict.fromkeys(names, 0)
+    result: dict[int, list[str]] = {p: [] for p in range(partitions)}
+    for p in range(partitions):
+        for m in sorted((current or {}).get(p, ()), key=functools.partial(_rank_for, p)):
+            if (m in load and m != owners.get(p) and m not in result[p]
+                    and len(result[p]) < k and load[m] < cap):
+                result[p].append(m)
+                load[m] += 1
+    for p in range(partitions):
+        while len(result[p]) < k:
+            m = min((m for m in names if m != owners.get(p) and m not in result[p]),
+                    key=lambda m: (load[m], -affinity(m, p), m))
+            result[p].append(m)
+            load[m] += 1
+    _even_out(result, load, owners)
+    return {p: sorted(v) for p, v in result.items() if v}
+
+
+def _even_out(result: dict[int, list[str]], load: dict[str, int],
+              owners: Mapping[int, str]) -> None:
+    """Move standby places from the most loaded members to the least loaded ones while that
+    is allowed (not the owner, not already a standby of that partition); each move lowers the
+    spread, so this ends."""
+    while True:
+        low = min(load, key=lambda m: (load[m], m))
+        moved_one = False
+        for high in sorted(load, key=lambda m: (-load[m], m)):
+            if load[high] - load[low] <= 1:
+                break
+            for p in sorted(result, key=functools.partial(_rank_for_member, high)):
+                got = result[p]
+                if high in got and low not in got and owners.get(p) != low:
+                    got[got.index(high)] = low
+                    load[high] -= 1
+                    load[low] += 1
+                    moved_one = True
+                    break
+            if moved_one:
+                break
+        if not moved_one:
+            return
+
+
+def _rank_for_member(instance: str, partition: int) -> tuple[int, int]:
+    return affinity(instance, partition), partition
+
+
+def _rank_for(partition: int, instance: str) -> tuple[int, int]:
+    return _rank(instance, partition)

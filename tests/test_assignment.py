@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chukcha.assignment import affinity, assign, minimal_moves, moved
+from chukcha.assignment import affinity, assign, assign_standbys, minimal_moves, moved
 
 names = st.sampled_from([f"i{n}" for n in range(8)])
 member_sets = st.lists(names, min_size=1, max_size=6, unique=True)
@@ -114,3 +114,58 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         assign(0, ["a"])
     assert assign(3, []) == {}
+
+
+@given(situations(), st.integers(0, 3), st.data())
+def test_standbys_are_never_the_owner_balanced_and_sticky(
+    s: tuple[int, list[str], dict[int, str]], n: int, data: st.DataObject,
+) -> None:
+    partitions, members, current = s
+    owners = assign(partitions, members, current)
+    old = data.draw(st.dictionaries(st.integers(0, partitions - 1),
+                                    st.lists(names, max_size=3, unique=True)))
+    standbys = assign_standbys(partitions, members, owners, n, old)
+    k = min(n, len(members) - 1)
+    for p in range(partitions):
+        got = standbys.get(p, [])
+        assert len(got) == len(set(got)) == k
+        assert owners[p] not in got
+        assert set(got) <= set(members)
+    if k:
+        load = Counter(m for got in standbys.values() for m in got)
+        counts = [load.get(m, 0) for m in members]
+        assert max(counts) - min(counts) <= max(1, k)  # near even, the owner rule allowing
+    # Sticky: given its own result, nothing moves.
+    assert assign_standbys(partitions, members, owners, n, standbys) == standbys
+
+
+@given(situations(), st.data())
+def test_standbys_do_not_change_the_shares_after_a_loss(
+    s: tuple[int, list[str], dict[int, str]], data: st.DataObject,
+) -> None:
+    partitions, members, current = s
+    if len(members) < 2:
+        return
+    owners = assign(partitions, members, current)
+    standbys = assign_standbys(partitions, members, owners, 1)
+    gone = data.draw(st.sampled_from(members))
+    rest = [m for m in members if m != gone]
+    after = assign(partitions, rest, owners, standbys)
+    plain = assign(partitions, rest, owners)
+    assert sorted(Counter(after.values()).values()) == sorted(Counter(plain.values()).values())
+    # Only the lost owner's partitions move.
+    assert {p for p in range(partitions) if after[p] != owners[p]} == {
+        p for p, o in owners.items() if o == gone}
+
+
+def test_a_partition_that_lost_its_owner_goes_to_its_standby() -> None:
+    owners = {0: "a", 1: "a", 2: "b", 3: "b", 4: "c", 5: "c"}
+    standbys = {0: ["c"], 1: ["b"], 2: ["a"], 3: ["c"], 4: ["b"], 5: ["a"]}
+    # a is gone: b and c take one each, each the one it follows.
+    assert assign(6, ["b", "c"], owners, standbys) == {**owners, 0: "c", 1: "b"}
+    swapped = {**standbys, 0: ["b"], 1: ["c"]}
+    assert assign(6, ["b", "c"], owners, swapped) == {**owners, 0: "b", 1: "c"}
+    # Room decides first: with both following partition 0 and 1 at b, b still takes one only.
+    both_b = {**standbys, 0: ["b"], 1: ["b"]}
+    result = assign(6, ["b", "c"], owners, both_b)
+    assert Counter(result.values()) == {"b": 3, "c": 3}

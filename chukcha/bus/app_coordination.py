@@ -10,6 +10,11 @@ nothing else talks to etcd. Layout under ``chukcha/<cluster>/apps/<app>/``:
 - ``claims/<partition:04d>`` = the owner's instance name, under the owner's lease. The claim's
   etcd ``mod_revision`` is its **epoch**: a new claim (or an adoption) always has a larger one.
   A node checks an ack's epoch against it in a transaction (:func:`claim_key`).
+- ``standbys/<partition:04d>/<instance>`` (``standbys=N``) = ``""`` under that instance's lease:
+  it follows the partition's changelog (:meth:`PartitionListener.follow`). Each instance puts
+  and deletes only its own keys, as :func:`chukcha.assignment.assign_standbys` says (not the
+  owner, balanced, sticky); a partition that loses its owner goes to one of its standbys
+  (:func:`chukcha.assignment.assign`), which then only applies the changelog's tail.
 
 Every instance watches the prefix and computes the same target with
 :func:`chukcha.assignment.assign` (live members, current claims). An instance then *releases*
@@ -45,7 +50,7 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from chukcha.assignment import assign
+from chukcha.assignment import assign, assign_standbys
 from chukcha.bus.config import ETCD_EXTRA_MISSING, etcd_installed, parse_etcd_endpoint
 from chukcha.bus.coordination import DEFAULT_LEASE_TTL, ETCD_ERRORS, _EtcdWatcher
 from chukcha.bus.tasks import log_task_crash, run_until_first_ends
@@ -95,6 +100,8 @@ class AppView:
     members: dict[str, dict[str, Any]] = field(default_factory=dict)
     member_leases: dict[str, int] = field(default_factory=dict)
     claims: dict[int, Claim] = field(default_factory=dict)
+    standbys: dict[int, set[str]] = field(default_factory=dict)
+    """Each partition's standby instances (``standbys/<p>/<instance>`` keys)."""
 
     def apply(self, prefix: bytes, key: bytes, value: bytes | None, mod_revision: int,
               lease: int) -> None:
@@ -117,6 +124,15 @@ class AppView:
                     self.claims.pop(p, None)
                 else:
                     self.claims[p] = Claim(p, value.decode(), mod_revision, lease)
+            elif kind == "standbys" and rest:
+                part, _, who = rest.partition("/")
+                p = int(part)
+                if value is None:
+                    self.standbys.get(p, set()).discard(who)
+                    if not self.standbys.get(p, True):
+                        del self.standbys[p]
+                else:
+                    self.standbys.setdefault(p, set()).add(validate_instance(who))
         except (ValueError, orjson.JSONDecodeError):
             logger.warning("ignoring etcd key %r: not an app member, claim or count", key)
 
@@ -129,6 +145,7 @@ class AppView:
             "members": sorted(self.members),
             "claims": {str(p): {"owner": c.owner, "epoch": c.epoch}
                        for p, c in sorted(self.claims.items())},
+            "standbys": {str(p): sorted(ms) for p, ms in sorted(self.standbys.items()) if ms},
         }
 
 
@@ -149,6 +166,11 @@ class PartitionListener(Protocol):
         processing it now; its acks would be refused."""
         ...
 
+    async def follow(self, partitions: frozenset[int]) -> None:
+        """This instance is (from now on) a standby of exactly ``partitions`` (none of them
+        owned here): keep their local stores following their changelogs."""
+        ...
+
 
 class _NoListener:
     async def assigned(self, partition: int, epoch: int) -> None:
@@ -158,6 +180,9 @@ class _NoListener:
         return
 
     async def lost(self, partition: int) -> None:
+        return
+
+    async def follow(self, partitions: frozenset[int]) -> None:
         return
 
 
@@ -184,15 +209,20 @@ class AppInstances(_EtcdWatcher):
         listener: PartitionListener | None = None,
         lease_ttl: int = DEFAULT_LEASE_TTL,
         retry_interval: float = 0.2,
+        standbys: int = 0,
     ) -> None:
         if not 1 <= partitions <= 1024:
             raise ValueError("partitions must be in 1..1024")
+        if standbys < 0:
+            raise ValueError("standbys must be >= 0")
         if lease_ttl < 1:
             raise ValueError("lease_ttl must be at least 1 s")
         super().__init__(endpoints, app_prefix(cluster, app), validate_instance(instance),
                          retry_interval)
         self.app = app
         self.partitions = partitions
+        self.standbys = standbys
+        self._following: frozenset[int] = frozenset()  # told to the listener last
         self._listener: PartitionListener = listener or _NoListener()
         self._ttl = lease_ttl
         self._margin = min(1.0, lease_ttl * 0.2)
@@ -451,13 +481,38 @@ class AppInstances(_EtcdWatcher):
         for p, epoch in sorted(mine.items()):
             if p not in self._active:
                 await self._take(p, epoch, "resumed")
-        target = assign(self.partitions, view.members, view.owners())
+        target = assign(self.partitions, view.members, view.owners(), view.standbys)
         for p in sorted(self._active):
             if target.get(p) != self._instance:
                 await self._release(client, p, target.get(p))
         for p in range(self.partitions):
             if target.get(p) == self._instance and p not in view.claims:
                 await self._claim(client, p)
+        await self._reconcile_standbys(client, target)
+
+    async def _reconcile_standbys(self, client: Any, target: Mapping[int, str]) -> None:
+        """Put and delete our own standby keys as :func:`assign_standbys` says, then tell the
+        listener what to follow (never a partition it owns)."""
+        view, me = self.view, self._instance
+        want = assign_standbys(self.partitions, view.members, target, self.standbys,
+                               view.standbys) if self.standbys else {}
+        mine = {p for p, ms in want.items() if me in ms}
+        have = {p for p, ms in view.standbys.items() if me in ms}
+        for p in sorted(mine - have):
+            await client.put(self._standby_key(p), b"", lease=self._lease_id)
+            view.standbys.setdefault(p, set()).add(me)
+        for p in sorted(have - mine):
+            await client.delete(self._standby_key(p))
+            view.standbys.get(p, set()).discard(me)
+        following = frozenset(mine - set(self._active))
+        if following != self._following:
+            self._following = following
+            logger.info("app=%s instance=%s standby of partitions %s", self.app,
+                        self._instance, sorted(following))
+            await self._listener.follow(following)
+
+    def _standby_key(self, partition: int) -> bytes:
+        return self._prefix + f"standbys/{partition:04d}/{self._instance}".encode()
 
     async def _take(self, partition: int, epoch: int, how: str) -> None:
         self._active[partition] = epoch

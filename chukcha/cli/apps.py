@@ -72,10 +72,12 @@ async def _status(args: argparse.Namespace) -> int:
         result["partitions"] = view.partitions
         result["instances"] = {
             m: {"pid": info.get("pid"),
-                "partitions": sorted(p for p, c in view.claims.items() if c.owner == m)}
+                "partitions": sorted(p for p, c in view.claims.items() if c.owner == m),
+                "standby_of": sorted(p for p, ms in view.standbys.items() if m in ms)}
             for m, info in sorted(view.members.items())
         }
-        result["claims"] = {str(p): {"owner": c.owner, "epoch": c.epoch}
+        result["claims"] = {str(p): {"owner": c.owner, "epoch": c.epoch,
+                                     "standbys": sorted(view.standbys.get(p, ()))}
                             for p, c in sorted(view.claims.items())}
     own_groups = re.compile(rf"{re.escape(name)}(\.\d+of\d+)?")
     async with connect(args) as client:
@@ -97,11 +99,13 @@ def _print(result: dict[str, Any], args: argparse.Namespace) -> None:
         else:
             print(f"app {name}: {result['partitions']} partitions, "
                   f"{len(result['instances'])} instance(s) (cluster {args.cluster})")
-            print(format_table([("INSTANCE", "PID", "PARTITIONS"), *(
-                (m, str(i["pid"]), ",".join(map(str, i["partitions"])) or "-")
+            print(format_table([("INSTANCE", "PID", "PARTITIONS", "STANDBY OF"), *(
+                (m, str(i["pid"]), ",".join(map(str, i["partitions"])) or "-",
+                 ",".join(map(str, i["standby_of"])) or "-")
                 for m, i in result["instances"].items())]))
-            print(format_table([("PARTITION", "OWNER", "EPOCH"), *(
-                (p, c["owner"], str(c["epoch"])) for p, c in result["claims"].items())]))
+            print(format_table([("PARTITION", "OWNER", "EPOCH", "STANDBYS"), *(
+                (p, c["owner"], str(c["epoch"]), ",".join(c["standbys"]) or "-")
+                for p, c in result["claims"].items())]))
             unowned = (result["partitions"] or 0) - len(result["claims"])
             if unowned > 0:
                 print(f"{unowned} partition(s) have no owner now")

@@ -96,6 +96,11 @@ def register(sub: Any) -> None:
     p.add_argument("--lease-ttl", type=whole_seconds, default=10, metavar="DURATION",
                    help="with --etcd: how long a killed instance keeps its partitions "
                         "(whole seconds: 10, 30s, 2m; default 10s)")
+    p.add_argument("--standbys", type=int, default=None, metavar="N",
+                   help="with --etcd: how many other instances keep a warm copy of each "
+                        "partition by following its changelog, so that a failover applies "
+                        "only the newest records instead of restoring the state (default: the "
+                        "app's ProcessorConfig.standbys, 0)")
     p.add_argument("--http", default=None, metavar="HOST:PORT",
                    help="serve the app's Prometheus /metrics and its web monitor /ui on this "
                         "address (read-only, no authentication: keep it on loopback or a "
@@ -118,10 +123,15 @@ def _split_from(args: argparse.Namespace, app: App) -> StaticSplit | None:
 
 def _group_from(args: argparse.Namespace, split: StaticSplit | None) -> GroupConfig | None:
     if not args.etcd:
+        if args.standbys:
+            raise ValueError("--standbys needs --etcd (standbys are instances of a group)")
         return None
     if split is not None:
         raise ValueError("--etcd and --instances exclude each other")
-    return GroupConfig(tuple(args.etcd), args.cluster, args.instance, args.lease_ttl)
+    if args.standbys is not None and args.standbys < 0:
+        raise ValueError("--standbys must be >= 0")
+    return GroupConfig(tuple(args.etcd), args.cluster, args.instance, args.lease_ttl,
+                       args.standbys)
 
 
 def _run(args: argparse.Namespace) -> int:

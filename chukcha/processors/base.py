@@ -117,6 +117,8 @@ class App:
             default: its ID), see :mod:`chukcha.partitioning`; each partition keeps its own
             state, dedup IDs, positions and outbox in ``<state_dir>/p0003``. The count of an
             existing state directory cannot change.
+        standbys: with instances through etcd, how many other instances follow each
+            partition's changelog for a fast failover (overrides ``config.standbys``).
 
     Raises:
         ValueError: ``partitions`` outside 1..1024, no nodes.
@@ -132,6 +134,7 @@ class App:
         on_error: str | ErrorPolicy | None = None,
         event_id: EventIdFn | None = None,
         partitions: int = 1,
+        standbys: int | None = None,
     ) -> None:
         validate_category(name)
         self.partitions = check_partitions(partitions)
@@ -143,6 +146,8 @@ class App:
         cfg = config or ProcessorConfig()
         if on_error is not None:
             cfg = replace(cfg, on_error=ErrorPolicy(on_error))
+        if standbys is not None:
+            cfg = replace(cfg, standbys=standbys)
         self.config = cfg
         self.event_id: EventIdFn = event_id or default_event_id
         self._handlers: dict[str, Handler] = {}

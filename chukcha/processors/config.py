@@ -45,6 +45,9 @@ class ProcessorConfig:
             it counts as published (default 0: the node written to).
         snapshot_every: with the changelog, publish a snapshot of a partition's store every
             this many commits and delete the changelog before it (default 1000; 0: never).
+        standbys: with instances through etcd, how many other instances keep a warm copy of
+            each partition by following its changelog, so that a failover applies only the
+            records after it instead of restoring (default 0; needs ``changelog``).
         state: the state store settings (fsync policy, cache).
         dedup: the event-ID index retention.
         token: sent as ``Authorization: Bearer`` to the nodes (``--auth-token-file`` on them;
@@ -61,6 +64,7 @@ class ProcessorConfig:
     changelog: bool = False
     changelog_min_sync_replicas: int = 0
     snapshot_every: int = 1000
+    standbys: int = 0
     state: StateConfig = field(default_factory=StateConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     token: str | None = field(default=None, repr=False)
@@ -75,5 +79,7 @@ class ProcessorConfig:
             raise ValueError("timeouts must be positive")
         if self.changelog_min_sync_replicas < 0 or self.snapshot_every < 0:
             raise ValueError("changelog_min_sync_replicas and snapshot_every must be >= 0")
+        if self.standbys < 0:
+            raise ValueError("standbys must be >= 0")
         if not 0 < self.retry_initial <= self.retry_max:
             raise ValueError("need 0 < retry_initial <= retry_max")

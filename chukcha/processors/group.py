@@ -3,10 +3,13 @@
 Every instance registers in etcd and claims its share of the app's partitions
 (:class:`~chukcha.bus.app_coordination.AppInstances`); this module runs what it owns:
 
-- **Assigned** partition ``p`` with ``epoch``: its local store is emptied and rebuilt from the
-  bus (the changelog: latest snapshot + the records after it; a local copy may be stale, since
-  another instance may have owned ``p`` meanwhile) unless this instance last ran ``p`` at the
-  same epoch (its lease survived an etcd outage: nobody else ran it); then the consumers of
+- **Assigned** partition ``p`` with ``epoch``: its local store is brought to the bus's latest
+  state of ``p`` (:mod:`chukcha.processors.follower`): an empty one is restored (the latest
+  snapshot + the records after it); a copy from an earlier ownership is used as it is when it
+  holds the changelog's last record, replays only the records after it when they continue its
+  history, and is rebuilt otherwise (another instance ran ``p`` meanwhile and the histories
+  went apart, or it holds commits never confirmed on the bus); a copy last run here at the
+  same epoch (the lease survived an etcd outage: nobody else ran it) is kept. Then the consumers of
   ``p``'s input partitions start at the positions restored there, as the app's group, with
   acks fenced by ``(p, epoch)``: a node refuses them once another instance holds ``p``.
 - **Revoking** ``p`` (rebalancing, SIGTERM): its loops finish their batch, the partition
@@ -27,6 +30,7 @@ with instances yet).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
@@ -42,6 +46,8 @@ from chukcha.bus.coordination import DEFAULT_LEASE_TTL
 from chukcha.client import Client
 from chukcha.client.consumer import Consumer, Position
 from chukcha.errors import AppConfigError
+from chukcha.processors.changelog import changelog_category
+from chukcha.processors.follower import FollowBus, Follower, local_copy
 from chukcha.processors.partitions import PartitionSet
 from chukcha.state.base import StateStore
 
@@ -65,18 +71,24 @@ class GroupConfig:
         instance: this instance's name, stable across restarts (default: host name and a hash
             of the state directory, :func:`default_instance_name`).
         lease_ttl: seconds after which a killed instance's partitions are taken over.
+        standbys: standby instances per partition (``None``: the app's
+            ``ProcessorConfig.standbys``); each follows the partition's changelog so that a
+            failover applies only the tail.
     """
 
     etcd: tuple[str, ...]
     cluster: str = "default"
     instance: str | None = None
     lease_ttl: int = DEFAULT_LEASE_TTL
+    standbys: int | None = None
 
     def __post_init__(self) -> None:
         if not self.etcd:
             raise ValueError("instances through etcd need at least one --etcd endpoint")
         if self.lease_ttl < 1:
             raise ValueError("lease_ttl must be at least 1 s")
+        if self.standbys is not None and self.standbys < 0:
+            raise ValueError("standbys must be >= 0")
 
 
 def default_instance_name(state_dir: Path) -> str:
@@ -105,7 +117,7 @@ class GroupMode:
     def __init__(self, app: App, config: GroupConfig, *, parts: PartitionSet,
                  stores: list[StateStore], client: Client, lock: asyncio.Lock,
                  consumers: dict[str, Consumer], streams: Mapping[int, list[str]],
-                 consume_loop: ConsumeLoop) -> None:
+                 consume_loop: ConsumeLoop, bus: FollowBus) -> None:
         self.app = app
         self.config = config
         self._parts = parts
@@ -115,10 +127,14 @@ class GroupMode:
         self._consumers = consumers
         self._streams = streams
         self._consume_loop = consume_loop
+        self._bus = bus
         self._stops: dict[int, asyncio.Event] = {}
         self._tasks: dict[int, list[asyncio.Task[None]]] = {}
         self._crashed: asyncio.Future[BaseException] | None = None
         self._held: dict[int, int] = {}  # partition -> the epoch its local store was last run at
+        self._followers: dict[int, tuple[Follower, asyncio.Task[None]]] = {}  # standby of
+        self.standbys = (config.standbys if config.standbys is not None
+                         else app.config.standbys)
         self.instance = config.instance or default_instance_name(app.state_dir)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -127,7 +143,7 @@ class GroupMode:
         self._crashed = loop.create_future()
         instances = AppInstances(self.config.etcd, self.config.cluster, self.app.name,
                                  self.instance, self.app.partitions, listener=self,
-                                 lease_ttl=self.config.lease_ttl)
+                                 lease_ttl=self.config.lease_ttl, standbys=self.standbys)
         logger.info("app=%s instance=%s joining through etcd %s cluster=%s", self.app.name,
                     self.instance, ",".join(self.config.etcd), self.config.cluster)
         await instances.start()
@@ -140,6 +156,7 @@ class GroupMode:
             for w in waits[:2]:
                 w.cancel()
             await instances.stop()  # revokes (finishes, commits, acks) every partition
+            await self.follow(frozenset())
         for w in done:
             if w is not waits[0] and not w.cancelled():
                 raise w.result()
@@ -150,15 +167,10 @@ class GroupMode:
         started = time.monotonic()
         async with self._lock:
             store = self._stores[partition]
-            # The same epoch as last time here (the lease survived an etcd outage): nobody
-            # else ran the partition meanwhile, the local store is its latest state (with its
-            # unpublished records, published now). Otherwise it may be stale: rebuild it.
-            local = self._held.get(partition) == epoch
-            if not local:
-                await asyncio.to_thread(_wipe, store)
+            how = await self._bring_current(partition, epoch, store)
             self._held[partition] = epoch
             checkpoint = self._parts.take(partition, epoch)
-            await checkpoint.load()  # an emptied store is rebuilt from the changelog
+            await checkpoint.load()  # an empty store is restored from the changelog
             engine = self._parts.engines[partition]
             stop = self._stops[partition] = asyncio.Event()
             tasks: list[asyncio.Task[None]] = []
@@ -175,10 +187,68 @@ class GroupMode:
                 task.add_done_callback(self._on_done)
                 tasks.append(task)
             self._tasks[partition] = tasks
-        logger.info("app=%s instance=%s partition %d assigned (epoch %d): %s and started in "
-                    "%.2f s", self.app.name, self.instance, partition, epoch,
-                    "local copy kept" if local else "restored from the bus",
+        logger.info("app=%s instance=%s partition %d assigned (epoch %d): %s; started in "
+                    "%.2f s", self.app.name, self.instance, partition, epoch, how,
                     time.monotonic() - started)
+
+    async def _bring_current(self, partition: int, epoch: int, store: StateStore) -> str:
+        """Make the local store the bus's latest state of ``partition`` before it runs at
+        ``epoch``; returns what was done (for the log)."""
+        if self._held.get(partition) == epoch:
+            # The same epoch as last time here (the lease survived an etcd outage): nobody
+            # else ran the partition meanwhile; the local store is its latest state (with its
+            # unpublished records, published now).
+            return "local copy kept (same epoch)"
+        standby = await self._stop_following(partition)
+        if standby is None:
+            copy = await asyncio.to_thread(local_copy, store)
+            if copy.empty:
+                return "restored from the bus"
+        # A standby's copy, or one from an earlier ownership here: it may be current, behind
+        # (replay only the records after it, if they continue its history) or diverged
+        # (rebuild it).
+        follower = standby or Follower(changelog_category(self.app.name, partition),
+                                       partition, store, self._bus)
+        seq, rebuilds = follower.head.seq, follower.rebuilds
+        applied = await follower.catch_up()
+        await follower.sync()
+        what = "standby copy" if standby is not None else "local copy"
+        if follower.rebuilds > rebuilds:
+            return f"{what} rebuilt from the bus ({applied} records)"
+        if applied:
+            return f"{what} brought current: {applied} record(s) after seq {seq} replayed"
+        return f"{what} current (epoch {follower.head.epoch}, seq {follower.head.seq})"
+
+    async def follow(self, partitions: frozenset[int]) -> None:
+        """Be a standby of ``partitions``: follow each one's changelog into its local store
+        (stopping the followers of the others; their stores stay as they are)."""
+        for p in sorted(set(self._followers) - partitions):
+            await self._stop_following(p)
+            logger.info("app=%s instance=%s no longer a standby of partition %d",
+                        self.app.name, self.instance, p)
+        for p in sorted(partitions - set(self._followers) - set(self._parts.owned)):
+            self._held.pop(p, None)  # what runs here now is another owner's history
+            follower = Follower(changelog_category(self.app.name, p), p, self._stores[p],
+                                self._bus)
+            task = asyncio.create_task(follower.follow(on_error=functools.partial(
+                self._follow_failed, p)), name=f"app-{self.app.name}-standby-p{p}")
+            task.add_done_callback(self._on_done)
+            self._followers[p] = (follower, task)
+            logger.info("app=%s instance=%s standby of partition %d: following its changelog",
+                        self.app.name, self.instance, p)
+
+    def _follow_failed(self, partition: int, exc: Exception) -> None:
+        logger.warning("app=%s instance=%s standby of partition %d: reading its changelog "
+                       "failed (retrying): %s", self.app.name, self.instance, partition, exc)
+
+    async def _stop_following(self, partition: int) -> Follower | None:
+        entry = self._followers.pop(partition, None)
+        if entry is None:
+            return None
+        follower, task = entry
+        task.cancel()
+        await asyncio.wait([task])  # a store write in progress ends first (shielded)
+        return follower
 
     async def revoking(self, partition: int) -> None:
         started = time.monotonic()
@@ -226,17 +296,3 @@ class GroupMode:
         if partition in self._parts.owned:
             self._parts.drop(partition)
 
-
-def _wipe(store: StateStore) -> None:
-    """Delete every key of ``store`` (blocking; in batches)."""
-    while keys := [k for k, _ in _first(store, 50_000)]:
-        store.write({}, keys, sync=False)
-
-
-def _first(store: StateStore, n: int) -> list[tuple[bytes, bytes]]:
-    out: list[tuple[bytes, bytes]] = []
-    for item in store.scan(b""):
-        out.append(item)
-        if len(out) >= n:
-            break
-    return out

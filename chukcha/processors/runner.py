@@ -302,7 +302,7 @@ class _Session:
         self._hop_consumers: list[Consumer] = []
         self._hops: list[Repartitioner] = []
         self._progress = _Progress(app.name, self._totals)
-        io = BusIO(app, client, self._consumers)
+        io = self._io = BusIO(app, client, self._consumers)
         self._parts = io.partitions = PartitionSet(app, stores, io,
                                                    owned=() if group is not None
                                                    else split.owned(app.partitions),
@@ -425,7 +425,8 @@ class _Session:
                 streams[p].append(stream)
         await GroupMode(self.app, config, parts=self._parts, stores=list(self._stores),
                         client=self._client, lock=self._lock, consumers=self._consumers,
-                        streams=streams, consume_loop=self._consume_loop).run(stop)
+                        streams=streams, consume_loop=self._consume_loop,
+                        bus=self._io).run(stop)
 
     async def _register(self, category: str, *, mine_only: bool = False) -> None:
         # On every node, so that no node drops chunks this group has not acked yet; with a

@@ -30,6 +30,10 @@ class _Printer:
     async def lost(self, partition: int) -> None:
         _say("lost", partition)
 
+    async def follow(self, partitions: frozenset[int]) -> None:
+        for p in sorted(partitions):
+            _say("standby", p)
+
 
 def _say(event: str, partition: int, epoch: int = 0) -> None:
     line = orjson.dumps({"event": event, "partition": partition, "epoch": epoch})

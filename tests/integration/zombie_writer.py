@@ -76,6 +76,9 @@ class _Claims:
     async def lost(self, partition: int) -> None:
         return  # the zombie: it goes on
 
+    async def follow(self, partitions: frozenset[int]) -> None:
+        return  # no standbys here
+
 
 def _say(**fields: object) -> None:
     sys.stdout.write(orjson.dumps(fields).decode() + "\n")
