@@ -163,6 +163,9 @@ class BusApi:
             "/listCategories": self.list_categories,
         }
 
+    def fast_routes(self) -> dict[str, web.FastHandler]:
+        return {"/write": self.write_now}
+
     def _body(self, request: web.Request) -> bytes:
         # The server read the whole body (bounded by its body limit, which the node sets to
         # the batch limit, and with a 400 and a closed connection above it).
@@ -170,6 +173,22 @@ class BusApi:
         if len(body) > self._max_batch:
             raise BodyTooLargeError(self._max_batch)
         return body
+
+    def write_now(self, request: web.Request) -> web.Response | None:
+        """``/write``'s fast path: a plain write (no ``sync``, no ``min_sync_replicas``) that
+        the store takes without waiting (:meth:`ChunkStore.write_now`); else ``None``. Bad
+        parameters and bodies are refused here exactly as :meth:`write` refuses them."""
+        query = request.query
+        if len(query) != 1:  # more than the category (sync, min_sync_replicas...) or none
+            return None  # validated, and waited for, by the handler
+        category = query.get("category")
+        if not category or not self._store.has_category(category):
+            return None  # its first write validates and creates it
+        body = self._body(request)
+        check_messages(body, self._max_message)
+        if self._store.write_now(category, body) is None:
+            return None
+        return web.Response()
 
     async def write(self, request: web.Request) -> web.StreamResponse:
         category = str_param(request, "category")

@@ -73,6 +73,7 @@ class Node:
         # Routes and per-request checks are added here; the server's parser never changes.
         self.router = Router()
         self.router.add_routes(self.api.routes())
+        self.router.add_fast_routes(self.api.fast_routes())
         # Replication, membership and /status (issue 3).
         self.cluster = Cluster(config, self.store, self.peer_access)
         self.api.replicas = self.cluster.replica_waiter

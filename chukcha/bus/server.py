@@ -46,6 +46,7 @@ import httptools
 
 from chukcha.bus.web import (
     Check,
+    FastHandler,
     FileResponse,
     Handler,
     Headers,
@@ -132,6 +133,7 @@ class Router:
 
     def __init__(self) -> None:
         self.routes: dict[str, Handler] = {}
+        self.fast_routes: dict[str, FastHandler] = {}
         self.checks: list[Check] = []
         self.observers: list[Observer] = []
         self.fallback: Handler | None = None  # for paths without a route (else 404)
@@ -141,6 +143,14 @@ class Router:
             if path in self.routes:
                 raise ValueError(f"route {path} is defined twice")
             self.routes[path] = handler
+
+    def add_fast_routes(self, routes: Mapping[str, FastHandler]) -> None:
+        """Synchronous fast paths of routes added before (see :data:`~chukcha.bus.web.FastHandler`):
+        tried first, inside the parser's callback, when the connection has no answer pending."""
+        for path, handler in routes.items():
+            if path not in self.routes:
+                raise ValueError(f"fast route {path} has no route")
+            self.fast_routes[path] = handler
 
     def add_check(self, check: Check) -> None:
         self.checks.append(check)
@@ -245,8 +255,12 @@ class HttpServer:
     async def start(self, sock: socket.socket, *, ssl: SSLContext | None = None) -> None:
         """Serve on the listening ``sock`` (TLS with ``ssl``)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), sock=sock,
+        self._server = await loop.create_server(self.protocol, sock=sock,
                                                 backlog=1024, ssl=ssl)
+
+    def protocol(self) -> asyncio.Protocol:
+        """A new connection's protocol (what the listening socket makes for each client)."""
+        return _Connection(self)
 
     async def stop(self, timeout: float) -> None:
         """Stop accepting, let answers in progress finish (up to ``timeout``), close the rest."""
@@ -291,10 +305,12 @@ class HttpServer:
 
 
 class _DateCache:
-    """The ``Date`` header, formatted once a second."""
+    """The ``Date`` header, formatted once a second, and the whole head of the most common
+    answer (an empty HTTP/1.1 200: a write) with it."""
 
     second = 0
     value = b""
+    empty_ok = b""
 
 
 def _date() -> bytes:
@@ -302,7 +318,15 @@ def _date() -> bytes:
     if _DateCache.second != now:
         _DateCache.second = now
         _DateCache.value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
+        _DateCache.empty_ok = b"HTTP/1.1 200 OK\r\nDate: %b\r\nContent-Length: 0\r\n\r\n" % (
+            _DateCache.value)
     return _DateCache.value
+
+
+def _empty_ok() -> bytes:
+    """The head of an empty HTTP/1.1 200 kept alive (what :meth:`_Connection._head` makes)."""
+    _date()
+    return _DateCache.empty_ok
 
 
 class _Connection(asyncio.Protocol):
@@ -312,6 +336,7 @@ class _Connection(asyncio.Protocol):
         self._srv = server
         self._limits = server.limits
         self._router = server.router
+        self._loop = asyncio.get_running_loop()  # the protocol is made inside the loop
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -321,7 +346,7 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         # The request being parsed.
-        self._url = bytearray()
+        self._url: bytes | bytearray = b""  # bytes when it came in one piece (mostly)
         self._headers = Headers()
         self._header_bytes = 0
         self._body: list[bytes] = []
@@ -354,9 +379,8 @@ class _Connection(asyncio.Protocol):
             transport.close()
             return
         transport.set_write_buffer_limits(high=_SMALL_BODY, low=_SMALL_BODY // 4)
-        loop = asyncio.get_running_loop()
-        self._since = loop.time()
-        self._timer = loop.call_later(self._limits.tick, self._check_timeouts)
+        self._since = self._loop.time()
+        self._timer = self._loop.call_later(self._limits.tick, self._check_timeouts)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -374,7 +398,7 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        self.stalled_since = asyncio.get_running_loop().time()
+        self.stalled_since = self._loop.time()
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -387,7 +411,7 @@ class _Connection(asyncio.Protocol):
             return
         if self.state is _State.IDLE:
             self.state = _State.HEADERS
-            self._since = asyncio.get_running_loop().time()
+            self._since = self._loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -401,7 +425,7 @@ class _Connection(asyncio.Protocol):
     # --- parser callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._url.clear()
+        self._url = b""
         self._headers = Headers()
         self._header_bytes = 0
         self._body = []
@@ -409,10 +433,15 @@ class _Connection(asyncio.Protocol):
         self._expect_continue = False
         if self.state is not _State.HEADERS:
             self.state = _State.HEADERS
-            self._since = asyncio.get_running_loop().time()
+            self._since = self._loop.time()
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        if not self._url:
+            self._url = url
+        elif isinstance(self._url, bytearray):
+            self._url += url
+        else:  # a second piece: gather in a bytearray (no quadratic copying)
+            self._url = bytearray(self._url) + url
         self._header_bytes += len(url)
         if self._header_bytes > self._limits.max_header_size:
             self._fail(431, "request line and headers are over the limit of "
@@ -429,7 +458,8 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self._closed:
             return
-        length_text = self._headers.get("content-length")
+        headers = self._headers
+        length_text = dict.get(headers, "content-length")
         if length_text is not None and length_text.isdigit():
             length = int(length_text)
             if length > self._limits.max_body_size:
@@ -440,12 +470,13 @@ class _Connection(asyncio.Protocol):
                 self._fail(503, "server busy: too much memory is held by slow clients, "
                                 "retry later")
                 return
+        expect = dict.get(headers, "expect")
         self._expect_continue = (
-            self._headers.get("expect", "").lower() == "100-continue"
+            expect is not None and expect.lower() == "100-continue"
             and self._parser.get_http_version() == "1.1"
         )
         self.state = _State.BODY
-        self._since = asyncio.get_running_loop().time()
+        self._since = self._loop.time()
         if self._expect_continue and not self._busy and not self._pending:
             self._send_continue()
 
@@ -474,7 +505,7 @@ class _Connection(asyncio.Protocol):
         if self._closed:
             return
         parser = self._parser
-        url = bytes(self._url)
+        url = self._url if isinstance(self._url, bytes) else bytes(self._url)
         path_b, _, query_b = url.partition(b"?")
         if not path_b.startswith(b"/"):  # absolute form: http://host/path
             parsed = httptools.parse_url(url)
@@ -496,9 +527,22 @@ class _Connection(asyncio.Protocol):
             if len(self._pending) >= _MAX_PIPELINED and self._transport is not None:
                 self._transport.pause_reading()
                 self._reading_paused = True
-        else:
-            self._busy = True
-            self._srv._spawn(self._answer(request))  # noqa: SLF001 - the server's own helper
+            return
+        fast = self._router.fast_routes.get(path)
+        if fast is not None and not self._write_paused:
+            # The fast path: answered here, inside the parser's callback, with no task.
+            resp = self._answer_now(request, fast)
+            if resp is not None:
+                if self._srv.budget.used:
+                    self._srv.budget.give_back(self)  # a big body's share, if it had one
+                if self._finish(request, resp):
+                    self.close()
+                else:
+                    self.state = _State.IDLE
+                    self._since = self._loop.time()
+                return
+        self._busy = True
+        self._srv._spawn(self._answer(request))  # noqa: SLF001 - the server's own helper
 
     # --- answering -------------------------------------------------------------------------
 
@@ -519,15 +563,39 @@ class _Connection(asyncio.Protocol):
         self._busy = False
         if self.state is _State.BUSY:
             self.state = _State.IDLE
-            self._since = asyncio.get_running_loop().time()
+            self._since = self._loop.time()
         elif self.state is _State.BODY and self._expect_continue:
             self._send_continue()  # the next request waited for its turn to be asked for
+
+    def _answer_now(self, request: Request, fast: FastHandler) -> StreamResponse | None:
+        """Run the checks and a route's fast path: the answer (observed), or ``None`` when the
+        request needs the route's handler."""
+        observers = self._router.observers
+        t0 = time.perf_counter() if observers else 0.0
+        try:
+            for check in self._router.checks:
+                refused = check(request)
+                if refused is not None:
+                    resp: StreamResponse = refused
+                    break
+            else:
+                answer = fast(request)
+                if answer is None:
+                    return None
+                resp = answer
+        except Exception as exc:  # noqa: BLE001 - the one place errors become answers
+            resp = error_response(exc, request)
+        if observers:
+            seconds = time.perf_counter() - t0
+            for observe in observers:
+                observe(request.path, resp.status, seconds)  # a fast route is a route
+        return resp
 
     async def _respond(self, request: Request) -> StreamResponse:
         """Run the checks and the handler: the answer, or the error it became."""
         try:
             for check in self._router.checks:
-                resp = await check(request)
+                resp = check(request)
                 if resp is not None:
                     return resp
             handler = self._router.routes.get(request.path) or self._router.fallback
@@ -545,6 +613,11 @@ class _Connection(asyncio.Protocol):
 
     async def _answer_one(self, request: Request) -> bool:
         """Answer one request. True: close the connection."""
+        fast = self._router.fast_routes.get(request.path)
+        if fast is not None:
+            now = self._answer_now(request, fast)
+            if now is not None:
+                return self._finish(request, now)
         observers = self._router.observers
         if observers:
             t0 = time.perf_counter()
@@ -567,11 +640,19 @@ class _Connection(asyncio.Protocol):
             resp = Response(status=resp.status, headers=resp.headers)
         if self._streaming:  # a stream started, then the handler failed: nothing sane to add
             return True
-        close = resp.close or not request.keep_alive or self._srv._closing  # noqa: SLF001
         if isinstance(resp, FileResponse):
+            close = resp.close or not request.keep_alive or self._srv._closing  # noqa: SLF001
             await self._send_file(resp, request, close)
-        else:
-            self._write_response(resp, request, close)
+            return close
+        return self._finish(request, resp)
+
+    def _finish(self, request: Request, resp: StreamResponse) -> bool:
+        """Send a complete answer (a :class:`Response`; anything else is sent as its status
+        and headers). True: close the connection."""
+        if not isinstance(resp, Response):
+            resp = Response(status=resp.status, headers=resp.headers)
+        close = resp.close or not request.keep_alive or self._srv._closing  # noqa: SLF001
+        self._write_response(resp, request, close)
         return close
 
     async def _send_file(self, resp: FileResponse, request: Request, close: bool) -> None:
@@ -609,6 +690,10 @@ class _Connection(asyncio.Protocol):
             return
         body = resp.body
         content_type = resp.content_type
+        if (not body and not content_type and resp.status == 200 and not resp.headers
+                and not close and request.version == "1.1"):
+            transport.write(_empty_ok())  # a write's answer: built once a second
+            return
         if resp.headers and any(k.lower() == "content-type" for k in resp.headers):
             content_type = ""  # set in the headers (aiohttp style): that one wins
         head = self._head(resp.status, content_type.encode() if content_type else b"",

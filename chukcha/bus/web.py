@@ -19,6 +19,7 @@ import orjson
 
 __all__ = [
     "Check",
+    "FastHandler",
     "FileResponse",
     "Handler",
     "Request",
@@ -65,6 +66,24 @@ class Headers(dict[str, str]):
         return dict.__contains__(self, key.lower() if isinstance(key, str) else key)
 
 
+def parse_query(query_string: str) -> dict[str, str]:
+    """``parse_qsl(keep_blank_values=True)``, the first of repeated names kept; a query without
+    ``%`` or ``+`` (every Chukcha client's) is split directly, ~5x faster than ``parse_qsl``."""
+    query: dict[str, str] = {}
+    if not query_string:
+        return query
+    if "%" in query_string or "+" in query_string:
+        for name, value in parse_qsl(query_string, keep_blank_values=True):
+            query.setdefault(name, value)
+        return query
+    for field in query_string.split("&"):
+        if field:  # parse_qsl skips empty fields
+            name, _, value = field.partition("=")
+            if name not in query:
+                query[name] = value
+    return query
+
+
 class Request:
     """One parsed HTTP request."""
 
@@ -99,11 +118,7 @@ class Request:
     def query(self) -> Mapping[str, str]:
         """The query parameters (the first of repeated names wins, as in aiohttp's ``get``)."""
         if self._query is None:
-            query: dict[str, str] = {}
-            if self.query_string:
-                for name, value in parse_qsl(self.query_string, keep_blank_values=True):
-                    query.setdefault(name, value)
-            self._query = query
+            self._query = parse_query(self.query_string)
         return self._query
 
     @property
@@ -214,7 +229,13 @@ def json_response(data: Any, *, status: int = 200) -> Response:
 Handler = Callable[[Request], Awaitable[StreamResponse]]
 """A route's handler."""
 
-Check = Callable[[Request], Awaitable[StreamResponse | None]]
+Check = Callable[[Request], StreamResponse | None]
 """A per-request check run before the handler (authentication, ...): ``None`` lets the request
-through, a :class:`Response` answers it instead (for example a 401)."""
+through, a :class:`Response` answers it instead (for example a 401). Checks are synchronous: they
+run for every request, also on the server's fast path, which never waits."""
+
+FastHandler = Callable[[Request], "Response | None"]
+"""A route's synchronous fast path, tried before its :data:`Handler`: the answer when it can be
+given without waiting (a small write into the current chunk), else ``None`` and the handler runs
+(it must not have changed anything then). It saves a task and its coroutines per request."""
 

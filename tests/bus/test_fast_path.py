@@ -1,0 +1,106 @@
+"""The node's fast path for plain single writes (answered inside the parser's callback, no
+task): the same answers, errors, ordering and locking as the handler it stands in for."""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import parse_qsl
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chukcha.bus.node import Node
+from chukcha.bus.web import parse_query
+from tests.bus.conftest import Api, disk_state, read_file
+
+C0 = "moscow-chunk000000000"
+
+
+async def test_fast_path_refuses_bad_writes_as_the_handler_does_and_changes_nothing(
+    api: Api, node: Node
+) -> None:
+    await api.write("c", b"first\n")  # the category exists: plain writes take the fast path
+    cases: list[tuple[dict[str, str | int], bytes, int, str]] = [
+        ({"category": "c"}, b"a\nb", 500, "must end with a newline"),
+        ({"category": "c"}, b"", 500, "empty write body"),
+        ({"category": "c"}, b"x" * (node.config.max_message_size + 1) + b"\n", 500, "message"),
+        ({"category": "c", "sync": "perhaps"}, b"a\n", 400, "sync"),
+        ({"category": "c", "min_sync_replicas": "x"}, b"a\n", 400, "min_sync_replicas"),
+        ({"category": "c", "min_sync_replicas": "1"}, b"a\n", 400, "no peers"),
+        ({"category": "c", "category2": "d"}, b"a\nb", 500, "must end with a newline"),
+    ]
+    before = await disk_state(node.config.data_dir)
+    for params, body, status, message in cases:
+        ans = await api.call("/write", params, body)
+        assert ans.status == status, (params, ans)
+        assert message in ans.text, (params, ans)
+    assert await disk_state(node.config.data_dir) == before
+    await api.write("c", b"second\n", sync=0)
+    await api.write("c", b"third\n", sync=1)
+    assert await read_file(node.config.data_dir / "c" / C0) == b"first\nsecond\nthird\n"
+
+
+async def test_a_write_waits_while_another_holds_the_category(api: Api, node: Node) -> None:
+    """A rotation, a big write in a thread or a group fsync holds the category's lock across
+    awaits: a small write must not be appended in between (it takes the handler's path)."""
+    await api.write("c", b"first\n")
+    lock = node.store._categories["c"].lock  # noqa: SLF001 - the store's own lock
+    path = node.config.data_dir / "c" / C0
+    async with lock:
+        write = asyncio.create_task(api.write("c", b"second\n"))
+        async with asyncio.timeout(10):
+            while not lock._waiters:  # noqa: SLF001 - polled until the write waits on it
+                assert not write.done(), write
+                await asyncio.sleep(0.01)
+        assert await read_file(path) == b"first\n"
+        assert not write.done()
+    async with asyncio.timeout(10):
+        await write
+    assert await read_file(path) == b"first\nsecond\n"
+
+
+async def test_pipelined_fast_and_slow_writes_are_answered_and_written_in_order(
+    node: Node,
+) -> None:
+    await node.store.write("p", b"0\n")
+    host, port = node.address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    targets = ["/write?category=p", "/write?category=p&sync=1", "/write?category=p",
+               "/write?category=p&sync=1", "/write?category=p"]
+    writer.write(b"".join(
+        b"POST %b HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n%d\n" % (t.encode(), i + 1)
+        for i, t in enumerate(targets)
+    ) + b"GET /read?category=p&chunk=%b&off=0&max_size=100 HTTP/1.1\r\nHost: t\r\n\r\n"
+        % C0.encode())
+    async with asyncio.timeout(10):
+        for _ in targets:
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+            assert b"Content-Length: 0\r\n" in head
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 12\r\n" in head
+        assert await reader.readexactly(12) == b"0\n1\n2\n3\n4\n5\n"
+    writer.close()
+
+
+async def test_fast_writes_are_counted_in_the_metrics(api: Api, node: Node) -> None:
+    await api.write("m", b"a\n")
+    for _ in range(3):
+        await api.write("m", b"b\nc\n")
+    ans = await api.call("/metrics", method="GET")
+    text = ans.text
+    assert 'chukcha_write_requests_total{category="m"} 4.0' in text
+    assert 'chukcha_written_messages_total{category="m"} 7.0' in text
+    assert 'chukcha_http_requests_total{endpoint="/write",status="200"} 4.0' in text
+
+
+_QUERY_TEXT = st.text(alphabet="ab=&%+;2F0x é", max_size=20)
+
+
+@given(_QUERY_TEXT)
+def test_parse_query_is_parse_qsl_first_wins(query: str) -> None:
+    expected: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        expected.setdefault(name, value)
+    assert parse_query(query) == expected
+    assert list(parse_query(query)) == list(expected)  # the same order
