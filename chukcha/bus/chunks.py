@@ -481,7 +481,7 @@ class ChunkStore:
         traffic = cat.traffic
         traffic.writes += 1
         traffic.bytes_written += len(body)
-        traffic.messages_written += body.count(b"\n")
+        traffic.messages_written += count_newlines(body)
         return WriteResult(name, end)
 
     async def _sync_through(self, cat: _Category, chunk: _Chunk, end: int) -> None:

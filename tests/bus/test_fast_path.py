@@ -44,12 +44,12 @@ async def test_a_write_waits_while_another_holds_the_category(api: Api, node: No
     """A rotation, a big write in a thread or a group fsync holds the category's lock across
     awaits: a small write must not be appended in between (it takes the handler's path)."""
     await api.write("c", b"first\n")
-    lock = node.store._categories["c"].lock  # noqa: SLF001 - the store's own lock
+    lock = node.store._categories["c"].lock  # the store's own lock
     path = node.config.data_dir / "c" / C0
     async with lock:
         write = asyncio.create_task(api.write("c", b"second\n"))
         async with asyncio.timeout(10):
-            while not lock._waiters:  # noqa: SLF001 - polled until the write waits on it
+            while not lock._waiters:  # polled until the write waits on it
                 assert not write.done(), write
                 await asyncio.sleep(0.01)
         assert await read_file(path) == b"first\n"
