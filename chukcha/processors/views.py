@@ -24,8 +24,10 @@ The view reads the changelog without a consumer group: it never acks, so it dele
 **Which records.** The changelog can hold records that do not count: a former owner's (paused
 past its lease, then resumed) written after a newer owner took the partition. The view applies
 what :func:`~chukcha.state.changelog.plan_replay` puts on the chain; when a newer owner's link
-shows that the view already applied such a record (it arrived before the newer owner's records),
-the view rebuilds that partition from the start of its changelog (a WARNING says so).
+shows that the view already applied such a record (it arrived before the newer owner's records: the
+changelog's streams on several nodes are read in any order), the view rebuilds that partition
+from the start of its changelog, applying nothing of it until it has read all of it (a WARNING
+says so).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from chukcha.client import Client, Consumer
 from chukcha.errors import ChukchaError
 from chukcha.partitioning import parse_partition_category
 from chukcha.processors.context import TABLE_PREFIX
-from chukcha.state.changelog import Assembler, Head, Record, plan_replay
+from chukcha.state.changelog import Assembler, Head, plan_replay
 
 __all__ = ["View"]
 
@@ -71,6 +73,7 @@ class View:
         self.seqs: dict[int, int] = {}
         """The last applied changelog ``seq`` per partition."""
         self._heads: dict[int, Head] = {}  # the last applied record per partition
+        self._rebuilding: set[int] = set()  # partitions read again from their start
         self.rebuilds = 0
         """Partitions rebuilt from the start because a record applied was off the chain."""
         self._assemblers: dict[int, Assembler] = {}
@@ -103,7 +106,7 @@ class View:
     @property
     def caught_up(self) -> bool:
         """Every changelog partition found so far has been read to its end and applied."""
-        return self._listed and all(
+        return self._listed and not self._rebuilding and all(
             c.caught_up and not self._assemblers[p].incomplete
             for p, c in self._consumers.items()
         )
@@ -208,6 +211,10 @@ class View:
             for batch in batches:
                 for line in batch.messages():
                     assembler.add(line)
+            if partition in self._rebuilding:
+                if not consumer.caught_up:
+                    continue  # the whole changelog first: its streams come in any order
+                self._rebuilding.discard(partition)
             if not self._apply(partition, assembler):
                 # Applied a record off the chain: read the partition's changelog again.
                 logger.warning("view=%s partition %d applied a record that a newer owner did "
@@ -218,6 +225,7 @@ class View:
                 await consumer.stop()
                 consumer = self._consumers[partition] = self._need_client().consumer(category)
                 assembler = self._assemblers[partition] = Assembler()
+                self._rebuilding.add(partition)
             await self._notify()
 
     def _clear(self, partition: int) -> None:
@@ -236,17 +244,20 @@ class View:
         n = len(TABLE_PREFIX)
         seq = self.seqs[partition]
         records = assembler.records()
-        if seq and _skipped_to_snapshot(records, seq):
-            # The records after ``seq`` were deleted with the changelog chunks before a newer
-            # snapshot (the app acks them once it is confirmed) while this view was behind:
-            # rebuild the partition from the snapshot, or it would stay at ``seq`` for good.
-            logger.warning("view=%s partition %d fell behind a snapshot; rebuilding it from "
-                           "the snapshot", self.app, partition)
-            self._clear(partition)
-            seq = 0
-        replay = plan_replay(records, self._heads.get(partition))
+        head = self._heads.get(partition)
+        replay = plan_replay(records, head)
         if replay.diverged:
             return False
+        if head is not None and not replay.records:
+            fresh = plan_replay(records)  # from the newest snapshot on the chain, if any
+            if fresh.records and fresh.records[0].base and fresh.records[0].seq > head.seq:
+                # The records after ``seq`` were deleted with the changelog chunks before a
+                # newer snapshot (the app acks them once it is confirmed) while this view was
+                # behind: rebuild the partition from the snapshot, or it would stay at ``seq``
+                # for good.
+                logger.warning("view=%s partition %d fell behind a snapshot; rebuilding it "
+                               "from the snapshot", self.app, partition)
+                replay = fresh
         for record in replay.records:
             if record.base:  # a snapshot is the whole table: nothing before it stays
                 for key in keys:
@@ -274,10 +285,3 @@ class View:
 
     def __repr__(self) -> str:
         return f"View({self.app!r}, keys={len(self._table)}, seqs={self.seqs})"
-
-
-def _skipped_to_snapshot(records: list[Record], seq: int) -> bool:
-    """Whether ``records`` hold a snapshot newer than ``seq`` but not the record after it."""
-    return (any(r.base and r.seq > seq for r in records)
-            and not any(r.seq == seq + 1 and not r.base for r in records))
-
