@@ -2,7 +2,7 @@
 
 A registration, an unregistration or a group ack taken by :class:`~chukcha.bus.groups.
 ConsumerGroups` is saved with an outbox entry per destination (in the same write as the change,
-see :class:`~chukcha.bus.groups.GroupRegistry`); :class:`GroupForwarder` delivers each
+see :class:`~chukcha.bus.group_registry.GroupRegistry`); :class:`GroupForwarder` delivers each
 destination's entries in order and removes one only once it is confirmed, retrying with backoff
 meanwhile. A destination is etcd (``--etcd``: the change is written to etcd, and a group ack is
 followed by a linearizable check that may tombstone the chunk) or each static peer (``--peers``:
@@ -16,19 +16,17 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import aiohttp
 
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import Peer
 from chukcha.bus.coordination import ETCD_ERRORS, EtcdGroups, GroupsSnapshot
+from chukcha.bus.group_registry import GroupRegistry
 from chukcha.bus.peers import PeerAccess
 from chukcha.bus.tasks import log_task_crash
 from chukcha.errors import ChukchaError, ReplicationError
-
-if TYPE_CHECKING:
-    from chukcha.bus.groups import GroupRegistry
 
 __all__ = ["INLINE_TIMEOUT", "GroupForwarder", "outbox_entry"]
 

@@ -27,7 +27,7 @@ import orjson
 
 from chukcha.bus import web
 from chukcha.bus.chunks import ChunkStore
-from chukcha.bus.groups import GroupRegistry
+from chukcha.bus.group_registry import GroupRegistry
 from chukcha.bus.http import Handler
 from chukcha.client.ids import id_timestamp
 from chukcha.protocol import ChunkInfo, validate_category

@@ -19,6 +19,7 @@ from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.cluster import Cluster
 from chukcha.bus.config import NodeConfig
 from chukcha.bus.coordination import ETCD_ERRORS
+from chukcha.bus.group_api import GroupsApi
 from chukcha.bus.groups import ConsumerGroups
 from chukcha.bus.http import BusApi
 from chukcha.bus.lag import LagApi, LagMeter
@@ -90,7 +91,7 @@ class Node:
         # Partitioned categories (issue 14): /partitions, recorded like the groups.
         self.partitions = CategoryPartitions(self.store, self.groups,
                                              self.cluster.group_store)
-        self.router.add_routes(self.groups.routes())
+        self.router.add_routes(GroupsApi(self.groups).routes())
         self.router.add_routes(self.partitions.routes())
         # Operations (issue 12): /groups/lag and /metrics.
         self.lag = LagMeter(self.store, self.groups.registry)

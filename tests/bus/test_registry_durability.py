@@ -14,7 +14,7 @@ import pytest
 
 from chukcha.bus import files
 from chukcha.bus.config import Peer, ReplicationConfig
-from chukcha.bus.groups import GROUPS_FILE
+from chukcha.bus.group_registry import GROUPS_FILE
 from chukcha.bus.node import Node
 from chukcha.testing import bind_loopback, run_node
 from tests.bus.conftest import Api, read_file

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from chukcha.bus.config import Peer
-from chukcha.bus.groups import GROUPS_FILE, RetentionPolicy
+from chukcha.bus.group_registry import GROUPS_FILE, RetentionPolicy
 from chukcha.bus.node import Node
 from chukcha.client import Client
 from chukcha.errors import InvalidAckError, RequestRejectedError, ServerError
