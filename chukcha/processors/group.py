@@ -23,8 +23,12 @@ Every instance registers in etcd and claims its share of the app's partitions
 Requirements (checked at start, with a clear error): the changelog is on
 (``ProcessorConfig(changelog=True)``: a partition's state must be on the bus to move), every
 input is partitioned on the bus with the app's partition count (``chukcha partitions C N``;
-produced with ``Client.send(..., key=)``), and the app has no timers or views (not supported
-with instances yet).
+produced with ``Client.send(..., key=)``).
+
+Timers and views work as with one instance: a partition's timers are part of its state (its
+store, its changelog), so they move with the partition and run where it is owned now (the
+runner's timer loop fires the owned partitions' timers only); a view follows another app's
+changelog and is owned by nobody, so every instance runs its own.
 """
 
 from __future__ import annotations
@@ -105,9 +109,6 @@ def check_group_app(app: App) -> None:
         raise AppConfigError(
             f"app {app.name!r}: instances through etcd need ProcessorConfig(changelog=True) "
             "(a partition's state must be on the bus to move between instances)")
-    if app.timers or app.key_timer is not None or app.views:
-        raise AppConfigError(f"app {app.name!r}: timers and views are not supported with "
-                             "instances through etcd yet; run it as one instance or a split")
 
 
 class GroupMode:

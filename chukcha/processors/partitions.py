@@ -99,6 +99,7 @@ class PartitionSet:
         """Run ``partition`` from now on with a fresh engine and checkpoint (its changelog
         records carry ``epoch``); the caller loads it (:meth:`Checkpoint.load`)."""
         engine = Engine(self.app, self._stores[partition], partition=partition)
+        engine.ctx.views = self.engines[partition].ctx.views  # the app's views (runner's)
         self.engines[partition] = engine
         self.checkpoints[partition] = self._checkpoint(partition, engine, epoch)
         self.set_owned({*self.owned, partition})
@@ -158,13 +159,14 @@ class PartitionSet:
             ProcessorError: a timer raised under the ``stop`` policy (call :meth:`discard`).
         """
         ran = 0
-        for engine in self.engines:
-            ran += await engine.fire_timers(now)
+        for i in self.owned:  # another instance runs the others' (they move with them)
+            ran += await self.engines[i].fire_timers(now)
         return ran
 
     def next_timer(self) -> float | None:
-        """When the earliest committed timer of any partition is due (``None``: no timers)."""
-        times = [t for e in self.engines if (t := e.timers.next_due()) is not None]
+        """When the earliest committed timer of an owned partition is due (``None``: no
+        timers)."""
+        times = [t for i in self.owned if (t := self.engines[i].timers.next_due()) is not None]
         return min(times) if times else None
 
     async def commit(self) -> None:

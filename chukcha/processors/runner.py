@@ -423,10 +423,19 @@ class _Session:
                 self._handler_of[stream] = plan.handler
                 await self._register(stream, mine_only=True)
                 streams[p].append(stream)
-        await GroupMode(self.app, config, parts=self._parts, stores=list(self._stores),
-                        client=self._client, lock=self._lock, consumers=self._consumers,
-                        streams=streams, consume_loop=self._consume_loop,
-                        bus=self._io).run(stop)
+        group = GroupMode(self.app, config, parts=self._parts, stores=list(self._stores),
+                          client=self._client, lock=self._lock, consumers=self._consumers,
+                          streams=streams, consume_loop=self._consume_loop, bus=self._io)
+        if not (self.app.timers or self.app.key_timer is not None):
+            await group.run(stop)
+            return
+        try:
+            async with asyncio.TaskGroup() as tg:
+                # The owned partitions' timers (the set changes as partitions move).
+                tg.create_task(self._timer_loop(stop), name=f"app-{self.app.name}-timers")
+                tg.create_task(group.run(stop), name=f"app-{self.app.name}-group")
+        except BaseExceptionGroup as errors:
+            raise_single(errors)
 
     async def _register(self, category: str, *, mine_only: bool = False) -> None:
         # On every node, so that no node drops chunks this group has not acked yet; with a
