@@ -166,13 +166,19 @@ class GroupMode:
 
     async def assigned(self, partition: int, epoch: int) -> None:
         started = time.monotonic()
+        # The store and the engine of a partition not owned yet are this task's alone: bring
+        # them current and load them without the lock, so the partitions already running go
+        # on meanwhile (a failover of several partitions starts the first one sooner).
+        store = self._stores[partition]
+        how = await self._bring_current(partition, epoch, store)
+        current = time.monotonic()
+        self._held[partition] = epoch
+        checkpoint = self._parts.prepare(partition, epoch)
+        await checkpoint.load()  # an empty store is restored from the changelog
+        loaded = time.monotonic()
         async with self._lock:
-            store = self._stores[partition]
-            how = await self._bring_current(partition, epoch, store)
-            self._held[partition] = epoch
-            checkpoint = self._parts.take(partition, epoch)
-            await checkpoint.load()  # an empty store is restored from the changelog
-            engine = self._parts.engines[partition]
+            self._parts.install(checkpoint)
+            engine = checkpoint.engine
             stop = self._stops[partition] = asyncio.Event()
             tasks: list[asyncio.Task[None]] = []
             for stream in self._streams[partition]:
@@ -189,8 +195,9 @@ class GroupMode:
                 tasks.append(task)
             self._tasks[partition] = tasks
         logger.info("app=%s instance=%s partition %d assigned (epoch %d): %s; started in "
-                    "%.2f s", self.app.name, self.instance, partition, epoch, how,
-                    time.monotonic() - started)
+                    "%.2f s (current %.2f s, state loaded %.2f s)", self.app.name, self.instance,
+                    partition, epoch, how, time.monotonic() - started, current - started,
+                    loaded - current)
 
     async def _bring_current(self, partition: int, epoch: int, store: StateStore) -> str:
         """Make the local store the bus's latest state of ``partition`` before it runs at
@@ -205,12 +212,15 @@ class GroupMode:
             copy = await asyncio.to_thread(local_copy, store)
             if copy.empty:
                 return "restored from the bus"
+            seq = copy.head.seq if copy.head is not None else 0
+        else:
+            seq = standby.head.seq
         # A standby's copy, or one from an earlier ownership here: it may be current, behind
         # (replay only the records after it, if they continue its history) or diverged
         # (rebuild it).
         follower = standby or Follower(changelog_category(self.app.name, partition),
                                        partition, store, self._bus)
-        seq, rebuilds = follower.head.seq, follower.rebuilds
+        rebuilds = follower.rebuilds
         applied = await follower.catch_up()
         await follower.sync()
         what = "standby copy" if standby is not None else "local copy"

@@ -98,12 +98,24 @@ class PartitionSet:
     def take(self, partition: int, epoch: int) -> Checkpoint:
         """Run ``partition`` from now on with a fresh engine and checkpoint (its changelog
         records carry ``epoch``); the caller loads it (:meth:`Checkpoint.load`)."""
+        return self.install(self.prepare(partition, epoch))
+
+    def prepare(self, partition: int, epoch: int) -> Checkpoint:
+        """A fresh engine and checkpoint for ``partition`` (records carrying ``epoch``), not
+        run yet: the caller loads it (:meth:`Checkpoint.load`, which touches only that
+        partition's store, so it needs no lock while the partition is not owned), then
+        :meth:`install` s it."""
         engine = Engine(self.app, self._stores[partition], partition=partition)
         engine.ctx.views = self.engines[partition].ctx.views  # the app's views (runner's)
-        self.engines[partition] = engine
-        self.checkpoints[partition] = self._checkpoint(partition, engine, epoch)
+        return self._checkpoint(partition, engine, epoch)
+
+    def install(self, checkpoint: Checkpoint) -> Checkpoint:
+        """Run the partition of ``checkpoint`` (from :meth:`prepare`) from now on."""
+        partition = checkpoint.engine.partition
+        self.engines[partition] = checkpoint.engine
+        self.checkpoints[partition] = checkpoint
         self.set_owned({*self.owned, partition})
-        return self.checkpoints[partition]
+        return checkpoint
 
     def drop(self, partition: int) -> None:
         """Stop running ``partition`` (its staged changes are dropped)."""
