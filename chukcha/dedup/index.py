@@ -81,6 +81,21 @@ class DedupIndex:
         self._seq = entries[-1][0] + 1 if entries else 0
         logger.info("dedup index loaded ids=%d", len(self._ids))
 
+    def mirror(self, puts: Mapping[bytes, bytes], deletes: Iterable[bytes]) -> None:
+        """Apply another writer's write to the store (a standby following the changelog) to
+        the mirror, so that it stays what :meth:`load` would find (IDs in ``seq`` order)."""
+        ids = self._ids
+        n = len(PREFIX)
+        for key in deletes:
+            if key[:n] == PREFIX:
+                ids.pop(key[n:].decode(), None)
+        added = sorted((*_VALUE.unpack(value), key[n:].decode())
+                       for key, value in puts.items() if key[:n] == PREFIX)
+        for seq, ts, key in added:
+            ids.pop(key, None)
+            ids[key] = ts
+            self._seq = max(self._seq, seq + 1)
+
     def __len__(self) -> int:
         return len(self._ids)
 

@@ -90,13 +90,15 @@ class Checkpoint:
         self.commit_seconds_sum = 0.0
         self._progress_at = time.monotonic()
 
-    async def load(self) -> None:
+    async def load(self, *, engine_loaded: bool = False) -> None:
         """Read the partition's dedup index, positions and unsent outbox (after restoring an
-        empty store from its changelog, with one)."""
+        empty store from its changelog, with one); ``engine_loaded``: the engine holds them
+        already (a standby's warm engine)."""
         if self.changelog is not None:
             await self.changelog.restore_if_empty(self.store)
             await asyncio.to_thread(self.changelog.load, self.store)
-        await asyncio.to_thread(self.engine.load)
+        if not engine_loaded:
+            await asyncio.to_thread(self.engine.load)
 
     async def commit(self) -> None:
         """Steps 1-5 for everything staged since the last commit."""

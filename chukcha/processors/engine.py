@@ -45,7 +45,7 @@ from chukcha.processors.context import (
     Table,
 )
 from chukcha.processors.decoding import Decoded, Undecodable, decode_batch
-from chukcha.processors.timers import TimerState
+from chukcha.processors.timers import PERIODIC_PREFIX, TIMER_PREFIX, TimerState
 from chukcha.state.base import StateStore
 from chukcha.state.partitions import open_partition_stores
 
@@ -190,6 +190,48 @@ class Engine:
             self.app.name, sum(len(p) for p in self.positions.values()), len(self.outbox),
             len(self.dedup),
         )
+
+    def mirror(self, puts: dict[bytes, bytes], deletes: list[bytes]) -> bool:
+        """Apply a write that another writer made to this engine's store (a standby following
+        the partition's changelog) to the state :meth:`load` reads (dedup IDs, positions,
+        outbox, skips), so the engine is what a fresh load would find. Returns ``False`` when
+        the write touched what this does not mirror (timers): :meth:`load` it again."""
+        self.dedup.mirror(puts, deletes)
+        outbox = {e.key: e for e in self.outbox}
+        changed = False
+        for key in deletes:
+            if key.startswith((TIMER_PREFIX, PERIODIC_PREFIX)):
+                return False
+            if key.startswith(POSITION_PREFIX):
+                category, _, owner = key[len(POSITION_PREFIX):].decode().partition("\x00")
+                streams = self.positions.get(category, {})
+                streams.pop(owner, None)
+                if not streams:
+                    self.positions.pop(category, None)
+            elif key.startswith(OUTBOX_PREFIX):
+                changed |= outbox.pop(key, None) is not None
+            elif key.startswith(SKIP_PREFIX):
+                category, chunk, offset = key[len(SKIP_PREFIX):].decode().split("\x00")
+                self._skips.discard((category, chunk, int(offset, 16)))
+        for key, value in puts.items():
+            if key.startswith((TIMER_PREFIX, PERIODIC_PREFIX)):
+                return False
+            if key.startswith(POSITION_PREFIX):
+                category, _, owner = key[len(POSITION_PREFIX):].decode().partition("\x00")
+                chunk, offset = orjson.loads(value)
+                self.positions.setdefault(category, {})[owner] = (chunk, offset)
+            elif key.startswith(OUTBOX_PREFIX):
+                raw_category, _, data = value.partition(b"\n")
+                outbox[key] = OutboxEntry(key, raw_category.decode(), data)
+                changed = True
+            elif key.startswith(SKIP_PREFIX):
+                category, chunk, offset = key[len(SKIP_PREFIX):].decode().split("\x00")
+                self._skips.add((category, chunk, int(offset, 16)))
+        if changed:
+            self.outbox = [outbox[k] for k in sorted(outbox)]
+            self._outbox_seq = (int(self.outbox[-1].key[len(OUTBOX_PREFIX):], 16) + 1
+                                if self.outbox else 0)
+        return True
 
     # --- processing --------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ import orjson
 
 from chukcha.errors import ClientError, RemoteNotFoundError
 from chukcha.processors.changelog import PENDING_PREFIX, head_entries, read_head
+from chukcha.processors.engine import Engine
 from chukcha.protocol import ChunkInfo
 from chukcha.state.base import StateStore
 from chukcha.state.changelog import Assembler, Head, Record, Replay, plan_replay
@@ -116,8 +117,11 @@ class Follower:
     """Keeps ``store`` (partition ``partition``'s local store) equal to the changelog in
     ``category`` (see the module docstring). Not safe to use from two tasks at once."""
 
-    def __init__(self, category: str, partition: int, store: StateStore, bus: FollowBus) -> None:
+    def __init__(self, category: str, partition: int, store: StateStore, bus: FollowBus, *,
+                 engine: Callable[[], Engine] | None = None) -> None:
         self.category = category
+        self._new_engine = engine
+        self._engine: Engine | None = None  # loaded, and kept as the store changes (warm)
         self.partition = partition
         self._store = store
         self._bus = bus
@@ -192,10 +196,17 @@ class Follower:
 
     async def follow(self, *, wait: float = 1.0, on_error: Callable[[Exception], None]
                      | None = None) -> None:
-        """Follow until cancelled (a standby); read errors are retried after ``wait``."""
+        """Follow until cancelled (a standby); read errors are retried after ``wait``. With an
+        ``engine`` factory, once caught up the follower loads an engine over the store and
+        keeps its state (dedup IDs, positions, outbox) as the store changes, so that taking
+        the partition over needs no load (:meth:`take_engine`)."""
         while True:
             try:
                 await self.poll(wait=wait)
+                if self._engine is None and self._new_engine is not None:
+                    engine = self._new_engine()
+                    await _shielded(asyncio.to_thread(engine.load))
+                    self._engine = engine
             except ClientError as exc:
                 if on_error is not None:
                     on_error(exc)
@@ -311,6 +322,12 @@ class Follower:
         self._assembler.forget(self.head.seq)
         return len(todo)
 
+    def take_engine(self) -> Engine | None:
+        """The warm engine (loaded and kept current with the store), if there is one; the
+        follower lets go of it."""
+        engine, self._engine = self._engine, None
+        return engine
+
     def _write(self, records: list[Record]) -> None:
         """Apply ``records`` (consecutive) in as few write batches as their size allows; each
         batch carries the ``(epoch, seq)`` of its last record, so the store never says it holds
@@ -325,13 +342,18 @@ class Follower:
             if len(merged) >= _WRITE_KEYS or i == len(records) - 1:
                 puts = {k: v for k, v in merged.items() if v is not None}
                 puts.update(head_entries(record.head))
-                self._store.write(puts, [k for k, v in merged.items() if v is None], sync=False)
+                deletes = [k for k, v in merged.items() if v is None]
+                self._store.write(puts, deletes, sync=False)
+                if self._engine is not None and (record.base or not self._engine.mirror(
+                        puts, deletes)):
+                    self._engine = None  # a snapshot replaced the store, or timers: load again
                 # Here, not after the await: a cancelled caller still sees what was written.
                 self.head = record.head
                 merged = {}
         self.applied += len(records)
 
     def _wipe(self) -> None:
+        self._engine = None
         wipe_store(self._store)
         self.head = Head(0, 0)
 

@@ -57,6 +57,7 @@ from chukcha.state.base import StateStore
 
 if TYPE_CHECKING:
     from chukcha.processors.base import App
+    from chukcha.processors.engine import Engine
 
 __all__ = ["GroupConfig", "GroupMode", "check_group_app", "default_instance_name"]
 
@@ -170,11 +171,12 @@ class GroupMode:
         # them current and load them without the lock, so the partitions already running go
         # on meanwhile (a failover of several partitions starts the first one sooner).
         store = self._stores[partition]
-        how = await self._bring_current(partition, epoch, store)
+        how, warm = await self._bring_current(partition, epoch, store)
         current = time.monotonic()
         self._held[partition] = epoch
-        checkpoint = self._parts.prepare(partition, epoch)
-        await checkpoint.load()  # an empty store is restored from the changelog
+        checkpoint = self._parts.prepare(partition, epoch, warm)
+        # An empty store is restored from the changelog; a standby's warm engine is loaded.
+        await checkpoint.load(engine_loaded=warm is not None)
         loaded = time.monotonic()
         async with self._lock:
             self._parts.install(checkpoint)
@@ -195,23 +197,25 @@ class GroupMode:
                 tasks.append(task)
             self._tasks[partition] = tasks
         logger.info("app=%s instance=%s partition %d assigned (epoch %d): %s; started in "
-                    "%.2f s (current %.2f s, state loaded %.2f s)", self.app.name, self.instance,
+                    "%.2f s (current %.2f s, state %s %.2f s)", self.app.name, self.instance,
                     partition, epoch, how, time.monotonic() - started, current - started,
-                    loaded - current)
+                    "warm" if warm is not None else "loaded", loaded - current)
 
-    async def _bring_current(self, partition: int, epoch: int, store: StateStore) -> str:
+    async def _bring_current(self, partition: int, epoch: int,
+                             store: StateStore) -> tuple[str, Engine | None]:
         """Make the local store the bus's latest state of ``partition`` before it runs at
-        ``epoch``; returns what was done (for the log)."""
+        ``epoch``; returns what was done (for the log) and a standby's warm engine (loaded and
+        current with the store), if it has one."""
         if self._held.get(partition) == epoch:
             # The same epoch as last time here (the lease survived an etcd outage): nobody
             # else ran the partition meanwhile; the local store is its latest state (with its
             # unpublished records, published now).
-            return "local copy kept (same epoch)"
+            return "local copy kept (same epoch)", None
         standby = await self._stop_following(partition)
         if standby is None:
             copy = await asyncio.to_thread(local_copy, store)
             if copy.empty:
-                return "restored from the bus"
+                return "restored from the bus", None
             seq = copy.head.seq if copy.head is not None else 0
         else:
             seq = standby.head.seq
@@ -223,12 +227,14 @@ class GroupMode:
         rebuilds = follower.rebuilds
         applied = await follower.catch_up()
         await follower.sync()
+        warm = follower.take_engine()
         what = "standby copy" if standby is not None else "local copy"
         if follower.rebuilds > rebuilds:
-            return f"{what} rebuilt from the bus ({applied} records)"
+            return f"{what} rebuilt from the bus ({applied} records)", warm
         if applied:
-            return f"{what} brought current: {applied} record(s) after seq {seq} replayed"
-        return f"{what} current (epoch {follower.head.epoch}, seq {follower.head.seq})"
+            return (f"{what} brought current: {applied} record(s) after seq {seq} replayed",
+                    warm)
+        return f"{what} current (epoch {follower.head.epoch}, seq {follower.head.seq})", warm
 
     async def follow(self, partitions: frozenset[int]) -> None:
         """Be a standby of ``partitions``: follow each one's changelog into its local store
@@ -239,8 +245,12 @@ class GroupMode:
                         self.app.name, self.instance, p)
         for p in sorted(partitions - set(self._followers) - set(self._parts.owned)):
             self._held.pop(p, None)  # what runs here now is another owner's history
+            # A warm engine needs no load at a takeover; with timers the engine is loaded
+            # then (a periodic timer's next run is computed when it is loaded).
+            timers = bool(self.app.timers) or self.app.key_timer is not None
             follower = Follower(changelog_category(self.app.name, p), p, self._stores[p],
-                                self._bus)
+                                self._bus, engine=None if timers
+                                else functools.partial(self._parts.new_engine, p))
             task = asyncio.create_task(follower.follow(on_error=functools.partial(
                 self._follow_failed, p)), name=f"app-{self.app.name}-standby-p{p}")
             task.add_done_callback(self._on_done)

@@ -100,14 +100,20 @@ class PartitionSet:
         records carry ``epoch``); the caller loads it (:meth:`Checkpoint.load`)."""
         return self.install(self.prepare(partition, epoch))
 
-    def prepare(self, partition: int, epoch: int) -> Checkpoint:
-        """A fresh engine and checkpoint for ``partition`` (records carrying ``epoch``), not
-        run yet: the caller loads it (:meth:`Checkpoint.load`, which touches only that
-        partition's store, so it needs no lock while the partition is not owned), then
-        :meth:`install` s it."""
+    def prepare(self, partition: int, epoch: int, engine: Engine | None = None) -> Checkpoint:
+        """A checkpoint for ``partition`` (records carrying ``epoch``) over ``engine`` (default:
+        a fresh one), not run yet: the caller loads it (:meth:`Checkpoint.load`, which touches
+        only that partition's store, so it needs no lock while the partition is not owned),
+        then :meth:`install` s it."""
+        if engine is None:
+            engine = self.new_engine(partition)
+        return self._checkpoint(partition, engine, epoch)
+
+    def new_engine(self, partition: int) -> Engine:
+        """A fresh (not loaded) engine over ``partition``'s store, with the app's views."""
         engine = Engine(self.app, self._stores[partition], partition=partition)
         engine.ctx.views = self.engines[partition].ctx.views  # the app's views (runner's)
-        return self._checkpoint(partition, engine, epoch)
+        return engine
 
     def install(self, checkpoint: Checkpoint) -> Checkpoint:
         """Run the partition of ``checkpoint`` (from :meth:`prepare`) from now on."""

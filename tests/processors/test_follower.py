@@ -10,12 +10,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from chukcha import App, Client
+from chukcha.dedup.index import _VALUE as DEDUP_VALUE
+from chukcha.dedup.index import PREFIX as DEDUP
 from chukcha.processors.busio import BusIO
 from chukcha.processors.changelog import Changelog, changelog_category, read_head
-from chukcha.processors.engine import CommitPlan
+from chukcha.processors.engine import OUTBOX_PREFIX, CommitPlan, Engine, skip_key
 from chukcha.processors.follower import Follower, local_copy
 from chukcha.state.leveldb import LevelDBStore
 from chukcha.testing import run_node
@@ -161,3 +164,52 @@ async def test_a_standby_follows_through_snapshots(tmp_path: Path, bus: BusIO) -
     late = Follower(changelog_category(APP, 0), 0, open_store(tmp_path, "late"), bus)
     await late.catch_up()
     assert late.head.seq == 30
+
+
+def engine_state(engine: Engine) -> tuple[object, ...]:
+    return (list(engine.dedup._ids.items()), engine.dedup._seq, engine.positions,
+            [(e.key, e.category, e.data) for e in engine.outbox],
+            engine._outbox_seq, engine._skips)
+
+
+async def test_a_warm_engine_equals_a_fresh_load(tmp_path: Path, bus: BusIO) -> None:
+    """A standby's engine, loaded once and then kept by the records it applies, holds what a
+    load of the store would (dedup IDs in order, positions, outbox, skips)."""
+    app = App(APP, nodes=bus.nodes)
+    a, s = open_store(tmp_path, "a"), open_store(tmp_path, "s")
+    owner = Owner(a, bus, epoch=4)
+    follower = Follower(changelog_category(APP, 0), 0, s, bus,
+                        engine=lambda: Engine(app, s, partition=0))
+    follow = asyncio.create_task(follower.follow(wait=0.5))
+    try:
+        for i in range(12):
+            puts = {DEDUP + f"e{i}".encode(): DEDUP_VALUE.pack(i, 1000.0 + i),
+                    b"p/orders\x00n" + str(i % 2).encode(): orjson.dumps([f"c{i}", i * 10]),
+                    OUTBOX_PREFIX + b"%016x" % i: b"receipts\n{\"id\":\"" + str(i).encode()
+                    + b"\"}\n",
+                    skip_key("orders", f"c{i}", i): b""}
+            deletes: tuple[bytes, ...] = ()
+            if i >= 3:  # prune the oldest ID, send an old emit, drop a skip
+                deletes = (DEDUP + f"e{i - 3}".encode(), OUTBOX_PREFIX + b"%016x" % (i - 2),
+                           skip_key("orders", f"c{i - 1}", i - 1))
+            owner.commit(puts, deletes)
+            await owner.publish()
+            if i == 5:
+                async def warm() -> bool:
+                    return follower._engine is not None and follower.head.seq == 6
+
+                await wait_for(warm, what="the standby's engine loaded at seq 6")
+
+        async def followed() -> bool:
+            return follower.head.seq == 12
+
+        await wait_for(followed, what="the follower at seq 12")
+    finally:
+        follow.cancel()
+        await asyncio.gather(follow, return_exceptions=True)
+    engine = follower.take_engine()
+    assert engine is not None
+    fresh = Engine(app, s, partition=0)
+    fresh.load()
+    assert engine_state(engine) == engine_state(fresh)
+    assert len(fresh.dedup) == 3 and len(fresh.outbox) == 3 and len(fresh.positions["orders"]) == 2
