@@ -25,8 +25,12 @@ must agree within a few seconds (the window is many heartbeats long).
 
 Traffic stays tiny and bounded: one line of about 200 bytes per instance per interval; a read
 looks only at the last :data:`TAIL_BYTES` of the newest chunks, and complete chunks older than
-the newest complete one are acked away. Instances through etcd (``--etcd``) coordinate there
-and do not use this.
+the newest complete one are acked away.
+
+**Instances through etcd** (``--etcd``) coordinate their partitions there, and heartbeat here
+too, with ``"etcd": "<cluster>"``: so an instance run without etcd and one through etcd of the
+same app detect each other (an etcd instance may own any partition, so they always overlap),
+and so do instances of two etcd clusters; instances of one cluster never refuse each other.
 """
 
 from __future__ import annotations
@@ -80,11 +84,16 @@ class Heartbeat:
     count: int
     time: float
     left: bool = False
+    etcd: str = ""
+    """The etcd cluster of an instance run through etcd (empty: run without etcd)."""
 
     def encode(self) -> bytes:
-        return orjson.dumps({"run": self.run, "host": self.host, "pid": self.pid,
-                             "state_dir": self.state_dir, "index": self.index,
-                             "count": self.count, "time": self.time, "left": self.left})
+        fields: dict[str, Any] = {
+            "run": self.run, "host": self.host, "pid": self.pid, "state_dir": self.state_dir,
+            "index": self.index, "count": self.count, "time": self.time, "left": self.left}
+        if self.etcd:
+            fields["etcd"] = self.etcd
+        return orjson.dumps(fields)
 
     @classmethod
     def decode(cls, line: bytes) -> Heartbeat | None:
@@ -92,21 +101,25 @@ class Heartbeat:
         try:
             d: Any = orjson.loads(line)
             return cls(str(d["run"]), str(d["host"]), int(d["pid"]), str(d["state_dir"]),
-                       int(d["index"]), int(d["count"]), float(d["time"]), bool(d["left"]))
+                       int(d["index"]), int(d["count"]), float(d["time"]), bool(d["left"]),
+                       str(d.get("etcd") or ""))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
 
     def where(self) -> str:
         split = f" instance {self.index} of {self.count}" if self.count > 1 else ""
-        return f"host {self.host} pid {self.pid} state dir {self.state_dir}{split}"
+        mode = f" through etcd (cluster {self.etcd})" if self.etcd else " without etcd"
+        return f"host {self.host} pid {self.pid} state dir {self.state_dir}{split}{mode}"
 
 
 class Presence:
     """This run's heartbeats and the checks for another live instance of the app."""
 
     def __init__(self, app: str, partitions: int, state_dir: Path, split: StaticSplit,
-                 client: Client) -> None:
+                 client: Client, *, etcd: str = "") -> None:
+        """``etcd``: the cluster of an instance run through etcd (empty: without etcd)."""
         self.app = app
+        self._etcd = etcd
         self.category = instances_category(app)
         self._partitions = partitions
         self._split = split
@@ -119,9 +132,13 @@ class Presence:
 
     def _beat(self, *, left: bool = False) -> Heartbeat:
         return Heartbeat(self._run, self._host, os.getpid(), self._state_dir, self._split.index,
-                         self._split.count, time.time(), left)
+                         self._split.count, time.time(), left, self._etcd)
 
     def _overlaps(self, other: Heartbeat) -> bool:
+        if self._etcd or other.etcd:
+            # Through etcd an instance may own any partition: it overlaps anything but the
+            # instances of its own cluster, which share the partitions out through etcd.
+            return self._etcd != other.etcd
         if other.count < 1 or not 0 <= other.index < other.count:
             return True  # malformed: be safe
         theirs = StaticSplit(other.index, other.count)
@@ -148,9 +165,21 @@ class Presence:
             raise DuplicateInstanceError(
                 f"app {self.app!r}: another instance is running ({beat.where()}, last heartbeat "
                 f"{age:.1f}s ago in {self.category!r}); both would process the same partitions. "
-                "Stop the other one, or give each its own share with --instances N "
-                "--instance-index I, or run them as a group through etcd (--etcd URL); a killed "
-                f"instance counts as gone {DETECTION_WINDOW:g}s after its last heartbeat")
+                f"{self._advice(beat)}; a killed instance counts as gone "
+                f"{DETECTION_WINDOW:g}s after its last heartbeat")
+
+    def _advice(self, other: Heartbeat) -> str:
+        if other.etcd and not self._etcd:
+            return (f"Stop it, or run this one through etcd too (--etcd URL --cluster "
+                    f"{other.etcd}) to share the partitions with it")
+        if self._etcd and not other.etcd:
+            return ("Stop it (it runs without etcd), or restart it through etcd (--etcd URL "
+                    f"--cluster {self._etcd}) to share the partitions with this one")
+        if self._etcd:
+            return (f"Instances of one app must use one etcd cluster (this one: "
+                    f"{self._etcd}); stop one of them")
+        return ("Stop the other one, or give each its own share with --instances N "
+                "--instance-index I, or run them as a group through etcd (--etcd URL)")
 
     async def announce(self) -> None:
         """Write a heartbeat (and ack away old complete chunks of the category)."""

@@ -125,12 +125,14 @@ class Runner:
                 ssl=ssl.create_default_context(cafile=app.config.tls_ca)
                 if app.config.tls_ca else None,
             ) as client:
-                presence: Presence | None = None
-                if self.group is None:  # instances through etcd coordinate there
-                    presence = Presence(app.name, app.partitions, app.state_dir, split, client)
-                    # Refuses a second live instance, before anything; waits for a node to answer.
-                    await presence.start(stop, retry_initial=app.config.retry_initial,
-                                         retry_max=app.config.retry_max)
+                # Refuses a second live instance, before anything; waits for a node to answer.
+                # Through etcd the partitions are shared out there, but the heartbeats still
+                # meet an instance run without etcd (or through another cluster).
+                presence = Presence(
+                    app.name, app.partitions, app.state_dir, split, client,
+                    etcd=self.group.cluster if self.group is not None else "")
+                await presence.start(stop, retry_initial=app.config.retry_initial,
+                                     retry_max=app.config.retry_max)
                 try:
                     session = _Session(app, stores, client, split, group=self.group,
                                        presence=presence)
@@ -154,8 +156,7 @@ class Runner:
                         finally:
                             await session.close()
                 finally:
-                    if presence is not None:
-                        await presence.leave()  # before the client closes
+                    await presence.leave()  # before the client closes
         finally:
             for store in stores:
                 await asyncio.to_thread(store.close)
@@ -426,14 +427,15 @@ class _Session:
         group = GroupMode(self.app, config, parts=self._parts, stores=list(self._stores),
                           client=self._client, lock=self._lock, consumers=self._consumers,
                           streams=streams, consume_loop=self._consume_loop, bus=self._io)
-        if not (self.app.timers or self.app.key_timer is not None):
-            await group.run(stop)
-            return
         try:
             async with asyncio.TaskGroup() as tg:
-                # The owned partitions' timers (the set changes as partitions move).
-                tg.create_task(self._timer_loop(stop), name=f"app-{self.app.name}-timers")
                 tg.create_task(group.run(stop), name=f"app-{self.app.name}-group")
+                if self.app.timers or self.app.key_timer is not None:
+                    # The owned partitions' timers (the set changes as partitions move).
+                    tg.create_task(self._timer_loop(stop), name=f"app-{self.app.name}-timers")
+                if self._presence is not None:
+                    tg.create_task(self._presence.watch(self._lock, stop),
+                                   name=f"app-{self.app.name}-presence")
         except BaseExceptionGroup as errors:
             raise_single(errors)
 

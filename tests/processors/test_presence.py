@@ -69,3 +69,29 @@ async def test_only_a_fresh_overlapping_heartbeat_of_another_instance_refuses(
         await start(client, tmp_path / "s0", StaticSplit(0, 2))  # other index: no overlap
         with pytest.raises(DuplicateInstanceError, match="pid 77 state dir /split1"):
             await start(client, tmp_path / "again", StaticSplit(1, 2))
+
+
+async def test_etcd_instances_meet_plain_ones_and_other_clusters_but_not_their_own(
+    node: Node, tmp_path: Path
+) -> None:
+    async with Client([node.url]) as client:
+        await client.send(CATEGORY, [Heartbeat("r-e", "h1", 88, "/etcd1", 0, 1, time.time(),
+                                               etcd="prod").encode()])
+
+        async def start_etcd(name: str, cluster: str) -> None:
+            await Presence("shop", 4, tmp_path / name, ALONE, client,
+                           etcd=cluster).start(asyncio.Event())
+
+        await start_etcd("e2", "prod")  # the same cluster: they share through etcd
+        with pytest.raises(DuplicateInstanceError, match=r"through etcd \(cluster prod\).*"
+                                                         r"--etcd URL --cluster prod"):
+            await start(client, tmp_path / "plain")
+        with pytest.raises(DuplicateInstanceError, match="one etcd cluster"):
+            await start_etcd("e3", "test")
+        for d in ("/etcd1", str(await asyncio.to_thread((tmp_path / "e2").resolve))):
+            await client.send(CATEGORY, [Heartbeat("r", "h1" if d == "/etcd1" else
+                                                   socket.gethostname(), 88, d, 0, 1,
+                                                   time.time(), True, "prod").encode()])
+        await client.send(CATEGORY, [beat("/plain", host="h2")])
+        with pytest.raises(DuplicateInstanceError, match=r"without etcd.*restart it through"):
+            await start_etcd("e4", "prod")

@@ -1,0 +1,67 @@
+"""An instance through etcd and one without (plain ``chukcha run``) of the same app on the same
+bus detect each other through the heartbeats in ``<app>.instances`` and the one that comes
+second is refused with a clear error and exit code 1 (either way round); the one running is
+left alone. Instances through etcd of one cluster do not refuse each other."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from chukcha import Client
+from chukcha.testing import EtcdServer, run_cluster, run_etcd
+from tests.integration.test_duplicate_instance import refused
+from tests.integration.test_processor_sigkill import Processor
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.allow_blocking]  # subprocess orchestration
+
+TARGET = "tests.processors.changelog_app:app"  # app "billing", 4 partitions, changelog on
+
+
+@pytest.fixture
+async def etcd(tmp_path: Path) -> AsyncIterator[EtcdServer]:
+    async with run_etcd(tmp_path) as server:
+        yield server
+
+
+async def test_an_etcd_instance_and_a_plain_one_refuse_each_other(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    async with run_cluster(tmp_path / "cluster", ("a", "b"), etcd=etcd.endpoint) as cluster, \
+            Client(cluster.urls) as client:
+        await client.create_partitions("orders", 4)
+
+        def through_etcd(name: str) -> Processor:
+            p = Processor(cluster, tmp_path / f"state-{name}", tmp_path / f"{name}.log", TARGET)
+            p.cmd += ["--etcd", etcd.endpoint, "--cluster", "test", "--instance", name,
+                      "--lease-ttl", "2"]
+            return p
+
+        x, x2 = through_etcd("x"), through_etcd("x2")
+        for p in (x, x2):  # one cluster: they coordinate through etcd, no refusal
+            await p.start()
+        for p in (x, x2):
+            await p.wait_ready()
+
+        plain = Processor(cluster, tmp_path / "state-plain", tmp_path / "plain.log", TARGET)
+        await plain.start()
+        log = await refused(plain)
+        assert plain.instances_up == 0  # never got to processing
+        assert "another instance is running" in log and "through etcd (cluster test)" in log
+        assert "--etcd" in log
+        for p in (x, x2):
+            assert p.proc is not None and p.proc.returncode is None  # left alone
+            assert await p.terminate() == 0
+
+        # The other way round: a plain instance runs, one through etcd is refused.
+        await plain.start()
+        await plain.wait_ready()
+        y = through_etcd("y")
+        await y.start()
+        log = await refused(y)
+        assert y.instances_up == 0
+        assert "another instance is running" in log and "without etcd" in log
+        assert plain.proc is not None and plain.proc.returncode is None
+        assert await plain.terminate() == 0
