@@ -18,7 +18,8 @@ from typing import Any, Final
 from chukcha.bus import web
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import NodeConfig, Peer
-from chukcha.bus.coordination import EtcdGroups, EtcdMembership, Membership, StaticMembership
+from chukcha.bus.coordination import EtcdMembership, Membership, StaticMembership
+from chukcha.bus.group_coordination import EtcdGroups
 from chukcha.bus.http import Handler, ReplicaWaiter
 from chukcha.bus.peers import PeerAccess
 from chukcha.bus.replication import ReplicationServer

@@ -1,9 +1,11 @@
-"""Cluster membership (static ``--peers`` or etcd) and, with etcd, the consumer groups.
+"""Cluster membership (static ``--peers`` or etcd) and the etcd session base.
 
-Every access to etcd lives in this module (through ``aetcd``), behind the small
-:class:`Membership` protocol, so that the replication code never sees the etcd client and the
-client library can be swapped; :mod:`chukcha.bus.app_coordination` (the instances of an app and
-their partition claims) is the other half of this one etcd layer and shares its session base.
+Every access to etcd (through ``aetcd``) lives in the one etcd layer: this module (the session
+base :class:`_EtcdWatcher` and the membership), :mod:`chukcha.bus.group_coordination` (the
+consumer groups, :class:`~chukcha.bus.group_coordination.EtcdGroups`) and
+:mod:`chukcha.bus.app_coordination` (the instances of an app and their partition claims), which
+share the session base. Membership is behind the small :class:`Membership` protocol, so that
+the replication code never sees the etcd client and the client library can be swapped.
 
 etcd layout: ``chukcha/<cluster>/peers/<instance>`` = ``host:port``, put under a lease that the
 node keeps alive. Every node watches the prefix, so joins and leaves are seen without restarts; a
@@ -11,10 +13,6 @@ node whose lease expired (killed, partitioned) disappears from everyone's view. 
 unreachable the node keeps the peers it knows and, when etcd is back, resumes the watch from the
 last revision it saw (so no join or leave in between is missed), re-registering if its lease
 expired meanwhile.
-
-Consumer groups (:class:`EtcdGroups`): ``chukcha/<cluster>/groups/<category>/<group>`` registers
-a group, ``.../<group>/<chunk>`` = size records its ack (written only while the registration
-exists, in one transaction; an ack key without one is ignored); watched with the same resilience.
 """
 
 from __future__ import annotations
@@ -33,8 +31,8 @@ import orjson
 from chukcha.bus.config import ETCD_EXTRA_MISSING, Peer, etcd_installed, parse_etcd_endpoint
 from chukcha.bus.files import read_file, write_atomic
 from chukcha.bus.tasks import log_task_crash, run_until_first_ends
-from chukcha.errors import BadRequestError, CoordinationError, StaleEpochError
-from chukcha.protocol import parse_uint, validate_instance
+from chukcha.errors import CoordinationError
+from chukcha.protocol import validate_instance
 
 # aetcd (with grpcio and protobuf) comes with the chukcha[etcd] extra; a standalone node or a
 # static cluster runs without it.
@@ -42,7 +40,6 @@ if etcd_installed():
     import aetcd
     import aetcd.exceptions
     import aetcd.rpc
-    import aetcd.utils
 
     _AETCD_ERRORS: tuple[type[Exception], type[Exception]] = (
         aetcd.exceptions.ClientError, aetcd.rpc.RpcError,
@@ -57,15 +54,10 @@ else:  # pragma: no cover - the tests run with the extra
 __all__ = [
     "DEFAULT_LEASE_TTL",
     "ETCD_ERRORS",
-    "EtcdGroups",
     "EtcdMembership",
-    "GroupsListener",
-    "GroupsSnapshot",
     "Membership",
     "StaticMembership",
-    "groups_prefix",
     "parse_etcd_endpoint",
-    "partitions_prefix",
     "peers_prefix",
 ]
 
@@ -84,7 +76,8 @@ _CHANNEL_OPTIONS: Final = {
 # What a broken etcd session raises: aetcd wraps most gRPC errors, not all.
 _ETCD_ERRORS: Final = (*_AETCD_ERRORS, CoordinationError, OSError, TimeoutError)
 ETCD_ERRORS: Final = _ETCD_ERRORS
-"""What a call of :class:`EtcdGroups` raises when etcd fails (retry later)."""
+"""What a call of :class:`~chukcha.bus.group_coordination.EtcdGroups` raises when etcd fails
+(retry later)."""
 
 MembershipListener = Callable[[Mapping[str, Peer]], None]
 
@@ -140,8 +133,8 @@ def peers_prefix(cluster: str) -> bytes:
 
 
 class _EtcdWatcher:
-    """What :class:`EtcdMembership` and :class:`EtcdGroups` share: a background session with
-    etcd that watches one key prefix.
+    """What :class:`EtcdMembership` and :class:`~chukcha.bus.group_coordination.EtcdGroups`
+    share: a background session with etcd that watches one key prefix.
 
     :meth:`start` returns at once. The session is (re)established in the background, rotating
     over the endpoints with backoff for as long as etcd is unreachable; the watch resumes from
@@ -438,240 +431,3 @@ class EtcdMembership(_EtcdWatcher):
             except Exception:
                 logger.exception("membership listener failed")
         return True
-
-
-# --- consumer groups ------------------------------------------------------------------------
-
-GroupsSnapshot = dict[str, dict[str, dict[str, int]]]
-"""category -> group -> acked chunk -> size: the cluster-wide consumer groups."""
-GroupsListener = Callable[[GroupsSnapshot], None]
-
-
-def groups_prefix(cluster: str) -> bytes:
-    """The etcd key prefix of the consumer groups of ``cluster``.
-
-    ``<prefix><category>/<group>`` registers a group; ``<prefix><category>/<group>/<chunk>`` =
-    size records its ack of a chunk (deleted once the chunk is tombstoned). Category, group and
-    chunk names never hold ``/``.
-    """
-    return f"chukcha/{cluster}/groups/".encode()
-
-
-def partitions_prefix(cluster: str) -> bytes:
-    """The etcd key prefix of the partitioned categories of ``cluster``:
-    ``<prefix><category>`` = the partition count (decimal)."""
-    return f"chukcha/{cluster}/partitions/".encode()
-
-
-class EtcdGroups(_EtcdWatcher):
-    """Consumer-group registrations and group acks kept in etcd (cluster-wide).
-
-    Every node watches the groups prefix and keeps a mirror (:meth:`snapshot`), handed to the
-    listeners after every change. Like :class:`EtcdMembership`, :meth:`start` returns at once;
-    while etcd is unreachable the mirror keeps the last known set and, when etcd is back, the
-    watch resumes from the last revision seen (a full re-read if that history was compacted).
-
-    The writes (:meth:`register`, :meth:`ack`, ...) and the linearizable :meth:`read` go through
-    the watching session and raise :class:`~chukcha.errors.CoordinationError` (or an etcd
-    error, see :data:`ETCD_ERRORS`) when there is none: callers keep them in an outbox and
-    retry.
-    """
-
-    _what = "groups"
-
-    def __init__(
-        self,
-        endpoints: tuple[str, ...],
-        cluster: str,
-        instance: str,
-        *,
-        retry_interval: float = 0.2,
-    ) -> None:
-        super().__init__(endpoints, groups_prefix(cluster), instance, retry_interval)
-        self.cluster = cluster
-        self._partitions_prefix = partitions_prefix(cluster)
-        self._mirror: GroupsSnapshot = {}
-        self._listeners: list[GroupsListener] = []
-
-    def snapshot(self) -> GroupsSnapshot:
-        return {c: {g: dict(a) for g, a in gs.items()} for c, gs in self._mirror.items()}
-
-    def add_listener(self, callback: GroupsListener) -> None:
-        self._listeners.append(callback)
-
-    # --- writes and reads ----------------------------------------------------------------
-
-    def _key(self, category: str, group: str, chunk: str | None = None) -> bytes:
-        tail = f"{category}/{group}" if chunk is None else f"{category}/{group}/{chunk}"
-        return self._prefix + tail.encode()
-
-    def _session_client(self) -> Any:
-        client = self._live
-        if client is None:
-            raise CoordinationError("etcd is unreachable")
-        return client
-
-    async def register(self, category: str, group: str) -> None:
-        await self._session_client().put(self._key(category, group), b"1")
-
-    async def unregister(self, category: str, group: str) -> None:
-        """Delete the registration and every ack of ``group``, in one transaction."""
-        client = self._session_client()
-        key, acks = self._key(category, group), self._key(category, group) + b"/"
-        await client.transaction(
-            compare=[],
-            success=[
-                client.transactions.delete(key),
-                client.transactions.delete(acks, range_end=aetcd.utils.prefix_range_end(acks)),
-            ],
-            failure=[],
-        )
-
-    async def ack(self, category: str, group: str, chunk: str, size: int) -> bool:
-        """Record ``group``'s ack of ``chunk`` if ``group`` is registered (checked in the same
-        transaction); returns whether it was. A late ack (say, from an outbox) of a group
-        unregistered meanwhile is dropped: it must not bring the group back."""
-        client = self._session_client()
-        registered = client.transactions.version(self._key(category, group)) > 0
-        succeeded, _ = await client.transaction(
-            compare=[registered],
-            success=[client.transactions.put(self._key(category, group, chunk),
-                                             str(size).encode())],
-            failure=[],
-        )
-        return bool(succeeded)
-
-    async def check_epoch(self, claim: bytes, epoch: int) -> None:
-        """Check, linearizably (an etcd transaction comparing its ``mod_revision``), that the
-        partition claim ``claim`` still has ``epoch``.
-
-        Raises:
-            StaleEpochError: the claim is gone or has another epoch (the sender lost it).
-        """
-        client = self._session_client()
-        tx = client.transactions
-        succeeded, responses = await client.transaction(
-            compare=[tx.mod(claim) == epoch], success=[], failure=[tx.get(claim)])
-        if succeeded:
-            return
-        found = responses[0] if responses else []
-        if found:
-            value, meta = found[0]
-            raise StaleEpochError(
-                f"{claim.decode()} is at epoch {meta.mod_revision} (owner "
-                f"{value.decode(errors='replace')}), not {epoch}: the sender lost this "
-                "partition and must stop processing it")
-        raise StaleEpochError(f"{claim.decode()} is not claimed (the ack says epoch {epoch}): "
-                              "the sender lost this partition and must stop processing it")
-
-    async def partitions(self, category: str) -> int:
-        """The partition count of ``category`` recorded in etcd (0: none), read now."""
-        kv = await self._session_client().get(self._partitions_prefix + category.encode())
-        return int(kv.value) if kv is not None else 0
-
-    async def set_partitions(self, category: str, count: int, expected: int) -> bool:
-        """Record ``count`` for ``category`` if etcd still holds ``expected`` (0: nothing), in
-        one transaction; returns whether it did (else another node changed it meanwhile)."""
-        client = self._session_client()
-        key, tx = self._partitions_prefix + category.encode(), client.transactions
-        compare = [tx.version(key) == 0] if expected == 0 else [
-            tx.value(key) == str(expected).encode()]
-        succeeded, _ = await client.transaction(
-            compare=compare, success=[tx.put(key, str(count).encode())], failure=[])
-        return bool(succeeded)
-
-    async def forget(self, category: str, chunk: str, groups: list[str]) -> None:
-        """Delete the acks of ``chunk`` (it is tombstoned: they are not needed any more)."""
-        client = self._session_client()
-        for group in groups:
-            await client.delete(self._key(category, group, chunk))
-
-    async def read(self, category: str) -> dict[str, dict[str, int]]:
-        """The groups of ``category`` and their acks, read from etcd now (linearizable)."""
-        resp = await self._session_client().get_prefix(self._prefix + f"{category}/".encode())
-        result: dict[str, dict[str, int]] = {}
-        for kv in self._registrations_first(resp):
-            self._apply(result, kv.key, kv.value, category)
-        return result
-
-    # --- the watching session ------------------------------------------------------------
-
-    def _parse(self, key: bytes) -> tuple[str, str, str | None] | None:
-        parts = key[len(self._prefix):].decode(errors="replace").split("/")
-        if len(parts) == 2:
-            return parts[0], parts[1], None
-        if len(parts) == 3:
-            return parts[0], parts[1], parts[2]
-        logger.warning("ignoring etcd key %r: not a group or a group ack", key)
-        return None
-
-    def _registrations_first(self, kvs: Any) -> list[Any]:
-        """``kvs`` with the registration keys before the ack keys (``<category>/<group>/<chunk>``),
-        so that an ack is applied only to a group that is registered."""
-        return sorted(kvs, key=lambda kv: kv.key[len(self._prefix):].count(b"/") > 1)
-
-    def _apply(
-        self, groups: dict[str, dict[str, int]], key: bytes, value: bytes | None, only: str
-    ) -> None:
-        parsed = self._parse(key)
-        if parsed is None or parsed[0] != only:
-            return
-        _, group, chunk = parsed
-        if value is None:  # deleted
-            if chunk is None:
-                groups.pop(group, None)
-            elif group in groups:
-                groups[group].pop(chunk, None)
-            return
-        if chunk is None:
-            groups.setdefault(group, {})
-            return
-        acked = groups.get(group)
-        if acked is None:
-            # An ack without a registration (written before acks were conditional, or left
-            # by an unregistration) is litter: it must not make the group look registered.
-            return
-        try:
-            acked[chunk] = parse_uint("size", value.decode())
-        except (BadRequestError, UnicodeDecodeError):
-            logger.warning("ignoring etcd key %r: size %r is not a number in range", key, value)
-
-    def _kept(self) -> str:
-        return "the known consumer groups"
-
-    async def _session(self, client: Any) -> None:
-        watch = await self._watch(client)
-        logger.info("instance=%s watching consumer groups %s from revision %d",
-                    self._instance, self._prefix.decode(), self.revision + 1)
-        async for event in watch:
-            kv = event.kv
-            self.revision = max(self.revision, kv.mod_revision)
-            parsed = self._parse(kv.key)
-            if parsed is None:
-                continue
-            cat = self._mirror.setdefault(parsed[0], {})
-            self._apply(cat, kv.key, kv.value if event.kind == "PUT" else None, parsed[0])
-            if not cat:
-                del self._mirror[parsed[0]]
-            self._notify()
-        raise CoordinationError("etcd watch ended")
-
-    async def _resync(self, client: Any) -> None:
-        resp = await client.get_prefix(self._prefix)
-        mirror: GroupsSnapshot = {}
-        for kv in self._registrations_first(resp):
-            parsed = self._parse(kv.key)
-            if parsed is not None:
-                self._apply(mirror.setdefault(parsed[0], {}), kv.key, kv.value, parsed[0])
-        self._mirror = {cat: groups for cat, groups in mirror.items() if groups}
-        self.revision = resp.header.revision
-        self.synced = True
-        self._notify()
-
-    def _notify(self) -> None:
-        snapshot = self.snapshot()
-        for cb in list(self._listeners):
-            try:
-                cb(snapshot)
-            except Exception:
-                logger.exception("consumer groups listener failed")

@@ -22,7 +22,8 @@ import aiohttp
 
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import Peer
-from chukcha.bus.coordination import ETCD_ERRORS, EtcdGroups, GroupsSnapshot
+from chukcha.bus.coordination import ETCD_ERRORS
+from chukcha.bus.group_coordination import EtcdGroups, GroupsSnapshot
 from chukcha.bus.group_registry import GroupRegistry
 from chukcha.bus.peers import PeerAccess
 from chukcha.bus.tasks import log_task_crash

@@ -24,7 +24,7 @@ from typing import Any, Final
 import orjson
 
 from chukcha.bus import files
-from chukcha.bus.coordination import GroupsSnapshot
+from chukcha.bus.group_coordination import GroupsSnapshot
 from chukcha.bus.tasks import run_to_end
 from chukcha.errors import BadRequestError, DiskWriteError
 from chukcha.partitioning import MAX_PARTITIONS

@@ -25,9 +25,10 @@ Groups are cluster-wide. A chunk's tombstone replicates to every node, so a node
 tombstone a chunk that a group registered *anywhere* has not acked:
 
 - **With etcd** (``--etcd``) registrations and group acks live in etcd
-  (:class:`~chukcha.bus.coordination.EtcdGroups`: ``chukcha/<cluster>/groups/<category>/<group>``
-  and ``.../<group>/<chunk>`` = size) and every node watches them (its listing and its check of
-  "is this group registered" use that mirror, which keeps the last known set while etcd is down).
+  (:class:`~chukcha.bus.group_coordination.EtcdGroups`:
+  ``chukcha/<cluster>/groups/<category>/<group>`` and ``.../<group>/<chunk>`` = size) and every
+  node watches them (its listing and its check of "is this group registered" use that mirror,
+  which keeps the last known set while etcd is down).
   A node never decides from its mirror alone: after writing a group ack to etcd it reads the
   category's groups and acks from etcd (a linearizable read) and tombstones the chunk only if
   every group registered in the cluster at that moment has acked it; then it deletes the acks
@@ -68,7 +69,8 @@ from typing import Any, Final
 from chukcha.bus.app_coordination import claim_key
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import Peer
-from chukcha.bus.coordination import ETCD_ERRORS, EtcdGroups
+from chukcha.bus.coordination import ETCD_ERRORS
+from chukcha.bus.group_coordination import EtcdGroups
 from chukcha.bus.group_forwarding import INLINE_TIMEOUT, GroupForwarder, outbox_entry
 from chukcha.bus.group_registry import GROUPS_FILE, GroupRegistry, RetentionPolicy, validate_group
 from chukcha.bus.http import Fence

@@ -34,7 +34,7 @@ import orjson
 
 from chukcha.bus import web
 from chukcha.bus.chunks import ChunkStore
-from chukcha.bus.coordination import EtcdGroups
+from chukcha.bus.group_coordination import EtcdGroups
 from chukcha.bus.groups import ConsumerGroups
 from chukcha.bus.http import Handler, int_param, str_param
 from chukcha.errors import BadRequestError, PartitionsConflictError

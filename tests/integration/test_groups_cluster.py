@@ -13,7 +13,7 @@ import aetcd
 import orjson
 import pytest
 
-from chukcha.bus.coordination import EtcdGroups, GroupsSnapshot, groups_prefix
+from chukcha.bus.group_coordination import EtcdGroups, GroupsSnapshot, groups_prefix
 from chukcha.client import Client
 from chukcha.client.consumer import Consumer
 from chukcha.protocol import ChunkInfo
