@@ -46,6 +46,7 @@ from chukcha.protocol import (
 )
 
 __all__ = [
+    "INLINE_READ_LIMIT",
     "INLINE_WRITE_LIMIT",
     "ChunkStore",
     "StoreEvent",
@@ -57,9 +58,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+_Bytes = TypeVar("_Bytes", bytes, bytearray)
 
 LOCK_FILE: Final = "running.lock"
 INLINE_WRITE_LIMIT: Final = 64 << 10
+INLINE_READ_LIMIT: Final = 64 << 10
+"""Reads up to this size whose bytes are all in the page cache are done on the event loop
+(:meth:`ChunkStore.read_now`); a worker thread's hand-off costs more than such a read."""
+_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 0)
 """Writes up to this size (without fsync) are done on the event loop, see ``_append_small``."""
 
 
@@ -750,13 +756,47 @@ class ChunkStore:
         if not data:
             # Acked (truncated) between the size check and the read.
             raise ChunkNotFoundError(f"chunk {category}/{chunk} not found")
+        return self._whole_messages(cat, data, want, max_size, off)
+
+    def read_now(
+        self, category: str, chunk: str, off: int, max_size: int
+    ) -> bytes | bytearray | memoryview | None:
+        """:meth:`read_buffer` without waiting, where it needs none: a read of at most
+        ``INLINE_READ_LIMIT`` bytes of a live chunk whose bytes are all in the page cache
+        (``preadv`` with ``RWF_NOWAIT`` fails rather than wait for the disk). ``None``: nothing
+        was read (not cached, bigger, unknown chunk, no ``RWF_NOWAIT``); call
+        :meth:`read_slice`, which also gives every error."""
+        cat = self._categories.get(category)
+        c = cat.chunks.get(chunk) if cat else None
+        if cat is None or c is None or not _NOWAIT or off < 0:
+            return None
+        if not 0 < max_size <= MAX_READ_SIZE:
+            raise BadRequestError(f"max_size must be between 1 and {MAX_READ_SIZE}")
+        limit = c.size  # committed size: never past a write in progress
+        if off >= limit:
+            cat.traffic.reads += 1
+            return b""
+        want = min(max_size, limit - off)
+        if want > INLINE_READ_LIMIT:
+            return None
+        data = _pread_cached(cat.path / chunk, want, off)
+        if data is None:
+            return None
+        cat.traffic.reads += 1
+        return self._whole_messages(cat, data, want, max_size, off)
+
+    @staticmethod
+    def _whole_messages(
+        cat: _Category, data: _Bytes, want: int, max_size: int, off: int
+    ) -> _Bytes | memoryview:
+        """What a read answers: ``data`` cut after its last newline, counted."""
         cut = data.rfind(b"\n") + 1
         if cut == 0:
             if want == max_size:
                 raise ReadBufferTooSmallError(
                     f"max_size {max_size} is smaller than the message at offset {off}"
                 )
-            return b""
+            return data[:0]
         cat.traffic.bytes_read += cut
         # The newlines of what is sent (chukcha_read_messages_total): one C loop over bytes in
         # memory; answers over STREAM_READ_OVER are counted piece by piece (FileSlice.sent).
@@ -899,6 +939,25 @@ def _open_slice(path: Path, off: int, want: int, traffic: Traffic) -> FileSlice 
     except BaseException:
         os.close(fd)
         raise
+
+
+def _pread_cached(path: Path, n: int, off: int) -> bytearray | None:
+    """``n`` bytes at ``off`` if they are all in the page cache, else ``None`` (short: not
+    cached, or truncated by an ack meanwhile; the caller's thread path decides). On the event
+    loop: the open is a cached look-up of a chunk just listed or written, the read a copy."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None  # acked meanwhile: the thread path answers 404
+    try:
+        buf = bytearray(n)
+        try:
+            got = os.preadv(fd, [buf], off, _NOWAIT)
+        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: a file system without RWF_NOWAIT
+            return None
+        return buf if got == n else None
+    finally:
+        os.close(fd)
 
 
 def _pread(path: Path, n: int, off: int) -> bytes:

@@ -4,13 +4,19 @@ task): the same answers, errors, ordering and locking as the handler it stands i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+from pathlib import Path
 from urllib.parse import parse_qsl
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from chukcha.bus.chunks import INLINE_READ_LIMIT
 from chukcha.bus.node import Node
 from chukcha.bus.web import parse_query
+from chukcha.errors import ChukchaError
 from tests.bus.conftest import Api, disk_state, read_file
 
 C0 = "moscow-chunk000000000"
@@ -92,6 +98,66 @@ async def test_fast_writes_are_counted_in_the_metrics(api: Api, node: Node) -> N
     assert 'chukcha_write_requests_total{category="m"} 4.0' in text
     assert 'chukcha_written_messages_total{category="m"} 7.0' in text
     assert 'chukcha_http_requests_total{endpoint="/write",status="200"} 4.0' in text
+
+
+async def test_fast_reads_answer_and_count_exactly_as_the_thread_path(node: Node) -> None:
+    store = node.store
+    messages = b"".join(b"%d-%b\n" % (i, b"m" * (i % 37)) for i in range(3000))
+    await store.write("r", messages)
+    chunk = store.list_chunks("r")[0].name
+    size = len(messages)
+    offsets = [0, 1, 5, 100, size - 40, size - 1, size, size + 10]
+    sizes = [1, 3, 40, 100, 4096, INLINE_READ_LIMIT, INLINE_READ_LIMIT + 1, 1 << 20, 0]
+    for off in offsets:
+        for max_size in sizes:
+            before = dataclasses.replace(store.traffic()["r"])
+            try:
+                now = store.read_now("r", chunk, off, max_size)
+            except ChukchaError as exc:
+                now_error: ChukchaError | None = exc
+                now = None
+            else:
+                now_error = None
+            counted_now = dataclasses.replace(store.traffic()["r"])
+            try:
+                slow = bytes(await store.read_buffer("r", chunk, off, max_size))
+            except ChukchaError as exc:
+                assert now_error is not None and str(now_error) == str(exc), (off, max_size)
+                continue
+            assert now_error is None, (off, max_size, now_error)
+            if min(max_size, size - off) > INLINE_READ_LIMIT:
+                assert now is None, (off, max_size)  # bigger reads are not done on the loop
+                continue
+            assert now is not None and bytes(now) == slow, (off, max_size)
+            after = store.traffic()["r"]
+            # The same counts as the thread path's read that followed.
+            assert (counted_now.reads - before.reads, counted_now.bytes_read - before.bytes_read,
+                    counted_now.messages_read - before.messages_read) == (
+                after.reads - counted_now.reads, after.bytes_read - counted_now.bytes_read,
+                after.messages_read - counted_now.messages_read), (off, max_size)
+
+
+async def test_a_read_not_in_the_page_cache_is_left_to_a_worker_thread(
+    api: Api, node: Node
+) -> None:
+    await api.write("cold", b"one\ntwo\n", sync=1)  # fsynced: clean pages can be dropped
+    await asyncio.to_thread(_drop_from_page_cache, node.config.data_dir / "cold" / C0)
+    reads = node.store.traffic()["cold"].reads
+    if node.store.read_now("cold", C0, 0, 100) is not None:
+        pytest.skip("the pages stayed cached (tmpfs?) or there is no RWF_NOWAIT here")
+    assert node.store.traffic()["cold"].reads == reads  # nothing read, nothing counted
+    # What the handler then does (a worker thread), and the answer over HTTP.
+    assert await node.store.read_slice("cold", C0, 0, 100) == b"one\ntwo\n"
+    assert await api.read("cold", C0, 0, 100) == b"one\ntwo\n"
+
+
+def _drop_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 _QUERY_TEXT = st.text(alphabet="ab=&%+;2F0x é", max_size=20)
