@@ -21,9 +21,16 @@ Every instance registers in etcd and claims its share of the app's partitions
   it comes back at the same one).
 
 Requirements (checked at start, with a clear error): the changelog is on
-(``ProcessorConfig(changelog=True)``: a partition's state must be on the bus to move), every
-input is partitioned on the bus with the app's partition count (``chukcha partitions C N``;
-produced with ``Client.send(..., key=)``).
+(``ProcessorConfig(changelog=True)``: a partition's state must be on the bus to move).
+
+An input partitioned on the bus with the app's partition count (``chukcha partitions C N``;
+produced with ``Client.send(..., key=)``) is read partition by partition by each partition's
+owner. Any other input goes through the repartition hop
+(:mod:`chukcha.processors.repartition`) into the app's own partitioned category, which is
+read the same way; the hop runs on the instance that owns partition 0, started and stopped
+with that partition (one copy at a time; it moves with the claim). A paused former owner's hop
+can still write copies (the keyed stage's dedup drops them) and ack input it has copied
+(never more): nothing is lost or added.
 
 Timers and views work as with one instance: a partition's timers are part of its state (its
 store, its changelog), so they move with the partition and run where it is owned now (the
@@ -59,11 +66,13 @@ if TYPE_CHECKING:
     from chukcha.processors.base import App
     from chukcha.processors.engine import Engine
 
-__all__ = ["GroupConfig", "GroupMode", "check_group_app", "default_instance_name"]
+__all__ = ["GroupConfig", "GroupMode", "PartitionLoop", "check_group_app",
+           "default_instance_name"]
 
 logger = logging.getLogger(__name__)
 
 ConsumeLoop = Callable[[str, Consumer, asyncio.Event], Coroutine[Any, Any, None]]
+PartitionLoop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +128,8 @@ class GroupMode:
     def __init__(self, app: App, config: GroupConfig, *, parts: PartitionSet,
                  stores: list[StateStore], client: Client, lock: asyncio.Lock,
                  consumers: dict[str, Consumer], streams: Mapping[int, list[str]],
-                 consume_loop: ConsumeLoop, bus: FollowBus) -> None:
+                 consume_loop: ConsumeLoop, bus: FollowBus,
+                 with_partition: Mapping[int, list[PartitionLoop]] | None = None) -> None:
         self.app = app
         self.config = config
         self._parts = parts
@@ -130,6 +140,9 @@ class GroupMode:
         self._streams = streams
         self._consume_loop = consume_loop
         self._bus = bus
+        self._with_partition = with_partition or {}
+        """Loops that run while this instance owns a partition, started and stopped with its
+        consumers (the repartition hop: with partition 0)."""
         self._stops: dict[int, asyncio.Event] = {}
         self._tasks: dict[int, list[asyncio.Task[None]]] = {}
         self._crashed: asyncio.Future[BaseException] | None = None
@@ -193,6 +206,11 @@ class GroupMode:
                 self._consumers[stream] = consumer
                 task = asyncio.create_task(self._consume_loop(stream, consumer, stop),
                                            name=f"app-{self.app.name}-{stream}")
+                task.add_done_callback(self._on_done)
+                tasks.append(task)
+            for i, loop in enumerate(self._with_partition.get(partition, ())):
+                task = asyncio.create_task(loop(stop), name=f"app-{self.app.name}-p{partition}"
+                                                            f"-loop{i}")
                 task.add_done_callback(self._on_done)
                 tasks.append(task)
             self._tasks[partition] = tasks

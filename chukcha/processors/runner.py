@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import ssl
@@ -29,15 +30,15 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from chukcha.client import Client
 from chukcha.client.consumer import Batch, Consumer, Position
-from chukcha.errors import AppConfigError, ClientError
+from chukcha.errors import ClientError
 from chukcha.loop import run_loop
 from chukcha.processors.busio import BusIO
 from chukcha.processors.engine import Engine
-from chukcha.processors.group import GroupConfig, GroupMode, check_group_app
+from chukcha.processors.group import GroupConfig, GroupMode, PartitionLoop, check_group_app
 from chukcha.processors.monitor import AppMonitor, parse_http_address
 from chukcha.processors.partitions import PartitionSet, raise_single
 from chukcha.processors.presence import Presence
-from chukcha.processors.repartition import Repartitioner, plan_inputs
+from chukcha.processors.repartition import InputPlan, Repartitioner, plan_inputs
 from chukcha.processors.split import StaticSplit
 from chukcha.processors.views import View
 from chukcha.state.leveldb import LevelDBStore
@@ -413,20 +414,21 @@ class _Session:
         """Instances through etcd (:mod:`chukcha.processors.group`): partition ``p`` reads
         stream ``p`` of every (partitioned) input."""
         streams: dict[int, list[str]] = {p: [] for p in range(self.app.partitions)}
+        hops: list[PartitionLoop] = []
         for plan in await plan_inputs(self.app, self._client):
-            if plan.sources:
-                raise AppConfigError(
-                    f"app {self.app.name!r}: instances through etcd need the input "
-                    f"{plan.handler!r} partitioned on the bus with the app's count "
-                    f"(chukcha partitions {plan.handler} {self.app.partitions}; produce it "
-                    "with Client.send(..., key=fn))")
             for p, stream in enumerate(plan.streams):
                 self._handler_of[stream] = plan.handler
                 await self._register(stream, mine_only=True)
                 streams[p].append(stream)
+            for source in plan.sources:
+                # Not partitioned with the app's count: the hop copies it into the app's own
+                # partitioned category, on the instance that owns partition 0.
+                await self._register(source)
+                hops.append(functools.partial(self._hop_while_owned, source, plan))
         group = GroupMode(self.app, config, parts=self._parts, stores=list(self._stores),
                           client=self._client, lock=self._lock, consumers=self._consumers,
-                          streams=streams, consume_loop=self._consume_loop, bus=self._io)
+                          streams=streams, consume_loop=self._consume_loop, bus=self._io,
+                          with_partition={0: hops})
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(group.run(stop), name=f"app-{self.app.name}-group")
@@ -438,6 +440,21 @@ class _Session:
                                    name=f"app-{self.app.name}-presence")
         except BaseExceptionGroup as errors:
             raise_single(errors)
+
+    async def _hop_while_owned(self, source: str, plan: InputPlan, stop: asyncio.Event) -> None:
+        """The repartition hop of ``source`` while this instance owns partition 0 (through
+        etcd): until ``stop`` (the partition revoked or lost), its last batch written and
+        acked first."""
+        consumer = self._client.consumer(source, group=self._group,
+                                         max_batch_bytes=self.config.max_batch_bytes)
+        hop = Repartitioner(self.app, self._client, consumer, source=source, target=plan.target,
+                            partitions=self.app.partitions, handler=plan.handler)
+        logger.info("app=%s repartitioning %s into %s here (this instance owns partition 0)",
+                    self.app.name, source, plan.target)
+        try:
+            await self._repartition_loop(hop, stop)
+        finally:
+            await consumer.stop()
 
     async def _register(self, category: str, *, mine_only: bool = False) -> None:
         # On every node, so that no node drops chunks this group has not acked yet; with a
