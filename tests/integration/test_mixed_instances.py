@@ -1,16 +1,19 @@
 """An instance through etcd and one without (plain ``chukcha run``) of the same app on the same
 bus detect each other through the heartbeats in ``<app>.instances`` and the one that comes
 second is refused with a clear error and exit code 1 (either way round); the one running is
-left alone. Instances through etcd of one cluster do not refuse each other."""
+left alone; a running instance through etcd that sees a plain one's heartbeat stops. Instances
+through etcd of one cluster do not refuse each other."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from chukcha import Client
+from chukcha.processors.presence import Heartbeat, instances_category
 from chukcha.testing import EtcdServer, run_cluster, run_etcd
 from tests.integration.test_duplicate_instance import refused
 from tests.integration.test_processor_sigkill import Processor
@@ -65,3 +68,20 @@ async def test_an_etcd_instance_and_a_plain_one_refuse_each_other(
         assert "another instance is running" in log and "without etcd" in log
         assert plain.proc is not None and plain.proc.returncode is None
         assert await plain.terminate() == 0
+
+
+async def test_a_running_etcd_instance_stops_on_a_plain_ones_heartbeat(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    async with run_cluster(tmp_path / "cluster", ("a", "b"), etcd=etcd.endpoint) as cluster, \
+            Client(cluster.urls) as client:
+        await client.create_partitions("orders", 4)
+        x = Processor(cluster, tmp_path / "state-x", tmp_path / "x.log", TARGET)
+        x.cmd += ["--etcd", etcd.endpoint, "--cluster", "test", "--instance", "x",
+                  "--lease-ttl", "2"]
+        await x.start()
+        await x.wait_ready()
+        plain = Heartbeat("a-plain-run", "elsewhere", 4343, "/plain/state", 0, 1, time.time())
+        await client.send(instances_category("billing"), [plain.encode()])
+        log = await refused(x)  # stops before its next batch, exit code 1
+        assert "pid 4343" in log and "without etcd" in log
