@@ -92,15 +92,18 @@ async def _ours(args: Sequence[str], source: str | None = None) -> AsyncIterator
             if source is None:
                 await node.start()
             else:  # the node's package from another source tree (before/after in one run)
-                saved = os.environ.get("PYTHONPATH")
-                os.environ["PYTHONPATH"] = source
+                # PYTHONSAFEPATH: `python -m` puts the working directory first on sys.path,
+                # before PYTHONPATH, which made the baseline run this tree's package.
+                saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONSAFEPATH")}
+                os.environ.update(PYTHONPATH=source, PYTHONSAFEPATH="1")
                 try:
                     await node.start()
                 finally:
-                    if saved is None:
-                        del os.environ["PYTHONPATH"]
-                    else:
-                        os.environ["PYTHONPATH"] = saved
+                    for key, value in saved.items():
+                        if value is None:
+                            os.environ.pop(key, None)
+                        else:
+                            os.environ[key] = value
             pid = node.proc.pid if node.proc is not None else None
             yield Target("ours", node.address, pid)
         finally:
