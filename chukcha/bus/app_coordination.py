@@ -10,10 +10,14 @@ nothing else talks to etcd. Layout under ``chukcha/<cluster>/apps/<app>/``:
 - ``claims/<partition:04d>`` = the owner's instance name, under the owner's lease. The claim's
   etcd ``mod_revision`` is its **epoch**: a new claim (or an adoption) always has a larger one.
   A node checks an ack's epoch against it in a transaction (:func:`claim_key`).
-- ``standbys/<partition:04d>/<instance>`` (``standbys=N``) = ``""`` under that instance's lease:
+- ``standbys/<partition:04d>/<instance>`` (``standbys=N``) = ``""``, or ``"ready"`` once its
+  copy has caught up (:meth:`AppInstances.standby_ready`), under that instance's lease:
   it follows the partition's changelog (:meth:`PartitionListener.follow`). Each instance puts
   and deletes only its own keys, as :func:`chukcha.assignment.assign_standbys` says (not the
-  owner, balanced, sticky); a partition that loses its owner goes to one of its standbys
+  owner, balanced, sticky), and, with standbys, the instance a partition is about to move to
+  also follows it until ready: the owner hands it over only then (or after
+  ``HANDOVER_WAIT`` s), so a rebalance too starts from a warm copy; a partition that loses its
+  owner goes to one of its standbys
   (:func:`chukcha.assignment.assign`), which then only applies the changelog's tail.
 
 Every instance watches the prefix and computes the same target with
@@ -58,6 +62,7 @@ from chukcha.errors import AppConfigError, CoordinationError, InstanceTakenOverE
 from chukcha.protocol import validate_instance
 
 __all__ = [
+    "HANDOVER_WAIT",
     "AppInstances",
     "AppView",
     "Claim",
@@ -70,6 +75,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _RPC_TIMEOUT: Final = 5
+HANDOVER_WAIT: Final = 60
+"""Seconds an owner (with standbys) waits for the copy of the instance a partition moves to."""
 
 
 def app_prefix(cluster: str, app: str) -> bytes:
@@ -102,6 +109,8 @@ class AppView:
     claims: dict[int, Claim] = field(default_factory=dict)
     standbys: dict[int, set[str]] = field(default_factory=dict)
     """Each partition's standby instances (``standbys/<p>/<instance>`` keys)."""
+    ready: dict[int, set[str]] = field(default_factory=dict)
+    """The standbys whose copy has caught up (their key's value is ``ready``)."""
 
     def apply(self, prefix: bytes, key: bytes, value: bytes | None, mod_revision: int,
               lease: int) -> None:
@@ -125,16 +134,24 @@ class AppView:
                 else:
                     self.claims[p] = Claim(p, value.decode(), mod_revision, lease)
             elif kind == "standbys" and rest:
-                part, _, who = rest.partition("/")
-                p = int(part)
-                if value is None:
-                    self.standbys.get(p, set()).discard(who)
-                    if not self.standbys.get(p, True):
-                        del self.standbys[p]
-                else:
-                    self.standbys.setdefault(p, set()).add(validate_instance(who))
+                self._apply_standby(rest, value)
         except (ValueError, orjson.JSONDecodeError):
             logger.warning("ignoring etcd key %r: not an app member, claim or count", key)
+
+    def _apply_standby(self, rest: str, value: bytes | None) -> None:
+        part, _, who = rest.partition("/")
+        p = int(part)
+        if value is None:
+            self.standbys.get(p, set()).discard(who)
+            if not self.standbys.get(p, True):
+                del self.standbys[p]
+            self.ready.get(p, set()).discard(who)
+            return
+        self.standbys.setdefault(p, set()).add(validate_instance(who))
+        if value == b"ready":
+            self.ready.setdefault(p, set()).add(who)
+        else:
+            self.ready.get(p, set()).discard(who)
 
     def owners(self) -> dict[int, str]:
         return {p: c.owner for p, c in self.claims.items()}
@@ -223,6 +240,8 @@ class AppInstances(_EtcdWatcher):
         self.partitions = partitions
         self.standbys = standbys
         self._following: frozenset[int] = frozenset()  # told to the listener last
+        self._ready: set[int] = set()  # partitions whose copy here has caught up
+        self._handing: dict[int, tuple[str | None, float]] = {}  # waits for a ready copy
         self._listener: PartitionListener = listener or _NoListener()
         self._ttl = lease_ttl
         self._margin = min(1.0, lease_ttl * 0.2)
@@ -483,27 +502,68 @@ class AppInstances(_EtcdWatcher):
                 await self._take(p, epoch, "resumed")
         target = assign(self.partitions, view.members, view.owners(), view.standbys)
         for p in sorted(self._active):
-            if target.get(p) != self._instance:
-                await self._release(client, p, target.get(p))
+            to = target.get(p)
+            if to != self._instance and not self._wait_for_copy(p, to):
+                await self._release(client, p, to)
         for p in range(self.partitions):
             if target.get(p) == self._instance and p not in view.claims:
                 await self._claim(client, p)
         await self._reconcile_standbys(client, target)
 
+    def _wait_for_copy(self, partition: int, to: str | None) -> bool:
+        """Whether to keep ``partition`` a little longer: with standbys, until the instance it
+        moves to says its copy is ready (at most :data:`HANDOVER_WAIT` s)."""
+        if not self.standbys or to is None or to in self.view.ready.get(partition, ()):
+            self._handing.pop(partition, None)
+            return False
+        now = time.monotonic()
+        waited_for, since = self._handing.get(partition, (None, now))
+        if waited_for != to:
+            since = now
+            self._handing[partition] = (to, now)
+            asyncio.get_running_loop().call_later(HANDOVER_WAIT, self._changed.set)
+            logger.info("app=%s instance=%s partition %d goes to %s once its copy is ready",
+                        self.app, self._instance, partition, to)
+        if now - since < HANDOVER_WAIT:
+            return True
+        logger.warning("app=%s instance=%s partition %d: %s's copy not ready after %d s; "
+                       "handing over anyway", self.app, self._instance, partition, to,
+                       HANDOVER_WAIT)
+        self._handing.pop(partition, None)
+        return False
+
+    def standby_ready(self, partition: int) -> None:
+        """This instance's copy of ``partition`` has caught up (the listener says so): its
+        standby key says ``ready`` from the next reconcile on."""
+        if partition in self._following and partition not in self._ready:
+            self._ready.add(partition)
+            self._changed.set()
+
     async def _reconcile_standbys(self, client: Any, target: Mapping[int, str]) -> None:
-        """Put and delete our own standby keys as :func:`assign_standbys` says, then tell the
-        listener what to follow (never a partition it owns)."""
+        """Put and delete our own standby keys as :func:`assign_standbys` says (and for the
+        partitions about to move here, so that they come warm), then tell the listener what to
+        follow (never a partition it owns)."""
         view, me = self.view, self._instance
         want = assign_standbys(self.partitions, view.members, target, self.standbys,
                                view.standbys) if self.standbys else {}
         mine = {p for p, ms in want.items() if me in ms}
+        if self.standbys:
+            mine |= {p for p, owner in target.items() if owner == me and p not in self._active
+                     and p in view.claims and view.claims[p].owner != me}
+        self._ready &= mine - set(self._active)
+        for p in sorted(mine):
+            ready = p in self._ready
+            if me not in view.standbys.get(p, ()) or ready != (me in view.ready.get(p, ())):
+                await client.put(self._standby_key(p), b"ready" if ready else b"",
+                                 lease=self._lease_id)
+                view.standbys.setdefault(p, set()).add(me)
+                if ready:
+                    view.ready.setdefault(p, set()).add(me)
         have = {p for p, ms in view.standbys.items() if me in ms}
-        for p in sorted(mine - have):
-            await client.put(self._standby_key(p), b"", lease=self._lease_id)
-            view.standbys.setdefault(p, set()).add(me)
         for p in sorted(have - mine):
             await client.delete(self._standby_key(p))
             view.standbys.get(p, set()).discard(me)
+            view.ready.get(p, set()).discard(me)
         following = frozenset(mine - set(self._active))
         if following != self._following:
             self._following = following

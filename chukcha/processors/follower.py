@@ -194,12 +194,14 @@ class Follower:
                 return applied
             # Rebuilt (emptied): read everything again, until a read changes nothing.
 
-    async def follow(self, *, wait: float = 1.0, on_error: Callable[[Exception], None]
-                     | None = None) -> None:
+    async def follow(self, *, wait: float = 1.0,
+                     on_error: Callable[[Exception], None] | None = None,
+                     on_ready: Callable[[], None] | None = None) -> None:
         """Follow until cancelled (a standby); read errors are retried after ``wait``. With an
         ``engine`` factory, once caught up the follower loads an engine over the store and
         keeps its state (dedup IDs, positions, outbox) as the store changes, so that taking
-        the partition over needs no load (:meth:`take_engine`)."""
+        the partition over needs no load (:meth:`take_engine`). ``on_ready`` is called once,
+        after the first read of every node was applied (and the engine loaded)."""
         while True:
             try:
                 await self.poll(wait=wait)
@@ -207,6 +209,9 @@ class Follower:
                     engine = self._new_engine()
                     await _shielded(asyncio.to_thread(engine.load))
                     self._engine = engine
+                if on_ready is not None:
+                    on_ready()
+                    on_ready = None
             except ClientError as exc:
                 if on_error is not None:
                     on_error(exc)

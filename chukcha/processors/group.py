@@ -148,6 +148,7 @@ class GroupMode:
         self._crashed: asyncio.Future[BaseException] | None = None
         self._held: dict[int, int] = {}  # partition -> the epoch its local store was last run at
         self._followers: dict[int, tuple[Follower, asyncio.Task[None]]] = {}  # standby of
+        self._instances: AppInstances | None = None
         self.standbys = (config.standbys if config.standbys is not None
                          else app.config.standbys)
         self.instance = config.instance or default_instance_name(app.state_dir)
@@ -161,6 +162,7 @@ class GroupMode:
                                  lease_ttl=self.config.lease_ttl, standbys=self.standbys)
         logger.info("app=%s instance=%s joining through etcd %s cluster=%s", self.app.name,
                     self.instance, ",".join(self.config.etcd), self.config.cluster)
+        self._instances = instances
         await instances.start()
         waits: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(stop.wait()), asyncio.ensure_future(instances.wait_failed()),
@@ -269,12 +271,20 @@ class GroupMode:
             follower = Follower(changelog_category(self.app.name, p), p, self._stores[p],
                                 self._bus, engine=None if timers
                                 else functools.partial(self._parts.new_engine, p))
-            task = asyncio.create_task(follower.follow(on_error=functools.partial(
-                self._follow_failed, p)), name=f"app-{self.app.name}-standby-p{p}")
+            task = asyncio.create_task(follower.follow(
+                on_error=functools.partial(self._follow_failed, p),
+                on_ready=functools.partial(self._copy_ready, p)),
+                name=f"app-{self.app.name}-standby-p{p}")
             task.add_done_callback(self._on_done)
             self._followers[p] = (follower, task)
             logger.info("app=%s instance=%s standby of partition %d: following its changelog",
                         self.app.name, self.instance, p)
+
+    def _copy_ready(self, partition: int) -> None:
+        logger.info("app=%s instance=%s standby of partition %d: copy caught up",
+                    self.app.name, self.instance, partition)
+        if self._instances is not None:
+            self._instances.standby_ready(partition)
 
     def _follow_failed(self, partition: int, exc: Exception) -> None:
         logger.warning("app=%s instance=%s standby of partition %d: reading its changelog "

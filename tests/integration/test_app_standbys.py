@@ -2,8 +2,9 @@
 with real etcd: every partition gets a standby (the other instance), recorded in etcd and shown
 by ``chukcha app status``; the standby's local store follows the owner's changelog (equal to
 the owner's store after quiescence); SIGKILL of the owner and the standby takes over without
-restoring the state from the bus; the state stays exact (totals equal, one receipt content per
-ID, every input chunk acked)."""
+restoring the state from the bus; a third instance joining with an empty disk gets its share
+only once its copies have caught up (no restore either); the state stays exact (totals equal,
+one receipt content per ID, every input chunk acked)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import asyncio
 import shutil
 import signal
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -27,6 +29,7 @@ from tests.integration.test_app_group import (
     APP,
     CLUSTER,
     PARTITIONS,
+    Scenario,
     balanced,
     etcd,
     owners,
@@ -64,6 +67,25 @@ def table_and_head(state: Path, partition: int) -> tuple[dict[str, object], Head
         return read_table(store), read_head(store)
     finally:
         store.close()
+
+
+async def join_with_an_empty_disk(sc: Scenario, etcd: EtcdServer
+                                   ) -> tuple[Processor, dict[str, list[Any]]]:
+    """z joins with an empty disk: the partitions it gets move only once its copies are ready
+    (it follows them first), so it starts them without a restore too."""
+    z = sc.instance("z", "state-z")
+    z.cmd += ["--standbys", "1"]
+    await z.start()
+    await z.wait_ready()
+    await wait_owners(etcd, lambda o: len(o) == PARTITIONS and set(o.values()) == set("xyz"),
+                      "z to get its share")
+    await sc.send_round()
+    seen = await sc.receipts()
+    log = await asyncio.to_thread(z.log.read_text)
+    assert "copy caught up" in log
+    assert "assigned (epoch" in log
+    assert "restored from the bus" not in log  # every partition came from its warm copy
+    return z, seen
 
 
 async def test_a_standby_follows_and_takes_over_without_a_restore(
@@ -138,7 +160,9 @@ async def test_a_standby_follows_and_takes_over_without_a_restore(
         await x2.wait_ready()
         await wait_for(settled, timeout=60, what="owners and standbys to settle again")
         await sc.send_round()
-        seen = await sc.receipts()
-        for p in (x2, y):
+        await sc.receipts()
+
+        z, seen = await join_with_an_empty_disk(sc, etcd)
+        for p in (x2, y, z):
             assert await p.terminate() == 0
         await sc.check_end(seen)
