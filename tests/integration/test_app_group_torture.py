@@ -1,9 +1,11 @@
 """Machine loss torture for instances through etcd: a 3-node bus, an app of 12 partitions run
 by up to 3 ``chukcha run --etcd`` processes; every event written to two nodes. Over the run:
 SIGKILL instances at 20 random moments, at every third one deleting the killed instance's state
-directory entirely before it restarts; scale 1 -> 3 -> 2 -> 3. After quiescence the state on
-the bus (each partition rebuilt from its changelog) equals the expected totals exactly, every
-receipt is on the bus with one content per ID, and every complete input chunk is acked."""
+directory entirely before it restarts; scale 1 -> 3 -> 2 -> 3; without and with a standby per
+partition (followers, warm engines, warm hand-overs under the same kills). After quiescence the
+state on the bus (each partition rebuilt from its changelog) equals the expected totals exactly,
+every receipt is on the bus with one content per ID, and every complete input chunk is
+acked."""
 
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ async def rebuilt(client: Client, base: Path) -> dict[str, Any]:
     return table
 
 
-async def test_machine_loss_torture(tmp_path: Path, etcd: EtcdServer) -> None:
+@pytest.mark.parametrize("standbys", [0, 1])
+async def test_machine_loss_torture(tmp_path: Path, etcd: EtcdServer, standbys: int) -> None:
     rng = random.Random(2026)  # noqa: S311 - a reproducible schedule
     expected: dict[str, int] = {}
     sent = 0
@@ -70,7 +73,7 @@ async def test_machine_loss_torture(tmp_path: Path, etcd: EtcdServer) -> None:
         def instance(name: str) -> Processor:
             p = Processor(cluster, tmp_path / f"state-{name}", tmp_path / f"{name}.log", TARGET)
             p.cmd += ["--etcd", etcd.endpoint, "--cluster", "test", "--instance", name,
-                      "--lease-ttl", "2"]
+                      "--lease-ttl", "2", "--standbys", str(standbys)]
             return p
 
         async def send_round() -> None:
