@@ -86,8 +86,8 @@ def register(sub: Any) -> None:
     p.add_argument("--etcd", action="append", default=None, metavar="URL",
                    help="join the app's instances through etcd (repeatable): partitions are "
                         "shared among the running instances and move when one joins, leaves "
-                        "or dies; needs changelog=True and inputs partitioned with the app's "
-                        "count")
+                        "or dies; needs changelog=True (an input not partitioned with the "
+                        "app's count is repartitioned by the owner of partition 0)")
     p.add_argument("--cluster", default="default", metavar="NAME",
                    help="with --etcd: the cluster name, as the nodes' (default 'default')")
     p.add_argument("--instance", default=None, metavar="NAME",
