@@ -181,13 +181,18 @@ class _Chain:
         self.snapshots: list[Record] = []
         self._links: dict[int, tuple[int, int]] = {}
         top = -1
-        for r in records:
-            self._note(r.epoch, r.link)
-            top = max(top, r.epoch)
+        by_seq, links = self.by_seq, self._links
+        for r in records:  # the hot loop of a long replay: plain lookups only
+            epoch, link = r.epoch, r.link
+            top = max(top, epoch)
+            if link is not None and links.get(epoch) != link:
+                self._note(epoch, link)
             if r.base:
                 self.snapshots.append(r)
+            elif (same := by_seq.get(r.seq)) is None:
+                by_seq[r.seq] = {epoch: r}
             else:
-                self.by_seq.setdefault(r.seq, {})[r.epoch] = r
+                same[epoch] = r
         if after is not None:
             self._note(after.epoch, after.link)
             top = max(top, after.epoch)
