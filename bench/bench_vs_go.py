@@ -194,6 +194,9 @@ async def _one_run(args: argparse.Namespace, bodies: list[bytes]) -> dict[str, R
     ]
     if args.baseline:
         starters.append(("ours, baseline", lambda: _ours(args.node_arg, args.baseline)))
+    if args.also_arg:  # the same tree with other flags (e.g. --workers=1 against 2)
+        label = "ours, " + " ".join(args.also_arg)
+        starters.append((label, lambda: _ours(args.also_arg)))
     only = set(args.only or ("single", "bulk", "sync"))
     for who, start in starters:
         async with start() as t:
@@ -269,6 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--baseline", metavar="SRC",
                    help="also run our node from this source tree (e.g. `git archive main` "
                         "unpacked), alternating with the others: before/after in one run")
+    p.add_argument("--also-arg", action="append", default=[],
+                   help="also run our node with these flags instead of --node-arg "
+                        "(repeatable): --node-arg=--workers=2 --also-arg=--workers=1")
     p.add_argument("--only", action="append", choices=("single", "bulk", "sync"),
                    help="run only these phases (repeatable; default: all)")
     args = p.parse_args(argv)
