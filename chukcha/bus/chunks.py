@@ -283,10 +283,11 @@ class ChunkStore:
 
     def _emit(self, kind: StoreEventKind, category: str, chunk: str, size: int) -> None:
         event = StoreEvent(kind, category, chunk, size)
-        fut = self._changed.pop(category, None)
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-        for cb in list(self._listeners):
+        if self._changed:  # long polls parked somewhere
+            fut = self._changed.pop(category, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        for cb in tuple(self._listeners):
             try:
                 cb(event)
             except Exception:
@@ -980,6 +981,15 @@ def _append_small(fd: int, chunk: _Chunk, body: bytes) -> None:
     # a profile), while the write itself only copies into the page cache (a few us). Without
     # fsync it blocks only when the kernel throttles dirty pages, which stalls the worker thread
     # just the same. The test suite's blockbuster fixture allows os.write here by name.
+    try:
+        done = os.write(fd, body)  # one call: a short write to a file means trouble
+    except OSError:
+        done = -1
+    if done == len(body):
+        chunk.size += done
+        return
+    if done > 0:  # undone, then retried once, with every error's handling, by _append
+        os.ftruncate(fd, chunk.size)
     ChunkStore._append(fd, chunk, body, False)  # noqa: SLF001 - same module
 
 
