@@ -9,6 +9,10 @@ bytes. The kernel's share (``recv``/``send``/``epoll``) and the event loop's are
 ``bench/bench_vs_go.py`` measures the whole node side by side with the Go server.
 
     .venv/bin/python bench/bench_hotpath.py            # microseconds per request, best of 5
+    PYTHONPATH=/tmp/other-tree .venv/bin/python bench/bench_hotpath.py   # another tree's node
+
+(The venv's editable install points at this tree: another tree is only measured with its path
+first on ``PYTHONPATH``.)
 
 Phases: a single-message ``/write`` (100 B; answered on the fast path), the same pipelined
 8 per data_received, a ``sync=1`` write (the async path with its group fsync; slower by the
