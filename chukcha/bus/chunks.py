@@ -421,7 +421,9 @@ class ChunkStore:
         logger.info("instance=%s category=%s new chunk %s", self._instance, cat.name, name)
         return name
 
-    async def write(self, category: str, body: bytes, *, sync: bool = False) -> WriteResult:
+    async def write(
+        self, category: str, body: bytes | bytearray, *, sync: bool = False
+    ) -> WriteResult:
         """Append a validated body (whole messages) to this node's current chunk.
 
         Raises:
@@ -469,7 +471,7 @@ class ChunkStore:
                 cat.sync_waiters -= 1
         return WriteResult(name, end)
 
-    def write_now(self, category: str, body: bytes) -> WriteResult | None:
+    def write_now(self, category: str, body: bytes | bytearray) -> WriteResult | None:
         """:meth:`write` without waiting, where it needs none: a small, not durable write into
         the current chunk of a known category while nothing holds the category's lock (no
         await between the check and the append, so it is as if the write held it). ``None``:
@@ -530,14 +532,14 @@ class ChunkStore:
         return name
 
     async def _append_in_thread(
-        self, cat: _Category, cur: _Chunk, body: bytes, sync: bool
+        self, cat: _Category, cur: _Chunk, body: bytes | bytearray, sync: bool
     ) -> None:
         """A large or synced append in a worker thread (under ``cat.lock``, via :func:`_finish`)."""
         await asyncio.to_thread(self._append, cat.write_fd, cur, body, sync)
         self._emit(StoreEventKind.WRITTEN, cat.name, str(cur.name), cur.size)
 
     @staticmethod
-    def _append(fd: int, chunk: _Chunk, body: bytes | memoryview, sync: bool) -> None:
+    def _append(fd: int, chunk: _Chunk, body: bytes | bytearray | memoryview, sync: bool) -> None:
         view = memoryview(body)
         done = 0
         try:
@@ -975,7 +977,7 @@ def _pread(path: Path, n: int, off: int) -> bytes:
         os.close(fd)
 
 
-def _append_small(fd: int, chunk: _Chunk, body: bytes) -> None:
+def _append_small(fd: int, chunk: _Chunk, body: bytes | bytearray) -> None:
     # Small writes run on the event loop. Handing a 100-byte write to a worker thread costs a
     # queue hand-off and two GIL switches (~50 us, the largest cost of a single-message write in
     # a profile), while the write itself only copies into the page cache (a few us). Without

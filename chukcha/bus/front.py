@@ -100,7 +100,7 @@ class PrimaryClient:
             conn.close()
 
     async def request(self, method: str, target: str, headers: Mapping[str, str],
-                      body: bytes) -> Answer:
+                      body: bytes | bytearray) -> Answer:
         conn = await self._conn()
         try:
             head = [f"{method} {target} HTTP/1.1\r\nContent-Length: {len(body)}\r\n"]
@@ -199,7 +199,7 @@ async def _relay_chunks(answer: Answer, request: web.Request) -> web.StreamRespo
 
 @dataclass
 class _Batch:
-    bodies: list[bytes] = field(default_factory=list)
+    bodies: list[bytes | bytearray] = field(default_factory=list)
     waiters: list[asyncio.Future[Answer]] = field(default_factory=list)
     size: int = 0
 
@@ -215,7 +215,7 @@ class _WriteCoalescer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def write(self, key: str, query: str, headers: Mapping[str, str],
-                    body: bytes) -> Answer:
+                    body: bytes | bytearray) -> Answer:
         if key in self._busy:
             batch = self._busy[key]
             if batch is None:

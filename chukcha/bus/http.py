@@ -16,7 +16,7 @@ from typing import Final, Protocol
 import orjson
 
 from chukcha.bus import web
-from chukcha.bus.chunks import STREAM_READ_OVER, ChunkStore, FileSlice
+from chukcha.bus.chunks import INLINE_WRITE_LIMIT, STREAM_READ_OVER, ChunkStore, FileSlice
 from chukcha.bus.web import Handler
 from chukcha.errors import BadRequestError, BodyTooLargeError
 from chukcha.protocol import (
@@ -166,7 +166,7 @@ class BusApi:
     def fast_routes(self) -> dict[str, web.FastHandler]:
         return {"/write": self.write_now, "/read": self.read_now}
 
-    def _body(self, request: web.Request) -> bytes:
+    def _body(self, request: web.Request) -> bytes | bytearray:
         # The server read the whole body (bounded by its body limit, which the node sets to
         # the batch limit, and with a 400 and a closed connection above it).
         body = request.body
@@ -184,6 +184,8 @@ class BusApi:
         category = query.get("category")
         if not category or not self._store.has_category(category):
             return None  # its first write validates and creates it
+        if len(request.body) > INLINE_WRITE_LIMIT:
+            return None  # a big body is written in a worker thread: the handler's path
         body = self._body(request)
         check_messages(body, self._max_message)
         if self._store.write_now(category, body) is None:

@@ -63,6 +63,9 @@ logger = logging.getLogger(__name__)
 _SMALL_BODY: Final = 64 << 10
 """Bodies and answers up to this size do not count against the memory budget (the connection
 cap bounds them)."""
+_DIRECT_BODY: Final = _SMALL_BODY
+"""A body with a ``Content-Length`` over this is received straight into one buffer of its
+size (:class:`_BodyReader`), not through the parser's pieces."""
 _FILE_PIECE: Final = 128 << 10
 """A big answer from a file is read and sent this much at a time."""
 _MAX_PIPELINED: Final = 64
@@ -354,6 +357,8 @@ class _Connection(asyncio.Protocol):
         self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_len = 0
+        self._direct: bytearray | None = None  # a big body's buffer (see _BodyReader)
+        self._direct_len = 0
         self._expect_continue = False
         # Parsed requests waiting for their turn, and the answer in progress.
         self._pending: deque[Request] = deque()
@@ -390,6 +395,7 @@ class _Connection(asyncio.Protocol):
         # The parser and this protocol refer to each other: drop what they hold now, not at
         # the next cyclic garbage collection.
         self._body = []
+        self._direct = None
         self._pending.clear()
         self._srv.connections.pop(self, None)
         self._srv.budget.give_back(self)
@@ -419,8 +425,13 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrades are not supported")
+            return
         except httptools.HttpParserError as exc:
             self._fail(400, f"bad request: {exc}")
+            return
+        if self._direct is not None and self.state is _State.BODY and self._transport is not None:
+            # The rest of a big body goes straight into its buffer (all of ``data`` was body).
+            self._transport.set_protocol(_BodyReader(self, self._direct, self._direct_len))
 
     def eof_received(self) -> bool:
         return False  # close our side too (answers in progress are dropped)
@@ -433,6 +444,7 @@ class _Connection(asyncio.Protocol):
         self._header_bytes = 0
         self._body = []
         self._body_len = 0
+        self._direct = None
         self._expect_continue = False
         if self.state is not _State.HEADERS:
             self.state = _State.HEADERS
@@ -473,6 +485,9 @@ class _Connection(asyncio.Protocol):
                 self._fail(503, "server busy: too much memory is held by slow clients, "
                                 "retry later")
                 return
+            if length > _DIRECT_BODY and dict.get(headers, "transfer-encoding") is None:
+                self._direct = bytearray(length)
+                self._direct_len = 0
         expect = dict.get(headers, "expect")
         self._expect_continue = (
             expect is not None and expect.lower() == "100-continue"
@@ -485,6 +500,12 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self._closed:
+            return
+        if self._direct is not None:  # the body's first bytes came with its headers
+            end = self._direct_len + len(body)
+            self._direct[self._direct_len:end] = body
+            self._direct_len = end
+            self._since = self.stalled_since = asyncio.get_running_loop().time()
             return
         self._body_len += len(body)
         if self._body_len > self._limits.max_body_size:
@@ -516,7 +537,11 @@ class _Connection(asyncio.Protocol):
         path = path_b.decode("latin-1")
         if "%" in path:
             path = unquote(path)
-        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        body: bytes | bytearray
+        if self._direct is not None:
+            body, self._direct = self._direct, None
+        else:
+            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         request = Request(
             parser.get_method().decode("latin-1"), path, query_b.decode("latin-1"),
             self._headers, body, version=parser.get_http_version(),
@@ -546,6 +571,16 @@ class _Connection(asyncio.Protocol):
                 return
         self._busy = True
         self._srv._spawn(self._loop, self._answer(request))  # noqa: SLF001 - the server's own helper
+
+    def body_received(self) -> None:
+        """A big body is all in its buffer (:class:`_BodyReader`): the request is complete.
+
+        The parser still waits for the body it never saw; a new one takes over at the next
+        request (the old one still answers for this request's method, version and keep-alive)."""
+        self.on_message_complete()
+        self._parser = httptools.HttpRequestParser(self)
+        if self._transport is not None and not self._closed:
+            self._transport.set_protocol(self)
 
     # --- answering -------------------------------------------------------------------------
 
@@ -820,6 +855,7 @@ class _Connection(asyncio.Protocol):
         logger.debug("%s: %d %s", self.peer, status, reason)
         transport = self._transport
         self._closed = True
+        self._direct = None
         if transport is not None:
             if not self._busy and not self._streaming:
                 body = f"{reason}\n".encode()
@@ -831,6 +867,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self._closed = True
+        self._direct = None
         if self._transport is not None:
             self._transport.close()
         self._srv.connections.pop(self, None)
@@ -838,8 +875,55 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         self._closed = True
         self._body = []
+        self._direct = None
         self._pending.clear()
         if self._transport is not None:
             self._transport.abort()
         self._srv.connections.pop(self, None)
         self._srv.budget.give_back(self)
+
+
+class _BodyReader(asyncio.BufferedProtocol):
+    """Receives the rest of a big body (``Content-Length`` over 64 KiB) straight from the socket
+    into the one buffer of its size, then hands the connection back to its :class:`_Connection`.
+
+    The parser would hand the body over in pieces of the event loop's read size, each copied
+    into a new ``bytes`` and then joined: three copies of every byte before the chunk file's
+    ``write``. Here the kernel copies it once into place. Asked for exactly what is left of the
+    body, it never reads past it, so pipelined requests behind it stay for the parser.
+    """
+
+    __slots__ = ("_buf", "_conn", "_filled", "_view")
+
+    def __init__(self, conn: _Connection, buf: bytearray, filled: int) -> None:
+        self._conn = conn
+        self._buf = buf
+        self._view = memoryview(buf)
+        self._filled = filled
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view[self._filled:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        conn = self._conn
+        if conn._closed:  # noqa: SLF001 - the connection's own helper
+            return
+        self._filled += nbytes
+        conn._direct_len = self._filled  # noqa: SLF001
+        conn._since = conn.stalled_since = asyncio.get_running_loop().time()  # noqa: SLF001
+        if self._filled >= len(self._buf):
+            self._view.release()
+            conn.body_received()
+
+    def eof_received(self) -> bool:
+        return self._conn.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._view.release()
+        self._conn.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._conn.resume_writing()

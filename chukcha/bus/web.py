@@ -96,7 +96,7 @@ class Request:
         path: str,
         query_string: str,
         headers: Headers,
-        body: bytes,
+        body: bytes | bytearray,
         *,
         version: str = "1.1",
         keep_alive: bool = True,
@@ -133,8 +133,9 @@ class Request:
     def content_length(self) -> int:
         return len(self.body)
 
-    async def read(self) -> bytes:
-        """The whole body (already received)."""
+    async def read(self) -> bytes | bytearray:
+        """The whole body (already received; a big one in the ``bytearray`` it was received
+        into, without a copy)."""
         return self.body
 
     async def hold_memory(self, n: int) -> None:

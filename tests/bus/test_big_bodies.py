@@ -1,0 +1,183 @@
+"""Big request bodies on real sockets: over 64 KiB they are received straight into one buffer
+(``chukcha.bus.server._BodyReader``), not through the parser. Both event loops (asyncio's, and
+uvloop, which the node runs on), plain and TLS: split anywhere, pipelined, with ``Expect:
+100-continue``, a client that leaves or pauses mid-body."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chukcha.bus import web
+from chukcha.bus.server import HttpServer, Router, ServerLimits
+from chukcha.testing import bind_loopback
+from tests.bus.test_auth import make_cert
+
+LIMITS = ServerLimits(max_body_size=1 << 20, memory_budget=8 << 20)
+BIG = 64 << 10  # bodies over this are received straight into their buffer
+LOOPS = ["asyncio", "uvloop"]
+
+
+def _run(loop: str, main: Coroutine[Any, Any, None]) -> None:
+    if loop == "uvloop":
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
+class _Echo:
+    """Answers ``<type of the body> <its bytes>`` and counts the requests it saw."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        self.calls += 1
+        body = await request.read()
+        return web.Response(body=type(body).__name__.encode() + b" " + body)
+
+
+@contextlib.asynccontextmanager
+async def _served(
+    limits: ServerLimits = LIMITS, tls: ssl.SSLContext | None = None,
+) -> AsyncIterator[tuple[HttpServer, _Echo, tuple[str, int]]]:
+    echo = _Echo()
+    router = Router()
+    router.add_routes({"/echo": echo})
+    server = HttpServer(router, limits)
+    sock = bind_loopback()
+    sock.listen(16)
+    await server.start(sock, ssl=tls)
+    try:
+        yield server, echo, sock.getsockname()[:2]
+    finally:
+        await server.stop(1.0)
+
+
+def _req(body: bytes, *, expect: bool = False) -> bytes:
+    extra = b"Expect: 100-continue\r\n" if expect else b""
+    return b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n%b\r\n%b" % (
+        len(body), extra, body)
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    async with asyncio.timeout(20):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 100 "):  # an interim 100 Continue
+                break
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        return int(head[9:12]), await reader.readexactly(length)
+
+
+def _expected(body: bytes) -> bytes:
+    return (b"bytearray " if len(body) > BIG else b"bytes ") + body
+
+
+async def _exchange(address: tuple[str, int], bodies: list[bytes], cuts: list[int],
+                    expect: bool, tls: ssl.SSLContext | None = None) -> None:
+    """Send the requests as one stream cut at ``cuts`` (each piece drained before the next),
+    then check every answer, in order."""
+    stream = b"".join(_req(b, expect=expect and i == 0) for i, b in enumerate(bodies))
+    reader, writer = await asyncio.open_connection(*address, ssl=tls)
+    try:
+        at = 0
+        for cut in [*sorted({c % len(stream) for c in cuts}), len(stream)]:
+            writer.write(stream[at:cut])
+            await writer.drain()
+            at = cut
+        for body in bodies:
+            status, answer = await _response(reader)
+            assert status == 200, answer[:200]
+            assert answer == _expected(body), (len(answer), len(body))
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+_sizes = st.lists(st.one_of(st.integers(1, 2000), st.integers(BIG - 2, 3 * BIG),
+                            st.integers(600_000, 1 << 20)), min_size=1, max_size=4)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(loop=st.sampled_from(LOOPS), sizes=_sizes, cuts=st.lists(st.integers(0, 1 << 23),
+       max_size=8), expect=st.booleans(), seed=st.integers(0, 1 << 30))
+def test_bodies_of_any_size_split_anywhere_and_pipelined_arrive_whole(
+    loop: str, sizes: list[int], cuts: list[int], expect: bool, seed: int,
+) -> None:
+    rnd = random.Random(seed)
+    bodies = [rnd.randbytes(n) for n in sizes]
+
+    async def main() -> None:
+        async with _served() as (_, echo, address):
+            await _exchange(address, bodies, cuts, expect)
+            assert echo.calls == len(bodies)
+
+    _run(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_big_bodies_over_tls(loop: str, tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    rnd = random.Random(7)
+    bodies = [rnd.randbytes(n) for n in (BIG + 1, 10, 1 << 20, 3 * BIG + 5, 1)]
+
+    async def main() -> None:
+        async with _served(tls=server_ctx) as (_, echo, address):
+            await _exchange(address, bodies, [5000, 70_000, 1_500_000], False, client_ctx)
+            await _exchange(address, bodies[:2], [], True, client_ctx)
+            assert echo.calls == len(bodies) + 2
+
+    _run(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_client_that_leaves_or_pauses_mid_body(loop: str) -> None:
+    async def main() -> None:
+        limits = replace(LIMITS, body_timeout=0.3)
+        async with _served(limits) as (server, echo, address):
+            # Leaves after half of a big body: no request reaches the handler, the memory the
+            # body held is given back, and the server keeps serving.
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(_req(b"x" * 400_000)[:200_000])
+            await writer.drain()
+            async with asyncio.timeout(10):
+                while server.budget.used == 0:  # the body is being received
+                    await asyncio.sleep(0.01)
+            writer.close()
+            async with asyncio.timeout(10):
+                while server.budget.used:
+                    await asyncio.sleep(0.01)
+            assert echo.calls == 0
+            # Pauses longer than the body timeout: 408, closed.
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(_req(b"y" * 300_000)[:150_000])
+            await writer.drain()
+            async with asyncio.timeout(10):
+                out = await reader.read()
+            assert out.startswith(b"HTTP/1.1 408 ") and b"inside a request body" in out, out
+            writer.close()
+            assert echo.calls == 0
+            await _exchange(address, [b"z" * 100_000, b"ok"], [], False)
+            assert server.budget.used == 0
+
+    _run(loop, main())
