@@ -736,10 +736,12 @@ class ChunkStore:
         return data if isinstance(data, bytes) else bytes(data)
 
     async def read_buffer(
-        self, category: str, chunk: str, off: int, max_size: int
+        self, category: str, chunk: str, off: int, max_size: int,
+        into: bytearray | None = None,
     ) -> bytes | memoryview:
         """:meth:`read` without the copy that cutting back to the last ``\\n`` costs (the
-        HTTP handler sends the view as it is)."""
+        HTTP handler sends the view as it is). With ``into`` (a buffer at least as big as the
+        answer may be), the bytes are read into it and the answer is a view of it."""
         validate_category(category)
         parse_chunk_name(chunk)
         if off < 0:
@@ -755,6 +757,12 @@ class ChunkStore:
         if off >= limit:
             return b""
         want = min(max_size, limit - off)
+        if into is not None and want <= len(into):
+            n = await asyncio.to_thread(_pread_into, cat.path / chunk, memoryview(into)[:want],
+                                        off)
+            if not n:
+                raise ChunkNotFoundError(f"chunk {category}/{chunk} not found")
+            return memoryview(self._whole_messages(cat, into, want, max_size, off, n=n))
         data = await asyncio.to_thread(_pread, cat.path / chunk, want, off)
         if not data:
             # Acked (truncated) between the size check and the read.
@@ -790,10 +798,12 @@ class ChunkStore:
 
     @staticmethod
     def _whole_messages(
-        cat: _Category, data: _Bytes, want: int, max_size: int, off: int
+        cat: _Category, data: _Bytes, want: int, max_size: int, off: int, *,
+        n: int | None = None,
     ) -> _Bytes | memoryview:
-        """What a read answers: ``data`` cut after its last newline, counted."""
-        cut = data.rfind(b"\n") + 1
+        """What a read answers: ``data`` (its first ``n`` bytes: a reused buffer) cut after
+        its last newline, counted."""
+        cut = data.rfind(b"\n", 0, len(data) if n is None else n) + 1
         if cut == 0:
             if want == max_size:
                 raise ReadBufferTooSmallError(
@@ -801,14 +811,15 @@ class ChunkStore:
                 )
             return data[:0]
         cat.traffic.bytes_read += cut
-        # The newlines of what is sent (chukcha_read_messages_total): one C loop over bytes in
-        # memory; answers over STREAM_READ_OVER are counted piece by piece (FileSlice.sent).
+        # The newlines of what is sent (chukcha_read_messages_total), counted in memory;
+        # answers over STREAM_READ_OVER are counted piece by piece (FileSlice.sent).
         answer = data if cut == len(data) else memoryview(data)[:cut]
         cat.traffic.messages_read += count_newlines(answer)
         return answer
 
     async def read_slice(
-        self, category: str, chunk: str, off: int, max_size: int
+        self, category: str, chunk: str, off: int, max_size: int,
+        into: bytearray | None = None,
     ) -> bytes | memoryview | FileSlice:
         """:meth:`read_buffer`; but an answer over ``STREAM_READ_OVER`` bytes comes as a
         :class:`FileSlice` (an open file and the byte range of whole messages) that the server
@@ -817,7 +828,7 @@ class ChunkStore:
         cat = self._categories.get(category)
         c = cat.chunks.get(chunk) if cat else None
         if cat is None or c is None or min(max_size, c.size - off) <= STREAM_READ_OVER:
-            return await self.read_buffer(category, chunk, off, max_size)
+            return await self.read_buffer(category, chunk, off, max_size, into)
         want = min(max_size, c.size - off)  # committed size: never past a write in progress
         found = await asyncio.to_thread(_open_slice, cat.path / chunk, off, want, cat.traffic)
         if found is None:  # no newline in the tail: the plain path decides (and errors)
@@ -973,6 +984,18 @@ def _pread(path: Path, n: int, off: int) -> bytes:
         raise ChunkNotFoundError(f"chunk {path.parent.name}/{path.name} not found") from None
     try:
         return os.pread(fd, n, off)
+    finally:
+        os.close(fd)
+
+
+def _pread_into(path: Path, view: memoryview, off: int) -> int:
+    """:func:`_pread` into ``view``: the number of bytes read."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ChunkNotFoundError(f"chunk {path.parent.name}/{path.name} not found") from None
+    try:
+        return os.preadv(fd, [view], off)
     finally:
         os.close(fd)
 

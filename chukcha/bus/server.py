@@ -369,6 +369,7 @@ class _Connection(asyncio.Protocol):
         self._streaming = False
         self._chunked_out = False
         self._stream_sized = False
+        self._unreleased: list[Callable[[], None]] = []  # Response.release once sent
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -392,6 +393,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._unreleased.clear()  # the buffers are never reused: the transport may hold them
         # The parser and this protocol refer to each other: drop what they hold now, not at
         # the next cyclic garbage collection.
         self._body = []
@@ -651,6 +653,8 @@ class _Connection(asyncio.Protocol):
 
     async def _answer_one(self, request: Request) -> bool:
         """Answer one request. True: close the connection."""
+        if self._unreleased:
+            self._release_sent()
         fast = self._router.fast_routes.get(request.path)
         if fast is not None:
             now = self._answer_now(request, fast)
@@ -741,6 +745,17 @@ class _Connection(asyncio.Protocol):
             transport.write(head + body if body else head)
         else:
             transport.writelines((head, body))
+        if resp.release is not None:
+            self._unreleased.append(resp.release)
+            self._release_sent()
+
+    def _release_sent(self) -> None:
+        """Give back the buffers of answers sent (the transport holds no byte of them)."""
+        if self._transport is not None and not self._closed \
+                and self._transport.get_write_buffer_size() == 0:
+            unreleased, self._unreleased = self._unreleased, []
+            for release in unreleased:
+                release()
 
     @staticmethod
     def _head(
@@ -827,6 +842,8 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         now = loop.time()
         limits = self._limits
+        if self._unreleased:
+            self._release_sent()
         age = now - self._since
         reason = ""
         if self._write_paused and self.stalled_since and \
@@ -874,6 +891,7 @@ class _Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self._closed = True
+        self._unreleased.clear()
         self._body = []
         self._direct = None
         self._pending.clear()

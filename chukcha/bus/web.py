@@ -192,8 +192,12 @@ class Response(StreamResponse):
         text: str | None = None,
         content_type: str | None = None,
         headers: Mapping[str, str] | None = None,
+        release: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(status=status, headers=headers)
+        # Called once the server has handed every byte of ``body`` to the kernel (the buffer
+        # may then be reused); never called if the connection is lost first.
+        self.release = release
         if text is not None:
             self.body: bytes | bytearray | memoryview = text.encode()
             self.content_type = content_type or _TEXT

@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import ssl
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from chukcha.bus import web
 from chukcha.bus.server import HttpServer, Router, ServerLimits
 from chukcha.testing import bind_loopback
 from tests.bus.test_auth import make_cert
+from tests.integration.cluster_helpers import wait_for
 
 LIMITS = ServerLimits(max_body_size=1 << 20, memory_budget=8 << 20)
 BIG = 64 << 10  # bodies over this are received straight into their buffer
@@ -63,6 +65,13 @@ async def _served(
         yield server, echo, sock.getsockname()[:2]
     finally:
         await server.stop(1.0)
+
+
+def _true(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def holds() -> bool:
+        return check()
+
+    return holds
 
 
 def _req(body: bytes, *, expect: bool = False) -> bytes:
@@ -121,7 +130,7 @@ _sizes = st.lists(st.one_of(st.integers(1, 2000), st.integers(BIG - 2, 3 * BIG),
 def test_bodies_of_any_size_split_anywhere_and_pipelined_arrive_whole(
     loop: str, sizes: list[int], cuts: list[int], expect: bool, seed: int,
 ) -> None:
-    rnd = random.Random(seed)
+    rnd = random.Random(seed)  # noqa: S311 - reproducible test data
     bodies = [rnd.randbytes(n) for n in sizes]
 
     async def main() -> None:
@@ -138,7 +147,7 @@ def test_big_bodies_over_tls(loop: str, tmp_path: Path) -> None:
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
     client_ctx = ssl.create_default_context(cafile=str(cert))
-    rnd = random.Random(7)
+    rnd = random.Random(7)  # noqa: S311 - reproducible test data
     bodies = [rnd.randbytes(n) for n in (BIG + 1, 10, 1 << 20, 3 * BIG + 5, 1)]
 
     async def main() -> None:
@@ -160,13 +169,9 @@ def test_a_client_that_leaves_or_pauses_mid_body(loop: str) -> None:
             reader, writer = await asyncio.open_connection(*address)
             writer.write(_req(b"x" * 400_000)[:200_000])
             await writer.drain()
-            async with asyncio.timeout(10):
-                while server.budget.used == 0:  # the body is being received
-                    await asyncio.sleep(0.01)
+            await wait_for(_true(lambda: server.budget.used > 0), 10, "the body to be received")
             writer.close()
-            async with asyncio.timeout(10):
-                while server.budget.used:
-                    await asyncio.sleep(0.01)
+            await wait_for(_true(lambda: server.budget.used == 0), 10, "the budget given back")
             assert echo.calls == 0
             # Pauses longer than the body timeout: 408, closed.
             reader, writer = await asyncio.open_connection(*address)
@@ -179,5 +184,55 @@ def test_a_client_that_leaves_or_pauses_mid_body(loop: str) -> None:
             assert echo.calls == 0
             await _exchange(address, [b"z" * 100_000, b"ok"], [], False)
             assert server.budget.used == 0
+
+    _run(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_answers_buffer_is_released_only_once_sent(loop: str) -> None:
+    # The handler scribbles over its answer's buffer when it is released (as a reused buffer
+    # would be): a client that takes its answers slowly still gets every byte as it was.
+    answer = bytes(range(256)) * 4096  # 1 MiB
+    released: list[int] = []
+
+    async def scribbled(request: web.Request) -> web.StreamResponse:
+        buf = bytearray(answer)
+
+        def release() -> None:
+            buf[:] = b"X" * len(buf)
+            released.append(1)
+
+        return web.Response(body=memoryview(buf), release=release)
+
+    async def main() -> None:
+        router = Router()
+        router.add_routes({"/a": scribbled})
+        server = HttpServer(router, replace(LIMITS, stall_grace=0.1))
+        sock = bind_loopback()
+        sock.listen(4)
+        await server.start(sock)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow, small window
+        client.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(client, sock.getsockname()[:2])
+        reader, writer = await asyncio.open_connection(sock=client, limit=1 << 16)
+        try:
+            writer.write(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n" * 3)
+            for _ in range(3):
+                async with asyncio.timeout(20):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    assert head.startswith(b"HTTP/1.1 200 ")
+                    got = bytearray()
+                    while len(got) < len(answer):
+                        got += await reader.read(min(8192, len(answer) - len(got)))
+                assert got == answer
+            writer.write(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")  # releases what was sent
+            async with asyncio.timeout(20):
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(len(answer))
+            await wait_for(_true(lambda: len(released) >= 3), 20, "the buffers to be released")
+        finally:
+            writer.close()
+            await server.stop(1.0)
 
     _run(loop, main())
