@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import uvloop
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 
 from chukcha.bus import web
 from chukcha.bus.server import HttpServer, Router, ServerLimits
-from chukcha.testing import bind_loopback
+from chukcha.testing import bind_loopback, run_node
 from tests.bus.test_auth import make_cert
 from tests.integration.cluster_helpers import wait_for
 
@@ -236,3 +237,43 @@ def test_an_answers_buffer_is_released_only_once_sent(loop: str) -> None:
             await server.stop(1.0)
 
     _run(loop, main())
+
+
+async def test_concurrent_big_reads_from_reused_buffers_are_exact(tmp_path: Path) -> None:
+    # /read answers over 64 KiB come from a pool of reused buffers: readers at every pace,
+    # fast ones and one with a 4 KiB window, each get exactly the chunk's bytes.
+    lines = [b"%07d %s\n" % (i, b"m" * (i % 200)) for i in range(40_000)]
+    async with run_node(tmp_path / "d") as node:
+        host, port = node.url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        for at in range(0, len(lines), 8000):
+            writer.write(_req(b"".join(lines[at:at + 8000])).replace(b"/echo",
+                                                                      b"/write?category=c"))
+            assert (await _response(reader))[0] == 200
+        writer.write(b"GET /listChunks?category=c HTTP/1.1\r\nHost: t\r\n\r\n")
+        chunk = orjson.loads((await _response(reader))[1])[0]["name"]
+        writer.close()
+        expected = b"".join(lines)
+
+        async def read_all(window: int | None) -> bytes:
+            sock = socket.socket()
+            if window:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+            r, w = await asyncio.open_connection(sock=sock, limit=1 << 16)
+            got = bytearray()
+            try:
+                while True:
+                    w.write(b"GET /read?category=c&chunk=%b&off=%d&max_size=%d HTTP/1.1\r\n"
+                            b"Host: t\r\n\r\n" % (chunk.encode(), len(got), 1 << 20))
+                    status, data = await _response(r)
+                    assert status == 200, data
+                    if not data:
+                        return bytes(got)
+                    got += data
+            finally:
+                w.close()
+
+        answers = await asyncio.gather(*(read_all(w) for w in (None, None, None, 4096)))
+        assert all(a == expected for a in answers)
