@@ -77,7 +77,8 @@ async def _status(args: argparse.Namespace) -> int:
             for m, info in sorted(view.members.items())
         }
         result["claims"] = {str(p): {"owner": c.owner, "epoch": c.epoch,
-                                     "standbys": sorted(view.standbys.get(p, ()))}
+                                     "standbys": sorted(view.standbys.get(p, ())),
+                                     "standbys_ready": sorted(view.ready.get(p, ()))}
                             for p, c in sorted(view.claims.items())}
     own_groups = re.compile(rf"{re.escape(name)}(\.\d+of\d+)?")
     async with connect(args) as client:
@@ -104,7 +105,9 @@ def _print(result: dict[str, Any], args: argparse.Namespace) -> None:
                  ",".join(map(str, i["standby_of"])) or "-")
                 for m, i in result["instances"].items())]))
             print(format_table([("PARTITION", "OWNER", "EPOCH", "STANDBYS"), *(
-                (p, c["owner"], str(c["epoch"]), ",".join(c["standbys"]) or "-")
+                (p, c["owner"], str(c["epoch"]), ",".join(
+                    m if m in c["standbys_ready"] else f"{m} (catching up)"
+                    for m in c["standbys"]) or "-")
                 for p, c in result["claims"].items())]))
             unowned = (result["partitions"] or 0) - len(result["claims"])
             if unowned > 0:

@@ -359,7 +359,7 @@ async def test_app_status_shows_instances_claims_epochs_and_lag(
         assert {m: i["partitions"] for m, i in status["instances"].items()} == {
             m: sorted(p for p, c in view.claims.items() if c.owner == m) for m in ("a", "b")}
         assert status["claims"] == {str(p): {"owner": c.owner, "epoch": c.epoch,
-                                             "standbys": []}
+                                             "standbys": [], "standbys_ready": []}
                                     for p, c in view.claims.items()}
         assert {lag["group"] for lag in status["lag"]} == {APP, f"{APP}.0of2"}
         assert all(lag["chunks"] >= 2 for lag in status["lag"])

@@ -113,6 +113,8 @@ async def test_a_standby_follows_and_takes_over_without_a_restore(
         status = orjson.loads(out)
         assert {p: c["standbys"] for p, c in status["claims"].items()} == {
             str(p): sorted(view.standbys[p]) for p in range(PARTITIONS)}
+        assert all(set(c["standbys_ready"]) <= set(c["standbys"])
+                   for c in status["claims"].values())
         assert {m: i["standby_of"] for m, i in status["instances"].items()} == {
             m: sorted(p for p in range(PARTITIONS) if m in view.standbys[p]) for m in "xy"}
 
