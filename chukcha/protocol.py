@@ -6,9 +6,8 @@ more ``\\n``-terminated messages, and reads are cut back to the last ``\\n``.
 
 from __future__ import annotations
 
-import os
+import functools
 import re
-import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -216,13 +215,12 @@ _SCRATCH: Final = threading.local()
 _SCRATCH_SIZE: Final = 1 << 20
 
 
+@functools.cache
 def _numpy() -> Any:
-    """numpy, imported on first use (only nodes that see big bodies pay for the import), or
-    ``None`` where it is not installed (an environment older than the dependency)."""
-    if "numpy" not in sys.modules:
-        # numpy's BLAS starts a thread per core that spins for work: none is needed here.
-        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(name, "1")
+    """numpy, imported once on first use (only nodes that see big bodies pay for the import),
+    or ``None`` where it is not installed (an environment older than the dependency). The node
+    keeps numpy's BLAS to one thread for itself (``chukcha node``); a library function does
+    not change the process's environment."""
     try:
         import numpy  # noqa: PLC0415 - see the docstring
     except ImportError:

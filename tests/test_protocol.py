@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from fractions import Fraction
 
 import pytest
@@ -179,3 +182,21 @@ def test_go_duration_round_trips(ns: int) -> None:
     back = parse_go_duration(text)
     assert abs(back - seconds) <= 1e-9
     assert format_go_duration(back) == text  # the text is canonical
+
+
+def test_count_newlines_leaves_the_environment_alone() -> None:
+    """A library function must not change the process's environment: a user's processor that
+    counts a big body must keep its own BLAS threading (the node sets it for itself)."""
+    script = (
+        "import os\n"
+        "before = dict(os.environ)\n"
+        "from chukcha.protocol import count_newlines\n"
+        "assert count_newlines(b'x\\n' * 100_000) == 100_000\n"
+        "changed = {k: os.environ.get(k) for k in set(os.environ) ^ set(before)}\n"
+        "print(sorted(changed))\n"
+    )
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"

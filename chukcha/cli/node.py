@@ -251,9 +251,18 @@ def _return_big_buffers_to_the_os() -> None:
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
+def _one_blas_thread() -> None:
+    """numpy (which counts the messages of big bodies, :func:`chukcha.protocol.count_newlines`)
+    starts a BLAS thread per core that spins for work on import; the node needs none. Set
+    before numpy is imported, in the node's own process (and inherited by its workers)."""
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+
+
 def _run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     _return_big_buffers_to_the_os()
+    _one_blas_thread()
     try:
         config = config_from_args(args)
         if config.auth_token_file is not None:
