@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-import chukcha.testing as base
+import chukcha.testing_node as base
 
 __all__ = [
     "ClusterProcess",
