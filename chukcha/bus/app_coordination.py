@@ -56,7 +56,7 @@ import orjson
 
 from chukcha.assignment import assign, assign_standbys
 from chukcha.bus.config import ETCD_EXTRA_MISSING, etcd_installed, parse_etcd_endpoint
-from chukcha.bus.coordination import DEFAULT_LEASE_TTL, ETCD_ERRORS, _EtcdWatcher
+from chukcha.bus.coordination import DEFAULT_LEASE_TTL, ETCD_ERRORS, EtcdWatcher
 from chukcha.bus.tasks import log_task_crash, run_until_first_ends
 from chukcha.errors import AppConfigError, CoordinationError, InstanceTakenOverError
 from chukcha.protocol import validate_instance
@@ -203,7 +203,7 @@ class _NoListener:
         return
 
 
-class AppInstances(_EtcdWatcher):
+class AppInstances(EtcdWatcher):
     """One instance of an app in etcd: registers, claims its share of partitions, hands over.
 
     :meth:`start` returns at once (the session is established and retried in the background);

@@ -1,7 +1,7 @@
 """Cluster membership (static ``--peers`` or etcd) and the etcd session base.
 
 Every access to etcd (through ``aetcd``) lives in the one etcd layer: this module (the session
-base :class:`_EtcdWatcher` and the membership), :mod:`chukcha.bus.group_coordination` (the
+base :class:`EtcdWatcher` and the membership), :mod:`chukcha.bus.group_coordination` (the
 consumer groups, :class:`~chukcha.bus.group_coordination.EtcdGroups`) and
 :mod:`chukcha.bus.app_coordination` (the instances of an app and their partition claims), which
 share the session base. Membership is behind the small :class:`Membership` protocol, so that
@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_LEASE_TTL",
     "ETCD_ERRORS",
     "EtcdMembership",
+    "EtcdWatcher",
     "Membership",
     "StaticMembership",
     "parse_etcd_endpoint",
@@ -132,7 +133,7 @@ def peers_prefix(cluster: str) -> bytes:
     return f"chukcha/{cluster}/peers/".encode()
 
 
-class _EtcdWatcher:
+class EtcdWatcher:
     """What :class:`EtcdMembership` and :class:`~chukcha.bus.group_coordination.EtcdGroups`
     share: a background session with etcd that watches one key prefix.
 
@@ -234,7 +235,7 @@ class _EtcdWatcher:
         raise NotImplementedError
 
 
-class EtcdMembership(_EtcdWatcher):
+class EtcdMembership(EtcdWatcher):
     """Membership through etcd: register under a kept-alive lease, watch the peer prefix.
 
     :meth:`start` returns at once; connecting, registering and watching happen in the

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from chukcha.bus.config import etcd_installed
-from chukcha.bus.coordination import _EtcdWatcher
+from chukcha.bus.coordination import EtcdWatcher
 from chukcha.errors import BadRequestError, CoordinationError, StaleEpochError
 from chukcha.protocol import parse_uint
 
@@ -55,7 +55,7 @@ def partitions_prefix(cluster: str) -> bytes:
     return f"chukcha/{cluster}/partitions/".encode()
 
 
-class EtcdGroups(_EtcdWatcher):
+class EtcdGroups(EtcdWatcher):
     """Consumer-group registrations and group acks kept in etcd (cluster-wide).
 
     Every node watches the groups prefix and keeps a mirror (:meth:`snapshot`), handed to the
