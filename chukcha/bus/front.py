@@ -39,6 +39,8 @@ _RELAY_WHOLE: Final = 1 << 20
 """Answers up to this size are read whole; bigger ones are relayed piece by piece, so a client
 slow to take 16 MiB makes a front hold one piece (as the writer does)."""
 _PIECE: Final = 128 << 10
+_EMPTY_OK_START: Final = b"HTTP/1.1 200 OK\r\nDate: "
+_EMPTY_OK_END: Final = b"\r\nContent-Length: 0\r\n\r\n"
 
 
 class _PrimaryConn:
@@ -112,6 +114,11 @@ class PrimaryClient:
                 conn.writer.write(body)
             async with asyncio.timeout(self._timeout):
                 raw = await conn.reader.readuntil(b"\r\n\r\n")
+                if raw.startswith(_EMPTY_OK_START) and raw.endswith(_EMPTY_OK_END) \
+                        and raw.count(b"\r\n") == 4:
+                    # A write's answer (status, Date, Content-Length: 0): nothing to parse.
+                    self.release(conn)
+                    return Answer(200, {})
                 lines = raw.decode("latin-1").split("\r\n")
                 status = int(lines[0].split(" ", 2)[1])
                 answer_headers: dict[str, str] = {}
@@ -278,7 +285,8 @@ class FrontWorker:
 
     @staticmethod
     def _headers(request: web.Request) -> dict[str, str]:
-        return {k: v for k in _FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
+        headers = request.headers  # lower-case names: plain dict look-ups
+        return {k: v for k in _FORWARD_HEADERS if (v := dict.get(headers, k)) is not None}
 
     async def _write(self, request: web.Request) -> web.StreamResponse:
         body = request.body
@@ -315,6 +323,8 @@ class FrontWorker:
 
 
 def _response(answer: Answer) -> web.Response:
+    if answer.status == 200 and not answer.body and not answer.headers:
+        return web.Response()  # a write's answer
     headers = {k.title(): v for k, v in answer.headers.items() if k in _KEEP_ANSWER_HEADERS}
     return web.Response(status=answer.status, body=answer.body,
                         content_type=answer.headers.get("content-type", ""), headers=headers)
