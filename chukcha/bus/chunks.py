@@ -758,8 +758,13 @@ class ChunkStore:
             return b""
         want = min(max_size, limit - off)
         if into is not None and want <= len(into):
-            n = await asyncio.to_thread(_pread_into, cat.path / chunk, memoryview(into)[:want],
-                                        off)
+            view = memoryview(into)[:want]
+            # All in the page cache (the usual case: just written, or read by a peer): read on
+            # the loop, with no worker thread's hand-off; else in a thread, as any read that
+            # may wait for the disk.
+            n = _pread_into_cached(cat.path / chunk, view, off) if _NOWAIT else None
+            if n is None:
+                n = await asyncio.to_thread(_pread_into, cat.path / chunk, view, off)
             if not n:
                 raise ChunkNotFoundError(f"chunk {category}/{chunk} not found")
             return memoryview(self._whole_messages(cat, into, want, max_size, off, n=n))
@@ -970,6 +975,23 @@ def _pread_cached(path: Path, n: int, off: int) -> bytearray | None:
         except OSError:  # EAGAIN: not cached; EOPNOTSUPP: a file system without RWF_NOWAIT
             return None
         return buf if got == n else None
+    finally:
+        os.close(fd)
+
+
+def _pread_into_cached(path: Path, view: memoryview, off: int) -> int | None:
+    """:func:`_pread_cached` into ``view``: ``len(view)``, or ``None`` unless all of it was in
+    the page cache."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None  # acked meanwhile: the thread path answers 404
+    try:
+        try:
+            got = os.preadv(fd, [view], off, _NOWAIT)
+        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: a file system without RWF_NOWAIT
+            return None
+        return got if got == len(view) else None
     finally:
         os.close(fd)
 
