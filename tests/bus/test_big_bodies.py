@@ -189,10 +189,20 @@ def test_a_client_that_leaves_or_pauses_mid_body(loop: str) -> None:
     _run(loop, main())
 
 
+@pytest.mark.parametrize("tls", [False, True])
 @pytest.mark.parametrize("loop", LOOPS)
-def test_an_answers_buffer_is_released_only_once_sent(loop: str) -> None:
+def test_an_answers_buffer_is_released_only_once_sent(
+    loop: str, tls: bool, tmp_path: Path,
+) -> None:
     # The handler scribbles over its answer's buffer when it is released (as a reused buffer
-    # would be): a client that takes its answers slowly still gets every byte as it was.
+    # would be): a client that takes its answers slowly still gets every byte as it was, over
+    # plain TCP and TLS.
+    server_ctx = client_ctx = None
+    if tls:
+        cert, key = make_cert(tmp_path)
+        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_ctx.load_cert_chain(cert, key)
+        client_ctx = ssl.create_default_context(cafile=str(cert))
     answer = bytes(range(256)) * 4096  # 1 MiB
     released: list[int] = []
 
@@ -211,12 +221,14 @@ def test_an_answers_buffer_is_released_only_once_sent(loop: str) -> None:
         server = HttpServer(router, replace(LIMITS, stall_grace=0.1))
         sock = bind_loopback()
         sock.listen(4)
-        await server.start(sock)
+        await server.start(sock, ssl=server_ctx)
         client = socket.socket()
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow, small window
         client.setblocking(False)
         await asyncio.get_running_loop().sock_connect(client, sock.getsockname()[:2])
-        reader, writer = await asyncio.open_connection(sock=client, limit=1 << 16)
+        reader, writer = await asyncio.open_connection(
+            sock=client, limit=1 << 16, ssl=client_ctx,
+            server_hostname="127.0.0.1" if tls else None)
         try:
             writer.write(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n" * 3)
             for _ in range(3):
