@@ -131,7 +131,8 @@ class Follower:
         """The last record the store holds."""
         self._loaded = False
         self._diverged = False
-        self._unconfirmed: set[int] = set()  # the store's pending records not seen on the bus
+        # The store's pending records not seen on the bus yet: seq -> the record's epoch.
+        self._unconfirmed: dict[int, int] = {}
         self.applied = 0
         """Records applied (a snapshot counts as one)."""
         self.rebuilds = 0
@@ -150,7 +151,7 @@ class Follower:
             await self._reset()
         else:
             self.head = copy.head
-            self._unconfirmed = set(copy.pending)
+            self._unconfirmed = await asyncio.to_thread(_pending_epochs, self._store)
         self._loaded = True
 
     async def _check_unconfirmed(self) -> None:
@@ -285,8 +286,8 @@ class Follower:
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # not a record: the assembler would skip it too
             if seq <= self.head.seq:
-                if epoch == self.head.epoch and not base:
-                    self._unconfirmed.discard(seq)
+                if not base and self._unconfirmed.get(seq) == epoch:
+                    del self._unconfirmed[seq]  # on the bus: the store's record is confirmed
                 if not base and epoch > self.head.epoch:
                     # The bus's history went another way at or before what the store holds.
                     self._diverged = True
@@ -338,6 +339,13 @@ class Follower:
         batch carries the ``(epoch, seq)`` of its last record, so the store never says it holds
         more than it does."""
         merged: dict[bytes, bytes | None] = {}
+        # The store's pending records are all confirmed on the bus by now (an unconfirmed one
+        # made the store be rebuilt before anything is applied): their keys go with the first
+        # batch; kept, a later reader could not tell them from unpublished commits once the
+        # store follows a newer epoch, and a new owner here would publish them again.
+        for key, _ in self._store.scan(PENDING_PREFIX):
+            if int(key[len(PENDING_PREFIX):], 16) not in self._unconfirmed:
+                merged[key] = None
         for i, record in enumerate(records):
             for key in record.deletes:
                 merged[key] = None
@@ -374,6 +382,19 @@ class Follower:
     async def sync(self) -> None:
         """fsync the store (before it is used as an owner's)."""
         await asyncio.to_thread(self._store.write, {}, (), sync=True)
+
+
+def _pending_epochs(store: StateStore) -> dict[int, int]:
+    """The store's pending records (blocking): ``seq`` -> the epoch written in the record
+    (``-1`` when it cannot be read: such a record is never taken as confirmed)."""
+    pending: dict[int, int] = {}
+    for key, value in store.scan(PENDING_PREFIX):
+        try:
+            epoch = int(orjson.loads(value.split(b"\n", 1)[0])["e"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            epoch = -1
+        pending[int(key[len(PENDING_PREFIX):], 16)] = epoch
+    return pending
 
 
 async def _shielded(work: Awaitable[_T]) -> _T:

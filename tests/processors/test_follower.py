@@ -17,9 +17,10 @@ from chukcha import App, Client
 from chukcha.dedup.index import _VALUE as DEDUP_VALUE
 from chukcha.dedup.index import PREFIX as DEDUP
 from chukcha.processors.busio import BusIO
-from chukcha.processors.changelog import Changelog, changelog_category, read_head
+from chukcha.processors.changelog import PENDING_PREFIX, Changelog, changelog_category, read_head
 from chukcha.processors.engine import OUTBOX_PREFIX, CommitPlan, Engine, skip_key
 from chukcha.processors.follower import Follower, local_copy
+from chukcha.state.changelog import Head, Record, encode_record
 from chukcha.state.leveldb import LevelDBStore
 from chukcha.testing import run_node
 from tests.integration.cluster_helpers import wait_for
@@ -213,3 +214,50 @@ async def test_a_warm_engine_equals_a_fresh_load(tmp_path: Path, bus: BusIO) -> 
     fresh.load()
     assert engine_state(engine) == engine_state(fresh)
     assert len(fresh.dedup) == 3 and len(fresh.outbox) == 3 and len(fresh.positions["orders"]) == 2
+
+
+async def test_confirmed_pending_keys_do_not_outlive_a_newer_epoch(tmp_path: Path,
+                                                                    bus: BusIO) -> None:
+    """A store that followed a newer epoch keeps no ``c/`` key of the older one (a restart of
+    the standby, or a new follower over it, uses it as it is), while a pending record that the
+    bus does not hold still makes it be rebuilt."""
+    a, b = open_store(tmp_path, "a"), open_store(tmp_path, "b")
+    first = Owner(a, bus, epoch=5)
+    for i in range(10):
+        first.commit({f"t/k{i}".encode(): b"a"})
+    await first.publish()
+    old_pending = dict(a.scan(PENDING_PREFIX))
+    b_follower = Follower(changelog_category(APP, 0), 0, b, bus)
+    await b_follower.catch_up()
+    second = Owner(b, bus, epoch=9)
+    for i in range(5):
+        second.commit({f"t/k{i}".encode(): b"b"}, (b"t/k9",))
+    await second.publish()
+    # a is a standby: its follower brings it current (same process)
+    follower = Follower(changelog_category(APP, 0), 0, a, bus)
+    assert await follower.catch_up() == 5
+    assert follower.rebuilds == 0
+    assert local_copy(a).pending == frozenset()
+    assert local_copy(a).head == Head(9, 15, (5, 10))
+    # a restarts (a new Follower over the same, current, store): nothing new on the bus
+    again = Follower(changelog_category(APP, 0), 0, a, bus)
+    assert await again.catch_up() == 0
+    assert again.rebuilds == 0, "a current copy was rebuilt because of a stale c/ key"
+    # A store of the previous release kept those keys: they are on the bus with their own
+    # epoch, so they are confirmed (no rebuild) and deleted with the next records applied.
+    a.write(old_pending, [], sync=False)
+    second.commit({b"t/k0": b"c"})
+    await second.publish()
+    older = Follower(changelog_category(APP, 0), 0, a, bus)
+    assert await older.catch_up() == 1
+    assert older.rebuilds == 0
+    assert local_copy(a).pending == frozenset()
+    # A pending record the bus does not hold (seq 12 of epoch 5: a commit never published,
+    # while epoch 9 wrote its own seq 12) still makes the copy be rebuilt.
+    zombie = encode_record(Record(0, 5, 12, {b"t/z": b"z"}, []))
+    a.write({PENDING_PREFIX + b"%016x" % 12: b"\n".join(zombie)}, [], sync=False)
+    last = Follower(changelog_category(APP, 0), 0, a, bus)
+    await last.catch_up()
+    assert last.rebuilds == 1
+    assert items(a) == items(b)
+    assert local_copy(a).pending == frozenset()
