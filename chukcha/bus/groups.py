@@ -249,16 +249,19 @@ class ConsumerGroups:
         partition (paused past its lease, cut off) cannot ack after the new owner took over
         (:class:`~chukcha.errors.StaleEpochError`, HTTP 409). An ack that passes is then
         applied as any other (recorded, and delivered to etcd through the outbox: it was valid
-        when it was taken)."""
+        when it was taken). A fenced ack without a group (``app=A``: the claim of app ``A``; a
+        partition's changelog, which no group reads) is then a plain ack: a zombie's snapshot
+        cannot delete the new owner's changelog chunks."""
         etcd = self._etcd
-        if group is None or etcd is None:
-            raise BadRequestError("a fenced ack (partition, epoch) needs group= and a node "
-                                  "started with --etcd (the partition claims live there)")
-        validate_group(group)
+        app = group if group is not None else fence.app
+        if app is None or etcd is None:
+            raise BadRequestError("a fenced ack (partition, epoch) needs group= (or app=) and a "
+                                  "node started with --etcd (the partition claims live there)")
+        validate_group(app)
         if self._store.is_tombstoned(category, chunk):
             return
         self._check_ack(category, chunk, size)
-        claim = claim_key(etcd.cluster, group, fence.partition)
+        claim = claim_key(etcd.cluster, app, fence.partition)
         try:
             async with asyncio.timeout(INLINE_TIMEOUT):
                 await etcd.check_epoch(claim, fence.epoch)

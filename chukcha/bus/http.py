@@ -63,10 +63,13 @@ class ReplicaWaiter(Protocol):
 @dataclass(frozen=True, slots=True)
 class Fence:
     """``/ack?...&partition=P&epoch=E`` (extension): the ack of a partitioned group's instance,
-    applied only while its claim of partition ``P`` in etcd still has epoch ``E``."""
+    applied only while its claim of partition ``P`` in etcd still has epoch ``E``. The claim is
+    the one of the app named by ``group=``; an ack without a group (a partition's changelog,
+    which no group reads) names the app with ``app=A`` instead."""
 
     partition: int
     epoch: int
+    app: str | None = None
 
 
 class AckHandler(Protocol):
@@ -287,7 +290,7 @@ class BusApi:
         fence = None
         if "partition" in request.query or "epoch" in request.query:
             fence = Fence(int_param(request, "partition", maximum=1023),
-                          int_param(request, "epoch"))
+                          int_param(request, "epoch"), request.query.get("app") or None)
         await self.acks.ack(category, chunk, size, group, fence=fence)
         return web.Response()
 

@@ -129,16 +129,19 @@ class NodeApi:
 
     async def ack(
         self, url: str, category: str, chunk: str, size: int, *, group: str | None = None,
-        fence: tuple[int, int] | None = None,
+        fence: tuple[int, int] | None = None, app: str | None = None,
     ) -> None:
         """``/ack`` (for ``group`` when given: the consumer-group extension). ``fence`` =
         ``(partition, epoch)``: the node applies the ack only while that claim holds (a stale
-        one raises a :class:`~chukcha.errors.RequestRejectedError` with status 409)."""
+        one raises a :class:`~chukcha.errors.RequestRejectedError` with status 409); the claim
+        is of the app ``group``, or of ``app`` for a plain ack (a partition's changelog)."""
         params = {"category": category, "chunk": chunk, "size": str(size)}
         if group:
             params["group"] = group
         if fence is not None:
             params["partition"], params["epoch"] = str(fence[0]), str(fence[1])
+            if app:
+                params["app"] = app
         await self._request(url, "/ack", params)
 
     async def list_chunks(self, url: str, category: str) -> list[ChunkInfo]:

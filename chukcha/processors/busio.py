@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from chukcha.client import Client
 from chukcha.client.consumer import Consumer, Position
-from chukcha.errors import ClientError, ConsumerError
+from chukcha.errors import ClientError, ConsumerError, RequestRejectedError
 from chukcha.processors.checkpoint import Checkpoint
 from chukcha.processors.partitions import PartitionSet
 from chukcha.protocol import ChunkInfo
@@ -92,13 +92,18 @@ class BusIO:
         return [(c.name, c.size) for c in await self._client.list_chunks(category)
                 if c.complete]
 
-    async def ack_chunk(self, category: str, chunk: str, size: int) -> None:
+    async def ack_chunk(self, category: str, chunk: str, size: int, *,
+                        fence: tuple[int, int] | None = None) -> None:
         """A plain ack (no group: nothing else reads a changelog) on the first node that takes
-        it; acks replicate to every node."""
+        it; acks replicate to every node. ``fence`` = ``(partition, epoch)``: applied only
+        while the app's claim of that partition has that epoch (a refusal raises)."""
         errors: list[str] = []
         for url in self._client.nodes:
             try:
-                await self._client.api.ack(url, category, chunk, size)
+                await self._client.api.ack(url, category, chunk, size, fence=fence,
+                                           app=self._app.name if fence else None)
+            except RequestRejectedError:
+                raise  # refused (a fenced ack whose claim moved): every node says the same
             except ClientError as exc:
                 errors.append(f"{url}: {exc}")
             else:

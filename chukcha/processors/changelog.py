@@ -21,6 +21,9 @@ while nothing else writes to that store: the checkpoint is its only writer and w
 record marked ``base``. Once the snapshot is confirmed, the changelog chunks that were complete
 before it was written hold only older records: they are acked (deleted on every node), so the
 changelog and a restore's replay stay bounded by one snapshot plus ``snapshot_every`` records.
+An owner through etcd (``fenced``) acks them with its claim's ``(partition, epoch)``: a former
+owner's snapshot (a paused owner's resumed batch) is ignored by readers, and the node refuses
+its acks, which would delete the new owner's records (:attr:`Changelog.acks_refused`).
 
 **Epochs.** Records carry the epoch of the writer's ownership: the etcd revision of its claim
 for instances through etcd (:mod:`chukcha.processors.group`), else the epoch of the last record
@@ -39,6 +42,7 @@ import logging
 import time
 from typing import Final, Protocol
 
+from chukcha.errors import RequestRejectedError
 from chukcha.partitioning import partition_category
 from chukcha.processors.engine import CommitPlan
 from chukcha.state.base import StateStore
@@ -101,8 +105,11 @@ class ChangelogBus(Protocol):
         """The complete chunks of ``category`` (name, size) on a node that answers."""
         ...
 
-    async def ack_chunk(self, category: str, chunk: str, size: int) -> None:
-        """Ack (delete) one chunk of ``category`` on the cluster."""
+    async def ack_chunk(self, category: str, chunk: str, size: int, *,
+                        fence: tuple[int, int] | None = None) -> None:
+        """Ack (delete) one chunk of ``category`` on the cluster; with ``fence`` =
+        ``(partition, epoch)`` only while the app's claim of that partition has that epoch
+        (raise when refused)."""
         ...
 
 
@@ -110,11 +117,13 @@ class Changelog:
     """The changelog of one partition (see the module docstring)."""
 
     def __init__(self, app: str, partition: int, bus: ChangelogBus, *, epoch: int = 0,
-                 snapshot_every: int = 0) -> None:
+                 snapshot_every: int = 0, fenced: bool = False) -> None:
         self.category = changelog_category(app, partition)
         self.partition = partition
         self.epoch = epoch
         """The epoch of this writer's records (``0``: the epoch of the store's last record)."""
+        self.fenced = fenced
+        """``epoch`` is an etcd claim's: the snapshot's acks carry ``(partition, epoch)``."""
         self.link: tuple[int, int] | None = None
         """The link of this writer's records (set by :meth:`load`)."""
         self._bus = bus
@@ -122,6 +131,8 @@ class Changelog:
         self._snapshot_seq = 0
         self._store: StateStore | None = None
         self.snapshots = 0
+        self.acks_refused = 0
+        """Snapshots whose changelog acks the node refused (fenced: the claim moved)."""
         self.seq = 0
         self._pending: list[tuple[bytes, list[bytes]]] = []  # committed, not confirmed
         self._confirmed: list[bytes] = []  # c/ keys to delete with the next commit
@@ -254,7 +265,18 @@ class Changelog:
         acked = 0
         for chunk, size in before:
             try:
-                await self._bus.ack_chunk(self.category, chunk, size)
+                await self._bus.ack_chunk(
+                    self.category, chunk, size,
+                    fence=(self.partition, self.epoch) if self.fenced else None)
+            except RequestRejectedError as exc:
+                if self.fenced:  # the claim moved on: this writer owns nothing any more
+                    self.acks_refused += 1
+                    logger.warning("category=%s changelog ack refused, partition %d moved "
+                                   "(epoch %d): %s", self.category, self.partition,
+                                   self.epoch, exc)
+                    break
+                logger.info("category=%s changelog chunk %s not acked: %s", self.category,
+                            chunk, exc)
             except Exception as exc:  # noqa: BLE001 - not fatal: the next snapshot acks it
                 logger.info("category=%s changelog chunk %s not acked yet: %s", self.category,
                             chunk, exc)

@@ -15,10 +15,17 @@ Every instance registers in etcd and claims its share of the app's partitions
 - **Revoking** ``p`` (rebalancing, SIGTERM): its loops finish their batch, the partition
   commits, publishes its changelog and acks, then the claim is released; the new owner starts
   only after that.
-- **Lost** ``p`` (the lease could not be renewed in time, or the claim changed): its loops stop
-  at once; whatever they still commit locally is not acked under another owner (the fence)
-  and is thrown away when the partition comes back at another epoch (kept, and published, when
-  it comes back at the same one).
+- **Lost** ``p`` (the lease could not be renewed in time, or the claim changed): its loops
+  stop once their batch is done; what they still commit is committed locally and its
+  changelog records (and a snapshot, if the commit crosses ``snapshot_every``) are still
+  published at the old epoch. What protects the new owner: readers of the changelog follow
+  the chain of epoch links, so those late records and snapshots are ignored; every ack the
+  lost partition makes, of its input and of its changelog chunks after a snapshot, carries
+  ``(p, epoch)`` and the node refuses it once the claim has another epoch (so nothing of the
+  new owner's input or changelog is deleted); its emits can still reach the bus, with the IDs
+  the new owner derives (the next hop keeps one per ID). The local copy is thrown away when
+  the partition comes back at another epoch (kept, and published, when it comes back at the
+  same one).
 
 Requirements (checked at start, with a clear error): the changelog is on
 (``ProcessorConfig(changelog=True)``: a partition's state must be on the bus to move).

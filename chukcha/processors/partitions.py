@@ -83,7 +83,8 @@ class PartitionSet:
             engine, self._stores[i], self._io, app.config,
             name=app.name if len(self._stores) == 1 else f"{app.name}/{partition_dir_name(i)}",
             changelog=Changelog(app.name, i, bus, epoch=epoch,
-                                snapshot_every=app.config.snapshot_every)
+                                snapshot_every=app.config.snapshot_every,
+                                fenced=epoch != 0)
             if bus is not None and app.config.changelog else None)
 
     def set_owned(self, owned: Collection[int]) -> None:

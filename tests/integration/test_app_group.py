@@ -95,7 +95,8 @@ class _Reader:
     async def complete_chunks(self, category: str) -> list[tuple[str, int]]:
         raise NotImplementedError
 
-    async def ack_chunk(self, category: str, chunk: str, size: int) -> None:
+    async def ack_chunk(self, category: str, chunk: str, size: int, *,
+                        fence: tuple[int, int] | None = None) -> None:
         raise NotImplementedError
 
 

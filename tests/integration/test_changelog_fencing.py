@@ -143,3 +143,6 @@ async def test_a_zombies_late_records_do_not_change_the_restored_state(
         want = {**sc.expected, "zombie": "before"}
         assert await state_on_the_bus(sc.client, tmp_path) == want
         await view.wait_for(lambda v: dict(v.items()) == want)  # a view follows the same chain
+        # Its snapshots acked the complete changelog chunks (x's records among them) through
+        # the real ack path: the node refused them (fenced), so nothing of x's was deleted.
+        assert next(s for s in zombie.said if s["event"] == "done")["refused"] > 0

@@ -5,12 +5,15 @@
 ``z`` (a real claim under a real lease: another instance can take its partitions only once the
 lease expired), restores partition ``P``'s store from its changelog like a new owner, then
 commits and publishes a changelog record for ``P`` every few milliseconds at the epoch of its
-claim, through the real :class:`~chukcha.processors.changelog.Changelog`, with a snapshot every
-4 records. Before SIGCONT each record puts ``t/zombie = "before"``; after a SIGCONT (the test
+claim, through the real :class:`~chukcha.processors.changelog.Changelog` and the runner's
+:class:`~chukcha.processors.busio.BusIO`, with a snapshot every 4 records whose acks of the
+complete changelog chunks go through the real fenced ack path (the node refuses them once the
+claim moved). Before SIGCONT each record puts ``t/zombie = "before"``; after a SIGCONT (the test
 SIGSTOPs it past its lease first) it ignores that it lost the claim, as a process paused in the
 middle of a batch would, and writes ``--after`` records that put ``t/zombie = "after"`` and
 ``t/ann = -1`` (with snapshots), then exits 0. One JSON line per event on stdout: ``assigned``
-(with the epoch), ``published`` (seq, phase), ``done``.
+(with the epoch), ``published`` (seq, phase), ``done`` (``refused``: snapshots whose acks
+the node refused).
 """
 
 from __future__ import annotations
@@ -25,40 +28,14 @@ from pathlib import Path
 
 import orjson
 
-from chukcha import Client
+from chukcha import App, Client
 from chukcha.bus.app_coordination import AppInstances
+from chukcha.processors.busio import BusIO
 from chukcha.processors.changelog import Changelog
 from chukcha.processors.engine import CommitPlan
 from chukcha.state.leveldb import LevelDBStore
 
 __all__ = ["main"]
-
-
-class _Bus:
-    """The changelog's view of the bus (what the runner's BusIO does, without an app)."""
-
-    def __init__(self, client: Client) -> None:
-        self._client = client
-
-    async def publish(self, category: str, lines: list[bytes]) -> None:
-        await self._client.send(category, lines)
-
-    async def read_all(self, category: str) -> list[bytes]:
-        lines: list[bytes] = []
-        for url in self._client.nodes:
-            for info in await self._client.api.list_chunks(url, category):
-                off = 0
-                while data := await self._client.api.read(url, category, info.name, off,
-                                                          4 << 20):
-                    off += len(data)
-                    lines.extend(data[:-1].split(b"\n"))
-        return lines
-
-    async def complete_chunks(self, category: str) -> list[tuple[str, int]]:
-        return []  # a zombie acks nothing: its snapshots must not delete anything
-
-    async def ack_chunk(self, category: str, chunk: str, size: int) -> None:
-        raise AssertionError("not called")
 
 
 class _Claims:
@@ -96,8 +73,10 @@ async def _run(args: argparse.Namespace) -> int:
     _say(event="assigned", epoch=epoch)
     store = await asyncio.to_thread(LevelDBStore, Path(args.state))
     async with Client(args.node) as client:
-        changelog = Changelog(args.app, args.partition, _Bus(client), epoch=epoch,
-                              snapshot_every=4)
+        # The runner's own bus IO: real publishes and real (fenced) acks of the changelog.
+        bus = BusIO(App(args.app, nodes=list(args.node)), client, {})
+        changelog = Changelog(args.app, args.partition, bus, epoch=epoch, snapshot_every=4,
+                              fenced=True)
         await changelog.restore_if_empty(store)
         await asyncio.to_thread(changelog.load, store)
         written_after = 0
@@ -114,7 +93,7 @@ async def _run(args: argparse.Namespace) -> int:
             _say(event="published", seq=changelog.seq, phase=phase)
             if phase == "before":
                 await asyncio.sleep(0.05)
-    _say(event="done")
+    _say(event="done", refused=changelog.acks_refused)
     sys.stdout.flush()
     os._exit(0)  # no goodbye to etcd: the zombie just ends
 

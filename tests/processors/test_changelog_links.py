@@ -25,7 +25,8 @@ class Bus:
     async def complete_chunks(self, category: str) -> list[tuple[str, int]]:
         return []
 
-    async def ack_chunk(self, category: str, chunk: str, size: int) -> None:
+    async def ack_chunk(self, category: str, chunk: str, size: int, *,
+                        fence: tuple[int, int] | None = None) -> None:
         raise AssertionError("not called")
 
     def records(self) -> list[tuple[int, int, tuple[int, int] | None]]:
