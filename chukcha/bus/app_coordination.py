@@ -37,6 +37,15 @@ processes given one name), it sees its member key taken and stops with an error.
 Ownership is only used while it can be proven: when the lease has not been renewed for its TTL
 (minus a margin) the instance calls :meth:`PartitionListener.lost` for every partition and
 processes nothing until etcd answers again (then it resumes those its lease still holds).
+
+An error of the listener never ends the session: a partition whose :meth:`~PartitionListener.
+assigned` fails (a restore that finds no node answering...) is cleaned up
+(:meth:`~PartitionListener.lost`), its claim released, and claimed again (a new epoch) after a
+backoff of ``LISTENER_RETRY_FIRST`` s doubling up to ``LISTENER_RETRY_MAX`` s, each failure
+logged with its reason, for as long as it fails; a :meth:`~PartitionListener.revoking` that fails
+is logged, cleaned up the same way and the claim released anyway (as after a crash, the next
+owner starts from what the bus holds). Any other error of the session fails the instance
+(:meth:`AppInstances.wait_failed`) instead of leaving it registered and idle.
 """
 
 from __future__ import annotations
@@ -63,6 +72,8 @@ from chukcha.protocol import validate_instance
 
 __all__ = [
     "HANDOVER_WAIT",
+    "LISTENER_RETRY_FIRST",
+    "LISTENER_RETRY_MAX",
     "AppInstances",
     "AppView",
     "Claim",
@@ -77,6 +88,10 @@ logger = logging.getLogger(__name__)
 _RPC_TIMEOUT: Final = 5
 HANDOVER_WAIT: Final = 60
 """Seconds an owner (with standbys) waits for the copy of the instance a partition moves to."""
+LISTENER_RETRY_FIRST: Final = 0.5
+"""Seconds before a partition whose start failed is claimed again (doubling each failure)."""
+LISTENER_RETRY_MAX: Final = 30.0
+"""The longest wait between two tries to start a partition."""
 
 
 def app_prefix(cluster: str, app: str) -> bytes:
@@ -242,6 +257,10 @@ class AppInstances(EtcdWatcher):
         self._following: frozenset[int] = frozenset()  # told to the listener last
         self._ready: set[int] = set()  # partitions whose copy here has caught up
         self._handing: dict[int, tuple[str | None, float]] = {}  # waits for a ready copy
+        # partition -> (failed starts in a row, not claimed again before, the failed epoch)
+        self._retries: dict[int, tuple[int, float, int]] = {}
+        self._wakeups: dict[tuple[str, int], asyncio.TimerHandle] = {}  # reconcile again then
+        self._follow_failed = False
         self._listener: PartitionListener = listener or _NoListener()
         self._ttl = lease_ttl
         self._margin = min(1.0, lease_ttl * 0.2)
@@ -299,10 +318,13 @@ class AppInstances(EtcdWatcher):
             expiry.cancel()
             await asyncio.wait([expiry])
         await super().stop()
+        for handle in self._wakeups.values():
+            handle.cancel()
+        self._wakeups.clear()
+        self._handing.clear()
         async with self._busy:
             for p in sorted(self._active):
-                await self._listener.revoking(p)
-                del self._active[p]
+                await self._hand_over(p)
                 logger.info("app=%s instance=%s partition %d released (stopping)",
                             self.app, self._instance, p)
         lease, self._lease_id = self._lease_id, None
@@ -335,7 +357,17 @@ class AppInstances(EtcdWatcher):
             asyncio.create_task(self._watch_loop(watch), name="app-watch"),
             asyncio.create_task(self._reconcile_loop(client), name="app-reconcile"),
         ]
-        await run_until_first_ends(tasks)
+        try:
+            await run_until_first_ends(tasks)
+        except ETCD_ERRORS:
+            raise  # the session is established again
+        except Exception as exc:
+            # Not etcd's doing and not retried here: give up visibly rather than stay
+            # registered doing nothing.
+            if not isinstance(exc, InstanceTakenOverError):
+                await self._lose_all(f"the etcd session failed: {exc!r}")
+                self._fail(exc)
+            raise
 
     async def _check_partitions(self, client: Any) -> None:
         key = self._prefix + b"partitions"
@@ -475,7 +507,7 @@ class AppInstances(EtcdWatcher):
                                self._instance, sorted(self._active), why)
             for p in sorted(self._active):
                 del self._active[p]
-                await self._listener.lost(p)
+                await self._lost(p)
 
     # --- reconciling the claims with the target ------------------------------------------
 
@@ -494,19 +526,26 @@ class AppInstances(EtcdWatcher):
                 del self._active[p]
                 logger.warning("app=%s instance=%s partition %d lost (epoch %d): its claim is "
                                "gone or changed", self.app, self._instance, p, epoch)
-                await self._listener.lost(p)
+                await self._lost(p)
+        for p in set(self._handing) - set(self._active):
+            self._handing.pop(p)
+            self._cancel_wakeup("handover", p)
         if not self._provable():
             return
         for p, epoch in sorted(mine.items()):
             if p not in self._active:
-                await self._take(p, epoch, "resumed")
+                if self._retries.get(p, (0, 0.0, 0))[2] == epoch:
+                    await self._drop_claim(client, p, epoch)  # its start failed: never resumed
+                else:
+                    await self._take(client, p, epoch, "resumed")
         target = assign(self.partitions, view.members, view.owners(), view.standbys)
         for p in sorted(self._active):
             to = target.get(p)
             if to != self._instance and not self._wait_for_copy(p, to):
                 await self._release(client, p, to)
         for p in range(self.partitions):
-            if target.get(p) == self._instance and p not in view.claims:
+            if (target.get(p) == self._instance and p not in view.claims
+                    and time.monotonic() >= self._retries.get(p, (0, 0.0, 0))[1]):
                 await self._claim(client, p)
         await self._reconcile_standbys(client, target)
 
@@ -515,13 +554,14 @@ class AppInstances(EtcdWatcher):
         moves to says its copy is ready (at most :data:`HANDOVER_WAIT` s)."""
         if not self.standbys or to is None or to in self.view.ready.get(partition, ()):
             self._handing.pop(partition, None)
+            self._cancel_wakeup("handover", partition)
             return False
         now = time.monotonic()
         waited_for, since = self._handing.get(partition, (None, now))
         if waited_for != to:
             since = now
             self._handing[partition] = (to, now)
-            asyncio.get_running_loop().call_later(HANDOVER_WAIT, self._changed.set)
+            self._wake_after("handover", partition, HANDOVER_WAIT)
             logger.info("app=%s instance=%s partition %d goes to %s once its copy is ready",
                         self.app, self._instance, partition, to)
         if now - since < HANDOVER_WAIT:
@@ -530,7 +570,23 @@ class AppInstances(EtcdWatcher):
                        "handing over anyway", self.app, self._instance, partition, to,
                        HANDOVER_WAIT)
         self._handing.pop(partition, None)
+        self._cancel_wakeup("handover", partition)
         return False
+
+    def _wake_after(self, why: str, partition: int, delay: float) -> None:
+        """Reconcile again in ``delay`` s (one pending wake-up per reason and partition)."""
+        self._cancel_wakeup(why, partition)
+        self._wakeups[why, partition] = asyncio.get_running_loop().call_later(
+            delay, self._woken, why, partition)
+
+    def _woken(self, why: str, partition: int) -> None:
+        self._wakeups.pop((why, partition), None)
+        self._changed.set()
+
+    def _cancel_wakeup(self, why: str, partition: int) -> None:
+        handle = self._wakeups.pop((why, partition), None)
+        if handle is not None:
+            handle.cancel()
 
     def standby_ready(self, partition: int) -> None:
         """This instance's copy of ``partition`` has caught up (the listener says so): its
@@ -565,20 +621,82 @@ class AppInstances(EtcdWatcher):
             view.standbys.get(p, set()).discard(me)
             view.ready.get(p, set()).discard(me)
         following = frozenset(mine - set(self._active))
-        if following != self._following:
+        if following != self._following or self._follow_failed:
             self._following = following
             logger.info("app=%s instance=%s standby of partitions %s", self.app,
                         self._instance, sorted(following))
-            await self._listener.follow(following)
+            try:
+                await self._listener.follow(following)
+            except Exception:
+                self._follow_failed = True
+                self._wake_after("follow", -1, LISTENER_RETRY_FIRST * 2)
+                logger.exception("app=%s instance=%s following partitions %s failed (retrying)",
+                                 self.app, self._instance, sorted(following))
+            else:
+                self._follow_failed = False
 
     def _standby_key(self, partition: int) -> bytes:
         return self._prefix + f"standbys/{partition:04d}/{self._instance}".encode()
 
-    async def _take(self, partition: int, epoch: int, how: str) -> None:
+    async def _take(self, client: Any, partition: int, epoch: int, how: str) -> None:
         self._active[partition] = epoch
         logger.info("app=%s instance=%s partition %d %s (epoch %d)", self.app, self._instance,
                     partition, how, epoch)
-        await self._listener.assigned(partition, epoch)
+        error: Exception | None = None
+        try:
+            await self._listener.assigned(partition, epoch)
+        except Exception as exc:  # noqa: BLE001 - the listener's error: retried, logged below
+            error = exc
+        if error is None:
+            if self._retries.pop(partition, None) is not None:
+                self._cancel_wakeup("retry", partition)
+                logger.info("app=%s instance=%s partition %d started after its earlier "
+                            "failures", self.app, self._instance, partition)
+            return
+        failures = self._retries.get(partition, (0, 0.0, 0))[0] + 1
+        delay = min(LISTENER_RETRY_FIRST * 2 ** (failures - 1), LISTENER_RETRY_MAX)
+        self._retries[partition] = (failures, time.monotonic() + delay, epoch)
+        logger.error("app=%s instance=%s partition %d could not start (epoch %d, failure %d in "
+                     "a row): %s: %s; releasing it, retrying in %.1f s", self.app,
+                     self._instance, partition, epoch, failures, type(error).__name__, error,
+                     delay, exc_info=error if failures == 1 else None)
+        if self._active.get(partition) == epoch:
+            del self._active[partition]
+        await self._lost(partition)
+        self._wake_after("retry", partition, delay)
+        await self._drop_claim(client, partition, epoch)
+
+    async def _lost(self, partition: int) -> None:
+        """:meth:`PartitionListener.lost`, whose errors are logged (it only cleans up)."""
+        try:
+            await self._listener.lost(partition)
+        except Exception:
+            logger.exception("app=%s instance=%s partition %d: stopping it failed", self.app,
+                             self._instance, partition)
+
+    async def _hand_over(self, partition: int) -> None:
+        """:meth:`PartitionListener.revoking` and forget the partition; when it fails the
+        partition is stopped as if lost (its claim is released all the same: like after a
+        crash, the next owner starts from what the bus holds)."""
+        try:
+            await self._listener.revoking(partition)
+        except Exception:
+            logger.exception("app=%s instance=%s partition %d: handing it over failed; "
+                             "releasing it anyway, the next owner starts from what the bus "
+                             "holds", self.app, self._instance, partition)
+            self._active.pop(partition, None)
+            await self._lost(partition)
+        self._active.pop(partition, None)
+
+    async def _drop_claim(self, client: Any, partition: int, epoch: int) -> None:
+        """Delete our claim of ``partition`` if it still has ``epoch``."""
+        key = claim_key_from(self._prefix, partition)
+        tx = client.transactions
+        await client.transaction(compare=[tx.mod(key) == epoch], success=[tx.delete(key)],
+                                 failure=[])
+        claim = self.view.claims.get(partition)
+        if claim is not None and claim.epoch == epoch:
+            del self.view.claims[partition]
 
     async def _claim(self, client: Any, partition: int) -> None:
         key = claim_key_from(self._prefix, partition)
@@ -594,18 +712,13 @@ class AppInstances(EtcdWatcher):
         meta = responses[1][0][1]
         self.view.claims[partition] = Claim(partition, self._instance, meta.mod_revision,
                                             meta.lease)
-        await self._take(partition, meta.mod_revision, "claimed")
+        await self._take(client, partition, meta.mod_revision, "claimed")
 
     async def _release(self, client: Any, partition: int, to: str | None) -> None:
         epoch = self._active[partition]
         started = time.monotonic()
-        await self._listener.revoking(partition)
-        del self._active[partition]
-        key = claim_key_from(self._prefix, partition)
-        tx = client.transactions
-        await client.transaction(compare=[tx.mod(key) == epoch], success=[tx.delete(key)],
-                                 failure=[])
-        self.view.claims.pop(partition, None)
+        await self._hand_over(partition)
+        await self._drop_claim(client, partition, epoch)
         logger.info("app=%s instance=%s partition %d released to %s (epoch %d, hand-over "
                     "took %.3f s)", self.app, self._instance, partition, to, epoch,
                     time.monotonic() - started)

@@ -1,0 +1,134 @@
+"""An error inside the partition listener (a restore that finds no node answering, a commit that
+fails while handing over) must not kill the instance's etcd session silently: the partition is
+released and taken again with a backoff (the reason logged) until the cause goes away, and a
+hand-over that fails still releases the claim, so the partition moves on. Real etcd, the
+instances in this process (the listener is what the test controls)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from chukcha.bus.app_coordination import AppInstances, read_app
+from chukcha.errors import ClientError
+from chukcha.testing import EtcdServer, run_etcd
+from tests.integration.cluster_helpers import wait_for
+
+# grpc joins a thread when the test's last etcd channel closes.
+pytestmark = [pytest.mark.allow_blocking, pytest.mark.timeout(90)]
+
+CLUSTER, APP = "test", "listener"
+
+
+@pytest.fixture
+async def etcd(tmp_path: Path) -> AsyncIterator[EtcdServer]:
+    async with run_etcd(tmp_path) as server:
+        yield server
+
+
+class Scripted:
+    """A listener whose ``assigned``/``revoking`` fail the first ``fail_*`` times."""
+
+    def __init__(self, *, fail_assigned: int = 0, fail_revoking: int = 0) -> None:
+        self.fail_assigned = fail_assigned
+        self.fail_revoking = fail_revoking
+        self.assigned_epochs: list[tuple[int, int]] = []
+        self.revoked: list[int] = []
+        self.lost_parts: list[int] = []
+
+    async def assigned(self, partition: int, epoch: int) -> None:
+        self.assigned_epochs.append((partition, epoch))
+        if self.fail_assigned:
+            self.fail_assigned -= 1
+            raise ClientError(f"no node answered reading '{APP}.changelog.p{partition:04d}'")
+
+    async def revoking(self, partition: int) -> None:
+        self.revoked.append(partition)
+        if self.fail_revoking:
+            self.fail_revoking -= 1
+            raise ClientError("committing failed: no node answered")
+
+    async def lost(self, partition: int) -> None:
+        self.lost_parts.append(partition)
+
+    async def follow(self, partitions: frozenset[int]) -> None:
+        return
+
+
+async def test_a_failed_assigned_releases_the_claim_and_is_retried(
+        etcd: EtcdServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="chukcha.bus.app_coordination")
+    listener = Scripted(fail_assigned=2)
+    inst = AppInstances((etcd.endpoint,), CLUSTER, APP, "i1", 1, listener=listener,
+                        lease_ttl=2)
+    failed = asyncio.ensure_future(inst.wait_failed())
+    await inst.start()
+    try:
+        async def owned() -> bool:
+            return 0 in inst.owned()
+
+        await wait_for(owned, 30, "partition 0 taken after the listener's errors")
+        assert not failed.done(), "a listener error that goes away must not fail the instance"
+        epochs = [e for _, e in listener.assigned_epochs]
+        assert len(epochs) == 3, listener.assigned_epochs
+        # Each try is a new claim (released after the failure): a new, larger epoch.
+        assert epochs == sorted(set(epochs)), epochs
+        assert inst.owned() == {0: epochs[-1]}
+        view = await read_app((etcd.endpoint,), CLUSTER, APP)
+        assert view.claims[0].epoch == epochs[-1]
+        # The listener cleaned up after each failure, and the log says why.
+        assert listener.lost_parts == [0, 0]
+        assert "no node answered reading 'listener.changelog.p0000'" in caplog.text
+        assert "retrying in" in caplog.text
+    finally:
+        failed.cancel()
+        await inst.stop()
+
+
+async def test_a_failed_hand_over_still_releases_the_partition(etcd: EtcdServer) -> None:
+    first_listener = Scripted(fail_revoking=1)
+    first = AppInstances((etcd.endpoint,), CLUSTER, APP, "a", 2, listener=first_listener,
+                         lease_ttl=2)
+    second_listener = Scripted()
+    second = AppInstances((etcd.endpoint,), CLUSTER, APP, "b", 2, listener=second_listener,
+                          lease_ttl=2)
+    await first.start()
+    try:
+        async def first_owns_both() -> bool:
+            return set(first.owned()) == {0, 1}
+
+        await wait_for(first_owns_both, 30, "the first instance owning both partitions")
+        await second.start()
+
+        async def balanced() -> bool:
+            return len(first.owned()) == 1 and len(second.owned()) == 1
+
+        await wait_for(balanced, 30, "one partition moved to the second instance")
+        moved = next(iter(second.owned()))
+        assert first_listener.revoked == [moved]  # failed, yet released
+        assert first_listener.lost_parts == [moved]  # and cleaned up
+        assert first._task is not None and not first._task.done()  # the session lives on
+    finally:
+        await second.stop()
+        await first.stop()
+
+
+async def test_stop_releases_every_partition_when_a_hand_over_fails(etcd: EtcdServer) -> None:
+    listener = Scripted(fail_revoking=1)
+    inst = AppInstances((etcd.endpoint,), CLUSTER, APP, "a", 3, listener=listener,
+                        lease_ttl=30)
+    await inst.start()
+
+    async def owns_all() -> bool:
+        return set(inst.owned()) == {0, 1, 2}
+
+    await wait_for(owns_all, 30, "the instance owning every partition")
+    await inst.stop()
+    assert listener.revoked == [0, 1, 2]  # the first failed, the others still went on
+    assert inst.owned() == {}
+    view = await read_app((etcd.endpoint,), CLUSTER, APP)
+    assert view.claims == {} and view.members == {}  # the lease was revoked (ttl 30 s)
