@@ -437,6 +437,23 @@ class AppInstances(EtcdWatcher):
             self._renewed.set()
             self._changed.set()
 
+    async def prove(self, give_up: asyncio.Event) -> bool:
+        """True once this instance's lease is proven alive (at once when it is now), False
+        when ``give_up`` is set first: what a partition's owner checks before anything leaves
+        it for the bus as the owner (emits, changelog records), so that an instance paused past
+        its lease (SIGSTOP, a stalled machine) does not send its batch after resuming."""
+        while not self._provable():
+            if give_up.is_set():
+                return False
+            waits = [asyncio.ensure_future(self._renewed.wait()),
+                     asyncio.ensure_future(give_up.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+        return True
+
     def _provable(self) -> bool:
         return self._lease_id is not None and time.monotonic() < self._valid_until - self._margin
 

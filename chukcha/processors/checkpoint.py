@@ -31,7 +31,7 @@ from chukcha.processors.config import ProcessorConfig
 from chukcha.processors.engine import Engine
 from chukcha.state.base import StateStore
 
-__all__ = ["COMMIT_BUCKETS", "Checkpoint", "CheckpointIO"]
+__all__ = ["COMMIT_BUCKETS", "Checkpoint", "CheckpointIO", "OwnershipUnproven"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ class CheckpointIO(Protocol):
         """Ack the input wholly before ``checkpoint.engine.positions`` (durable when called).
         ``force``: even if those positions were acked already (a chunk may have completed)."""
         ...
+
+
+class OwnershipUnproven(Exception):
+    """A partition's owner could not prove its ownership before sending (its lease expired
+    while it was paused) and the partition was stopped: its loop ends quietly."""
 
 
 class Checkpoint:
@@ -89,6 +94,9 @@ class Checkpoint:
         cumulative; the last one: slower than all)."""
         self.commit_seconds_sum = 0.0
         self._progress_at = time.monotonic()
+        self.owner_proof: Callable[[], Awaitable[bool]] | None = None
+        """Set by an instance through etcd: True once its ownership of the partition is
+        proven (at once while its lease is), False once the partition is stopped first."""
 
     async def load(self, *, engine_loaded: bool = False) -> None:
         """Read the partition's dedup index, positions and unsent outbox (after restoring an
@@ -146,7 +154,17 @@ class Checkpoint:
         """Publish the committed changelog records (retried until they are confirmed)."""
         changelog = self.changelog
         if changelog is not None and changelog.unpublished:
+            await self._prove_owner()
             await self.retry(f"changelog publish to {changelog.category!r}", changelog.publish)
+
+    async def _prove_owner(self) -> None:
+        """Before anything leaves as the partition's owner: with an :attr:`owner_proof` (an
+        instance through etcd), wait until the ownership is proven; when it cannot be (the
+        partition is stopped first), raise :class:`OwnershipUnproven`: what was committed stays
+        in the local store, unsent."""
+        if self.owner_proof is not None and not await self.owner_proof():
+            raise OwnershipUnproven(f"app={self.name}: ownership cannot be proven; the "
+                                    "committed batch stays unsent")
 
     async def flush_sinks(self) -> None:
         """Step 1: write the staged sink rows (retried until they succeed)."""
@@ -163,6 +181,7 @@ class Checkpoint:
             await self._publish_changelog()
         engine = self.engine
         for entry in list(engine.outbox):
+            await self._prove_owner()
             await self.retry(f"emit of {len(entry.lines())} events to {entry.category!r}",
                              lambda e=entry: self._io.send(e.category, e.lines()))  # type: ignore[misc]
             engine.outbox_sent(entry)

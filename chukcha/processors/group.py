@@ -65,6 +65,7 @@ from chukcha.client import Client
 from chukcha.client.consumer import Consumer, Position
 from chukcha.errors import AppConfigError
 from chukcha.processors.changelog import changelog_category
+from chukcha.processors.checkpoint import OwnershipUnproven
 from chukcha.processors.follower import FollowBus, Follower, local_copy
 from chukcha.processors.partitions import PartitionSet
 from chukcha.state.base import StateStore
@@ -204,6 +205,9 @@ class GroupMode:
             self._parts.install(checkpoint)
             engine = checkpoint.engine
             stop = self._stops[partition] = asyncio.Event()
+            instances = self._instances
+            if instances is not None:
+                checkpoint.owner_proof = functools.partial(instances.prove, stop)
             tasks: list[asyncio.Task[None]] = []
             for stream in self._streams[partition]:
                 self._parts.stream_partition[stream] = partition
@@ -327,6 +331,10 @@ class GroupMode:
 
     def _on_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
+            return
+        if isinstance(task.exception(), OwnershipUnproven):
+            # Stopped as lost (logged there), not a crash of the app.
+            logger.warning("%s; %s", task.exception(), task.get_name())
             return
         crashed = self._crashed
         if crashed is not None and not crashed.done():
