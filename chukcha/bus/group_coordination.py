@@ -156,6 +156,12 @@ class EtcdGroups(EtcdWatcher):
         raise StaleEpochError(f"{claim.decode()} is not claimed (the ack says epoch {epoch}): "
                               "the sender lost this partition and must stop processing it")
 
+    async def has_claims(self, claims: bytes) -> bool:
+        """Whether any partition claim under the prefix ``claims`` exists now (an app that runs
+        as instances through etcd)."""
+        resp = await self._session_client().get_prefix(claims)
+        return any(True for _ in resp)
+
     async def partitions(self, category: str) -> int:
         """The partition count of ``category`` recorded in etcd (0: none), read now."""
         kv = await self._session_client().get(self._partitions_prefix + category.encode())

@@ -66,7 +66,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from chukcha.bus.app_coordination import claim_key
+from chukcha.bus.app_coordination import app_prefix, claim_key
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import Peer
 from chukcha.bus.coordination import ETCD_ERRORS
@@ -80,7 +80,9 @@ from chukcha.errors import (
     BadRequestError,
     CoordinationError,
     InvalidAckError,
+    StaleEpochError,
 )
+from chukcha.partitioning import parse_partition_category
 from chukcha.protocol import parse_chunk_name, validate_category
 
 __all__ = ["DEFAULT_GROUP", "ConsumerGroups"]
@@ -89,6 +91,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_GROUP: Final = "default"
 """The group of an ack without ``group`` while other groups are registered for the category."""
+CHANGELOG_SUFFIX: Final = ".changelog"
+"""``<app>.changelog.p<NNNN>``: a partition's changelog (``chukcha.processors.changelog``)."""
 
 
 class ConsumerGroups:
@@ -184,6 +188,8 @@ class ConsumerGroups:
         """Apply ``/ack``; see the module docstring (and :meth:`_check_fence`)."""
         if fence is not None:
             await self._check_fence(category, chunk, size, group, fence)
+        elif self._etcd is not None:
+            await self._refuse_unfenced(category, group)
         implicit = group is None
         if group is None:
             if not await self._has_groups(category):
@@ -268,6 +274,36 @@ class ConsumerGroups:
         except ETCD_ERRORS as exc:
             raise CoordinationError(f"etcd did not answer, the epoch of a fenced ack cannot be "
                                     f"checked now; retry ({exc})") from exc
+
+    async def _refuse_unfenced(self, category: str, group: str | None) -> None:
+        """An app that runs as instances through etcd (it holds partition claims) acks only
+        with fences: an unfenced ack as its group (an instance of the same app started without
+        etcd, inside the window before it is noticed) or of one of its changelog categories is
+        refused (409), so it cannot ack away the fenced group's input or the owners' changelog.
+        Decided from etcd when it answers; while it does not, the ack is taken (as group acks
+        are while etcd is down)."""
+        etcd = self._etcd
+        app = group
+        if app is None:
+            parsed = parse_partition_category(category)
+            if parsed is None or not parsed[0].endswith(CHANGELOG_SUFFIX):
+                return
+            app = parsed[0][:-len(CHANGELOG_SUFFIX)]
+        if etcd is None or not app or not etcd.connected:
+            return
+        try:
+            async with asyncio.timeout(INLINE_TIMEOUT):
+                claimed = await etcd.has_claims(app_prefix(etcd.cluster, app) + b"claims/")
+        except ETCD_ERRORS as exc:
+            logger.info("instance=%s category=%s etcd did not answer (%s); taking an unfenced "
+                        "ack without checking the app's claims", self._store.instance,
+                        category, exc)
+            return
+        if claimed:
+            raise StaleEpochError(
+                f"app {app!r} runs as instances through etcd (it holds partition claims): its "
+                f"acks of {category!r} must be fenced (partition, epoch); an instance of it "
+                "outside the etcd group (started without --etcd) must not ack")
 
     async def _has_groups(self, category: str) -> bool:
         """Whether any group is registered for ``category``: this node's view, and with etcd

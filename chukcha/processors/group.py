@@ -80,7 +80,8 @@ __all__ = ["GroupConfig", "GroupMode", "PartitionLoop", "check_group_app",
 logger = logging.getLogger(__name__)
 
 ConsumeLoop = Callable[[str, Consumer, asyncio.Event], Coroutine[Any, Any, None]]
-PartitionLoop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+PartitionLoop = Callable[[asyncio.Event, int], Coroutine[Any, Any, None]]
+"""A loop run while a partition is owned: ``loop(stop, epoch)`` (its acks fenced by it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +223,8 @@ class GroupMode:
                 task.add_done_callback(self._on_done)
                 tasks.append(task)
             for i, loop in enumerate(self._with_partition.get(partition, ())):
-                task = asyncio.create_task(loop(stop), name=f"app-{self.app.name}-p{partition}"
-                                                            f"-loop{i}")
+                task = asyncio.create_task(loop(stop, epoch),
+                                           name=f"app-{self.app.name}-p{partition}-loop{i}")
                 task.add_done_callback(self._on_done)
                 tasks.append(task)
             self._tasks[partition] = tasks

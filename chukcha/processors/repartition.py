@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from chukcha.client.events import split_bodies
 from chukcha.codecs import JSON, splice_id
-from chukcha.errors import ClientError, RemoteNotFoundError
+from chukcha.errors import ClientError, ConsumerError, RemoteNotFoundError
 from chukcha.partitioning import partition_category
 from chukcha.processors.base import default_event_id
 from chukcha.processors.decoding import decode_batch
@@ -220,6 +220,12 @@ class Repartitioner:
             await self.consumer.commit(dict(self._written))
         except ClientError as exc:
             logger.warning("app=%s category=%s repartition ack failed (acked later): %s",
+                           self._app.name, self.source, exc)
+        except ConsumerError as exc:
+            if self.consumer.fence is None:
+                raise
+            # Refused (fenced): partition 0 moved; the hop is being stopped with it.
+            logger.warning("app=%s category=%s repartition ack refused, partition 0 moved: %s",
                            self._app.name, self.source, exc)
 
     async def _write(self, partition: int, lines: list[bytes]) -> None:

@@ -441,12 +441,15 @@ class _Session:
         except BaseExceptionGroup as errors:
             raise_single(errors)
 
-    async def _hop_while_owned(self, source: str, plan: InputPlan, stop: asyncio.Event) -> None:
+    async def _hop_while_owned(self, source: str, plan: InputPlan, stop: asyncio.Event,
+                               epoch: int) -> None:
         """The repartition hop of ``source`` while this instance owns partition 0 (through
-        etcd): until ``stop`` (the partition revoked or lost), its last batch written and
-        acked first."""
+        etcd) at ``epoch``: until ``stop`` (the partition revoked or lost), its last batch
+        written and acked first. Its acks are fenced by partition 0's claim (a node refuses
+        an app's unfenced acks while it holds claims)."""
         consumer = self._client.consumer(source, group=self._group,
-                                         max_batch_bytes=self.config.max_batch_bytes)
+                                         max_batch_bytes=self.config.max_batch_bytes,
+                                         fence=(0, epoch))
         hop = Repartitioner(self.app, self._client, consumer, source=source, target=plan.target,
                             partitions=self.app.partitions, handler=plan.handler)
         logger.info("app=%s repartitioning %s into %s here (this instance owns partition 0)",

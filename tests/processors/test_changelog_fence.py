@@ -18,6 +18,7 @@ import pytest
 
 from chukcha import App, Client
 from chukcha.bus.app_coordination import claim_key
+from chukcha.errors import RequestRejectedError
 from chukcha.processors.busio import BusIO
 from chukcha.processors.changelog import Changelog, changelog_category
 from chukcha.processors.engine import CommitPlan
@@ -123,3 +124,36 @@ async def test_the_owners_snapshot_acks_the_chunks_before_it(
     left = {name for name, _ in await bus.complete_chunks(changelog_category(APP, 0))}
     assert not left & {name for name, _ in before}  # the fenced acks were taken
     assert await restored(tmp_path, "c", bus) == dict(owner.store.scan(b"t/"))
+
+
+async def test_an_app_with_claims_takes_only_fenced_acks(
+    tmp_path: Path, etcd: EtcdServer, bus: BusIO
+) -> None:
+    """An instance of the app outside its etcd group (no fence: started without etcd) acks
+    neither the group's input nor a partition's changelog while the app holds claims."""
+    api, url = bus._client.api, bus.nodes[0]
+    for category in ("orders", changelog_category(APP, 0)):
+        for _ in range(3):
+            await bus.send(category, [b"x" * 3000])
+    await bus._client.register_group("orders", APP)
+    orders = await bus.complete_chunks("orders")
+    changelog = await bus.complete_chunks(changelog_category(APP, 0))
+    assert orders and changelog
+    epoch = await claim(etcd, "a")
+    with pytest.raises(RequestRejectedError, match="must be fenced"):
+        await api.ack(url, "orders", *orders[0], group=APP)
+    with pytest.raises(RequestRejectedError, match="must be fenced"):
+        await api.ack(url, changelog_category(APP, 0), *changelog[0])
+    assert await bus.complete_chunks("orders") == orders  # nothing acked away
+    assert await bus.complete_chunks(changelog_category(APP, 0)) == changelog
+    # The owner's fenced acks are taken.
+    await api.ack(url, "orders", *orders[0], group=APP, fence=(0, epoch))
+    await api.ack(url, changelog_category(APP, 0), *changelog[0], fence=(0, epoch), app=APP)
+    assert orders[0] not in await bus.complete_chunks("orders")
+    assert changelog[0] not in await bus.complete_chunks(changelog_category(APP, 0))
+    # Another app's changelog and groups are not concerned.
+    for _ in range(2):
+        await bus.send("other.changelog.p0000", [b"y" * 3000])
+    other = await bus.complete_chunks("other.changelog.p0000")
+    await api.ack(url, "other.changelog.p0000", *other[0])
+    assert other[0] not in await bus.complete_chunks("other.changelog.p0000")
