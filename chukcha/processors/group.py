@@ -16,16 +16,19 @@ Every instance registers in etcd and claims its share of the app's partitions
   commits, publishes its changelog and acks, then the claim is released; the new owner starts
   only after that.
 - **Lost** ``p`` (the lease could not be renewed in time, or the claim changed): its loops
-  stop once their batch is done; what they still commit is committed locally and its
-  changelog records (and a snapshot, if the commit crosses ``snapshot_every``) are still
-  published at the old epoch. What protects the new owner: readers of the changelog follow
-  the chain of epoch links, so those late records and snapshots are ignored; every ack the
-  lost partition makes, of its input and of its changelog chunks after a snapshot, carries
-  ``(p, epoch)`` and the node refuses it once the claim has another epoch (so nothing of the
-  new owner's input or changelog is deleted); its emits can still reach the bus, with the IDs
-  the new owner derives (the next hop keeps one per ID). The local copy is thrown away when
-  the partition comes back at another epoch (kept, and published, when it comes back at the
-  same one).
+  stop once their batch is done; what they still commit is committed locally. Before each
+  changelog publication and each emit the checkpoint proves the ownership (the lease renewed
+  within its TTL), so a resumed former owner usually sends nothing of that batch; but a
+  process paused between that proof and the send still publishes its records (and a
+  snapshot, if the commit crosses ``snapshot_every``) at the old epoch, and its emits. What
+  protects the new owner then: readers of the changelog follow the chain of epoch links, so
+  those late records and snapshots are ignored; every ack the lost partition makes, of its
+  input and of its changelog chunks after a snapshot, carries ``(p, epoch)`` and the node
+  refuses it once the claim has another epoch (so nothing of the new owner's input or
+  changelog is deleted; a node also refuses unfenced acks of an app that holds claims); its
+  emits carry the IDs the new owner derives (the next hop keeps one per ID). The local copy
+  is thrown away when the partition comes back at another epoch (kept, and published, when it
+  comes back at the same one).
 
 Requirements (checked at start, with a clear error): the changelog is on
 (``ProcessorConfig(changelog=True)``: a partition's state must be on the bus to move).
