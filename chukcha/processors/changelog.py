@@ -40,16 +40,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
-from chukcha.errors import RequestRejectedError
+from chukcha.errors import ClientError, RemoteNotFoundError, RequestRejectedError
 from chukcha.partitioning import partition_category
 from chukcha.processors.engine import CommitPlan
+from chukcha.protocol import ChunkInfo
 from chukcha.state.base import StateStore
 from chukcha.state.changelog import Assembler, Head, Record, encode_record, plan_replay
 
 __all__ = ["HEAD_KEY", "PENDING_PREFIX", "SEQ_KEY", "Changelog", "ChangelogBus",
-           "changelog_category", "head_entries", "read_head"]
+           "NodeReader", "NotEnoughNodes", "QuorumRetry", "changelog_category", "head_entries",
+           "nodes_needed", "read_head"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,61 @@ HEAD_KEY: Final = b"chead"
 """The epoch of the record at ``seq`` and that epoch's link: ``b"<epoch>"`` or
 ``b"<epoch> <link epoch> <link seq>"`` (absent in a store of the previous release)."""
 _RESTORE_BATCH: Final = 200_000  # keys per write batch of a restore
+_READ_BYTES: Final = 4 << 20
+
+
+def nodes_needed(nodes: int, min_sync_replicas: int) -> int:
+    """How many of the app's ``nodes`` must answer a read of a changelog so that every
+    confirmed record is seen: a record confirmed with ``min_sync_replicas`` is on at least
+    ``min_sync_replicas + 1`` nodes, so any ``nodes - min_sync_replicas`` of them hold it
+    (``min_sync_replicas=0``: every node; the last records may be on one node only)."""
+    return max(1, nodes - min_sync_replicas)
+
+
+class NotEnoughNodes(ClientError):
+    """Fewer nodes answered a read of a changelog than a takeover or a restore needs
+    (:func:`nodes_needed`): the missing ones may hold its last confirmed records."""
+
+    def __init__(self, category: str, needed: int, nodes: int,
+                 missing: dict[str, str]) -> None:
+        super().__init__(
+            f"reading {category!r} needs answers from {needed} of the app's {nodes} node(s) "
+            f"(changelog_min_sync_replicas={nodes - needed}) so that no confirmed record is "
+            f"missed; {nodes - len(missing)} answered; missing: "
+            + "; ".join(f"{url} ({why})" for url, why in missing.items()))
+        self.missing = missing
+
+
+class QuorumRetry:
+    """The backoff (``first`` s, doubling up to ``most`` s) and the log lines of a takeover or
+    a restore waiting for enough nodes: a warning when the missing nodes change, and at least
+    every ``every`` s while they stay missing."""
+
+    def __init__(self, what: str, *, first: float = 0.2, most: float = 5.0,
+                 every: float = 30.0) -> None:
+        self._what = what
+        self._delay = first
+        self._most = most
+        self._every = every
+        self._started = time.monotonic()
+        self._logged: tuple[float, frozenset[str]] | None = None
+
+    async def wait(self, exc: NotEnoughNodes) -> None:
+        now = time.monotonic()
+        missing = frozenset(exc.missing)
+        if self._logged is None or self._logged[1] != missing or \
+                now - self._logged[0] >= self._every:
+            logger.warning("%s waits for nodes (%.1f s so far, retrying): %s", self._what,
+                           now - self._started, exc)
+            self._logged = (now, missing)
+        await asyncio.sleep(self._delay)
+        self._delay = min(self._delay * 2, self._most)
+
+    def done(self) -> None:
+        """Log that the nodes answered, if waiting was logged."""
+        if self._logged is not None:
+            logger.info("%s: enough nodes answered after %.1f s", self._what,
+                           time.monotonic() - self._started)
 
 
 def read_head(store: StateStore) -> Head | None:
@@ -98,7 +155,8 @@ class ChangelogBus(Protocol):
         ...
 
     async def read_all(self, category: str) -> list[bytes]:
-        """Every message of ``category`` now on the bus (from every node that answers)."""
+        """Every message of ``category`` now on the bus (from every node that answers; a
+        bus that is also a :class:`NodeReader` is read node by node instead)."""
         ...
 
     async def complete_chunks(self, category: str) -> list[tuple[str, int]]:
@@ -113,11 +171,32 @@ class ChangelogBus(Protocol):
         ...
 
 
+@runtime_checkable
+class NodeReader(Protocol):
+    """A :class:`ChangelogBus` that reads each node on its own (the runner's): a restore
+    through it checks that enough nodes answered (:func:`nodes_needed`)."""
+
+    @property
+    def nodes(self) -> list[str]:
+        """Every node the app knows."""
+        ...
+
+    async def chunks_on(self, url: str, category: str) -> list[ChunkInfo]:
+        """``/listChunks`` of ``category`` on node ``url``."""
+        ...
+
+    async def read_on(self, url: str, category: str, chunk: str, offset: int,
+                      max_size: int) -> bytes:
+        """``/read`` on node ``url``."""
+        ...
+
+
 class Changelog:
     """The changelog of one partition (see the module docstring)."""
 
     def __init__(self, app: str, partition: int, bus: ChangelogBus, *, epoch: int = 0,
-                 snapshot_every: int = 0, fenced: bool = False) -> None:
+                 snapshot_every: int = 0, fenced: bool = False,
+                 min_sync_replicas: int = 0) -> None:
         self.category = changelog_category(app, partition)
         self.partition = partition
         self.epoch = epoch
@@ -127,6 +206,7 @@ class Changelog:
         self.link: tuple[int, int] | None = None
         """The link of this writer's records (set by :meth:`load`)."""
         self._bus = bus
+        self._min_sync_replicas = min_sync_replicas
         self._snapshot_every = snapshot_every
         self._snapshot_seq = 0
         self._store: StateStore | None = None
@@ -152,13 +232,15 @@ class Changelog:
     # --- start ---------------------------------------------------------------------------
 
     async def restore_if_empty(self, store: StateStore) -> None:
-        """Rebuild an empty store from the bus (a store with anything in it is left alone)."""
+        """Rebuild an empty store from the bus (a store with anything in it is left alone).
+        The changelog is read from every node the app knows; until enough of them answer
+        (:func:`nodes_needed`) it waits and retries, logging which nodes are missing: a
+        restore from fewer nodes could miss the last confirmed records, and the next
+        ownership would link its records to an older head (those records lost)."""
         if await asyncio.to_thread(_has_any_key, store):
             return
         started = time.monotonic()
-        assembler = Assembler()
-        for line in await self._bus.read_all(self.category):
-            assembler.add(line)
+        assembler = await self._read_for_restore()
         keys = 0
         merged: dict[bytes, bytes | None] = {}  # None: deleted (later records win)
         head = Head(0, 0)
@@ -183,6 +265,56 @@ class Changelog:
                         self.restored_records, keys, took, keys / max(took, 1e-9),
                         f"; {assembler.incomplete} incomplete record(s) left out"
                         if assembler.incomplete else "")
+
+    async def _read_for_restore(self) -> Assembler:
+        bus = self._bus
+        if not isinstance(bus, NodeReader):  # a stand-in of the tests or benchmarks
+            assembler = Assembler()
+            for line in await bus.read_all(self.category):
+                assembler.add(line)
+            return assembler
+        retry = QuorumRetry(f"category={self.category} restore of partition {self.partition}")
+        while True:
+            try:
+                assembler = await self._read_every_node(bus)
+            except NotEnoughNodes as exc:
+                await retry.wait(exc)
+            else:
+                retry.done()
+                return assembler
+
+    async def _read_every_node(self, bus: NodeReader) -> Assembler:
+        """Every record line of the changelog on every node that answers (a record that has
+        not replicated everywhere yet is still found).
+
+        Raises:
+            NotEnoughNodes: fewer nodes answered than :func:`nodes_needed`.
+        """
+        assembler = Assembler()
+        nodes = bus.nodes
+        missing: dict[str, str] = {}
+        for url in nodes:
+            try:
+                for info in await bus.chunks_on(url, self.category):
+                    off = 0
+                    while True:
+                        try:
+                            data = await bus.read_on(url, self.category, info.name, off,
+                                                           _READ_BYTES)
+                        except RemoteNotFoundError:
+                            break  # acked (deleted) since it was listed: older records only
+                        if not data:
+                            break
+                        off += len(data)
+                        for line in data[:-1].split(b"\n") if data.endswith(b"\n") \
+                                else data.split(b"\n"):
+                            assembler.add(line)
+            except ClientError as exc:
+                missing[url] = str(exc) or type(exc).__name__
+        needed = nodes_needed(len(nodes), self._min_sync_replicas)
+        if len(nodes) - len(missing) < needed:
+            raise NotEnoughNodes(self.category, needed, len(nodes), missing)
+        return assembler
 
     def load(self, store: StateStore) -> None:
         """Read the last ``seq``, the epoch link and the unpublished records (blocking)."""

@@ -40,7 +40,14 @@ from typing import Final, Protocol, TypeVar
 import orjson
 
 from chukcha.errors import ClientError, RemoteNotFoundError
-from chukcha.processors.changelog import PENDING_PREFIX, head_entries, read_head
+from chukcha.processors.changelog import (
+    PENDING_PREFIX,
+    NotEnoughNodes,
+    QuorumRetry,
+    head_entries,
+    nodes_needed,
+    read_head,
+)
 from chukcha.processors.engine import Engine
 from chukcha.protocol import ChunkInfo
 from chukcha.state.base import StateStore
@@ -118,8 +125,10 @@ class Follower:
     ``category`` (see the module docstring). Not safe to use from two tasks at once."""
 
     def __init__(self, category: str, partition: int, store: StateStore, bus: FollowBus, *,
-                 engine: Callable[[], Engine] | None = None) -> None:
+                 engine: Callable[[], Engine] | None = None,
+                 min_sync_replicas: int = 0) -> None:
         self.category = category
+        self._min_sync_replicas = min_sync_replicas
         self._new_engine = engine
         self._engine: Engine | None = None  # loaded, and kept as the store changes (warm)
         self.partition = partition
@@ -137,6 +146,8 @@ class Follower:
         """Records applied (a snapshot counts as one)."""
         self.rebuilds = 0
         """Times the store was emptied and rebuilt (diverged, or behind a snapshot)."""
+        self.missing: dict[str, str] = {}
+        """The nodes that did not answer the last read (url -> why)."""
 
     # --- reading --------------------------------------------------------------------------
 
@@ -165,19 +176,22 @@ class Follower:
                         self.partition, len(self._unconfirmed))
             await self._reset()
 
-    async def poll(self, *, wait: float = 0.0) -> int:
+    async def poll(self, *, wait: float = 0.0, quorum: bool = False) -> int:
         """Read everything new on every node and apply it; when nothing was new and ``wait``
         > 0, first wait up to ``wait`` s on a long-poll read of an open chunk. Returns the
-        number of records applied.
+        number of records applied. ``quorum``: apply nothing unless enough nodes answered to
+        see every confirmed record (:func:`~chukcha.processors.changelog.nodes_needed`).
 
         Raises:
+            NotEnoughNodes: ``quorum`` and too few nodes answered (nothing applied).
             ClientError: no node answered.
         """
         await self._load()
-        got = await self._read_every_node()
-        if self._unconfirmed:
+        got, enough = await self._read_every_node(quorum=quorum)
+        if self._unconfirmed and enough:
+            # Only once enough nodes answered: a pending record may be on a missing one.
             await self._check_unconfirmed()
-            got = await self._read_every_node()
+            got, enough = await self._read_every_node(quorum=quorum)
         if not got and wait > 0:
             got = await self._long_poll(wait)
         if not got and not self._diverged:
@@ -186,12 +200,23 @@ class Follower:
 
     async def catch_up(self) -> int:
         """Apply everything the bus holds now (a new owner: the old one is gone); returns the
-        number of records applied."""
+        number of records applied. Every read needs answers from enough of the app's nodes
+        that every confirmed record is seen (``min_sync_replicas=0``: all of them); until then
+        it waits, retrying with a backoff and logging which nodes are missing: catching up
+        from fewer could miss the last owner's last records, and this owner would link its
+        epoch to an older head (those records, their input acked already, lost)."""
         applied = 0
+        retry = QuorumRetry(f"category={self.category} partition {self.partition}: taking "
+                            f"over")
         while True:
             rebuilds = self.rebuilds
-            applied += await self.poll()
+            try:
+                applied += await self.poll(quorum=True)
+            except NotEnoughNodes as exc:
+                await retry.wait(exc)
+                continue
             if self.rebuilds == rebuilds:
+                retry.done()
                 return applied
             # Rebuilt (emptied): read everything again, until a read changes nothing.
 
@@ -218,27 +243,33 @@ class Follower:
                     on_error(exc)
                 await asyncio.sleep(wait)  # backoff before retrying the nodes
 
-    async def _read_every_node(self) -> int:
-        """Read each chunk's new bytes from every node that answers; returns lines read."""
+    async def _read_every_node(self, *, quorum: bool = False) -> tuple[int, bool]:
+        """Read each chunk's new bytes from every node that answers; returns the lines read
+        and whether enough nodes answered (``quorum``: raise when not)."""
         got = 0
-        answered = 0
-        errors: list[str] = []
+        nodes = self._bus.nodes
+        missing: dict[str, str] = {}
         listed: set[str] = set()
-        for url in self._bus.nodes:
+        for url in nodes:
             try:
                 chunks = await self._bus.chunks_on(url, self.category)
                 for info in chunks:
                     listed.add(info.name)
                     got += await self._read_chunk(url, info.name, info.size)
             except ClientError as exc:
-                errors.append(f"{url}: {exc}")
-                continue
-            answered += 1
-        if not answered:
-            raise ClientError(f"no node answered reading {self.category!r}: {'; '.join(errors)}")
-        for name in [n for n in self._read if n not in listed]:
-            del self._read[name]  # acked (deleted) everywhere: forget it
-        return got
+                missing[url] = str(exc) or type(exc).__name__
+        self.missing = missing
+        if len(missing) == len(nodes):
+            raise ClientError(f"no node answered reading {self.category!r}: "
+                              + "; ".join(f"{u}: {why}" for u, why in missing.items()))
+        if not missing:
+            for name in [n for n in self._read if n not in listed]:
+                del self._read[name]  # acked (deleted) everywhere: forget it
+        needed = nodes_needed(len(nodes), self._min_sync_replicas)
+        enough = len(nodes) - len(missing) >= needed
+        if quorum and not enough:
+            raise NotEnoughNodes(self.category, needed, len(nodes), missing)
+        return got, enough
 
     async def _read_chunk(self, url: str, chunk: str, size: int) -> int:
         off = self._read.get(chunk, 0)

@@ -84,7 +84,8 @@ class PartitionSet:
             name=app.name if len(self._stores) == 1 else f"{app.name}/{partition_dir_name(i)}",
             changelog=Changelog(app.name, i, bus, epoch=epoch,
                                 snapshot_every=app.config.snapshot_every,
-                                fenced=epoch != 0)
+                                fenced=epoch != 0,
+                                min_sync_replicas=app.config.changelog_min_sync_replicas)
             if bus is not None and app.config.changelog else None)
 
     def set_owned(self, owned: Collection[int]) -> None:
