@@ -51,6 +51,7 @@ changelog and is owned by nobody, so every instance runs its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -175,17 +176,19 @@ class GroupMode:
         logger.info("app=%s instance=%s joining through etcd %s cluster=%s", self.app.name,
                     self.instance, ",".join(self.config.etcd), self.config.cluster)
         self._instances = instances
-        await instances.start()
-        waits: list[asyncio.Future[Any]] = [
-            asyncio.ensure_future(stop.wait()), asyncio.ensure_future(instances.wait_failed()),
-            self._crashed]
-        try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
+        # One exit stack: stop = start reversed, each step run even when a later one raised
+        # (no follower or partition loop outlives this call).
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(self.follow, frozenset())  # the standby copies, last
+            stack.push_async_callback(self._stop_remaining)  # what a failed hand-over left
+            await instances.start()
+            stack.push_async_callback(instances.stop)  # revokes (finishes, commits, acks) all
+            waits: list[asyncio.Future[Any]] = [
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(instances.wait_failed()), self._crashed]
             for w in waits[:2]:
-                w.cancel()
-            await instances.stop()  # revokes (finishes, commits, acks) every partition
-            await self.follow(frozenset())
+                stack.callback(w.cancel)
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for w in done:
             if w is not waits[0] and not w.cancelled():
                 raise w.result()
@@ -332,6 +335,16 @@ class GroupMode:
                        self.app.name, self.instance, partition)
 
     # --- helpers -------------------------------------------------------------------------
+
+    async def _stop_remaining(self) -> None:
+        """Stop the loops of any partition still running here (none after an orderly stop:
+        the instances hand every partition over first)."""
+        for p in sorted(set(self._tasks) | set(self._parts.owned)):
+            logger.warning("app=%s instance=%s partition %d still running when leaving: "
+                           "stopped without a hand-over", self.app.name, self.instance, p)
+            await self._stop_loops(p)
+            async with self._lock:
+                await self._close(p)
 
     def _on_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
