@@ -91,3 +91,28 @@ async def test_a_takeover_and_a_restore_wait_for_the_node_with_the_last_records(
         assert items(standby_store) == items(owner_store)
         assert items(empty_store) == items(owner_store)
         assert local_copy(empty_store).head == standby.head
+
+
+async def test_with_min_sync_replicas_a_missing_node_is_not_waited_for(
+        tmp_path: Path, two_nodes: tuple[str, NodeProcess]) -> None:
+    """Records confirmed by ``min_sync_replicas=1`` are on two nodes: of two, one answering
+    is enough (here the records are on node a, the one that answers)."""
+    a_url, b = two_nodes
+    assert b.proc is not None
+    owner_store = LevelDBStore(tmp_path / "owner")
+    async with Client([a_url]) as on_a, Client([a_url, b.url], timeout=1.0) as on_both:
+        owner = Owner(owner_store, bus_of(on_a), epoch=3)
+        for i in range(4):
+            owner.commit({f"t/k{i}".encode(): b"1"})
+        await owner.publish()
+        b.proc.send_signal(signal.SIGSTOP)
+        follower = Follower(changelog_category(APP, 0), 0, LevelDBStore(tmp_path / "f"),
+                            bus_of(on_both), min_sync_replicas=1)
+        restored = LevelDBStore(tmp_path / "r")
+        async with asyncio.timeout(30):
+            assert await follower.catch_up() == 4
+            await Changelog(APP, 0, bus_of(on_both), min_sync_replicas=1).restore_if_empty(
+                restored)
+        assert b.url in follower.missing
+        assert items(restored) == items(owner_store)
+        b.proc.send_signal(signal.SIGCONT)
