@@ -18,7 +18,9 @@ nothing else talks to etcd. Layout under ``chukcha/<cluster>/apps/<app>/``:
   also follows it until ready: the owner hands it over only then (or after
   ``HANDOVER_WAIT`` s), so a rebalance too starts from a warm copy; a partition that loses its
   owner goes to one of its standbys
-  (:func:`chukcha.assignment.assign`), which then only applies the changelog's tail.
+  (:func:`chukcha.assignment.assign`), which then only applies the changelog's tail. That side
+  is :class:`chukcha.bus.app_standbys.Standbys`; the keys as data are
+  :mod:`chukcha.bus.app_view`.
 
 Every instance watches the prefix and computes the same target with
 :func:`chukcha.assignment.assign` (live members, current claims). An instance then *releases*
@@ -58,12 +60,13 @@ import os
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import orjson
 
-from chukcha.assignment import assign, assign_standbys
+from chukcha.assignment import assign
+from chukcha.bus.app_standbys import HANDOVER_WAIT, Standbys, Wakeups
+from chukcha.bus.app_view import AppView, Claim, app_prefix, claim_key, claim_key_from
 from chukcha.bus.config import ETCD_EXTRA_MISSING, etcd_installed, parse_etcd_endpoint
 from chukcha.bus.coordination import DEFAULT_LEASE_TTL, ETCD_ERRORS, EtcdWatcher
 from chukcha.bus.tasks import log_task_crash, run_until_first_ends
@@ -86,99 +89,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _RPC_TIMEOUT: Final = 5
-HANDOVER_WAIT: Final = 60
-"""Seconds an owner (with standbys) waits for the copy of the instance a partition moves to."""
 LISTENER_RETRY_FIRST: Final = 0.5
 """Seconds before a partition whose start failed is claimed again (doubling each failure)."""
 LISTENER_RETRY_MAX: Final = 30.0
 """The longest wait between two tries to start a partition."""
-
-
-def app_prefix(cluster: str, app: str) -> bytes:
-    """The etcd key prefix of ``app`` in ``cluster``."""
-    return f"chukcha/{cluster}/apps/{app}/".encode()
-
-
-def claim_key(cluster: str, app: str, partition: int) -> bytes:
-    """The etcd key of the claim of ``partition``; its ``mod_revision`` is the owner's epoch."""
-    return app_prefix(cluster, app) + f"claims/{partition:04d}".encode()
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """One partition's owner as etcd has it."""
-
-    partition: int
-    owner: str
-    epoch: int
-    lease: int
-
-
-@dataclass(slots=True)
-class AppView:
-    """What etcd holds about one app (a mirror, or one read by :func:`read_app`)."""
-
-    partitions: int | None = None
-    members: dict[str, dict[str, Any]] = field(default_factory=dict)
-    member_leases: dict[str, int] = field(default_factory=dict)
-    claims: dict[int, Claim] = field(default_factory=dict)
-    standbys: dict[int, set[str]] = field(default_factory=dict)
-    """Each partition's standby instances (``standbys/<p>/<instance>`` keys)."""
-    ready: dict[int, set[str]] = field(default_factory=dict)
-    """The standbys whose copy has caught up (their key's value is ``ready``)."""
-
-    def apply(self, prefix: bytes, key: bytes, value: bytes | None, mod_revision: int,
-              lease: int) -> None:
-        """Apply one key (``value`` None: deleted) under ``prefix``."""
-        name = key[len(prefix):].decode(errors="replace")
-        kind, _, rest = name.partition("/")
-        try:
-            if name == "partitions":
-                self.partitions = int(value) if value is not None else None
-            elif kind == "members" and rest:
-                if value is None:
-                    self.members.pop(rest, None)
-                    self.member_leases.pop(rest, None)
-                else:
-                    self.members[validate_instance(rest)] = orjson.loads(value)
-                    self.member_leases[rest] = lease
-            elif kind == "claims" and rest:
-                p = int(rest)
-                if value is None:
-                    self.claims.pop(p, None)
-                else:
-                    self.claims[p] = Claim(p, value.decode(), mod_revision, lease)
-            elif kind == "standbys" and rest:
-                self._apply_standby(rest, value)
-        except (ValueError, orjson.JSONDecodeError):
-            logger.warning("ignoring etcd key %r: not an app member, claim or count", key)
-
-    def _apply_standby(self, rest: str, value: bytes | None) -> None:
-        part, _, who = rest.partition("/")
-        p = int(part)
-        if value is None:
-            self.standbys.get(p, set()).discard(who)
-            if not self.standbys.get(p, True):
-                del self.standbys[p]
-            self.ready.get(p, set()).discard(who)
-            return
-        self.standbys.setdefault(p, set()).add(validate_instance(who))
-        if value == b"ready":
-            self.ready.setdefault(p, set()).add(who)
-        else:
-            self.ready.get(p, set()).discard(who)
-
-    def owners(self) -> dict[int, str]:
-        return {p: c.owner for p, c in self.claims.items()}
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "partitions": self.partitions,
-            "members": sorted(self.members),
-            "claims": {str(p): {"owner": c.owner, "epoch": c.epoch}
-                       for p, c in sorted(self.claims.items())},
-            "standbys": {str(p): sorted(ms) for p, ms in sorted(self.standbys.items()) if ms},
-        }
 
 
 class PartitionListener(Protocol):
@@ -254,13 +168,8 @@ class AppInstances(EtcdWatcher):
         self.app = app
         self.partitions = partitions
         self.standbys = standbys
-        self._following: frozenset[int] = frozenset()  # told to the listener last
-        self._ready: set[int] = set()  # partitions whose copy here has caught up
-        self._handing: dict[int, tuple[str | None, float]] = {}  # waits for a ready copy
         # partition -> (failed starts in a row, not claimed again before, the failed epoch)
         self._retries: dict[int, tuple[int, float, int]] = {}
-        self._wakeups: dict[tuple[str, int], asyncio.TimerHandle] = {}  # reconcile again then
-        self._follow_failed = False
         self._listener: PartitionListener = listener or _NoListener()
         self._ttl = lease_ttl
         self._margin = min(1.0, lease_ttl * 0.2)
@@ -271,6 +180,10 @@ class AppInstances(EtcdWatcher):
         self._valid_until = 0.0  # monotonic time until which our lease is proven alive
         self._active: dict[int, int] = {}  # partition -> epoch handed to the listener
         self._changed = asyncio.Event()
+        self._wakeups = Wakeups(self._changed)  # reconciles due later (retries, hand-overs)
+        self._standby = Standbys(app, self._instance, self._prefix, standbys,
+                                 follow=self._listener.follow, wakeups=self._wakeups,
+                                 changed=self._changed)
         self._renewed = asyncio.Event()
         self._failed: asyncio.Future[BaseException] | None = None
         self._expiry: asyncio.Task[None] | None = None
@@ -318,10 +231,8 @@ class AppInstances(EtcdWatcher):
             expiry.cancel()
             await asyncio.wait([expiry])
         await super().stop()
-        for handle in self._wakeups.values():
-            handle.cancel()
-        self._wakeups.clear()
-        self._handing.clear()
+        self._wakeups.cancel_all()
+        self._standby.forget(())
         async with self._busy:
             for p in sorted(self._active):
                 await self._hand_over(p)
@@ -544,9 +455,7 @@ class AppInstances(EtcdWatcher):
                 logger.warning("app=%s instance=%s partition %d lost (epoch %d): its claim is "
                                "gone or changed", self.app, self._instance, p, epoch)
                 await self._lost(p)
-        for p in set(self._handing) - set(self._active):
-            self._handing.pop(p)
-            self._cancel_wakeup("handover", p)
+        self._standby.forget(self._active)
         if not self._provable():
             return
         for p, epoch in sorted(mine.items()):
@@ -558,102 +467,19 @@ class AppInstances(EtcdWatcher):
         target = assign(self.partitions, view.members, view.owners(), view.standbys)
         for p in sorted(self._active):
             to = target.get(p)
-            if to != self._instance and not self._wait_for_copy(p, to):
+            if to != self._instance and not self._standby.wait_for_copy(view, p, to):
                 await self._release(client, p, to)
         for p in range(self.partitions):
             if (target.get(p) == self._instance and p not in view.claims
                     and time.monotonic() >= self._retries.get(p, (0, 0.0, 0))[1]):
                 await self._claim(client, p)
-        await self._reconcile_standbys(client, target)
-
-    def _wait_for_copy(self, partition: int, to: str | None) -> bool:
-        """Whether to keep ``partition`` a little longer: with standbys, until the instance it
-        moves to says its copy is ready (at most :data:`HANDOVER_WAIT` s)."""
-        if not self.standbys or to is None or to in self.view.ready.get(partition, ()):
-            self._handing.pop(partition, None)
-            self._cancel_wakeup("handover", partition)
-            return False
-        now = time.monotonic()
-        waited_for, since = self._handing.get(partition, (None, now))
-        if waited_for != to:
-            since = now
-            self._handing[partition] = (to, now)
-            self._wake_after("handover", partition, HANDOVER_WAIT)
-            logger.info("app=%s instance=%s partition %d goes to %s once its copy is ready",
-                        self.app, self._instance, partition, to)
-        if now - since < HANDOVER_WAIT:
-            return True
-        logger.warning("app=%s instance=%s partition %d: %s's copy not ready after %d s; "
-                       "handing over anyway", self.app, self._instance, partition, to,
-                       HANDOVER_WAIT)
-        self._handing.pop(partition, None)
-        self._cancel_wakeup("handover", partition)
-        return False
-
-    def _wake_after(self, why: str, partition: int, delay: float) -> None:
-        """Reconcile again in ``delay`` s (one pending wake-up per reason and partition)."""
-        self._cancel_wakeup(why, partition)
-        self._wakeups[why, partition] = asyncio.get_running_loop().call_later(
-            delay, self._woken, why, partition)
-
-    def _woken(self, why: str, partition: int) -> None:
-        self._wakeups.pop((why, partition), None)
-        self._changed.set()
-
-    def _cancel_wakeup(self, why: str, partition: int) -> None:
-        handle = self._wakeups.pop((why, partition), None)
-        if handle is not None:
-            handle.cancel()
+        await self._standby.reconcile(client, view, target, partitions=self.partitions,
+                                      active=self._active, lease=self._lease_id)
 
     def standby_ready(self, partition: int) -> None:
         """This instance's copy of ``partition`` has caught up (the listener says so): its
         standby key says ``ready`` from the next reconcile on."""
-        if partition in self._following and partition not in self._ready:
-            self._ready.add(partition)
-            self._changed.set()
-
-    async def _reconcile_standbys(self, client: Any, target: Mapping[int, str]) -> None:
-        """Put and delete our own standby keys as :func:`assign_standbys` says (and for the
-        partitions about to move here, so that they come warm), then tell the listener what to
-        follow (never a partition it owns)."""
-        view, me = self.view, self._instance
-        want = assign_standbys(self.partitions, view.members, target, self.standbys,
-                               view.standbys) if self.standbys else {}
-        mine = {p for p, ms in want.items() if me in ms}
-        if self.standbys:
-            mine |= {p for p, owner in target.items() if owner == me and p not in self._active
-                     and p in view.claims and view.claims[p].owner != me}
-        self._ready &= mine - set(self._active)
-        for p in sorted(mine):
-            ready = p in self._ready
-            if me not in view.standbys.get(p, ()) or ready != (me in view.ready.get(p, ())):
-                await client.put(self._standby_key(p), b"ready" if ready else b"",
-                                 lease=self._lease_id)
-                view.standbys.setdefault(p, set()).add(me)
-                if ready:
-                    view.ready.setdefault(p, set()).add(me)
-        have = {p for p, ms in view.standbys.items() if me in ms}
-        for p in sorted(have - mine):
-            await client.delete(self._standby_key(p))
-            view.standbys.get(p, set()).discard(me)
-            view.ready.get(p, set()).discard(me)
-        following = frozenset(mine - set(self._active))
-        if following != self._following or self._follow_failed:
-            self._following = following
-            logger.info("app=%s instance=%s standby of partitions %s", self.app,
-                        self._instance, sorted(following))
-            try:
-                await self._listener.follow(following)
-            except Exception:
-                self._follow_failed = True
-                self._wake_after("follow", -1, LISTENER_RETRY_FIRST * 2)
-                logger.exception("app=%s instance=%s following partitions %s failed (retrying)",
-                                 self.app, self._instance, sorted(following))
-            else:
-                self._follow_failed = False
-
-    def _standby_key(self, partition: int) -> bytes:
-        return self._prefix + f"standbys/{partition:04d}/{self._instance}".encode()
+        self._standby.ready(partition)
 
     async def _take(self, client: Any, partition: int, epoch: int, how: str) -> None:
         self._active[partition] = epoch
@@ -666,7 +492,7 @@ class AppInstances(EtcdWatcher):
             error = exc
         if error is None:
             if self._retries.pop(partition, None) is not None:
-                self._cancel_wakeup("retry", partition)
+                self._wakeups.cancel("retry", partition)
                 logger.info("app=%s instance=%s partition %d started after its earlier "
                             "failures", self.app, self._instance, partition)
             return
@@ -680,7 +506,7 @@ class AppInstances(EtcdWatcher):
         if self._active.get(partition) == epoch:
             del self._active[partition]
         await self._lost(partition)
-        self._wake_after("retry", partition, delay)
+        self._wakeups.after("retry", partition, delay)
         await self._drop_claim(client, partition, epoch)
 
     async def _lost(self, partition: int) -> None:
@@ -739,10 +565,6 @@ class AppInstances(EtcdWatcher):
         logger.info("app=%s instance=%s partition %d released to %s (epoch %d, hand-over "
                     "took %.3f s)", self.app, self._instance, partition, to, epoch,
                     time.monotonic() - started)
-
-
-def claim_key_from(prefix: bytes, partition: int) -> bytes:
-    return prefix + f"claims/{partition:04d}".encode()
 
 
 async def read_app(endpoints: tuple[str, ...], cluster: str, app: str) -> AppView:
