@@ -132,3 +132,26 @@ async def test_stop_releases_every_partition_when_a_hand_over_fails(etcd: EtcdSe
     assert inst.owned() == {}
     view = await read_app((etcd.endpoint,), CLUSTER, APP)
     assert view.claims == {} and view.members == {}  # the lease was revoked (ttl 30 s)
+
+
+async def test_a_partition_that_keeps_failing_is_retried_with_backoff_until_stop(
+        etcd: EtcdServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="chukcha.bus.app_coordination")
+    listener = Scripted(fail_assigned=1_000)
+    inst = AppInstances((etcd.endpoint,), CLUSTER, APP, "i1", 1, listener=listener,
+                        lease_ttl=30)
+    await inst.start()
+    try:
+        async def failed_thrice() -> bool:
+            return len(listener.assigned_epochs) >= 3
+
+        await wait_for(failed_thrice, 30, "three tries to start partition 0")
+        assert inst.owned() == {}  # never reported as owned while it cannot start
+        assert "failure 2 in a row" in caplog.text and "retrying in 1.0 s" in caplog.text
+        assert inst._task is not None and not inst._task.done()
+    finally:
+        await inst.stop()
+    # Nothing pending after stop (the retry's wake-up is cancelled), nothing left in etcd.
+    assert not inst._wakeups._handles
+    view = await read_app((etcd.endpoint,), CLUSTER, APP)
+    assert view.claims == {} and view.members == {}
