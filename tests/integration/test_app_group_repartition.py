@@ -79,7 +79,13 @@ async def test_a_plain_input_is_repartitioned_by_partition_0s_owner(
         first = (await claims())[0]
         hop, other = (x, y) if first == "x" else (y, x)
         assert "repartitioning orders" in await asyncio.to_thread(hop.log.read_text)
-        assert "repartitioning orders" not in await asyncio.to_thread(other.log.read_text)
+        # The other instance may have owned partition 0 (and run the hop) while the
+        # partitions settled at start; it must have given the partition up since.
+        other_log = await asyncio.to_thread(other.log.read_text)
+        if "repartitioning orders" in other_log:
+            gave_up = max(other_log.rfind("partition 0 handed over"),
+                          other_log.rfind("partition 0 stopped: ownership lost"))
+            assert other_log.rfind("repartitioning orders") < gave_up, other_log[-3000:]
         assert await hop.kill() == -9
         await send_round()
 
