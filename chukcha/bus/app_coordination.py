@@ -186,7 +186,7 @@ class AppInstances(EtcdWatcher):
                                  changed=self._changed)
         self._renewed = asyncio.Event()
         self._failed: asyncio.Future[BaseException] | None = None
-        self._expiry: asyncio.Task[None] | None = None
+        self._stack: contextlib.AsyncExitStack | None = None  # what stop undoes
         self._busy = asyncio.Lock()  # one reconcile (or stop) at a time
 
     # --- public view ---------------------------------------------------------------------
@@ -215,41 +215,49 @@ class AppInstances(EtcdWatcher):
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start the session (in the background) and the lease expiry watch. Idempotent."""
+        if self._stack is not None:
+            return
+        # One exit stack: stop = start reversed, each step run even when a later one raised.
+        stack = self._stack = contextlib.AsyncExitStack()
+        stack.push_async_callback(self._revoke_lease)  # leave: member key and claims go
+        stack.push_async_callback(self._hand_over_all)
+        stack.callback(self._standby.forget, ())
+        stack.callback(self._wakeups.cancel_all)
         await super().start()
-        if self._expiry is None:
-            self._expiry = asyncio.create_task(self._expiry_loop(),
-                                               name=f"app-lease-{self._instance}")
-            self._expiry.add_done_callback(functools.partial(log_task_crash, what="app lease"))
+        stack.push_async_callback(super().stop)
+        expiry = asyncio.create_task(self._expiry_loop(), name=f"app-lease-{self._instance}")
+        expiry.add_done_callback(functools.partial(log_task_crash, what="app lease"))
+        stack.push_async_callback(_cancel, expiry)
 
     async def stop(self) -> None:
         """Hand every partition over in order (the listener finishes and commits each), then
         leave: revoking the lease deletes the member key and every claim at once. Idempotent."""
-        if self._task is None:
-            return
-        expiry, self._expiry = self._expiry, None
-        if expiry is not None:
-            expiry.cancel()
-            await asyncio.wait([expiry])
-        await super().stop()
-        self._wakeups.cancel_all()
-        self._standby.forget(())
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def _hand_over_all(self) -> None:
         async with self._busy:
             for p in sorted(self._active):
                 await self._hand_over(p)
                 logger.info("app=%s instance=%s partition %d released (stopping)",
                             self.app, self._instance, p)
+
+    async def _revoke_lease(self) -> None:
         lease, self._lease_id = self._lease_id, None
-        if lease is not None:
-            client = self._client()
-            try:
-                async with asyncio.timeout(2):
-                    await client.revoke_lease(lease)
-            except ETCD_ERRORS as exc:
-                logger.info("app=%s instance=%s could not revoke its lease (%s): its claims "
-                            "expire after %d s", self.app, self._instance, exc, self._ttl)
-            finally:
-                with contextlib.suppress(*ETCD_ERRORS):
-                    await client.close()
+        if lease is None:
+            return
+        client = self._client()
+        try:
+            async with asyncio.timeout(2):
+                await client.revoke_lease(lease)
+        except ETCD_ERRORS as exc:
+            logger.info("app=%s instance=%s could not revoke its lease (%s): its claims "
+                        "expire after %d s", self.app, self._instance, exc, self._ttl)
+        finally:
+            with contextlib.suppress(*ETCD_ERRORS):
+                await client.close()
 
     # --- the session ---------------------------------------------------------------------
 
@@ -580,3 +588,8 @@ async def read_app(endpoints: tuple[str, ...], cluster: str, app: str) -> AppVie
         for kv in await client.get_prefix(prefix):
             view.apply(prefix, kv.key, kv.value, kv.mod_revision, kv.lease)
     return view
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.wait([task])
