@@ -260,8 +260,9 @@ class GroupMode:
         # A standby's copy, or one from an earlier ownership here: it may be current, behind
         # (replay only the records after it, if they continue its history) or diverged
         # (rebuild it).
-        follower = standby or Follower(changelog_category(self.app.name, partition),
-                                       partition, store, self._bus)
+        follower = standby or Follower(
+            changelog_category(self.app.name, partition), partition, store, self._bus,
+            min_sync_replicas=self.app.config.changelog_min_sync_replicas)
         rebuilds = follower.rebuilds
         applied = await follower.catch_up()
         await follower.sync()
@@ -288,7 +289,8 @@ class GroupMode:
             timers = bool(self.app.timers) or self.app.key_timer is not None
             follower = Follower(changelog_category(self.app.name, p), p, self._stores[p],
                                 self._bus, engine=None if timers
-                                else functools.partial(self._parts.new_engine, p))
+                                else functools.partial(self._parts.new_engine, p),
+                                min_sync_replicas=self.app.config.changelog_min_sync_replicas)
             task = asyncio.create_task(follower.follow(
                 on_error=functools.partial(self._follow_failed, p),
                 on_ready=functools.partial(self._copy_ready, p)),
