@@ -127,10 +127,7 @@ class EtcdServer:
             await self.proc.wait()
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return base.read_log(self.log_path)
 
 
 @contextlib.asynccontextmanager

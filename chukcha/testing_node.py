@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["NodeProcess", "bind_loopback", "spawn_node", "wait_http_ready"]
+__all__ = ["NodeProcess", "bind_loopback", "read_log", "spawn_node", "wait_http_ready"]
 
 
 def bind_loopback() -> socket.socket:
@@ -68,6 +68,14 @@ async def wait_http_ready(
             raise RuntimeError(f"process exited with {proc.returncode if proc else '?'} "
                                f"before {url} was ready")
         probe_task.result()
+
+
+def read_log(path: Path) -> str:
+    """A child process's log so far (``""`` before it wrote one), for failure messages."""
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 class NodeProcess:
@@ -152,10 +160,7 @@ class NodeProcess:
         self._sock.close()
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
 
 @contextlib.asynccontextmanager

@@ -367,6 +367,19 @@ class PeerLink:
             raise ReplicationError(f"{url}: unexpected answer")
         return {n for n in names if isinstance(n, str)}
 
+    async def _found(self, resp: aiohttp.ClientResponse, category: str, chunk: str,
+                     off: int) -> bool:
+        """A peer's answer to ``/read``: True for 200, False for 404 (the chunk is gone),
+        :class:`ReplicationError` with the peer's reason otherwise."""
+        if resp.status == 404:
+            return False
+        if resp.status != 200:
+            raise ReplicationError(
+                f"read {category}/{chunk}@{off} from {self.peer.instance}: HTTP "
+                f"{resp.status} {(await resp.text())[:200]}"
+            )
+        return True
+
     async def _read(
         self, category: str, chunk: str, off: int, wait: float
     ) -> bytes | None:
@@ -379,13 +392,8 @@ class PeerLink:
             f"{self.peer.url}/read", params=params,
             timeout=aiohttp.ClientTimeout(total=wait + 30),
         ) as resp:
-            if resp.status == 404:
+            if not await self._found(resp, category, chunk, off):
                 return None
-            if resp.status != 200:
-                raise ReplicationError(
-                    f"read {category}/{chunk}@{off} from {self.peer.instance}: HTTP "
-                    f"{resp.status} {(await resp.text())[:200]}"
-                )
             return await resp.read()
 
     async def _download(
@@ -515,13 +523,8 @@ class PeerLink:
         async with self._session.get(
             f"{self.peer.url}/read", params=params, timeout=aiohttp.ClientTimeout(total=60)
         ) as resp:
-            if resp.status == 404:
+            if not await self._found(resp, category, chunk, off):
                 return None
-            if resp.status != 200:
-                raise ReplicationError(
-                    f"read {category}/{chunk}@{off} from {self.peer.instance}: HTTP "
-                    f"{resp.status} {(await resp.text())[:200]}"
-                )
             n = 0
             async for piece in resp.content.iter_any():
                 end = n + len(piece)

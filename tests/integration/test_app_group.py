@@ -100,12 +100,14 @@ class _Reader:
         raise NotImplementedError
 
 
-async def state_on_the_bus(client: Client, base: Path) -> dict[str, Any]:
+async def state_on_the_bus(client: Client, base: Path, *, app: str = APP,
+                           partitions: int = PARTITIONS) -> dict[str, Any]:
+    """The app's table as the bus has it: every partition rebuilt from its changelog."""
     table: dict[str, Any] = {}
-    for p in range(PARTITIONS):
+    for p in range(partitions):
         store = await asyncio.to_thread(LevelDBStore, base / f"rebuilt{p}")
         try:
-            await Changelog(APP, p, _Reader(client)).restore_if_empty(store)
+            await Changelog(app, p, _Reader(client)).restore_if_empty(store)
             table.update(await asyncio.to_thread(read_table, store))
         finally:
             await asyncio.to_thread(store.close)

@@ -22,12 +22,9 @@ import pytest
 
 from chukcha import Client
 from chukcha.partitioning import partition_category, partition_of
-from chukcha.processors.changelog import Changelog
-from chukcha.processors.engine import read_table
-from chukcha.state.leveldb import LevelDBStore
 from chukcha.testing import EtcdServer, run_cluster, run_etcd
 from tests.integration.cluster_helpers import wait_for
-from tests.integration.test_app_group import _Reader
+from tests.integration.test_app_group import state_on_the_bus
 from tests.integration.test_processor_sigkill import Processor, order, read_receipts
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.slow, pytest.mark.allow_blocking]
@@ -45,19 +42,6 @@ async def etcd(tmp_path: Path) -> AsyncIterator[EtcdServer]:
 async def acked_all(client: Client, inputs: list[str]) -> bool:
     listings = [await client.list_chunks(c) for c in inputs]
     return all(not c.complete for listing in listings for c in listing)
-
-
-async def rebuilt(client: Client, base: Path) -> dict[str, Any]:
-    """The app's table as the bus has it: every partition rebuilt from its changelog."""
-    table: dict[str, Any] = {}
-    for p in range(PARTITIONS):
-        store = await asyncio.to_thread(LevelDBStore, base / f"rebuilt{p}")
-        try:
-            await Changelog(APP, p, _Reader(client)).restore_if_empty(store)
-            table.update(await asyncio.to_thread(read_table, store))
-        finally:
-            await asyncio.to_thread(store.close)
-    return table
 
 
 def warm_take_overs(logs: list[Path]) -> int:
@@ -135,7 +119,7 @@ async def test_machine_loss_torture(  # noqa: PLR0915 - one scenario, read top t
                        what="every complete input chunk to be acked")
         for name in sorted(running):
             assert await procs[name].terminate() == 0
-        table = await rebuilt(client, tmp_path)
+        table = await state_on_the_bus(client, tmp_path, app=APP, partitions=PARTITIONS)
         warm = await asyncio.to_thread(warm_take_overs, [p.log for p in procs.values()])
 
     # With standbys some take-overs start from a standby's warm copy (without, none can).
