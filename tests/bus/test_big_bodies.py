@@ -1,5 +1,5 @@
 """Big request bodies on real sockets: over 64 KiB they are received straight into one buffer
-(``chukcha.bus.server._BodyReader``), not through the parser. Both event loops (asyncio's, and
+(``chukcha.bus.body_reader.BodyReader``), not through the parser. Both event loops (asyncio's, and
 uvloop, which the node runs on), plain and TLS: split anywhere, pipelined, with ``Expect:
 100-continue``, a client that leaves or pauses mid-body."""
 

@@ -180,12 +180,12 @@ async def test_an_unhandled_error_is_a_plain_500_with_its_reason_and_logged(
     serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     srv = await serve(LIMITS)
-    with caplog.at_level(logging.ERROR, logger="chukcha.bus.server"):
+    with caplog.at_level(logging.ERROR, logger="chukcha.bus.routing"):
         out = await srv.exchange(_req("/boom", extra=b"Connection: close\r\n"))
     assert out.startswith(b"HTTP/1.1 500 "), out
     assert out.endswith(b"internal error: ZeroDivisionError: the handler divided by zero\n"), out
     assert b"Server got itself in trouble" not in out
-    [record] = [r for r in caplog.records if r.name == "chukcha.bus.server"]
+    [record] = [r for r in caplog.records if r.name == "chukcha.bus.routing"]
     assert record.exc_info is not None and "POST /boom" in record.getMessage()
 
 

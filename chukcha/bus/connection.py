@@ -1,0 +1,607 @@
+"""One client connection of the node's HTTP server (:mod:`chukcha.bus.server`): the
+``asyncio.Protocol`` that feeds llhttp (``httptools``), answers requests in order and enforces
+the :class:`~chukcha.bus.routing.ServerLimits` (timeouts, header and body sizes, the memory
+budget, pipelining depth).
+
+The most common answers are made inside the parser's callback with no task (a route's fast
+path, see :meth:`Router.add_fast_routes <chukcha.bus.routing.Router.add_fast_routes>`); the
+rest run as a task per connection. A big body is received straight into one buffer by a
+:class:`~chukcha.bus.body_reader.BodyReader`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from enum import Enum
+from typing import TYPE_CHECKING, Final, cast
+from urllib.parse import unquote
+
+import httptools
+
+from chukcha.bus.body_reader import BodyReader
+from chukcha.bus.http_wire import empty_ok_head, response_head
+from chukcha.bus.routing import error_response
+from chukcha.bus.web import FastHandler, FileResponse, Headers, Request, Response, StreamResponse
+from chukcha.errors import BodyTooLargeError
+
+if TYPE_CHECKING:  # the server makes its connections; a connection reports back to it
+    from chukcha.bus.server import HttpServer
+
+__all__ = ["Connection", "ConnectionState"]
+
+logger = logging.getLogger(__name__)
+
+_SMALL_BODY: Final = 64 << 10
+"""Bodies and answers up to this size do not count against the memory budget (the connection
+cap bounds them)."""
+_DIRECT_BODY: Final = _SMALL_BODY
+"""A body with a ``Content-Length`` over this is received straight into one buffer of its
+size (:class:`~chukcha.bus.body_reader.BodyReader`), not through the parser's pieces."""
+_FILE_PIECE: Final = 128 << 10
+"""A big answer from a file is read and sent this much at a time."""
+_MAX_PIPELINED: Final = 64
+"""Parsed requests queued on one connection before it stops reading."""
+
+
+class ConnectionState(Enum):
+    IDLE = "idle"  # keep-alive, between requests
+    HEADERS = "headers"  # a request's first byte arrived, its headers did not end yet
+    BODY = "body"  # reading a request body
+    BUSY = "busy"  # the parsed request(s) are being answered
+
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parses requests, answers them in order, enforces the limits."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self._srv = server
+        self._limits = server.limits
+        self._router = server.router
+        # The protocol is made inside the loop. Kept: asyncio.get_running_loop() makes a
+        # getpid() system call each time (one per request was a quarter of them).
+        self._loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.state = ConnectionState.IDLE
+        self._since = 0.0  # when the current state began (the body: the last piece)
+        self.stalled_since = 0.0  # sending: paused since; receiving a big body: last piece
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        # The request being parsed.
+        self._url: bytes | bytearray = b""  # bytes when it came in one piece (mostly)
+        self._headers = Headers()
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._direct: bytearray | None = None  # a big body's buffer (see BodyReader)
+        self._direct_len = 0
+        self._expect_continue = False
+        # Parsed requests waiting for their turn, and the answer in progress.
+        self._pending: deque[Request] = deque()
+        self._busy = False
+        self._reading_paused = False
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._streaming = False
+        self._chunked_out = False
+        self._stream_sized = False
+        self._unreleased: list[Callable[[], None]] = []  # Response.release once sent
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if not self._srv._admit(self):  # noqa: SLF001 - the server's own helper
+            logger.warning("refusing %s: %d connections open (the cap)", self.peer,
+                           len(self._srv.connections))
+            self._closed = True
+            body = b"too many connections, retry later\n"
+            transport.write(self._head(503, b"text/plain; charset=utf-8", len(body), close=True)
+                            + body)
+            transport.close()
+            return
+        transport.set_write_buffer_limits(high=_SMALL_BODY, low=_SMALL_BODY // 4)
+        self._since = self._loop.time()
+        self._timer = self._loop.call_later(self._limits.tick, self._check_timeouts)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._unreleased.clear()  # the buffers are never reused: the transport may hold them
+        # The parser and this protocol refer to each other: drop what they hold now, not at
+        # the next cyclic garbage collection.
+        self._body = []
+        self._direct = None
+        self._pending.clear()
+        self._srv.connections.pop(self, None)
+        self._srv.budget.give_back(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_exception(ConnectionResetError("the client closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self.stalled_since = self._loop.time()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.stalled_since = 0.0
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if self.state is ConnectionState.IDLE:
+            self.state = ConnectionState.HEADERS
+            self._since = self._loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+            return
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"bad request: {exc}")
+            return
+        if self._direct is not None and self.state is ConnectionState.BODY \
+                and self._transport is not None:
+            # The rest of a big body goes straight into its buffer (all of ``data`` was body).
+            self._transport.set_protocol(BodyReader(self, self._direct, self._direct_len))
+
+    def eof_received(self) -> bool:
+        return False  # close our side too (answers in progress are dropped)
+
+    # --- parser callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = Headers()
+        self._header_bytes = 0
+        self._body = []
+        self._body_len = 0
+        self._direct = None
+        self._expect_continue = False
+        if self.state is not ConnectionState.HEADERS:
+            self.state = ConnectionState.HEADERS
+            self._since = self._loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        if not self._url:
+            self._url = url
+        elif isinstance(self._url, bytearray):
+            self._url += url
+        else:  # a second piece: gather in a bytearray (no quadratic copying)
+            self._url = bytearray(self._url) + url
+        self._header_bytes += len(url)
+        if self._header_bytes > self._limits.max_header_size:
+            self._fail(431, "request line and headers are over the limit of "
+                            f"{self._limits.max_header_size} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._limits.max_header_size:
+            self._fail(431, "request line and headers are over the limit of "
+                            f"{self._limits.max_header_size} bytes")
+            return
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        if self._closed:
+            return
+        headers = self._headers
+        length_text = dict.get(headers, "content-length")
+        if length_text is not None and length_text.isdigit():
+            length = int(length_text)
+            if length > self._limits.max_body_size:
+                # Answered now, before reading (or asking for, with 100-continue) the body.
+                self._fail(400, str(BodyTooLargeError(self._limits.max_body_size)))
+                return
+            if length > _SMALL_BODY and not self._srv.budget.try_take(self, length):
+                self._fail(503, "server busy: too much memory is held by slow clients, "
+                                "retry later")
+                return
+            if length > _DIRECT_BODY and dict.get(headers, "transfer-encoding") is None:
+                self._direct = bytearray(length)
+                self._direct_len = 0
+        expect = dict.get(headers, "expect")
+        self._expect_continue = (
+            expect is not None and expect.lower() == "100-continue"
+            and self._parser.get_http_version() == "1.1"
+        )
+        self.state = ConnectionState.BODY
+        self._since = self._loop.time()
+        if self._expect_continue and not self._busy and not self._pending:
+            self._send_continue()
+
+    def on_body(self, body: bytes) -> None:
+        if self._closed:
+            return
+        if self._direct is not None:  # the body's first bytes came with its headers
+            end = self._direct_len + len(body)
+            self._direct[self._direct_len:end] = body
+            self._direct_len = end
+            self._since = self.stalled_since = asyncio.get_running_loop().time()
+            return
+        self._body_len += len(body)
+        if self._body_len > self._limits.max_body_size:
+            self._fail(400, str(BodyTooLargeError(self._limits.max_body_size)))
+            return
+        if self._body_len > _SMALL_BODY and "content-length" not in self._headers:
+            taken = self._srv.budget.held_by(self)
+            if self._body_len > taken and not self._srv.budget.try_take(
+                self, max(_SMALL_BODY, self._body_len - taken)
+            ):
+                self._fail(503, "server busy: too much memory is held by slow clients, "
+                                "retry later")
+                return
+        self._body.append(body)
+        now = self._loop.time()
+        self._since = now
+        if self._body_len > _SMALL_BODY:
+            self.stalled_since = now
+
+    def on_message_complete(self) -> None:
+        if self._closed:
+            return
+        parser = self._parser
+        url = self._url if isinstance(self._url, bytes) else bytes(self._url)
+        path_b, _, query_b = url.partition(b"?")
+        if not path_b.startswith(b"/"):  # absolute form: http://host/path
+            parsed = httptools.parse_url(url)
+            path_b, query_b = parsed.path or b"/", parsed.query or b""
+        path = path_b.decode("latin-1")
+        if "%" in path:
+            path = unquote(path)
+        body: bytes | bytearray
+        if self._direct is not None:
+            body, self._direct = self._direct, None
+        else:
+            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        request = Request(
+            parser.get_method().decode("latin-1"), path, query_b.decode("latin-1"),
+            self._headers, body, version=parser.get_http_version(),
+            keep_alive=parser.should_keep_alive(), remote=self.peer, conn=self,
+        )
+        self._body = []
+        self.stalled_since = 0.0
+        self.state = ConnectionState.BUSY
+        if self._busy:
+            self._pending.append(request)
+            if len(self._pending) >= _MAX_PIPELINED and self._transport is not None:
+                self._transport.pause_reading()
+                self._reading_paused = True
+            return
+        fast = self._router.fast_routes.get(path)
+        if fast is not None and not self._write_paused:
+            # The fast path: answered here, inside the parser's callback, with no task.
+            resp = self._answer_now(request, fast)
+            if resp is not None:
+                if self._srv.budget.used:
+                    self._srv.budget.give_back(self)  # a big body's share, if it had one
+                if self._finish(request, resp):
+                    self.close()
+                else:
+                    self.state = ConnectionState.IDLE
+                    self._since = self._loop.time()
+                return
+        self._busy = True
+        self._srv._spawn(self._loop, self._answer(request))  # noqa: SLF001 - the server's own helper
+
+    def body_received(self) -> None:
+        """A big body is all in its buffer (:class:`BodyReader`): the request is complete.
+
+        The parser still waits for the body it never saw; a new one takes over at the next
+        request (the old one still answers for this request's method, version and keep-alive)."""
+        self.on_message_complete()
+        self._parser = httptools.HttpRequestParser(self)
+        if self._transport is not None and not self._closed:
+            self._transport.set_protocol(self)
+
+    # --- answering -------------------------------------------------------------------------
+
+    async def _answer(self, request: Request | None) -> None:
+        while request is not None and not self._closed:
+            close = await self._answer_one(request)
+            if self._write_paused and not self._closed:
+                await self._wait_drained()
+            self._srv.budget.give_back(self)
+            if close or self._closed:
+                self.close()
+                return
+            request = self._pending.popleft() if self._pending else None
+            if self._reading_paused and len(self._pending) < _MAX_PIPELINED // 2:
+                self._reading_paused = False
+                if self._transport is not None:
+                    self._transport.resume_reading()
+        self._busy = False
+        if self.state is ConnectionState.BUSY:
+            self.state = ConnectionState.IDLE
+            self._since = self._loop.time()
+        elif self.state is ConnectionState.BODY and self._expect_continue:
+            self._send_continue()  # the next request waited for its turn to be asked for
+
+    def _answer_now(self, request: Request, fast: FastHandler) -> StreamResponse | None:
+        """Run the checks and a route's fast path: the answer (observed), or ``None`` when the
+        request needs the route's handler."""
+        observers = self._router.observers
+        t0 = time.perf_counter() if observers else 0.0
+        try:
+            for check in self._router.checks:
+                refused = check(request)
+                if refused is not None:
+                    resp: StreamResponse = refused
+                    break
+            else:
+                answer = fast(request)
+                if answer is None:
+                    return None
+                resp = answer
+        except Exception as exc:  # noqa: BLE001 - the one place errors become answers
+            resp = error_response(exc, request)
+        if observers:
+            seconds = time.perf_counter() - t0
+            for observe in observers:
+                observe(request.path, resp.status, seconds)  # a fast route is a route
+        return resp
+
+    async def _respond(self, request: Request) -> StreamResponse:
+        """Run the checks and the handler: the answer, or the error it became."""
+        try:
+            for check in self._router.checks:
+                resp = check(request)
+                if resp is not None:
+                    return resp
+            handler = self._router.routes.get(request.path) or self._router.fallback
+            if handler is None:
+                return Response(status=404, text="not found\n")
+            return await handler(request)
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place errors become answers
+            if self._closed:  # the client left; nobody to answer
+                logger.debug("%s %s: the client left: %r", request.method, request.path, exc)
+                return Response(status=500)
+            return error_response(exc, request)
+
+    async def _answer_one(self, request: Request) -> bool:
+        """Answer one request. True: close the connection."""
+        if self._unreleased:
+            self._release_sent()
+        fast = self._router.fast_routes.get(request.path)
+        if fast is not None:
+            now = self._answer_now(request, fast)
+            if now is not None:
+                return self._finish(request, now)
+        observers = self._router.observers
+        if observers:
+            t0 = time.perf_counter()
+            resp = await self._respond(request)
+            seconds = time.perf_counter() - t0
+            route = request.path if request.path in self._router.routes else "other"
+            for observe in observers:
+                observe(route, resp.status, seconds)
+        else:
+            resp = await self._respond(request)
+        if self._closed:
+            if isinstance(resp, FileResponse):
+                os.close(resp.fd)
+            return True  # the client left (perhaps while a stream was being written)
+        if not isinstance(resp, Response):
+            if self._streaming:
+                sized_or_chunked = self._chunked_out or self._stream_sized
+                self.end_stream()
+                return not request.keep_alive or not sized_or_chunked
+            resp = Response(status=resp.status, headers=resp.headers)
+        if self._streaming:  # a stream started, then the handler failed: nothing sane to add
+            return True
+        if isinstance(resp, FileResponse):
+            close = resp.close or not request.keep_alive or self._srv._closing  # noqa: SLF001
+            await self._send_file(resp, request, close)
+            return close
+        return self._finish(request, resp)
+
+    def _finish(self, request: Request, resp: StreamResponse) -> bool:
+        """Send a complete answer (a :class:`Response`; anything else is sent as its status
+        and headers). True: close the connection."""
+        if not isinstance(resp, Response):
+            resp = Response(status=resp.status, headers=resp.headers)
+        close = resp.close or not request.keep_alive or self._srv._closing  # noqa: SLF001
+        self._write_response(resp, request, close)
+        return close
+
+    async def _send_file(self, resp: FileResponse, request: Request, close: bool) -> None:
+        """Send a file range piece by piece, each read once the client took the last one."""
+        try:
+            head = self._head(resp.status, b"application/octet-stream", resp.length, close=close,
+                              version=request.version, keep_alive=request.keep_alive)
+            pos, end = resp.offset, resp.offset + resp.length
+            while pos < end and not self._closed and self._transport is not None:
+                want = min(_FILE_PIECE, end - pos)
+                piece = await asyncio.to_thread(os.pread, resp.fd, want, pos)
+                if len(piece) < want:  # acked (truncated) meanwhile: never send wrong bytes
+                    logger.info("%s: chunk shrank while being sent; closing", self.peer)
+                    self.abort()
+                    return
+                if head:
+                    self._transport.writelines((head, piece))
+                    head = b""
+                else:
+                    self._transport.write(piece)
+                pos += want
+                if resp.on_sent is not None:
+                    resp.on_sent(piece)
+                del piece
+                if self._write_paused and pos < end:
+                    await self._wait_drained()
+        except ConnectionError:
+            pass
+        finally:
+            os.close(resp.fd)
+
+    def _write_response(self, resp: Response, request: Request, close: bool) -> None:
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        body = resp.body
+        content_type = resp.content_type
+        if (not body and not content_type and resp.status == 200 and not resp.headers
+                and not close and request.version == "1.1"):
+            transport.write(empty_ok_head())  # a write's answer: built once a second
+            return
+        if resp.headers and any(k.lower() == "content-type" for k in resp.headers):
+            content_type = ""  # set in the headers (aiohttp style): that one wins
+        head = self._head(resp.status, content_type.encode() if content_type else b"",
+                          len(body), close=close, version=request.version,
+                          headers=resp.headers, keep_alive=request.keep_alive)
+        if len(body) <= 16384:
+            transport.write(head + body if body else head)
+        else:
+            transport.writelines((head, body))
+        if resp.release is not None:
+            self._unreleased.append(resp.release)
+            self._release_sent()
+
+    def _release_sent(self) -> None:
+        """Give back the buffers of answers sent (the transport holds no byte of them)."""
+        if self._transport is not None and not self._closed \
+                and self._transport.get_write_buffer_size() == 0:
+            unreleased, self._unreleased = self._unreleased, []
+            for release in unreleased:
+                release()
+
+    _head = staticmethod(response_head)
+
+    def _send_continue(self) -> None:
+        self._expect_continue = False
+        if self._transport is not None and not self._closed:
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    async def _wait_drained(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._drained = loop.create_future()
+        try:
+            await self._drained
+        finally:
+            self._drained = None
+
+    # --- streams (StreamSink) ----------------------------------------------------------
+
+    def start_stream(self, status: int, headers: Mapping[str, str]) -> None:
+        if self._closed or self._transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        self._streaming = True
+        content_type = headers.get("Content-Type", "").encode("latin-1")
+        length = next((v for k, v in headers.items() if k.lower() == "content-length"), None)
+        extra = {k: v for k, v in headers.items()
+                 if k.lower() not in ("content-type", "content-length")}
+        self._stream_sized = length is not None  # the handler writes exactly that many bytes
+        self._chunked_out = not self._stream_sized and self._parser.get_http_version() == "1.1"
+        if self._chunked_out:
+            extra["Transfer-Encoding"] = "chunked"
+        self._transport.write(self._head(
+            status, content_type, int(length) if length is not None else None,
+            close=not (self._chunked_out or self._stream_sized), headers=extra,
+            version=self._parser.get_http_version(),
+        ))
+
+    async def write_stream(self, data: bytes) -> None:
+        if self._closed or self._transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        if data:
+            if self._chunked_out:
+                self._transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            else:
+                self._transport.write(data)
+        if self._write_paused:
+            await self._wait_drained()
+
+    def end_stream(self) -> None:
+        if self._streaming and self._chunked_out and self._transport is not None \
+                and not self._closed:
+            self._transport.write(b"0\r\n\r\n")
+        self._streaming = False
+
+    async def hold_memory(self, n: int) -> None:
+        """Count ``n`` bytes of an answer being built against the memory budget."""
+        if n > _SMALL_BODY:
+            await self._srv.budget.take(self, n)
+
+    # --- limits and closing ------------------------------------------------------------
+
+    def _check_timeouts(self) -> None:
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        limits = self._limits
+        if self._unreleased:
+            self._release_sent()
+        age = now - self._since
+        reason = ""
+        if self._write_paused and self.stalled_since and \
+                now - self.stalled_since > limits.send_timeout:
+            reason = f"took no answer bytes for {limits.send_timeout:g} s"
+        elif self.state is ConnectionState.IDLE and not self._busy \
+                and age > limits.keepalive_timeout:
+            self.close()  # an idle keep-alive connection: nothing to say
+            return
+        elif self.state is ConnectionState.HEADERS and age > limits.header_timeout:
+            reason = f"sent no complete request headers within {limits.header_timeout:g} s"
+        elif self.state is ConnectionState.BODY and age > limits.body_timeout:
+            reason = f"paused for over {limits.body_timeout:g} s inside a request body"
+        if reason:
+            logger.info("closing %s: it %s", self.peer, reason)
+            if self.state in (ConnectionState.HEADERS, ConnectionState.BODY) and not self._busy:
+                self._fail(408, f"request timeout: the client {reason}")
+            else:
+                self.abort()
+            return
+        self._timer = loop.call_later(limits.tick, self._check_timeouts)
+
+    def _fail(self, status: int, reason: str) -> None:
+        """Answer a request that cannot be parsed or accepted, and close the connection."""
+        if self._closed:
+            return
+        logger.debug("%s: %d %s", self.peer, status, reason)
+        transport = self._transport
+        self._closed = True
+        self._direct = None
+        if transport is not None:
+            if not self._busy and not self._streaming:
+                body = f"{reason}\n".encode()
+                transport.write(self._head(status, b"text/plain; charset=utf-8", len(body),
+                                           close=True) + body)
+            transport.close()
+        self._srv.connections.pop(self, None)
+        self._srv.budget.give_back(self)
+
+    def close(self) -> None:
+        self._closed = True
+        self._direct = None
+        if self._transport is not None:
+            self._transport.close()
+        self._srv.connections.pop(self, None)
+
+    def abort(self) -> None:
+        self._closed = True
+        self._unreleased.clear()
+        self._body = []
+        self._direct = None
+        self._pending.clear()
+        if self._transport is not None:
+            self._transport.abort()
+        self._srv.connections.pop(self, None)
+        self._srv.budget.give_back(self)
+
