@@ -21,7 +21,8 @@ The assignment is:
 (never its owner) that follow its changelog; balanced (every instance follows at most
 ``ceil(slots / members)`` partitions when that is possible), sticky (a live standby keeps its
 partitions), and :func:`assign` gives a partition that has lost its owner to one of its
-standbys when one has room, so a failover finds the state already there.
+standbys when one has room, preferring one whose copy is ``ready`` (caught up), then any
+standby, then the normal choice, so a failover finds the state already there.
 
 No I/O, no clock, no randomness: property-tested in ``tests/test_assignment.py``.
 """
@@ -60,20 +61,22 @@ def _live_current(
 
 
 def _shares(partitions: int, held: dict[str, list[int]],
-            warm: Mapping[str, int] | None = None) -> dict[str, int]:
+            warm: Mapping[str, tuple[int, int]] | None = None) -> dict[str, int]:
     """Each member's share: ``q`` or ``q + 1``; the ``+1`` goes to those holding most now (ties:
-    those that are standbys of more partitions without an owner, then by name), which is what
-    keeps the number of moves minimal."""
+    those with a ready copy of more partitions without an owner, then those that are standbys
+    of more of them, then by name), which is what keeps the number of moves minimal."""
     members = list(held)
     q, extra = divmod(partitions, len(members))
     warm = warm or {}
-    by_holdings = sorted(members, key=lambda m: (-len(held[m]), -warm.get(m, 0), m))
+    by_holdings = sorted(members, key=lambda m: (-len(held[m]), *(-n for n in warm.get(m, (0, 0))),
+                                                 m))
     return {m: q + (1 if i < extra else 0) for i, m in enumerate(by_holdings)}
 
 
 def assign(
     partitions: int, members: Iterable[str], current: Mapping[int, str] | None = None,
     standbys: Mapping[int, Collection[str]] | None = None,
+    ready: Mapping[int, Collection[str]] | None = None,
 ) -> dict[int, str]:
     """The owner of each partition.
 
@@ -84,6 +87,9 @@ def assign(
             and partitions out of range are ignored.
         standbys: each partition's standby instances: a partition without a live owner goes
             to one of them if one has room (the rest of the result is unchanged by them).
+        ready: each partition's standbys whose copy has caught up: preferred over the other
+            standbys (the partitions that have one are placed first, so that a standby's room
+            goes to the partition it can take over at once).
 
     Returns:
         ``{partition: instance}`` for every partition, or ``{}`` without members.
@@ -95,11 +101,13 @@ def assign(
         return {}
     held = _live_current(partitions, names, current or {})
     owned = {p for ps in held.values() for p in ps}
-    warm_count: dict[str, int] = {}
-    for p, ms in (standbys or {}).items():
+    standbys, ready = standbys or {}, ready or {}
+    warm_count: dict[str, tuple[int, int]] = {}
+    for p in range(partitions):
         if p not in owned:
-            for m in ms:
-                warm_count[m] = warm_count.get(m, 0) + 1
+            for m in set(standbys.get(p, ())) | set(ready.get(p, ())):
+                r, w = warm_count.get(m, (0, 0))
+                warm_count[m] = (r + (m in ready.get(p, ())), w + 1)
     shares = _shares(partitions, held, warm_count)
     result: dict[int, str] = {}
     room: dict[str, int] = {}
@@ -110,14 +118,18 @@ def assign(
         for p in keep:
             result[p] = m
         room[m] = shares[m] - len(keep)
-    for p in range(partitions):
-        if p in result:
-            continue
-        warm = standbys.get(p, ()) if standbys else ()
-        owner = max((m for m in names if room[m] > 0),
-                    key=lambda m: (m in warm, affinity(m, p), m))
-        result[p] = owner
-        room[owner] -= 1
+    # A partition without a live owner goes to a standby whose copy is ready, else to any
+    # standby, else to whoever has room; partition by partition in each of these passes.
+    for candidates in (ready, standbys, None):
+        for p in range(partitions):
+            if p in result:
+                continue
+            allowed = names if candidates is None else candidates.get(p, ())
+            free = [m for m in allowed if room.get(m, 0) > 0]
+            if free:
+                owner = max(free, key=lambda m: (affinity(m, p), m))
+                result[p] = owner
+                room[owner] -= 1
     return result
 
 

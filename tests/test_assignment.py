@@ -169,3 +169,47 @@ def test_a_partition_that_lost_its_owner_goes_to_its_standby() -> None:
     both_b = {**standbys, 0: ["b"], 1: ["b"]}
     result = assign(6, ["b", "c"], owners, both_b)
     assert Counter(result.values()) == {"b": 3, "c": 3}
+
+
+def test_a_lost_partition_prefers_a_ready_standby_then_any_standby() -> None:
+    owners = {0: "a", 1: "b", 2: "c"}
+    both = {0: ["b", "c"]}
+    # a is gone; b and c follow partition 0, only one copy is caught up: that one takes it,
+    # whichever name sorts first (the share's +1 goes to it too).
+    for ready in ("b", "c"):
+        result = assign(3, ["b", "c"], owners, both, {0: [ready]})
+        assert result[0] == ready, (ready, result)
+    # No copy ready: still a standby rather than an instance without a copy.
+    assert assign(4, ["b", "c", "d"], {**owners, 3: "d"}, {0: ["c"]}, {})[0] == "c"
+    # No live standby: the normal assignment.
+    plain = assign(3, ["b", "c"], owners)
+    assert assign(3, ["b", "c"], owners, {0: ["x"]}, {0: ["x"]}) == plain
+
+
+def test_ready_standbys_are_served_first() -> None:
+    # a held 0 and 1 and is gone; b follows both, ready for 1 only, and has room for one: it
+    # takes 1 (a caught-up copy) and c takes 0, where taking the partitions in order would have
+    # given b partition 0 (its copy still catching up) and c partition 1 (b's ready copy unused).
+    owners = {0: "a", 1: "a", 2: "b", 3: "c"}
+    result = assign(4, ["b", "c"], owners, {0: ["b"], 1: ["b"]}, {1: ["b"]})
+    assert result == {0: "c", 1: "b", 2: "b", 3: "c"}
+
+
+@given(situations(), st.data())
+def test_ready_standbys_do_not_change_the_shares_after_a_loss(
+    s: tuple[int, list[str], dict[int, str]], data: st.DataObject,
+) -> None:
+    partitions, members, current = s
+    if len(members) < 2:
+        return
+    owners = assign(partitions, members, current)
+    standbys = assign_standbys(partitions, members, owners, 2)
+    ready = {p: [m for m in ms if data.draw(st.booleans())] for p, ms in standbys.items()}
+    gone = data.draw(st.sampled_from(members))
+    rest = [m for m in members if m != gone]
+    after = assign(partitions, rest, owners, standbys, ready)
+    plain = assign(partitions, rest, owners)
+    assert sorted(Counter(after.values()).values()) == sorted(Counter(plain.values()).values())
+    assert {p for p in range(partitions) if after[p] != owners[p]} == {
+        p for p, o in owners.items() if o == gone}
+    assert assign(partitions, rest, after, standbys, ready) == after  # a fixed point

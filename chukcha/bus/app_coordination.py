@@ -17,7 +17,7 @@ nothing else talks to etcd. Layout under ``chukcha/<cluster>/apps/<app>/``:
   owner, balanced, sticky), and, with standbys, the instance a partition is about to move to
   also follows it until ready: the owner hands it over only then (or after
   ``HANDOVER_WAIT`` s), so a rebalance too starts from a warm copy; a partition that loses its
-  owner goes to one of its standbys
+  owner goes to one of its standbys, a ``ready`` one first
   (:func:`chukcha.assignment.assign`), which then only applies the changelog's tail. That side
   is :class:`chukcha.bus.app_standbys.Standbys`; the keys as data are
   :mod:`chukcha.bus.app_view`.
@@ -472,7 +472,8 @@ class AppInstances(EtcdWatcher):
                     await self._drop_claim(client, p, epoch)  # its start failed: never resumed
                 else:
                     await self._take(client, p, epoch, "resumed")
-        target = assign(self.partitions, view.members, view.owners(), view.standbys)
+        target = assign(self.partitions, view.members, view.owners(), view.standbys,
+                        view.ready)
         for p in sorted(self._active):
             to = target.get(p)
             if to != self._instance and not self._standby.wait_for_copy(view, p, to):

@@ -39,10 +39,10 @@ class Member:
     """``tests.integration.app_member`` as a subprocess."""
 
     def __init__(self, tmp_path: Path, etcd: str, instance: str, *, ttl: int = 2,
-                 partitions: int = PARTITIONS) -> None:
+                 partitions: int = PARTITIONS, extra: tuple[str, ...] = ()) -> None:
         self.instance = instance
         self.args = ["--etcd", etcd, "--cluster", CLUSTER, "--app", APP, "--instance", instance,
-                     "--partitions", str(partitions), "--ttl", str(ttl)]
+                     "--partitions", str(partitions), "--ttl", str(ttl), *extra]
         self.log = tmp_path / f"member-{instance}.log"
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -86,7 +86,7 @@ class Member:
 async def members(tmp_path: Path, etcd: EtcdServer) -> AsyncIterator[Callable[..., Member]]:
     made: list[Member] = []
 
-    def make(instance: str, **kw: int) -> Member:
+    def make(instance: str, **kw: Any) -> Member:
         m = Member(tmp_path, etcd.endpoint, instance, **kw)
         made.append(m)
         return m
