@@ -5,12 +5,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:  # a connection hands itself over while a big body arrives, then takes back
     from chukcha.bus.connection import Connection
 
 __all__ = ["BodyReader"]
+
+_NO_BUFFER: Final = bytearray()
 
 
 class BodyReader(asyncio.BufferedProtocol):
@@ -40,9 +42,12 @@ class BodyReader(asyncio.BufferedProtocol):
             return
         self._filled += nbytes
         conn._direct_len = self._filled  # noqa: SLF001
-        conn._since = conn.stalled_since = asyncio.get_running_loop().time()  # noqa: SLF001
+        conn._since = conn.stalled_since = conn._loop.time()  # noqa: SLF001
         if self._filled >= len(self._buf):
             self._view.release()
+            # The transport may keep this protocol's methods until its next switch: let go of
+            # the buffer now, so that it can be reused once the request is answered.
+            self._buf = _NO_BUFFER
             conn.body_received()
 
     def eof_received(self) -> bool:

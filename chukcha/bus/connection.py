@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -212,7 +213,7 @@ class Connection(asyncio.Protocol):
                                 "retry later")
                 return
             if length > _DIRECT_BODY and dict.get(headers, "transfer-encoding") is None:
-                self._direct = bytearray(length)
+                self._direct = self._srv.budget.body_buffer(length)
                 self._direct_len = 0
         expect = dict.get(headers, "expect")
         self._expect_continue = (
@@ -229,9 +230,11 @@ class Connection(asyncio.Protocol):
             return
         if self._direct is not None:  # the body's first bytes came with its headers
             end = self._direct_len + len(body)
-            self._direct[self._direct_len:end] = body
+            # Through a memoryview: a bytearray's slice assignment from bytes copies them first.
+            with memoryview(self._direct) as view:
+                view[self._direct_len:end] = body
             self._direct_len = end
-            self._since = self.stalled_since = asyncio.get_running_loop().time()
+            self._since = self.stalled_since = self._loop.time()
             return
         self._body_len += len(body)
         if self._body_len > self._limits.max_body_size:
@@ -316,6 +319,8 @@ class Connection(asyncio.Protocol):
             if self._write_paused and not self._closed:
                 await self._wait_drained()
             self._srv.budget.give_back(self)
+            if type(request.body) is bytearray:
+                self._recycle_body(request)
             if close or self._closed:
                 self.close()
                 return
@@ -330,6 +335,17 @@ class Connection(asyncio.Protocol):
             self._since = self._loop.time()
         elif self.state is ConnectionState.BODY and self._expect_continue:
             self._send_continue()  # the next request waited for its turn to be asked for
+
+    def _recycle_body(self, request: Request) -> None:
+        """Give an answered request's big-body buffer back for reuse, unless anything else still
+        refers to the request or to its body (a handler that kept either keeps the buffer)."""
+        body = request.body
+        # The references when nothing else holds them: the caller's ``request`` and this
+        # parameter (3 with getrefcount's argument); ``request.body`` and ``body`` (3 too).
+        if (len(body) > _DIRECT_BODY and sys.getrefcount(request) <= 3
+                and sys.getrefcount(body) <= 3 and isinstance(body, bytearray)):
+            request.body = b""
+            self._srv.budget.recycle(body)
 
     def _answer_now(self, request: Request, fast: FastHandler) -> StreamResponse | None:
         """Run the checks and a route's fast path: the answer (observed), or ``None`` when the

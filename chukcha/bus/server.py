@@ -33,7 +33,7 @@ import logging
 import socket
 from collections.abc import Coroutine
 from ssl import SSLContext
-from typing import Any
+from typing import Any, Final
 
 from chukcha.bus.connection import Connection, ConnectionState
 from chukcha.bus.routing import Observer, Router, ServerLimits, error_response
@@ -45,22 +45,70 @@ __all__ = ["HttpServer", "MemoryBudget", "Observer", "Router", "ServerLimits", "
 logger = logging.getLogger(__name__)
 
 
+_POOL_BUFFERS: Final = 8
+_POOL_BYTES: Final = 8 << 20
+"""Idle big-body buffers kept for reuse: at most this many, and this many bytes
+(:meth:`MemoryBudget.body_buffer`)."""
+
+
 class MemoryBudget:
-    """Bytes held for slow clients, across connections (see ``ServerLimits.memory_budget``)."""
+    """Bytes held for slow clients, across connections (see ``ServerLimits.memory_budget``),
+    and the few big-body buffers kept for reuse (:meth:`body_buffer`): those count against it
+    too and are the first thing given up when it is short."""
 
     def __init__(self, capacity: int, stall_grace: float) -> None:
         self.capacity = capacity
         self.used = 0
         self.peak = 0
+        self.pooled = 0  # bytes of the idle buffers kept for reuse
+        self.reused = 0  # bodies received into a reused buffer (tests look)
+        self._pool: list[bytearray] = []
         self._grace = stall_grace
         self._held: dict[Connection, int] = {}
         self._released: asyncio.Event | None = None
+
+    def body_buffer(self, n: int) -> bytearray:
+        """A buffer of exactly ``n`` bytes for a big body: an idle one when one fits without
+        reallocation, else a new one.
+
+        Why: a new buffer of a body's size was fresh memory every time (glibc gives big blocks
+        back to the OS when they are freed): its page faults and zeroing were ~15 % of the
+        node's CPU on bulk writes. Nothing of an earlier body is ever seen: the buffer is cut
+        to or grown into ``n`` bytes, and a body is handed on only once all ``n`` arrived."""
+        pool = self._pool
+        for i, buf in enumerate(pool):
+            # In place: a bytearray keeps its allocation when cut to half of it or more, and
+            # grows into it.
+            if len(buf) // 2 <= n < buf.__alloc__():
+                del pool[i]
+                self.pooled -= len(buf)
+                if len(buf) > n:
+                    del buf[n:]
+                elif len(buf) < n:
+                    buf.extend(bytes(n - len(buf)))
+                self.reused += 1
+                return buf
+        return bytearray(n)
+
+    def recycle(self, buf: bytearray) -> None:
+        """Keep ``buf``, which nothing refers to any more, for a later body (within bounds,
+        and only while the budget has room for it)."""
+        if len(buf) > _POOL_BYTES or self.used + self.pooled + len(buf) > self.capacity:
+            return
+        pool = self._pool
+        while pool and (len(pool) >= _POOL_BUFFERS or self.pooled + len(buf) > _POOL_BYTES):
+            self.pooled -= len(pool.pop(0))  # the oldest goes
+        pool.append(buf)
+        self.pooled += len(buf)
 
     def held_by(self, conn: Connection) -> int:
         return self._held.get(conn, 0)
 
     def try_take(self, conn: Connection, n: int) -> bool:
         """Take ``n`` bytes for ``conn`` now, closing long-stalled holders if needed."""
+        if self.pooled and self.used + self.pooled + n > self.capacity:
+            self._pool.clear()  # idle buffers go first
+            self.pooled = 0
         if self.used + n > self.capacity and self.used > 0:
             self._evict(self.used + n - self.capacity, keep=conn)
             if self.used + n > self.capacity and self.used > 0:

@@ -289,3 +289,113 @@ async def test_concurrent_big_reads_from_reused_buffers_are_exact(tmp_path: Path
 
         answers = await asyncio.gather(*(read_all(w) for w in (None, None, None, 4096)))
         assert all(a == expected for a in answers)
+
+
+async def _post(address: tuple[str, int], body: bytes, path: bytes = b"/echo") -> bytes:
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(_req(body).replace(b"/echo", path, 1))
+        status, answer = await _response(reader)
+        assert status == 200, answer[:200]
+        return answer
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_reused_buffer_never_shows_another_requests_bytes(loop: str) -> None:
+    # Big bodies are received into buffers reused from earlier requests (cut to or grown into
+    # their size): each handler sees exactly its own body, never a byte of an earlier one,
+    # whether a body is the same size, shorter, longer, or on another connection.
+    rnd = random.Random(11)  # noqa: S311 - reproducible test data
+    sizes = [300_000, 300_000, 200_000, 290_000, 160_000, 100_000, 1 << 20, 600_000, 1 << 20]
+    bodies = [rnd.randbytes(n) for n in sizes]
+
+    async def main() -> None:
+        async with _served() as (server, echo, address):
+            for body in bodies:  # one connection, one request at a time
+                await _exchange(address, [body], [], False)
+            reused = server.budget.reused
+            assert reused >= 5, reused  # the test proves nothing if nothing was reused
+            for body in bodies[::-1]:  # a new connection each
+                assert await _post(address, body) == _expected(body)
+            # Several at once, cut anywhere: every one gets its own bytes.
+            await asyncio.gather(*(_exchange(address, bodies[i:i + 3], [70_000 * i + 1], False)
+                                   for i in range(0, len(bodies), 3)))
+            assert server.budget.reused > reused
+            assert echo.calls == 3 * len(bodies)
+
+    _run(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_handler_that_keeps_a_body_keeps_its_buffer(loop: str) -> None:
+    # A handler may keep a request or its body after answering: that buffer is never reused,
+    # so what it kept still holds its own bytes after other requests were received.
+    kept_bodies: list[bytes | bytearray] = []
+    kept_requests: list[web.Request] = []
+
+    async def keep_body(request: web.Request) -> web.StreamResponse:
+        kept_bodies.append(request.body)
+        return web.Response()
+
+    async def keep_request(request: web.Request) -> web.StreamResponse:
+        kept_requests.append(request)
+        return web.Response()
+
+    async def main() -> None:
+        router = Router()
+        router.add_routes({"/echo": _Echo(), "/body": keep_body, "/request": keep_request})
+        server = HttpServer(router, LIMITS)
+        sock = bind_loopback()
+        sock.listen(16)
+        await server.start(sock)
+        address = sock.getsockname()[:2]
+        try:
+            sent = [bytes([65 + i]) * 200_000 for i in range(6)]
+            for i, body in enumerate(sent):
+                await _post(address, body, b"/body" if i % 2 else b"/request")
+                assert server.budget.pooled == 0  # nothing of theirs was kept for reuse
+                for _ in range(2):  # bodies that are reused, same size
+                    await _post(address, b"z" * 200_000)
+            assert server.budget.reused >= 4
+            assert [bytes(b) for b in kept_bodies] == sent[1::2]
+            assert [bytes(r.body) for r in kept_requests] == sent[0::2]
+        finally:
+            await server.stop(1.0)
+
+    _run(loop, main())
+
+
+def test_reused_buffers_are_bounded_and_given_up_when_the_budget_is_short() -> None:
+    # The idle buffers kept for reuse count against the memory budget: there are few of them
+    # (8 at most), and clients that stall holding bodies take their place in the budget, so
+    # idle buffers and held bodies together never pass it.
+    limits = replace(LIMITS, max_body_size=1 << 20, memory_budget=4 << 20, stall_grace=30.0)
+
+    async def main() -> None:
+        async with _served(limits) as (server, _, address):
+            budget = server.budget
+            await asyncio.gather(*(_post(address, b"p" * 100_000) for _ in range(20)))
+            assert 0 < budget.pooled <= 8 * 100_000
+            stalled: list[asyncio.StreamWriter] = []
+            try:
+                for _ in range(4):  # four of 1 MiB: with idle buffers, over the 4 MiB budget
+                    _, writer = await asyncio.open_connection(*address)
+                    writer.write(_req(b"s" * (1 << 20))[:300_000])
+                    await writer.drain()
+                    stalled.append(writer)
+                    held = len(stalled) << 20
+                    await wait_for(_true(lambda: budget.used >= held), 10,  # noqa: B023 - awaited here
+                                   "the body to be taken from the budget")
+                    assert budget.used + budget.pooled <= budget.capacity
+                assert budget.pooled == 0  # given up for the stalled bodies
+                assert await _post(address, b"q" * 1000) == b"bytes " + b"q" * 1000
+                assert budget.used + budget.pooled <= budget.capacity
+            finally:
+                for writer in stalled:
+                    writer.close()
+            await wait_for(_true(lambda: budget.used == 0), 10, "the budget given back")
+            assert budget.used + budget.pooled <= budget.capacity
+
+    uvloop.run(main())
