@@ -44,7 +44,9 @@ An error of the listener never ends the session: a partition whose :meth:`~Parti
 assigned` fails (a restore that finds no node answering...) is cleaned up
 (:meth:`~PartitionListener.lost`), its claim released, and claimed again (a new epoch) after a
 backoff of ``LISTENER_RETRY_FIRST`` s doubling up to ``LISTENER_RETRY_MAX`` s, each failure
-logged with its reason, for as long as it fails; a :meth:`~PartitionListener.revoking` that fails
+logged with its reason, for as long as it fails, shown meanwhile by a
+``failing/<partition:04d>/<instance>`` key (:mod:`chukcha.bus.app_retries`); a
+:meth:`~PartitionListener.revoking` that fails a :meth:`~PartitionListener.revoking` that fails
 is logged, cleaned up the same way and the claim released anyway (as after a crash, the next
 owner starts from what the bus holds). Any other error of the session fails the instance
 (:meth:`AppInstances.wait_failed`) instead of leaving it registered and idle.
@@ -65,6 +67,12 @@ from typing import Any, Final, Protocol
 import orjson
 
 from chukcha.assignment import assign
+from chukcha.bus.app_retries import (
+    FAILING_ADVICE,
+    LISTENER_RETRY_FIRST,
+    LISTENER_RETRY_MAX,
+    Retries,
+)
 from chukcha.bus.app_standbys import HANDOVER_WAIT, Standbys, Wakeups
 from chukcha.bus.app_view import AppView, Claim, app_prefix, claim_key, claim_key_from
 from chukcha.bus.config import ETCD_EXTRA_MISSING, etcd_installed, parse_etcd_endpoint
@@ -74,6 +82,7 @@ from chukcha.errors import AppConfigError, CoordinationError, InstanceTakenOverE
 from chukcha.protocol import validate_instance
 
 __all__ = [
+    "FAILING_ADVICE",
     "HANDOVER_WAIT",
     "LISTENER_RETRY_FIRST",
     "LISTENER_RETRY_MAX",
@@ -89,12 +98,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _RPC_TIMEOUT: Final = 5
-LISTENER_RETRY_FIRST: Final = 0.5
-"""Seconds before a partition whose start failed is claimed again (doubling each failure)."""
-LISTENER_RETRY_MAX: Final = 30.0
-"""The longest wait between two tries to start a partition."""
-
-
 class PartitionListener(Protocol):
     """What an instance does when it gains or gives up a partition."""
 
@@ -168,8 +171,6 @@ class AppInstances(EtcdWatcher):
         self.app = app
         self.partitions = partitions
         self.standbys = standbys
-        # partition -> (failed starts in a row, not claimed again before, the failed epoch)
-        self._retries: dict[int, tuple[int, float, int]] = {}
         self._listener: PartitionListener = listener or _NoListener()
         self._ttl = lease_ttl
         self._margin = min(1.0, lease_ttl * 0.2)
@@ -181,6 +182,7 @@ class AppInstances(EtcdWatcher):
         self._active: dict[int, int] = {}  # partition -> epoch handed to the listener
         self._changed = asyncio.Event()
         self._wakeups = Wakeups(self._changed)  # reconciles due later (retries, hand-overs)
+        self._retries = Retries(app, self._instance, self._prefix, self._wakeups)
         self._standby = Standbys(app, self._instance, self._prefix, standbys,
                                  follow=self._listener.follow, wakeups=self._wakeups,
                                  changed=self._changed)
@@ -468,19 +470,20 @@ class AppInstances(EtcdWatcher):
             return
         for p, epoch in sorted(mine.items()):
             if p not in self._active:
-                if self._retries.get(p, (0, 0.0, 0))[2] == epoch:
+                if self._retries.failed_epoch(p) == epoch:
                     await self._drop_claim(client, p, epoch)  # its start failed: never resumed
                 else:
                     await self._take(client, p, epoch, "resumed")
         target = assign(self.partitions, view.members, view.owners(), view.standbys,
                         view.ready)
+        await self._retries.forget_others(client, target, self._active)
         for p in sorted(self._active):
             to = target.get(p)
             if to != self._instance and not self._standby.wait_for_copy(view, p, to):
                 await self._release(client, p, to)
         for p in range(self.partitions):
             if (target.get(p) == self._instance and p not in view.claims
-                    and time.monotonic() >= self._retries.get(p, (0, 0.0, 0))[1]):
+                    and self._retries.due(p)):
                 await self._claim(client, p)
         await self._standby.reconcile(client, view, target, partitions=self.partitions,
                                       active=self._active, lease=self._lease_id)
@@ -500,23 +503,14 @@ class AppInstances(EtcdWatcher):
         except Exception as exc:  # noqa: BLE001 - the listener's error: retried, logged below
             error = exc
         if error is None:
-            if self._retries.pop(partition, None) is not None:
-                self._wakeups.cancel("retry", partition)
-                logger.info("app=%s instance=%s partition %d started after its earlier "
-                            "failures", self.app, self._instance, partition)
+            await self._retries.started(client, partition)
             return
-        failures = self._retries.get(partition, (0, 0.0, 0))[0] + 1
-        delay = min(LISTENER_RETRY_FIRST * 2 ** (failures - 1), LISTENER_RETRY_MAX)
-        self._retries[partition] = (failures, time.monotonic() + delay, epoch)
-        logger.error("app=%s instance=%s partition %d could not start (epoch %d, failure %d in "
-                     "a row): %s: %s; releasing it, retrying in %.1f s", self.app,
-                     self._instance, partition, epoch, failures, type(error).__name__, error,
-                     delay, exc_info=error if failures == 1 else None)
+        self._retries.failed(partition, epoch, error)
         if self._active.get(partition) == epoch:
             del self._active[partition]
         await self._lost(partition)
-        self._wakeups.after("retry", partition, delay)
         await self._drop_claim(client, partition, epoch)
+        await self._retries.publish(client, partition, self._lease_id)
 
     async def _lost(self, partition: int) -> None:
         """:meth:`PartitionListener.lost`, whose errors are logged (it only cleans up)."""

@@ -12,7 +12,7 @@ import orjson
 
 from chukcha.protocol import validate_instance
 
-__all__ = ["AppView", "Claim", "app_prefix", "claim_key", "claim_key_from"]
+__all__ = ["AppView", "Claim", "app_prefix", "claim_key", "claim_key_from", "failing_key_from"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class AppView:
     """Each partition's standby instances (``standbys/<p>/<instance>`` keys)."""
     ready: dict[int, set[str]] = field(default_factory=dict)
     """The standbys whose copy has caught up (their key's value is ``ready``)."""
+    failing: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """Partitions that failed to start on an instance and are being retried there
+    (``failing/<p>/<instance>`` keys): partition -> instance -> ``{"failures": n, "since":
+    unix time of the first failure in a row, "error": "Type: message"}``."""
 
     def apply(self, prefix: bytes, key: bytes, value: bytes | None, mod_revision: int,
               lease: int) -> None:
@@ -73,8 +77,11 @@ class AppView:
                     self.claims[p] = Claim(p, value.decode(), mod_revision, lease)
             elif kind == "standbys" and rest:
                 self._apply_standby(rest, value)
-        except (ValueError, orjson.JSONDecodeError):
-            logger.warning("ignoring etcd key %r: not an app member, claim or count", key)
+            elif kind == "failing" and rest:
+                self._apply_failing(rest, value)
+        except (ValueError, TypeError):
+            logger.warning("ignoring etcd key %r: not an app member, claim, standby, failure "
+                           "or count", key)
 
     def _apply_standby(self, rest: str, value: bytes | None) -> None:
         part, _, who = rest.partition("/")
@@ -91,6 +98,19 @@ class AppView:
         else:
             self.ready.get(p, set()).discard(who)
 
+    def _apply_failing(self, rest: str, value: bytes | None) -> None:
+        part, _, who = rest.partition("/")
+        p = int(part)
+        if value is None:
+            self.failing.get(p, {}).pop(who, None)
+            if not self.failing.get(p, True):
+                del self.failing[p]
+            return
+        info = orjson.loads(value)
+        if not isinstance(info, dict):
+            raise TypeError("not a JSON object")
+        self.failing.setdefault(p, {})[validate_instance(who)] = info
+
     def owners(self) -> dict[int, str]:
         return {p: c.owner for p, c in self.claims.items()}
 
@@ -101,8 +121,15 @@ class AppView:
             "claims": {str(p): {"owner": c.owner, "epoch": c.epoch}
                        for p, c in sorted(self.claims.items())},
             "standbys": {str(p): sorted(ms) for p, ms in sorted(self.standbys.items()) if ms},
+            "failing": {str(p): dict(sorted(f.items()))
+                        for p, f in sorted(self.failing.items()) if f},
         }
 
 
 def claim_key_from(prefix: bytes, partition: int) -> bytes:
     return prefix + f"claims/{partition:04d}".encode()
+
+
+def failing_key_from(prefix: bytes, partition: int, instance: str) -> bytes:
+    """The key saying ``partition`` failed to start on ``instance`` (and is retried there)."""
+    return prefix + f"failing/{partition:04d}/{instance}".encode()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from typing import Any
 
 import orjson
@@ -30,8 +31,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "app", help="show an app's instances, partitions and lag",
         description="`chukcha app status NAME` shows the instances of app NAME and the "
-                    "partitions each owns with their epochs (from etcd, with --etcd and "
-                    "--cluster), and the lag of the app's consumer groups (NAME, and "
+                    "partitions each owns with their epochs and standbys, and the partitions "
+                    "that fail to start and why (from etcd, with --etcd and --cluster), and "
+                    "the lag of the app's consumer groups (NAME, and "
                     "NAME.<I>of<N> for a static split) from the first node that answers: "
                     "chunks not acknowledged yet, their bytes, the oldest message's age. "
                     "For a stopped app (its state is locked while it runs): `chukcha app "
@@ -80,6 +82,8 @@ async def _status(args: argparse.Namespace) -> int:
                                      "standbys": sorted(view.standbys.get(p, ())),
                                      "standbys_ready": sorted(view.ready.get(p, ()))}
                             for p, c in sorted(view.claims.items())}
+        result["failing"] = {str(p): [{"instance": m, **info} for m, info in sorted(f.items())]
+                             for p, f in sorted(view.failing.items()) if f}
     own_groups = re.compile(rf"{re.escape(name)}(\.\d+of\d+)?")
     async with connect(args) as client:
         lags = await group_lags(client, None)
@@ -90,6 +94,15 @@ async def _status(args: argparse.Namespace) -> int:
         return 0
     _print(result, args)
     return 0
+
+
+def _failing(f: dict[str, Any]) -> str:
+    try:
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(f["since"])))
+    except (KeyError, TypeError, ValueError, OverflowError):
+        since = "?"
+    return (f"{f.get('failures')} failure(s) in a row since {since}: {f.get('error')} "
+            "(retried with a backoff; that instance's log says more)")
 
 
 def _print(result: dict[str, Any], args: argparse.Namespace) -> None:
@@ -112,6 +125,9 @@ def _print(result: dict[str, Any], args: argparse.Namespace) -> None:
             unowned = (result["partitions"] or 0) - len(result["claims"])
             if unowned > 0:
                 print(f"{unowned} partition(s) have no owner now")
+            for p, failures in result["failing"].items():
+                for f in failures:
+                    print(f"partition {p} cannot start on {f['instance']}: {_failing(f)}")
     if result["lag"]:
         print(format_table([("CATEGORY", "GROUP", "UNACKED", "BYTES", "OLDEST"), *(
             (lag["category"], lag["group"], *lag_cells(lag)) for lag in result["lag"])]))

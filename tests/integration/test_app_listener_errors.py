@@ -1,7 +1,8 @@
 """An error inside the partition listener (a restore that finds no node answering, a commit that
 fails while handing over) must not kill the instance's etcd session silently: the partition is
-released and taken again with a backoff (the reason logged) until the cause goes away, and a
-hand-over that fails still releases the claim, so the partition moves on. Real etcd, the
+released and taken again with a backoff (the reason logged) until the cause goes away, shown
+by ``chukcha app status`` meanwhile, and a hand-over that fails still releases the claim, so
+the partition moves on. Real etcd, the
 instances in this process (the listener is what the test controls)."""
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from chukcha.bus.app_coordination import AppInstances, read_app
 from chukcha.errors import ClientError
-from chukcha.testing import EtcdServer, run_etcd
+from chukcha.testing import EtcdServer, run_etcd, run_node
 from tests.integration.cluster_helpers import wait_for
+from tests.integration.test_app_instances import chukcha_cli
 
 # grpc joins a thread when the test's last etcd channel closes.
 pytestmark = [pytest.mark.allow_blocking, pytest.mark.timeout(90)]
@@ -61,7 +65,7 @@ class Scripted:
 
 async def test_a_failed_assigned_releases_the_claim_and_is_retried(
         etcd: EtcdServer, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="chukcha.bus.app_coordination")
+    caplog.set_level(logging.INFO, logger="chukcha.bus")
     listener = Scripted(fail_assigned=2)
     inst = AppInstances((etcd.endpoint,), CLUSTER, APP, "i1", 1, listener=listener,
                         lease_ttl=2)
@@ -136,7 +140,7 @@ async def test_stop_releases_every_partition_when_a_hand_over_fails(etcd: EtcdSe
 
 async def test_a_partition_that_keeps_failing_is_retried_with_backoff_until_stop(
         etcd: EtcdServer, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="chukcha.bus.app_coordination")
+    caplog.set_level(logging.INFO, logger="chukcha.bus")
     listener = Scripted(fail_assigned=1_000)
     inst = AppInstances((etcd.endpoint,), CLUSTER, APP, "i1", 1, listener=listener,
                         lease_ttl=30)
@@ -155,3 +159,62 @@ async def test_a_partition_that_keeps_failing_is_retried_with_backoff_until_stop
     assert not inst._wakeups._handles
     view = await read_app((etcd.endpoint,), CLUSTER, APP)
     assert view.claims == {} and view.members == {}
+
+
+async def test_a_partition_that_keeps_failing_is_shown_by_app_status_until_it_starts(
+        tmp_path: Path, etcd: EtcdServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="chukcha.bus")
+    listener = Scripted(fail_assigned=1_000)
+    inst = AppInstances((etcd.endpoint,), CLUSTER, APP, "i1", 2, listener=listener,
+                        lease_ttl=30)
+    await inst.start()
+    try:
+        async with run_node(tmp_path / "data") as node:
+            status = ("app", "status", APP, "--etcd", etcd.endpoint, "--cluster", CLUSTER,
+                      "--node", node.url)
+
+            async def failed_thrice() -> bool:
+                tries = [p for p, _ in listener.assigned_epochs]
+                return tries.count(0) >= 3 and tries.count(1) >= 3
+
+            await wait_for(failed_thrice, 30, "three tries to start each partition")
+            failing: dict[str, Any] = {}
+
+            async def shown() -> bool:
+                nonlocal failing
+                code, out = await chukcha_cli(*status, "--json")
+                assert code == 0, out
+                failing = orjson.loads(out).get("failing", {})
+                return set(failing) == {"0", "1"} and all(
+                    f[0]["failures"] >= 3 for f in failing.values())
+
+            await wait_for(shown, 30, "app status to show both partitions failing")
+            (f0,) = failing["0"]
+            assert f0["instance"] == "i1"
+            assert f0["error"] == (
+                "ClientError: no node answered reading 'listener.changelog.p0000'")
+            assert isinstance(f0["since"], float)
+            code, text = await chukcha_cli(*status)
+            assert code == 0, text
+            assert "partition 0 cannot start on i1" in text, text
+            assert "no node answered reading 'listener.changelog.p0000'" in text
+            # The log says what to do, not only what failed.
+            assert "failure 3 in a row" in caplog.text
+            assert "stays unprocessed" in caplog.text and "app status" in caplog.text
+
+            listener.fail_assigned = 0  # the cause goes away: both start, nothing shown
+
+            async def both_owned() -> bool:
+                return set(inst.owned()) == {0, 1}
+
+            await wait_for(both_owned, 60, "both partitions started")
+
+            async def cleared() -> bool:
+                code, out = await chukcha_cli(*status, "--json")
+                return code == 0 and not orjson.loads(out).get("failing")
+
+            await wait_for(cleared, 30, "app status to show no failing partition")
+            code, text = await chukcha_cli(*status)
+            assert "cannot start" not in text
+    finally:
+        await inst.stop()
