@@ -92,6 +92,7 @@ __all__ = [
     "PartitionListener",
     "app_prefix",
     "claim_key",
+    "etcd_cluster_id",
     "read_app",
 ]
 
@@ -583,6 +584,29 @@ async def read_app(endpoints: tuple[str, ...], cluster: str, app: str) -> AppVie
         for kv in await client.get_prefix(prefix):
             view.apply(prefix, kv.key, kv.value, kv.mod_revision, kv.lease)
     return view
+
+
+async def etcd_cluster_id(endpoints: tuple[str, ...]) -> str:
+    """The ID of the etcd cluster at ``endpoints`` (16 hex digits; the first that answers):
+    what tells two etcd clusters apart when their instances use the same ``--cluster`` name.
+    Raises :class:`CoordinationError` when none answers."""
+    if not etcd_installed():
+        raise CoordinationError(ETCD_EXTRA_MISSING)
+    import aetcd  # noqa: PLC0415 - an optional extra (chukcha[etcd])
+
+    errors: list[str] = []
+    for endpoint in endpoints:
+        host, port = parse_etcd_endpoint(endpoint)
+        try:
+            async with asyncio.timeout(_RPC_TIMEOUT), \
+                    aetcd.Client(host, port, timeout=_RPC_TIMEOUT) as client:
+                # Any answer's header names the cluster; this range is empty.
+                resp = await client.get_prefix(b"chukcha/.cluster-id/")
+        except (*ETCD_ERRORS, TimeoutError) as exc:
+            errors.append(f"{endpoint}: {exc!r}")
+            continue
+        return f"{resp.header.cluster_id:016x}"
+    raise CoordinationError(f"no etcd endpoint answered: {'; '.join(errors)}")
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

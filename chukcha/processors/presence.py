@@ -28,9 +28,14 @@ looks only at the last :data:`TAIL_BYTES` of the newest chunks, and complete chu
 the newest complete one are acked away.
 
 **Instances through etcd** (``--etcd``) coordinate their partitions there, and heartbeat here
-too, with ``"etcd": "<cluster>"``: so an instance run without etcd and one through etcd of the
-same app detect each other (an etcd instance may own any partition, so they always overlap),
-and so do instances of two etcd clusters; instances of one cluster never refuse each other.
+too, with ``"etcd": "<cluster>"`` and ``"etcd_id": "<the etcd cluster's ID>"``: so an instance
+run without etcd and one through etcd of the same app detect each other (an etcd instance may
+own any partition, so they always overlap), and so do instances of two clusters: two
+``--cluster`` names, or one name on two etcd clusters (two groups that would each share the
+partitions out in their own etcd). Instances of one cluster never refuse each other; a
+heartbeat without ``etcd_id`` (an older release) is taken as the same etcd cluster. An instance
+through etcd learns the ID (``identify``) before its first check, retrying while etcd does not
+answer.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -49,7 +55,7 @@ from typing import Any, Final
 import orjson
 
 from chukcha.client import Client
-from chukcha.errors import ClientError, DuplicateInstanceError
+from chukcha.errors import ClientError, CoordinationError, DuplicateInstanceError
 from chukcha.processors.split import StaticSplit
 
 __all__ = ["DETECTION_WINDOW", "HEARTBEAT_INTERVAL", "TAIL_BYTES", "Heartbeat", "Presence",
@@ -85,7 +91,9 @@ class Heartbeat:
     time: float
     left: bool = False
     etcd: str = ""
-    """The etcd cluster of an instance run through etcd (empty: run without etcd)."""
+    """The cluster name (``--cluster``) of an instance run through etcd (empty: without)."""
+    etcd_id: str = ""
+    """The ID of that instance's etcd cluster (empty: without etcd, or an older release)."""
 
     def encode(self) -> bytes:
         fields: dict[str, Any] = {
@@ -93,6 +101,8 @@ class Heartbeat:
             "index": self.index, "count": self.count, "time": self.time, "left": self.left}
         if self.etcd:
             fields["etcd"] = self.etcd
+        if self.etcd_id:
+            fields["etcd_id"] = self.etcd_id
         return orjson.dumps(fields)
 
     @classmethod
@@ -102,13 +112,14 @@ class Heartbeat:
             d: Any = orjson.loads(line)
             return cls(str(d["run"]), str(d["host"]), int(d["pid"]), str(d["state_dir"]),
                        int(d["index"]), int(d["count"]), float(d["time"]), bool(d["left"]),
-                       str(d.get("etcd") or ""))
+                       str(d.get("etcd") or ""), str(d.get("etcd_id") or ""))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
 
     def where(self) -> str:
         split = f" instance {self.index} of {self.count}" if self.count > 1 else ""
-        mode = f" through etcd (cluster {self.etcd})" if self.etcd else " without etcd"
+        etcd_id = f", etcd cluster id {self.etcd_id}" if self.etcd_id else ""
+        mode = f" through etcd (cluster {self.etcd}{etcd_id})" if self.etcd else " without etcd"
         return f"host {self.host} pid {self.pid} state dir {self.state_dir}{split}{mode}"
 
 
@@ -116,10 +127,15 @@ class Presence:
     """This run's heartbeats and the checks for another live instance of the app."""
 
     def __init__(self, app: str, partitions: int, state_dir: Path, split: StaticSplit,
-                 client: Client, *, etcd: str = "") -> None:
-        """``etcd``: the cluster of an instance run through etcd (empty: without etcd)."""
+                 client: Client, *, etcd: str = "",
+                 identify: Callable[[], Awaitable[str]] | None = None) -> None:
+        """``etcd``: the cluster name of an instance run through etcd (empty: without etcd);
+        ``identify``: returns its etcd cluster's ID (raising :class:`CoordinationError` while
+        etcd does not answer), asked once before the first check."""
         self.app = app
         self._etcd = etcd
+        self._etcd_id = ""
+        self._identify = identify
         self.category = instances_category(app)
         self._partitions = partitions
         self._split = split
@@ -132,13 +148,15 @@ class Presence:
 
     def _beat(self, *, left: bool = False) -> Heartbeat:
         return Heartbeat(self._run, self._host, os.getpid(), self._state_dir, self._split.index,
-                         self._split.count, time.time(), left, self._etcd)
+                         self._split.count, time.time(), left, self._etcd, self._etcd_id)
 
     def _overlaps(self, other: Heartbeat) -> bool:
         if self._etcd or other.etcd:
             # Through etcd an instance may own any partition: it overlaps anything but the
-            # instances of its own cluster, which share the partitions out through etcd.
-            return self._etcd != other.etcd
+            # instances of its own cluster, which share the partitions out through etcd: the
+            # same name in the same etcd cluster (a heartbeat without the ID: an older release).
+            return self._etcd != other.etcd or bool(
+                self._etcd_id and other.etcd_id and self._etcd_id != other.etcd_id)
         if other.count < 1 or not 0 <= other.index < other.count:
             return True  # malformed: be safe
         theirs = StaticSplit(other.index, other.count)
@@ -175,6 +193,10 @@ class Presence:
         if self._etcd and not other.etcd:
             return ("Stop it (it runs without etcd), or restart it through etcd (--etcd URL "
                     f"--cluster {self._etcd}) to share the partitions with this one")
+        if self._etcd and self._etcd == other.etcd:
+            return (f"Instances of one app must use one etcd cluster: this one's is "
+                    f"{self._etcd_id} (cluster name {self._etcd}), the other's "
+                    f"{other.etcd_id}; give them the same --etcd endpoints, or stop one of them")
         if self._etcd:
             return (f"Instances of one app must use one etcd cluster (this one: "
                     f"{self._etcd}); stop one of them")
@@ -204,11 +226,13 @@ class Presence:
         self._state_dir = str(await asyncio.to_thread(self._path.resolve))
         while True:
             try:
+                if self._identify is not None and not self._etcd_id:
+                    self._etcd_id = await self._identify()
                 await self.check()
                 await self.announce()
                 await self.check()
                 break
-            except ClientError as exc:
+            except (ClientError, CoordinationError) as exc:
                 logger.warning("app=%s cannot check for another instance yet (%s); trying "
                                "again in %gs", self.app, exc, delay)
             with contextlib.suppress(TimeoutError):

@@ -28,6 +28,7 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from chukcha.bus.app_coordination import etcd_cluster_id
 from chukcha.client import Client
 from chukcha.client.consumer import Batch, Consumer, Position
 from chukcha.errors import ClientError
@@ -131,7 +132,9 @@ class Runner:
                 # meet an instance run without etcd (or through another cluster).
                 presence = Presence(
                     app.name, app.partitions, app.state_dir, split, client,
-                    etcd=self.group.cluster if self.group is not None else "")
+                    etcd=self.group.cluster if self.group is not None else "",
+                    identify=functools.partial(etcd_cluster_id, self.group.etcd)
+                    if self.group is not None else None)
                 await presence.start(stop, retry_initial=app.config.retry_initial,
                                      retry_max=app.config.retry_max)
                 try:

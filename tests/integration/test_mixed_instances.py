@@ -2,7 +2,9 @@
 bus detect each other through the heartbeats in ``<app>.instances`` and the one that comes
 second is refused with a clear error and exit code 1 (either way round); the one running is
 left alone; a running instance through etcd that sees a plain one's heartbeat stops. Instances
-through etcd of one cluster do not refuse each other."""
+through etcd of one cluster do not refuse each other; two groups with the same ``--cluster``
+name on two different etcd clusters (two real etcd servers) do: the heartbeats carry the etcd
+cluster's ID."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from chukcha import Client
+from chukcha.bus.app_coordination import etcd_cluster_id
 from chukcha.processors.presence import Heartbeat, instances_category
 from chukcha.testing import EtcdServer, run_cluster, run_etcd
 from tests.integration.test_duplicate_instance import refused
@@ -27,6 +30,49 @@ TARGET = "tests.processors.changelog_app:app"  # app "billing", 4 partitions, ch
 async def etcd(tmp_path: Path) -> AsyncIterator[EtcdServer]:
     async with run_etcd(tmp_path) as server:
         yield server
+
+
+@pytest.fixture
+async def other_etcd(tmp_path: Path) -> AsyncIterator[EtcdServer]:
+    (tmp_path / "other").mkdir()
+    async with run_etcd(tmp_path / "other") as server:
+        yield server
+
+
+async def test_one_cluster_name_on_two_etcd_clusters_is_refused(
+    tmp_path: Path, etcd: EtcdServer, other_etcd: EtcdServer
+) -> None:
+    first_id = await etcd_cluster_id((etcd.endpoint,))
+    second_id = await etcd_cluster_id((other_etcd.endpoint,))
+    assert first_id != second_id  # two etcd clusters, not two members of one
+    async with run_cluster(tmp_path / "cluster", ("a", "b"), etcd=etcd.endpoint) as cluster, \
+            Client(cluster.urls) as client:
+        await client.create_partitions("orders", 4)
+
+        def through(server: EtcdServer, name: str) -> Processor:
+            p = Processor(cluster, tmp_path / f"state-{name}", tmp_path / f"{name}.log", TARGET)
+            p.cmd += ["--etcd", server.endpoint, "--cluster", "test", "--instance", name,
+                      "--lease-ttl", "2"]
+            return p
+
+        x = through(etcd, "x")
+        await x.start()
+        await x.wait_ready()
+        y = through(other_etcd, "y")  # the same --cluster name, another etcd cluster
+        await y.start()
+        log = await refused(y)
+        assert y.instances_up == 0  # never got to processing
+        assert "another instance is running" in log
+        assert f"etcd cluster id {first_id}" in log and second_id in log, log[-3000:]
+        assert "one etcd cluster" in log
+        assert x.proc is not None and x.proc.returncode is None  # left alone
+        # Another instance on x's etcd cluster is not refused.
+        x2 = through(etcd, "x2")
+        await x2.start()
+        await x2.wait_ready()
+        for p in (x, x2):
+            assert p.proc is not None and p.proc.returncode is None
+            assert await p.terminate() == 0
 
 
 async def test_an_etcd_instance_and_a_plain_one_refuse_each_other(
@@ -52,7 +98,8 @@ async def test_an_etcd_instance_and_a_plain_one_refuse_each_other(
         await plain.start()
         log = await refused(plain)
         assert plain.instances_up == 0  # never got to processing
-        assert "another instance is running" in log and "through etcd (cluster test)" in log
+        assert "another instance is running" in log
+        assert "through etcd (cluster test, etcd cluster id" in log
         assert "--etcd" in log
         for p in (x, x2):
             assert p.proc is not None and p.proc.returncode is None  # left alone

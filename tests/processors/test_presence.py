@@ -13,7 +13,7 @@ import pytest
 
 from chukcha import Client
 from chukcha.bus.node import Node
-from chukcha.errors import DuplicateInstanceError
+from chukcha.errors import CoordinationError, DuplicateInstanceError
 from chukcha.processors.presence import (
     DETECTION_WINDOW,
     Heartbeat,
@@ -95,3 +95,45 @@ async def test_etcd_instances_meet_plain_ones_and_other_clusters_but_not_their_o
         await client.send(CATEGORY, [beat("/plain", host="h2")])
         with pytest.raises(DuplicateInstanceError, match=r"without etcd.*restart it through"):
             await start_etcd("e4", "prod")
+
+
+async def test_one_cluster_name_in_two_etcd_clusters_is_refused_older_heartbeats_are_not(
+    node: Node, tmp_path: Path
+) -> None:
+    async with Client([node.url]) as client:
+        await client.send(CATEGORY, [Heartbeat("r-e", "h1", 88, "/etcd1", 0, 1, time.time(),
+                                               etcd="prod", etcd_id="00000000000000aa").encode()])
+        answers = ["etcd down", "00000000000000aa"]
+
+        async def identify() -> str:  # etcd answers on the second try
+            answer = answers.pop(0)
+            if answer == "etcd down":
+                raise CoordinationError("no etcd endpoint answered")
+            return answer
+
+        async def start_etcd(name: str, etcd_id: str | None = None) -> None:
+            async def fixed() -> str:
+                assert etcd_id is not None
+                return etcd_id
+
+            await Presence("shop", 4, tmp_path / name, ALONE, client, etcd="prod",
+                           identify=identify if etcd_id is None else fixed,
+                           ).start(asyncio.Event(), retry_initial=0.01)
+
+        await start_etcd("same")  # the same etcd cluster, found after a retry
+        assert answers == []
+        with pytest.raises(DuplicateInstanceError,
+                           match=r"cluster prod, etcd cluster id 00000000000000aa.*this one's "
+                                 r"is 00000000000000bb .*the same --etcd endpoints"):
+            await start_etcd("other", "00000000000000bb")
+        # A heartbeat without the ID (an older release) is taken as the same etcd cluster.
+        same = str(await asyncio.to_thread((tmp_path / "same").resolve))
+        await client.send(CATEGORY, [
+            *(Heartbeat("r-e", host, 88, d, 0, 1, time.time(), True, "prod",
+                        "00000000000000aa").encode()
+              for host, d in (("h1", "/etcd1"), (socket.gethostname(), same))),
+            Heartbeat("r-o", "h3", 89, "/old", 0, 1, time.time(), etcd="prod").encode()])
+        await start_etcd("beside-old", "00000000000000bb")
+        assert Heartbeat.decode(Heartbeat("r", "h", 1, "/d", 0, 1, 1.0, etcd="p",
+                                          etcd_id="ab").encode()) == Heartbeat(
+            "r", "h", 1, "/d", 0, 1, 1.0, etcd="p", etcd_id="ab")
