@@ -60,8 +60,9 @@ class ConnectionState(Enum):
 class Connection(asyncio.Protocol):
     """One client connection: parses requests, answers them in order, enforces the limits."""
 
-    def __init__(self, server: HttpServer) -> None:
+    def __init__(self, server: HttpServer, initial: bytes = b"") -> None:
         self._srv = server
+        self._initial = initial  # read by another process (HttpServer.adopt)
         self._limits = server.limits
         self._router = server.router
         # The protocol is made inside the loop. Kept: asyncio.get_running_loop() makes a
@@ -114,6 +115,9 @@ class Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=_SMALL_BODY, low=_SMALL_BODY // 4)
         self._since = self._loop.time()
         self._timer = self._loop.call_later(self._limits.tick, self._check_timeouts)
+        if self._initial:
+            data, self._initial = self._initial, b""
+            self.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -145,6 +149,12 @@ class Connection(asyncio.Protocol):
         if self._closed:
             return
         if self.state is ConnectionState.IDLE:
+            handover = self._router.handover
+            if handover is not None and self._transport is not None and not self._srv._closing \
+                    and handover(self._transport, data):  # noqa: SLF001 - the server's own
+                self._closed = True  # another process serves it now
+                self._srv.connections.pop(self, None)
+                return
             self.state = ConnectionState.HEADERS
             self._since = self._loop.time()
         try:

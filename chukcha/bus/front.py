@@ -24,6 +24,7 @@ from ssl import SSLContext
 from typing import Final
 
 from chukcha.bus import web
+from chukcha.bus.handover import HandoverSender, handover_path
 from chukcha.bus.server import HttpServer, Router, ServerLimits
 from chukcha.errors import WriterUnavailableError
 from chukcha.protocol import check_messages
@@ -282,6 +283,7 @@ class FrontWorker:
         self.router.fallback = self._relay
         self.router.add_routes({"/write": self._write})
         self.server = HttpServer(self.router, limits)
+        self.handover = HandoverSender(handover_path(primary_socket))
 
     @staticmethod
     def _headers(request: web.Request) -> dict[str, str]:
@@ -315,11 +317,14 @@ class FrontWorker:
                     ready_timeout: float = 120.0) -> None:
         """Serve once the primary answers (so no client meets a front that cannot work)."""
         await self._client.wait_ready(ready_timeout)
+        if ssl is None:  # a TLS session cannot move to another process: relayed instead
+            self.router.handover = self.handover.offer
         await self.server.start(sock, ssl=ssl)
 
     async def stop(self, timeout: float) -> None:
         await self.server.stop(timeout)
         self._client.close()
+        self.handover.close()
 
 
 def _response(answer: Answer) -> web.Response:

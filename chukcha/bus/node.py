@@ -21,6 +21,7 @@ from chukcha.bus.config import NodeConfig
 from chukcha.bus.coordination import ETCD_ERRORS
 from chukcha.bus.group_api import GroupsApi
 from chukcha.bus.groups import ConsumerGroups
+from chukcha.bus.handover import HandoverReceiver, handover_path
 from chukcha.bus.http import BusApi
 from chukcha.bus.lag import LagApi, LagMeter
 from chukcha.bus.metrics import NodeMetrics
@@ -118,6 +119,7 @@ class Node:
         self.internal = HttpServer(self.router, dataclasses.replace(
             self.server.limits, max_connections=100_000, keepalive_timeout=3600.0,
         ))
+        self.handovers: HandoverReceiver | None = None  # --workers: fronts' connections
         self._sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._state = NodeState.NEW
@@ -183,6 +185,10 @@ class Node:
             if cfg.internal_socket is not None:
                 # --workers: the front workers hand their requests over here.
                 await self.internal.start(await asyncio.to_thread(_bind_unix, cfg.internal_socket))
+                if server_tls is None:  # ... and pass the connections they do not relay
+                    self.handovers = HandoverReceiver(self.server,
+                                                      handover_path(cfg.internal_socket))
+                    await self.handovers.start()
             self._tasks.append(
                 asyncio.create_task(self._rotate_forever(), name="chunk-rotation")
             )
@@ -211,6 +217,8 @@ class Node:
         self._tasks.clear()
         if self._serving:
             self._serving = False
+            if self.handovers is not None:
+                self.handovers.stop()
             await self.server.stop(self.config.stop_timeout)
             await self.internal.stop(self.config.stop_timeout)
         await self._close_store()
@@ -265,6 +273,8 @@ class Node:
             if self._serving:
                 # Stops accepting, then waits (up to stop_timeout) for in-flight requests.
                 self._serving = False
+                if self.handovers is not None:
+                    self.handovers.stop()
                 await self.server.stop(self.config.stop_timeout)
                 await self.internal.stop(self.config.stop_timeout)
             await self._close_store()

@@ -5,6 +5,7 @@ the resource limits (:class:`ServerLimits`) and the one place an exception becom
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -83,6 +84,9 @@ class Router:
         self.checks: list[Check] = []
         self.observers: list[Observer] = []
         self.fallback: Handler | None = None  # for paths without a route (else 404)
+        # A front worker's hand-over (chukcha.bus.handover): offered the bytes that start a
+        # request on a connection with nothing in flight; True: the connection is no longer ours.
+        self.handover: Callable[[asyncio.Transport, bytes], bool] | None = None
 
     def add_routes(self, routes: Mapping[str, Handler]) -> None:
         for path, handler in routes.items():

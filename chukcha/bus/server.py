@@ -176,6 +176,12 @@ class HttpServer:
         """A new connection's protocol (what the listening socket makes for each client)."""
         return Connection(self)
 
+    async def adopt(self, sock: socket.socket, data: bytes) -> None:
+        """Serve a connection another process accepted (a front worker's hand-over); ``data``:
+        what it had read of it, parsed here before anything more is read."""
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: Connection(self, data), sock)
+
     async def stop(self, timeout: float) -> None:
         """Stop accepting, let answers in progress finish (up to ``timeout``), close the rest."""
         self._closing = True
