@@ -12,6 +12,7 @@ rest run as a task per connection. A big body is received straight into one buff
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -264,7 +265,7 @@ class Connection(asyncio.Protocol):
         if self._body_len > _SMALL_BODY:
             self.stalled_since = now
 
-    def on_message_complete(self) -> None:
+    def on_message_complete(self) -> None:  # noqa: PLR0912 - the one completion point
         if self._closed:
             return
         parser = self._parser
@@ -309,6 +310,8 @@ class Connection(asyncio.Protocol):
                     self._since = self._loop.time()
                 return
         self._busy = True
+        if self._router.later_routes and self._answer_later(request):
+            return
         self._srv._spawn(self._loop, self._answer(request))  # noqa: SLF001 - the server's own helper
 
     def body_received(self) -> None:
@@ -356,6 +359,47 @@ class Connection(asyncio.Protocol):
                 and sys.getrefcount(body) <= 3 and isinstance(body, bytearray)):
             request.body = b""
             self._srv.budget.recycle(body)
+
+    def _answer_later(self, request: Request) -> bool:
+        """Try the request's later route (:meth:`Router.add_later_routes`); True: taken."""
+        later = self._router.later_routes.get(request.path)
+        if later is None or self._write_paused or self._router.checks:
+            return False
+        answer = later(request)
+        if answer is None:
+            return False
+        self._srv._later.add(answer)  # noqa: SLF001 - stop() waits for it
+        answer.add_done_callback(functools.partial(self._later_answer, request))
+        return True
+
+    def _later_answer(self, request: Request, answer: asyncio.Future[StreamResponse]) -> None:
+        """A later route's answer came (:meth:`Router.add_later_routes`): send it, then answer
+        the requests that queued behind it."""
+        self._srv._later.discard(answer)  # noqa: SLF001 - the server's own set
+        if self._closed:
+            self._busy = False
+            return
+        if answer.cancelled():
+            self.abort()  # stopping: past the grace period
+            return
+        exc = answer.exception()
+        resp = error_response(exc, request) if exc is not None else answer.result()
+        close = self._finish(request, resp)
+        if self._srv.budget.used:
+            self._srv.budget.give_back(self)  # a big body's share, if it had one
+        if close:
+            self._busy = False
+            self.close()
+        elif self._pending:
+            self._srv._spawn(self._loop, self._answer(  # noqa: SLF001 - the server's own helper
+                self._pending.popleft()))
+        else:
+            self._busy = False
+            if self.state is ConnectionState.BUSY:
+                self.state = ConnectionState.IDLE
+                self._since = self._loop.time()
+            elif self.state is ConnectionState.BODY and self._expect_continue:
+                self._send_continue()
 
     def _answer_now(self, request: Request, fast: FastHandler) -> StreamResponse | None:
         """Run the checks and a route's fast path: the answer (observed), or ``None`` when the

@@ -26,7 +26,7 @@ from typing import Final
 from chukcha.bus import web
 from chukcha.bus.handover import HandoverSender, handover_path
 from chukcha.bus.server import HttpServer, Router, ServerLimits
-from chukcha.errors import WriterUnavailableError
+from chukcha.errors import ChukchaError, WriterUnavailableError
 from chukcha.protocol import check_messages
 
 __all__ = ["FrontWorker", "PrimaryClient"]
@@ -208,67 +208,80 @@ async def _relay_chunks(answer: Answer, request: web.Request) -> web.StreamRespo
 @dataclass
 class _Batch:
     bodies: list[bytes | bytearray] = field(default_factory=list)
-    waiters: list[asyncio.Future[Answer]] = field(default_factory=list)
+    waiters: list[asyncio.Future[web.StreamResponse]] = field(default_factory=list)
     size: int = 0
 
 
 class _WriteCoalescer:
-    """Single writes with the same query string, arriving while one is on its way to the
-    primary, go as one write when it returns."""
+    """Single writes with the same parameters, arriving while one is on its way to the
+    primary, go as one write when it returns. Callers get a future of the answer (no task per
+    request: the server sends it when it comes, see ``Router.add_later_routes``); one task per
+    write to the primary."""
 
     def __init__(self, client: PrimaryClient, max_batch: int) -> None:
         self._client = client
         self._max = max_batch
-        self._busy: dict[str, _Batch | None] = {}  # query -> the batch gathering (None: idle)
+        self._busy: dict[str, _Batch | None] = {}  # key -> the batch gathering (None: none)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def write(self, key: str, query: str, headers: Mapping[str, str],
-                    body: bytes | bytearray) -> Answer:
+    def submit(self, key: str, query: str, headers: Mapping[str, str],
+               body: bytes | bytearray) -> asyncio.Future[web.StreamResponse]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[web.StreamResponse] = loop.create_future()
         if key in self._busy:
             batch = self._busy[key]
             if batch is None:
                 batch = self._busy[key] = _Batch()
             if batch.size + len(body) <= self._max:
-                fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
                 batch.bodies.append(body)
                 batch.waiters.append(fut)
                 batch.size += len(body)
-                return await fut
-            return await self._client.request("POST", f"/write?{query}", headers, body)
-        self._busy[key] = None
-        try:
-            answer = await self._client.request("POST", f"/write?{query}", headers, body)
-        finally:
-            self._flush(key, query, headers)
-        return answer
-
-    def _flush(self, key: str, query: str, headers: Mapping[str, str]) -> None:
-        batch = self._busy.pop(key, None)
-        if batch is None or not batch.waiters:
-            return
-        self._busy[key] = None
-        task = asyncio.get_running_loop().create_task(self._send(key, query, headers, batch))
+                return fut
+            key = ""  # too big to join the batch: a write of its own
+        else:
+            self._busy[key] = None
+        task = loop.create_task(self._send(key, query, headers, _Batch([body], [fut], len(body))))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return fut
 
     async def _send(self, key: str, query: str, headers: Mapping[str, str],
                     batch: _Batch) -> None:
-        try:
-            answer = await self._client.request("POST", f"/write?{query}", headers,
-                                                b"".join(batch.bodies))
-        except BaseException as exc:
-            for fut in batch.waiters:
-                if not fut.done():
-                    fut.set_exception(exc if isinstance(exc, Exception) else
-                                      WriterUnavailableError("stopping"))
-            if not isinstance(exc, Exception):
+        target = f"/write?{query}"
+        while True:
+            body = batch.bodies[0] if len(batch.bodies) == 1 else b"".join(batch.bodies)
+            try:
+                answer = await self._client.request("POST", target, headers, body)
+            except Exception as exc:  # noqa: BLE001 - every waiter gets it as its answer
+                for fut in batch.waiters:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            except BaseException:
+                for fut in batch.waiters:
+                    fut.cancel()
+                if key:
+                    self._busy.pop(key, None)
                 raise
-        else:
-            for fut in batch.waiters:
-                if not fut.done():
-                    fut.set_result(answer)
-        finally:
-            self._flush(key, query, headers)
+            else:
+                resp = _response(answer)  # one answer object for all: only read when sent
+                for fut in batch.waiters:
+                    if not fut.done():
+                        fut.set_result(resp)
+            if not key:
+                return
+            gathered = self._busy.get(key)
+            if gathered is None:
+                self._busy.pop(key, None)
+                return
+            self._busy[key] = None
+            batch = gathered
+
+    async def write(self, key: str, query: str, headers: Mapping[str, str],
+                    body: bytes | bytearray) -> web.StreamResponse:
+        return await self.submit(key, query, headers, body)
 
 
 class FrontWorker:
@@ -282,6 +295,7 @@ class FrontWorker:
         self.router = Router()
         self.router.fallback = self._relay
         self.router.add_routes({"/write": self._write})
+        self.router.add_later_routes({"/write": self._write_later})
         self.server = HttpServer(self.router, limits)
         self.handover = HandoverSender(handover_path(primary_socket))
 
@@ -290,19 +304,34 @@ class FrontWorker:
         headers = request.headers  # lower-case names: plain dict look-ups
         return {k: v for k in _FORWARD_HEADERS if (v := dict.get(headers, k)) is not None}
 
-    async def _write(self, request: web.Request) -> web.StreamResponse:
+    def _key(self, request: web.Request) -> tuple[str, dict[str, str]] | None:
+        """A write the coalescer may batch: its key (only requests the writer would treat
+        alike share a write: the same parameters and the same credentials, a batch being
+        checked once, with its first request's) and the headers to forward; else ``None``."""
         body = request.body
-        if body:
-            check_messages(body, self._max_message)  # each body on its own, as the primary
+        if not body or "min_sync_replicas" in request.query_string:
+            return None
+        check_messages(body, self._max_message)  # each body on its own, as the primary
         headers = self._headers(request)
-        if not body or "min_sync_replicas" in request.query:
-            answer = await self._client.request(request.method, request.path_qs, headers, body)
-        else:
-            # Only requests the writer would treat alike share a write: the same parameters
-            # and the same credentials (a batch is checked once, with its first request's).
-            key = "\n".join([request.query_string, *(f"{k}:{v}" for k, v in headers.items())])
-            answer = await self._coalescer.write(key, request.query_string, headers, body)
-        return _response(answer)
+        return "\n".join([request.query_string, *(f"{k}:{v}" for k, v in headers.items())]), \
+            headers
+
+    def _write_later(self, request: web.Request) -> asyncio.Future[web.StreamResponse] | None:
+        try:
+            key = self._key(request)
+        except ChukchaError:
+            return None  # the handler answers it with the error
+        if key is None:
+            return None
+        return self._coalescer.submit(key[0], request.query_string, key[1], request.body)
+
+    async def _write(self, request: web.Request) -> web.StreamResponse:
+        key = self._key(request)
+        if key is None:
+            answer = await self._client.request(request.method, request.path_qs,
+                                                self._headers(request), request.body)
+            return _response(answer)
+        return await self._coalescer.write(key[0], request.query_string, key[1], request.body)
 
     async def _relay(self, request: web.Request) -> web.StreamResponse:
         answer = await self._client.request(request.method, request.path_qs,

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from chukcha.bus.web import Check, FastHandler, Handler, Request, Response
+from chukcha.bus.web import Check, FastHandler, Handler, LaterHandler, Request, Response
 from chukcha.errors import BodyTooLargeError, ChukchaError
 
 __all__ = ["Observer", "Router", "ServerLimits", "error_response"]
@@ -81,6 +81,7 @@ class Router:
     def __init__(self) -> None:
         self.routes: dict[str, Handler] = {}
         self.fast_routes: dict[str, FastHandler] = {}
+        self.later_routes: dict[str, LaterHandler] = {}
         self.checks: list[Check] = []
         self.observers: list[Observer] = []
         self.fallback: Handler | None = None  # for paths without a route (else 404)
@@ -101,6 +102,15 @@ class Router:
             if path not in self.routes:
                 raise ValueError(f"fast route {path} has no route")
             self.fast_routes[path] = handler
+
+    def add_later_routes(self, routes: Mapping[str, LaterHandler]) -> None:
+        """Routes answered later without a task (a front worker's coalesced writes): tried
+        inside the parser's callback when the connection has no answer pending and the router
+        has no checks; a future is the answer to come, ``None`` runs the route's handler."""
+        for path, handler in routes.items():
+            if path not in self.routes:
+                raise ValueError(f"later route {path} has no route")
+            self.later_routes[path] = handler
 
     def add_check(self, check: Check) -> None:
         self.checks.append(check)

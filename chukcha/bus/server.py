@@ -37,6 +37,7 @@ from typing import Any, Final
 
 from chukcha.bus.connection import Connection, ConnectionState
 from chukcha.bus.routing import Observer, Router, ServerLimits, error_response
+from chukcha.bus.web import StreamResponse
 
 # Router, ServerLimits, Observer and error_response live in chukcha.bus.routing (the connection
 # uses them too); they stay importable from here, the server's public face.
@@ -163,6 +164,7 @@ class HttpServer:
         self.connections: dict[Connection, None] = {}  # in the order they were opened
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._later: set[asyncio.Future[StreamResponse]] = set()  # later routes' answers
         self._closing = False
         self._all_closed: asyncio.Event | None = None
 
@@ -190,8 +192,11 @@ class HttpServer:
         for conn in list(self.connections):
             if conn.state is ConnectionState.IDLE or conn.state is ConnectionState.HEADERS:
                 conn.close()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
+        if self._tasks or self._later:
+            waiting: set[asyncio.Future[Any]] = {*self._tasks, *self._later}
+            await asyncio.wait(waiting, timeout=timeout)
+        for later in list(self._later):
+            later.cancel()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

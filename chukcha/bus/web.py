@@ -11,6 +11,7 @@ handler runs: ``await request.read()`` never waits on the network.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Protocol, overload
 from urllib.parse import parse_qsl
@@ -22,6 +23,7 @@ __all__ = [
     "FastHandler",
     "FileResponse",
     "Handler",
+    "LaterHandler",
     "Request",
     "Response",
     "StreamResponse",
@@ -238,6 +240,11 @@ Check = Callable[[Request], StreamResponse | None]
 """A per-request check run before the handler (authentication, ...): ``None`` lets the request
 through, a :class:`Response` answers it instead (for example a 401). Checks are synchronous: they
 run for every request, also on the server's fast path, which never waits."""
+
+LaterHandler = Callable[[Request], "asyncio.Future[StreamResponse] | None"]
+"""A route answered later without a task (:meth:`Router.add_later_routes
+<chukcha.bus.server.Router.add_later_routes>`): the future of its answer (an exception in it is
+answered as the handler's would be), else ``None`` and the handler runs."""
 
 FastHandler = Callable[[Request], "Response | None"]
 """A route's synchronous fast path, tried before its :data:`Handler`: the answer when it can be
