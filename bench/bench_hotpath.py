@@ -14,8 +14,10 @@ bytes. The kernel's share (``recv``/``send``/``epoll``) and the event loop's are
 (The venv's editable install points at this tree: another tree is only measured with its path
 first on ``PYTHONPATH``.)
 
-Phases: a single-message ``/write`` (100 B; answered on the fast path), the same pipelined
-8 per data_received, a ``sync=1`` write (the async path with its group fsync; slower by the
+Phases: single-message ``/write``s (100 B; answered on the fast path) from 8 and 64
+connections, and the same through a front worker (``--workers``: the front and the writer's
+private socket in this process, so the relay's CPU on both sides counts), a single write, the
+same pipelined 8 per data_received, a ``sync=1`` write (the async path with its group fsync; slower by the
 fsync), a small ``/read`` (4 KiB), and an unknown path (404).
 """
 
@@ -34,8 +36,9 @@ from typing import Any
 
 import uvloop
 
+from chukcha.bus.front import FrontWorker
 from chukcha.bus.server import HttpServer
-from chukcha.testing import run_node
+from chukcha.testing import bind_loopback, run_node
 
 __all__ = ["main"]
 
@@ -106,6 +109,29 @@ async def _phase(server: HttpServer, request: bytes, n: int, per_feed: int = 1) 
     return elapsed / (feeds * per_feed) * 1e6
 
 
+async def _phase_conns(server: HttpServer, request: bytes, n: int, conns: int) -> float:
+    """Microseconds per request: ``conns`` connections each sending one request, answers
+    awaited, ``n // conns`` rounds (what coalescing needs: requests from many connections)."""
+    pairs: list[tuple[Any, _Sink]] = []
+    for _ in range(conns):
+        conn: Any = server.protocol()
+        sink = _Sink()
+        conn.connection_made(sink)
+        pairs.append((conn, sink))
+    rounds = n // conns
+    gc.collect()
+    t0 = time.process_time()
+    for i in range(1, rounds + 1):
+        for conn, _ in pairs:
+            conn.data_received(request)
+        for _, sink in pairs:
+            await sink.answered(i)
+    elapsed = time.process_time() - t0
+    for conn, _ in pairs:
+        conn.connection_lost(None)
+    return elapsed / (rounds * conns) * 1e6
+
+
 def _post(target: str, body: bytes) -> bytes:
     return b"POST %b HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n%b" % (
         target.encode(), len(body), body)
@@ -123,8 +149,23 @@ async def _run(n: int, repeat: int) -> dict[str, float]:
     }
     best: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="chukcha-bench-hot-") as tmp:
-        async with run_node(Path(tmp) / "data", "hot") as node:
+        private = str(Path(tmp) / "writer.sock")
+        async with run_node(Path(tmp) / "data", "hot", internal_socket=private) as node:
             server = node.server
+            # --workers: the whole node's CPU (front and writer are both in this process, the
+            # relay's unix socket included) against the writer serving the clients itself.
+            front = FrontWorker(private, node.server.limits, max_message_size=1 << 20)
+            sock = bind_loopback()
+            sock.setblocking(False)
+            await front.start(sock)
+            for conns in (8, 64):
+                write = _post("/write?category=f", body)
+                for _ in range(repeat):
+                    for name, srv in ((f"write, 100 B, {conns} conns", server),
+                                      (f"front: write, 100 B, {conns} conns", front.server)):
+                        us = await _phase_conns(srv, write, n, conns)
+                        best[name] = min(best.get(name, us), us)
+            await front.stop(1.0)
             chunk = (await node.store.write("b", body)).chunk
             for name, (template, per_feed) in phases.items():
                 request = template.replace(b"CHUNK", chunk.encode())
