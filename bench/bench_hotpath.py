@@ -17,8 +17,8 @@ first on ``PYTHONPATH``.)
 Phases: single-message ``/write``s (100 B; answered on the fast path) from 8 and 64
 connections, and the same through a front worker (``--workers``: the front and the writer's
 private socket in this process, so the relay's CPU on both sides counts), a single write, the
-same pipelined 8 per data_received, a ``sync=1`` write (the async path with its group fsync; slower by the
-fsync), a small ``/read`` (4 KiB), and an unknown path (404).
+same pipelined 8 per data_received, a ``sync=1`` write (the async path with its group fsync;
+slower by the fsync), a small ``/read`` (4 KiB), and an unknown path (404).
 """
 
 from __future__ import annotations
