@@ -19,11 +19,11 @@ import asyncio
 import logging
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from ssl import SSLContext
-from typing import Final
+from typing import Final, cast
 
 from chukcha.bus import web
+from chukcha.bus.coalesce import Answer, WriteCoalescer, parse_head, response_of
 from chukcha.bus.handover import HandoverSender, handover_path
 from chukcha.bus.server import HttpServer, Router, ServerLimits
 from chukcha.errors import ChukchaError, WriterUnavailableError
@@ -34,7 +34,6 @@ __all__ = ["FrontWorker", "PrimaryClient"]
 logger = logging.getLogger(__name__)
 
 _FORWARD_HEADERS: Final = ("authorization", "origin", "sec-fetch-site", "host", "content-type")
-_KEEP_ANSWER_HEADERS: Final = ("www-authenticate", "retry-after")
 _POOL: Final = 64
 _RELAY_WHOLE: Final = 1 << 20
 """Answers up to this size are read whole; bigger ones are relayed piece by piece, so a client
@@ -50,16 +49,6 @@ class _PrimaryConn:
 
     def close(self) -> None:
         self.writer.close()
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes = b""
-    chunked: bool = False
-    conn: _PrimaryConn | None = None  # a streamed answer still reads from it
-    length: int = 0  # of a big answer still to be read from conn
 
 
 class PrimaryClient:
@@ -120,13 +109,7 @@ class PrimaryClient:
                     # A write's answer (status, Date, Content-Length: 0): nothing to parse.
                     self.release(conn)
                     return Answer(200, {})
-                lines = raw.decode("latin-1").split("\r\n")
-                status = int(lines[0].split(" ", 2)[1])
-                answer_headers: dict[str, str] = {}
-                for line in lines[1:]:
-                    name, sep, value = line.partition(":")
-                    if sep:
-                        answer_headers[name.strip().lower()] = value.strip()
+                status, answer_headers = parse_head(raw)
                 if answer_headers.get("transfer-encoding", "").lower() == "chunked":
                     return Answer(status, answer_headers, chunked=True, conn=conn)
                 length = int(answer_headers.get("content-length", "0"))
@@ -156,8 +139,7 @@ class PrimaryClient:
 async def _relay_sized(client: PrimaryClient, answer: Answer,
                        request: web.Request) -> web.StreamResponse:
     """Relay a big answer of known length piece by piece, as the client takes it."""
-    conn = answer.conn
-    assert conn is not None  # noqa: S101 - big answers keep their connection
+    conn = cast(_PrimaryConn, answer.conn)  # big answers keep their connection
     headers = {"Content-Length": str(answer.length)}
     if "content-type" in answer.headers:
         headers["Content-Type"] = answer.headers["content-type"]
@@ -183,8 +165,7 @@ async def _relay_sized(client: PrimaryClient, answer: Answer,
 
 async def _relay_chunks(answer: Answer, request: web.Request) -> web.StreamResponse:
     """Relay a chunked (never-ending) answer piece by piece."""
-    conn = answer.conn
-    assert conn is not None  # noqa: S101 - chunked answers keep their connection
+    conn = cast(_PrimaryConn, answer.conn)  # chunked answers keep their connection
     headers = {k.title(): v for k, v in answer.headers.items()
                if k in ("content-type",)}
     resp = web.StreamResponse(status=answer.status, headers=headers)
@@ -205,92 +186,13 @@ async def _relay_chunks(answer: Answer, request: web.Request) -> web.StreamRespo
     return resp
 
 
-@dataclass
-class _Batch:
-    bodies: list[bytes | bytearray] = field(default_factory=list)
-    waiters: list[asyncio.Future[web.StreamResponse]] = field(default_factory=list)
-    size: int = 0
-
-
-class _WriteCoalescer:
-    """Single writes with the same parameters, arriving while one is on its way to the
-    primary, go as one write when it returns. Callers get a future of the answer (no task per
-    request: the server sends it when it comes, see ``Router.add_later_routes``); one task per
-    write to the primary."""
-
-    def __init__(self, client: PrimaryClient, max_batch: int) -> None:
-        self._client = client
-        self._max = max_batch
-        self._busy: dict[str, _Batch | None] = {}  # key -> the batch gathering (None: none)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def submit(self, key: str, query: str, headers: Mapping[str, str],
-               body: bytes | bytearray) -> asyncio.Future[web.StreamResponse]:
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        fut: asyncio.Future[web.StreamResponse] = loop.create_future()
-        if key in self._busy:
-            batch = self._busy[key]
-            if batch is None:
-                batch = self._busy[key] = _Batch()
-            if batch.size + len(body) <= self._max:
-                batch.bodies.append(body)
-                batch.waiters.append(fut)
-                batch.size += len(body)
-                return fut
-            key = ""  # too big to join the batch: a write of its own
-        else:
-            self._busy[key] = None
-        task = loop.create_task(self._send(key, query, headers, _Batch([body], [fut], len(body))))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return fut
-
-    async def _send(self, key: str, query: str, headers: Mapping[str, str],
-                    batch: _Batch) -> None:
-        target = f"/write?{query}"
-        while True:
-            body = batch.bodies[0] if len(batch.bodies) == 1 else b"".join(batch.bodies)
-            try:
-                answer = await self._client.request("POST", target, headers, body)
-            except Exception as exc:  # noqa: BLE001 - every waiter gets it as its answer
-                for fut in batch.waiters:
-                    if not fut.done():
-                        fut.set_exception(exc)
-            except BaseException:
-                for fut in batch.waiters:
-                    fut.cancel()
-                if key:
-                    self._busy.pop(key, None)
-                raise
-            else:
-                resp = _response(answer)  # one answer object for all: only read when sent
-                for fut in batch.waiters:
-                    if not fut.done():
-                        fut.set_result(resp)
-            if not key:
-                return
-            gathered = self._busy.get(key)
-            if gathered is None:
-                self._busy.pop(key, None)
-                return
-            self._busy[key] = None
-            batch = gathered
-
-    async def write(self, key: str, query: str, headers: Mapping[str, str],
-                    body: bytes | bytearray) -> web.StreamResponse:
-        return await self.submit(key, query, headers, body)
-
-
 class FrontWorker:
     """Serves the public socket and hands everything to the primary (see the module doc)."""
 
     def __init__(self, primary_socket: str, limits: ServerLimits, *,
                  max_message_size: int) -> None:
         self._client = PrimaryClient(primary_socket)
-        self._coalescer = _WriteCoalescer(self._client, limits.max_body_size)
+        self._coalescer = WriteCoalescer(primary_socket, limits.max_body_size)
         self._max_message = max_message_size
         self.router = Router()
         self.router.fallback = self._relay
@@ -330,8 +232,8 @@ class FrontWorker:
         if key is None:
             answer = await self._client.request(request.method, request.path_qs,
                                                 self._headers(request), request.body)
-            return _response(answer)
-        return await self._coalescer.write(key[0], request.query_string, key[1], request.body)
+            return response_of(answer)
+        return await self._coalescer.submit(key[0], request.query_string, key[1], request.body)
 
     async def _relay(self, request: web.Request) -> web.StreamResponse:
         answer = await self._client.request(request.method, request.path_qs,
@@ -340,7 +242,7 @@ class FrontWorker:
             return await _relay_chunks(answer, request)
         if answer.conn is not None:
             return await _relay_sized(self._client, answer, request)
-        return _response(answer)
+        return response_of(answer)
 
     async def start(self, sock: socket.socket, *, ssl: SSLContext | None = None,
                     ready_timeout: float = 120.0) -> None:
@@ -353,13 +255,5 @@ class FrontWorker:
     async def stop(self, timeout: float) -> None:
         await self.server.stop(timeout)
         self._client.close()
+        self._coalescer.close()
         self.handover.close()
-
-
-def _response(answer: Answer) -> web.Response:
-    if answer.status == 200 and not answer.body and not answer.headers:
-        return web.Response()  # a write's answer
-    headers = {k.title(): v for k, v in answer.headers.items() if k in _KEEP_ANSWER_HEADERS}
-    return web.Response(status=answer.status, body=answer.body,
-                        content_type=answer.headers.get("content-type", ""), headers=headers)
-

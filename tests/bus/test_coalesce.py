@@ -1,0 +1,64 @@
+"""A front's coalesced writes when the writer misbehaves: it closes the connection mid-request
+(killed), never answers (stopped), or is not there (restarting). Every waiting client gets an
+error (the front answers 503), never a hang or a 200, and the next write finds the writer
+again."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from chukcha.bus import web
+from chukcha.bus.coalesce import WriteCoalescer
+from chukcha.errors import WriterUnavailableError
+from chukcha.testing import run_node
+
+
+async def _fake_writer(path: Path, behaviour: str) -> asyncio.Server:
+    """A unix server that reads a request and then closes (``close``) or stays silent."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if behaviour == "silent":
+                await reader.read()  # silent until the client gives up
+        finally:
+            writer.close()
+
+    return await asyncio.start_unix_server(serve, str(path))
+
+
+@pytest.mark.parametrize("behaviour", ["close", "silent"])
+async def test_a_writer_that_fails_mid_request_fails_every_waiting_write(
+    tmp_path: Path, behaviour: str
+) -> None:
+    path = tmp_path / "writer.sock"
+    server = await _fake_writer(path, behaviour)
+    try:
+        coalescer = WriteCoalescer(str(path), 1 << 20, timeout=0.5)
+        # The first goes at once; the others gather behind it (same key) and would go next.
+        futures = [coalescer.submit("k", "category=c", {}, b"m%d\n" % i) for i in range(5)]
+        async with asyncio.timeout(10):
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        assert all(isinstance(r, WriterUnavailableError) for r in results), results
+    finally:
+        server.close()
+        await server.wait_closed()
+        coalescer.close()
+
+
+async def test_no_writer_then_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "writer.sock"
+    coalescer = WriteCoalescer(str(path), 1 << 20)
+    with pytest.raises(WriterUnavailableError):
+        await coalescer.submit("k", "category=c", {}, b"lost\n")
+    async with run_node(tmp_path / "data", "w", internal_socket=str(path)) as node:
+        answers = await asyncio.gather(
+            *(coalescer.submit("k", "category=c", {}, b"m%d\n" % i) for i in range(50)))
+        assert {a.status for a in answers} == {200}
+        assert isinstance(answers[0], web.Response)
+        # Coalesced: fewer writes reached the node than were made.
+        assert node.store.traffic()["c"].writes < 50
+        coalescer.close()
