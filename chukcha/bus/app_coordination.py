@@ -38,7 +38,9 @@ processes given one name), it sees its member key taken and stops with an error.
 
 Ownership is only used while it can be proven: when the lease has not been renewed for its TTL
 (minus a margin) the instance calls :meth:`PartitionListener.lost` for every partition and
-processes nothing until etcd answers again (then it resumes those its lease still holds).
+processes nothing until etcd answers again (then it resumes those its lease still holds); a
+take-over in progress then (catching up or restoring, maybe waiting for nodes) is cancelled
+and cleaned up like a lost partition instead of holding that up (:func:`assigned_unless`).
 
 An error of the listener never ends the session: a partition whose :meth:`~PartitionListener.
 assigned` fails (a restore that finds no node answering...) is cleaned up
@@ -62,11 +64,17 @@ import os
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import orjson
 
 from chukcha.assignment import assign
+from chukcha.bus.app_listener import (
+    NoListener,
+    PartitionListener,
+    TakeOverCancelledError,
+    assigned_unless,
+)
 from chukcha.bus.app_retries import (
     FAILING_ADVICE,
     LISTENER_RETRY_FIRST,
@@ -99,43 +107,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _RPC_TIMEOUT: Final = 5
-class PartitionListener(Protocol):
-    """What an instance does when it gains or gives up a partition."""
-
-    async def assigned(self, partition: int, epoch: int) -> None:
-        """``partition`` is ours from ``epoch`` on: open its store, start processing."""
-        ...
-
-    async def revoking(self, partition: int) -> None:
-        """``partition`` goes to another instance: finish the batch, commit, stop. The claim is
-        released when this returns (the new owner starts only after)."""
-        ...
-
-    async def lost(self, partition: int) -> None:
-        """``partition`` can no longer be proven ours (lease not renewed, claim gone): stop
-        processing it now; its acks would be refused."""
-        ...
-
-    async def follow(self, partitions: frozenset[int]) -> None:
-        """This instance is (from now on) a standby of exactly ``partitions`` (none of them
-        owned here): keep their local stores following their changelogs."""
-        ...
-
-
-class _NoListener:
-    async def assigned(self, partition: int, epoch: int) -> None:
-        return
-
-    async def revoking(self, partition: int) -> None:
-        return
-
-    async def lost(self, partition: int) -> None:
-        return
-
-    async def follow(self, partitions: frozenset[int]) -> None:
-        return
-
-
 class AppInstances(EtcdWatcher):
     """One instance of an app in etcd: registers, claims its share of partitions, hands over.
 
@@ -172,7 +143,7 @@ class AppInstances(EtcdWatcher):
         self.app = app
         self.partitions = partitions
         self.standbys = standbys
-        self._listener: PartitionListener = listener or _NoListener()
+        self._listener: PartitionListener = listener or NoListener()
         self._ttl = lease_ttl
         self._margin = min(1.0, lease_ttl * 0.2)
         self._incarnation = uuid.uuid4().hex
@@ -191,6 +162,7 @@ class AppInstances(EtcdWatcher):
         self._failed: asyncio.Future[BaseException] | None = None
         self._stack: contextlib.AsyncExitStack | None = None  # what stop undoes
         self._busy = asyncio.Lock()  # one reconcile (or stop) at a time
+        self._abandon = asyncio.Event()  # set: a take-over in progress is cancelled
 
     # --- public view ---------------------------------------------------------------------
 
@@ -440,7 +412,9 @@ class AppInstances(EtcdWatcher):
                 await self._renewed.wait()
 
     async def _lose_all(self, why: str) -> None:
+        self._abandon.set()  # a take-over in progress holds the lock: cancel it
         async with self._busy:
+            self._abandon.clear()
             if self._active:
                 logger.warning("app=%s instance=%s stops partitions %s: %s", self.app,
                                self._instance, sorted(self._active), why)
@@ -455,7 +429,8 @@ class AppInstances(EtcdWatcher):
             await self._changed.wait()
             self._changed.clear()
             async with self._busy:
-                await self._reconcile(client)
+                with contextlib.suppress(TakeOverCancelledError):
+                    await self._reconcile(client)
 
     async def _reconcile(self, client: Any) -> None:
         view, lease = self.view, self._lease_id
@@ -500,9 +475,19 @@ class AppInstances(EtcdWatcher):
                     partition, how, epoch)
         error: Exception | None = None
         try:
-            await self._listener.assigned(partition, epoch)
+            taken = await assigned_unless(self._listener, partition, epoch, self._abandon)
         except Exception as exc:  # noqa: BLE001 - the listener's error: retried, logged below
             error = exc
+        else:
+            if not taken:
+                if self._active.get(partition) == epoch:
+                    del self._active[partition]
+                logger.warning("app=%s instance=%s partition %d take-over cancelled (epoch "
+                               "%d): ownership can no longer be proven", self.app,
+                               self._instance, partition, epoch)
+                await self._lost(partition)
+                self._standby.tell_again(partition)
+                raise TakeOverCancelledError
         if error is None:
             await self._retries.started(client, partition)
             return
@@ -510,6 +495,7 @@ class AppInstances(EtcdWatcher):
         if self._active.get(partition) == epoch:
             del self._active[partition]
         await self._lost(partition)
+        self._standby.tell_again(partition)
         await self._drop_claim(client, partition, epoch)
         await self._retries.publish(client, partition, self._lease_id)
 

@@ -85,6 +85,12 @@ class Standbys:
             self._ready.add(partition)
             self._changed.set()
 
+    def tell_again(self, partition: int) -> None:
+        """A take-over of ``partition`` here failed or was cancelled (it stopped following
+        it): its copy is not ready any more, and the listener is told again what to follow."""
+        self._ready.discard(partition)
+        self._follow_failed = True
+
     def forget(self, active: Collection[int]) -> None:
         """Stop waiting to hand over partitions no longer ``active`` here."""
         for p in set(self._handing) - set(active):

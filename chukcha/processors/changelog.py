@@ -42,6 +42,7 @@ import logging
 import time
 from typing import Final, Protocol, runtime_checkable
 
+from chukcha.bus.tasks import run_to_end
 from chukcha.errors import ClientError, RemoteNotFoundError, RequestRejectedError
 from chukcha.partitioning import partition_category
 from chukcha.processors.engine import CommitPlan
@@ -424,7 +425,9 @@ async def _write_merged(store: StateStore, merged: dict[bytes, bytes | None], he
     puts = {k: v for k, v in merged.items() if v is not None}
     deletes = [k for k, v in merged.items() if v is None]
     puts.update(head_entries(head))
-    await asyncio.to_thread(store.write, puts, deletes, sync=False)
+    # A cancelled restore (its take-over abandoned) waits for the write: the store then ends
+    # on a record's head, a consistent copy the next take-over brings current.
+    await run_to_end(asyncio.to_thread(store.write, puts, deletes, sync=False))
     return len(puts) + len(deletes)
 
 
