@@ -87,9 +87,10 @@ class Retries:
         self._wakeups.after("retry", partition, delay)
 
     async def publish(self, client: Any, partition: int, lease: int | None) -> None:
-        """Put the ``failing`` key of ``partition`` (under ``lease``)."""
+        """Put the ``failing`` key of ``partition`` (under ``lease``; none without one: a key
+        without a lease would outlive the instance)."""
         retry = self._failed.get(partition)
-        if retry is not None:
+        if retry is not None and lease is not None:
             await client.put(self._key(partition), orjson.dumps(
                 {"failures": retry.failures, "since": retry.since, "error": retry.error}),
                 lease=lease)

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
+from chukcha.assignment import affinity
 from chukcha.bus.app_coordination import AppInstances, read_app
 from chukcha.errors import ClientError
 from chukcha.testing import EtcdServer, run_etcd, run_node
@@ -218,3 +219,39 @@ async def test_a_partition_that_keeps_failing_is_shown_by_app_status_until_it_st
             assert "cannot start" not in text
     finally:
         await inst.stop()
+
+
+async def test_a_failing_partition_the_assignment_moves_is_no_longer_retried_or_shown(
+        etcd: EtcdServer) -> None:
+    # Two names, the second preferred for partition 0 (rendezvous hash) when nobody holds it:
+    # between two tries the failing partition is free, so it moves to the joining instance.
+    first, second = sorted(("a", "b"), key=lambda m: affinity(m, 0))
+    failing = Scripted(fail_assigned=1_000)
+    one = AppInstances((etcd.endpoint,), CLUSTER, APP, first, 1, listener=failing,
+                       lease_ttl=30)
+    two = AppInstances((etcd.endpoint,), CLUSTER, APP, second, 1, listener=Scripted(),
+                       lease_ttl=30)
+    await one.start()
+    try:
+        async def shown() -> bool:
+            view = await read_app((etcd.endpoint,), CLUSTER, APP)
+            return first in view.failing.get(0, {})
+
+        await wait_for(shown, 30, "the failing partition recorded in etcd")
+        await two.start()
+
+        async def moved() -> bool:
+            view = await read_app((etcd.endpoint,), CLUSTER, APP)
+            return 0 in two.owned() and not view.failing
+
+        await wait_for(moved, 30, "the partition started on the other instance, not shown")
+        tries = len(failing.assigned_epochs)
+
+        async def quiet() -> bool:  # no further try on the first instance
+            return not one._wakeups._handles
+
+        await wait_for(quiet, 10, "the first instance's retry cancelled")
+        assert len(failing.assigned_epochs) == tries
+    finally:
+        await two.stop()
+        await one.stop()
