@@ -114,6 +114,11 @@ class Category:
     sync_waiters: int = 0  # durable writes waiting for a group fsync of the current chunk
     sync_round: asyncio.Future[None] | None = None  # the group fsync in progress
     fsyncs: int = 0  # group fsyncs done (tests and benchmarks read it)
+    # Small writes gathered in this event-loop iteration (ChunkStore.write_later): bodies, the
+    # callbacks that answer them, and their total size.
+    later: list[bytes | bytearray] = field(default_factory=list)
+    later_done: list[Callable[[BaseException | None], None]] = field(default_factory=list)
+    later_size: int = 0
 
 
 class ChunkIndex:
@@ -146,6 +151,10 @@ class ChunkIndex:
         self._create_lock = asyncio.Lock()
         self._changed: dict[str, asyncio.Future[None]] = {}
         self._closing = False
+        # Categories with small writes gathered for the end of this loop iteration, and the
+        # tasks that write them when the category was taken meanwhile (ChunkStore.write_later).
+        self._gathered: list[Category] = []
+        self._gathered_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def instance(self) -> str:

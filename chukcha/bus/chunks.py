@@ -21,6 +21,7 @@ import contextlib
 import errno
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -161,7 +162,8 @@ class ChunkStore(ChunkReader):
                 or len(body) > INLINE_WRITE_LIMIT):
             return None
         cur = cat.chunks[cat.current]
-        if cur.size > 0 and cur.size + len(body) > self._max_chunk_size:
+        size = cur.size + cat.later_size  # with the writes gathered for this iteration's end
+        if size > 0 and size + len(body) > self._max_chunk_size:
             return None  # a rotation first: the slow path
         name = cat.current
         _append_small(cat.write_fd, cur, body)
@@ -172,6 +174,77 @@ class ChunkStore(ChunkReader):
         traffic.bytes_written += len(body)
         traffic.messages_written += count_newlines(body)
         return WriteResult(name, end)
+
+    def write_later(
+        self, category: str, body: bytes | bytearray,
+        done: Callable[[BaseException | None], None],
+    ) -> bool:
+        """:meth:`write_now`, gathered: the small writes of one event-loop iteration are
+        appended at its end with one ``write`` (in the order they came), then each ``done`` is
+        called: with ``None`` once its bytes are in the chunk, or with the error that the
+        write became (each of them, the same). The gathered writes land in one chunk, and
+        the chunk's size limit counts them as it counts separate writes. ``False``: nothing
+        was done (``done`` is never called); call :meth:`write`."""
+        cat = self._categories.get(category)
+        if (cat is None or cat.current is None or cat.lock.locked() or self._sync_each_write
+                or len(body) > INLINE_WRITE_LIMIT):
+            return False
+        size = cat.chunks[cat.current].size + cat.later_size
+        if size > 0 and size + len(body) > self._max_chunk_size:
+            return False  # a rotation first: the slow path
+        if not cat.later:
+            if not self._gathered:
+                asyncio.get_running_loop().call_soon(self._write_gathered)
+            self._gathered.append(cat)
+        cat.later.append(body)
+        cat.later_done.append(done)
+        cat.later_size += len(body)
+        return True
+
+    def _write_gathered(self) -> None:
+        """Append the writes :meth:`write_later` gathered, one ``write`` per category, and
+        answer them."""
+        gathered, self._gathered = self._gathered, []
+        for cat in gathered:
+            bodies, dones, size = cat.later, cat.later_done, cat.later_size
+            cat.later, cat.later_done, cat.later_size = [], [], 0
+            data = bodies[0] if len(bodies) == 1 else b"".join(bodies)
+            cur = cat.chunks.get(cat.current) if cat.current else None
+            if (cur is None or cat.lock.locked() or cat.write_fd < 0
+                    or (cur.size > 0 and cur.size + size > self._max_chunk_size)):
+                # The category was taken meanwhile (a rotation, a big write): wait for it.
+                task = asyncio.ensure_future(self._write_gathered_later(cat, data, len(bodies),
+                                                                        dones))
+                self._gathered_tasks.add(task)
+                task.add_done_callback(self._gathered_tasks.discard)
+                continue
+            error: BaseException | None = None
+            try:
+                _append_small(cat.write_fd, cur, data)
+            except Exception as exc:  # noqa: BLE001 - each write gets it as its answer
+                error = exc
+            else:
+                self._emit(StoreEventKind.WRITTEN, cat.name, str(cat.current), cur.size)
+                traffic = cat.traffic
+                traffic.writes += len(bodies)
+                traffic.bytes_written += size
+                traffic.messages_written += count_newlines(data)
+            _call_each(dones, error)
+
+    async def _write_gathered_later(
+        self, cat: Category, data: bytes | bytearray, count: int,
+        dones: list[Callable[[BaseException | None], None]],
+    ) -> None:
+        error: BaseException | None = None
+        try:
+            await self.write(cat.name, data)
+            cat.traffic.writes += count - 1  # counted as one write there
+        except BaseException as exc:
+            error = exc
+            if not isinstance(exc, Exception):
+                _call_each(dones, error)
+                raise
+        _call_each(dones, error)
 
     async def _sync_through(self, cat: Category, chunk: Chunk, end: int) -> None:
         """Return once ``chunk`` is on stable storage up to ``end`` (joins or starts a round)."""
@@ -453,6 +526,15 @@ def _append_small(fd: int, chunk: Chunk, body: bytes | bytearray) -> None:
     if done > 0:  # undone, then retried once, with every error's handling, by _append
         os.ftruncate(fd, chunk.size)
     ChunkStore._append(fd, chunk, body, False)  # noqa: SLF001 - same module
+
+
+def _call_each(dones: list[Callable[[BaseException | None], None]],
+               error: BaseException | None) -> None:
+    for done in dones:
+        try:
+            done(error)
+        except Exception:
+            logger.exception("answering a gathered write failed")
 
 
 def _fsync_close(fd: int) -> None:

@@ -28,7 +28,15 @@ import httptools
 from chukcha.bus.body_reader import BodyReader
 from chukcha.bus.http_wire import empty_ok_head, response_head
 from chukcha.bus.routing import error_response
-from chukcha.bus.web import FastHandler, FileResponse, Headers, Request, Response, StreamResponse
+from chukcha.bus.web import (
+    FastHandler,
+    FileResponse,
+    Headers,
+    Later,
+    Request,
+    Response,
+    StreamResponse,
+)
 from chukcha.errors import BodyTooLargeError
 
 if TYPE_CHECKING:  # the server makes its connections; a connection reports back to it
@@ -48,6 +56,8 @@ _FILE_PIECE: Final = 128 << 10
 """A big answer from a file is read and sent this much at a time."""
 _MAX_PIPELINED: Final = 64
 """Parsed requests queued on one connection before it stops reading."""
+_EMPTY_OK: Final = Response()
+"""A deferred write's answer (never changed)."""
 
 
 class ConnectionState(Enum):
@@ -96,6 +106,7 @@ class Connection(asyncio.Protocol):
         self._chunked_out = False
         self._stream_sized = False
         self._unreleased: list[Callable[[], None]] = []  # Response.release once sent
+        self._later_since = 0.0  # when the fast path deferred the answer in progress
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -265,7 +276,7 @@ class Connection(asyncio.Protocol):
         if self._body_len > _SMALL_BODY:
             self.stalled_since = now
 
-    def on_message_complete(self) -> None:  # noqa: PLR0912 - the one completion point
+    def on_message_complete(self) -> None:
         if self._closed:
             return
         parser = self._parser
@@ -297,22 +308,47 @@ class Connection(asyncio.Protocol):
                 self._reading_paused = True
             return
         fast = self._router.fast_routes.get(path)
-        if fast is not None and not self._write_paused:
-            # The fast path: answered here, inside the parser's callback, with no task.
-            resp = self._answer_now(request, fast)
-            if resp is not None:
-                if self._srv.budget.used:
-                    self._srv.budget.give_back(self)  # a big body's share, if it had one
-                if self._finish(request, resp):
-                    self.close()
-                else:
-                    self.state = ConnectionState.IDLE
-                    self._since = self._loop.time()
-                return
+        if fast is not None and not self._write_paused and self._answer_fast(request, fast):
+            return
         self._busy = True
         if self._router.later_routes and self._answer_later(request):
             return
         self._srv._spawn(self._loop, self._answer(request))  # noqa: SLF001 - the server's own helper
+
+    def _answer_fast(self, request: Request, fast: FastHandler) -> bool:
+        """The fast path: the answer made here, inside the parser's callback, with no task, or
+        (a small write) at the end of this loop iteration by :meth:`deliver`. ``False``: the
+        request needs its handler."""
+        request.deferrable = True
+        resp = self._answer_now(request, fast)
+        if resp is None:
+            return False
+        if isinstance(resp, Later):
+            self._busy = True  # requests behind it wait (pipelining keeps its order)
+            self._srv.deferred += 1
+            return True
+        if self._srv.budget.used:
+            self._srv.budget.give_back(self)  # a big body's share, if it had one
+        if self._finish(request, resp):
+            self.close()
+        else:
+            self.state = ConnectionState.IDLE
+            self._since = self._loop.time()
+        return True
+
+    def deliver(self, request: Request, error: BaseException | None) -> None:
+        """Answer the request the fast path deferred (:meth:`Request.done`): an empty 200, or
+        the answer ``error`` becomes; then go on with the requests that waited behind it."""
+        self._srv.answered_later()
+        resp = _EMPTY_OK if error is None else error_response(error, request)
+        observers = self._router.observers
+        if observers:
+            seconds = time.perf_counter() - self._later_since
+            for observe in observers:
+                observe(request.path, resp.status, seconds)
+        if self._closed:
+            return  # the client left; the write was done all the same
+        self._answered_out_of_turn(request, resp)
 
     def body_received(self) -> None:
         """A big body is all in its buffer (:class:`BodyReader`): the request is complete.
@@ -384,6 +420,11 @@ class Connection(asyncio.Protocol):
             return
         exc = answer.exception()
         resp = error_response(exc, request) if exc is not None else answer.result()
+        self._answered_out_of_turn(request, resp)
+
+    def _answered_out_of_turn(self, request: Request, resp: StreamResponse) -> None:
+        """Send the answer of a request answered without a task (a later route, a deferred fast
+        path), then go on with the requests that queued behind it."""
         close = self._finish(request, resp)
         if self._srv.budget.used:
             self._srv.budget.give_back(self)  # a big body's share, if it had one
@@ -399,11 +440,11 @@ class Connection(asyncio.Protocol):
                 self.state = ConnectionState.IDLE
                 self._since = self._loop.time()
             elif self.state is ConnectionState.BODY and self._expect_continue:
-                self._send_continue()
+                self._send_continue()  # the next request waited for its turn to be asked for
 
-    def _answer_now(self, request: Request, fast: FastHandler) -> StreamResponse | None:
-        """Run the checks and a route's fast path: the answer (observed), or ``None`` when the
-        request needs the route's handler."""
+    def _answer_now(self, request: Request, fast: FastHandler) -> StreamResponse | Later | None:
+        """Run the checks and a route's fast path: the answer (observed), :data:`LATER`
+        (``deliver`` observes it), or ``None`` when the request needs the route's handler."""
         observers = self._router.observers
         t0 = time.perf_counter() if observers else 0.0
         try:
@@ -416,6 +457,9 @@ class Connection(asyncio.Protocol):
                 answer = fast(request)
                 if answer is None:
                     return None
+                if isinstance(answer, Later):
+                    self._later_since = t0
+                    return answer
                 resp = answer
         except Exception as exc:  # noqa: BLE001 - the one place errors become answers
             resp = error_response(exc, request)
@@ -451,8 +495,9 @@ class Connection(asyncio.Protocol):
             self._release_sent()
         fast = self._router.fast_routes.get(request.path)
         if fast is not None:
+            request.deferrable = False  # answered here, in order
             now = self._answer_now(request, fast)
-            if now is not None:
+            if isinstance(now, StreamResponse):
                 return self._finish(request, now)
         observers = self._router.observers
         if observers:

@@ -183,10 +183,12 @@ class BusApi:
             raise BodyTooLargeError(self._max_batch)
         return body
 
-    def write_now(self, request: web.Request) -> web.Response | None:
+    def write_now(self, request: web.Request) -> web.Response | web.Later | None:
         """``/write``'s fast path: a plain write (no ``sync``, no ``min_sync_replicas``) that
-        the store takes without waiting (:meth:`ChunkStore.write_now`); else ``None``. Bad
-        parameters and bodies are refused here exactly as :meth:`write` refuses them."""
+        the store takes without waiting (:meth:`ChunkStore.write_now`, or gathered with the
+        other small writes of this loop iteration: :meth:`ChunkStore.write_later`); else
+        ``None``. Bad parameters and bodies are refused here exactly as :meth:`write` refuses
+        them."""
         query = request.query
         if len(query) != 1:  # more than the category (sync, min_sync_replicas...) or none
             return None  # validated, and waited for, by the handler
@@ -197,6 +199,8 @@ class BusApi:
             return None  # a big body is written in a worker thread: the handler's path
         body = self._body(request)
         check_messages(body, self._max_message)
+        if request.deferrable:  # gathered with this loop iteration's other small writes
+            return web.LATER if self._store.write_later(category, body, request.done) else None
         if self._store.write_now(category, body) is None:
             return None
         return web.Response()

@@ -167,6 +167,8 @@ class HttpServer:
         self._later: set[asyncio.Future[StreamResponse]] = set()  # later routes' answers
         self._closing = False
         self._all_closed: asyncio.Event | None = None
+        self.deferred = 0  # requests the fast path answers at the end of this loop iteration
+        self._deferred_answered: asyncio.Event | None = None
 
     async def start(self, sock: socket.socket, *, ssl: SSLContext | None = None) -> None:
         """Serve on the listening ``sock`` (TLS with ``ssl``)."""
@@ -192,6 +194,11 @@ class HttpServer:
         for conn in list(self.connections):
             if conn.state is ConnectionState.IDLE or conn.state is ConnectionState.HEADERS:
                 conn.close()
+        if self.deferred:  # gathered writes: written at the end of this loop iteration
+            self._deferred_answered = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._deferred_answered.wait()
         if self._tasks or self._later:
             waiting: set[asyncio.Future[Any]] = {*self._tasks, *self._later}
             await asyncio.wait(waiting, timeout=timeout)
@@ -208,6 +215,12 @@ class HttpServer:
                 async with asyncio.timeout(1.0):
                     await self._server.wait_closed()
             self._server = None
+
+    def answered_later(self) -> None:
+        """A connection answered a request its fast path deferred."""
+        self.deferred -= 1
+        if not self.deferred and self._deferred_answered is not None:
+            self._deferred_answered.set()
 
     def _admit(self, conn: Connection) -> bool:
         if self._closing:

@@ -19,10 +19,12 @@ from urllib.parse import parse_qsl
 import orjson
 
 __all__ = [
+    "LATER",
     "Check",
     "FastHandler",
     "FileResponse",
     "Handler",
+    "Later",
     "LaterHandler",
     "Request",
     "Response",
@@ -45,6 +47,8 @@ class StreamSink(Protocol):
     def end_stream(self) -> None: ...
 
     async def hold_memory(self, n: int) -> None: ...
+
+    def deliver(self, request: Request, error: BaseException | None) -> None: ...
 
 
 class Headers(dict[str, str]):
@@ -89,8 +93,8 @@ def parse_query(query_string: str) -> dict[str, str]:
 class Request:
     """One parsed HTTP request."""
 
-    __slots__ = ("_conn", "_query", "body", "headers", "keep_alive", "method", "path",
-                 "query_string", "remote", "version")
+    __slots__ = ("_conn", "_query", "body", "deferrable", "headers", "keep_alive", "method",
+                 "path", "query_string", "remote", "version")
 
     def __init__(
         self,
@@ -115,6 +119,8 @@ class Request:
         self.remote = remote
         self._conn = conn
         self._query: dict[str, str] | None = None
+        # Whether a fast path may answer it later (:data:`LATER`); the server says so.
+        self.deferrable = False
 
     @property
     def query(self) -> Mapping[str, str]:
@@ -145,6 +151,12 @@ class Request:
         (may wait while slow clients hold it; see ``ServerLimits.memory_budget``)."""
         if self._conn is not None:
             await self._conn.hold_memory(n)
+
+    def done(self, error: BaseException | None = None) -> None:
+        """Answer a request whose fast path returned :data:`LATER`: an empty 200, or the
+        answer ``error`` becomes (exactly once)."""
+        if self._conn is not None:
+            self._conn.deliver(self, error)
 
     def sink(self) -> StreamSink:
         if self._conn is None:
@@ -246,8 +258,20 @@ LaterHandler = Callable[[Request], "asyncio.Future[StreamResponse] | None"]
 <chukcha.bus.server.Router.add_later_routes>`): the future of its answer (an exception in it is
 answered as the handler's would be), else ``None`` and the handler runs."""
 
-FastHandler = Callable[[Request], "Response | None"]
+class Later:
+    """The type of :data:`LATER`."""
+
+    __slots__ = ()
+
+
+LATER: Final = Later()
+"""What a fast path returns for a request it will answer later, with :meth:`Request.done`
+(allowed when ``request.deferrable``): the node gathers the small writes of one event-loop
+iteration and writes them at its end with one system call, then answers each."""
+
+FastHandler = Callable[[Request], "Response | Later | None"]
 """A route's synchronous fast path, tried before its :data:`Handler`: the answer when it can be
-given without waiting (a small write into the current chunk), else ``None`` and the handler runs
-(it must not have changed anything then). It saves a task and its coroutines per request."""
+given without waiting (a small write into the current chunk), :data:`LATER` when it will be given
+at the end of this event-loop iteration (see there), else ``None`` and the handler runs (it must
+not have changed anything then). It saves a task and its coroutines per request."""
 
