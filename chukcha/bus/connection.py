@@ -346,9 +346,16 @@ class Connection(asyncio.Protocol):
             seconds = time.perf_counter() - self._later_since
             for observe in observers:
                 observe(request.path, resp.status, seconds)
-        if self._closed:
+        if self._closed or self._transport is None:
             return  # the client left; the write was done all the same
-        self._answered_out_of_turn(request, resp)
+        if resp is _EMPTY_OK and request.keep_alive and request.version == "1.1" \
+                and not self._srv._closing:  # noqa: SLF001 - what _finish would send
+            if self._srv.budget.used:
+                self._srv.budget.give_back(self)
+            self._transport.write(empty_ok_head())
+            self._go_on()
+        else:
+            self._answered_out_of_turn(request, resp)
 
     def body_received(self) -> None:
         """A big body is all in its buffer (:class:`BodyReader`): the request is complete.
@@ -431,7 +438,13 @@ class Connection(asyncio.Protocol):
         if close:
             self._busy = False
             self.close()
-        elif self._pending:
+        else:
+            self._go_on()
+
+    def _go_on(self) -> None:
+        """After an answer sent without a task: answer the requests queued behind it, or wait
+        for the next one."""
+        if self._pending:
             self._srv._spawn(self._loop, self._answer(  # noqa: SLF001 - the server's own helper
                 self._pending.popleft()))
         else:
