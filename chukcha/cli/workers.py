@@ -33,8 +33,9 @@ __all__ = ["run_workers"]
 logger = logging.getLogger(__name__)
 
 _EARLY_EXIT = 5.0
-"""A primary that exits with an error this soon after its first start is a bad start (a held
-lock, a bad directory): the command exits with its code instead of restarting it forever."""
+"""A primary that exits with an error this soon after its first start, or before it bound its
+private socket, is a bad start (a held lock, a bad directory): the command exits with its code
+instead of restarting it forever."""
 
 
 def _die_with_parent() -> None:
@@ -161,7 +162,11 @@ class _Supervisor:
                 self.code = exit_code
             return
         if role == "primary" and exit_code > 0 and started == self.first_start["primary"] \
-                and time.monotonic() - started < _EARLY_EXIT:
+                and (time.monotonic() - started < _EARLY_EXIT
+                     or not Path(self.primary_socket).exists()):
+            # Its private socket is bound once the store is open: a first writer that never
+            # got that far could not start, however long it took to fail (under load, over
+            # _EARLY_EXIT; it was then restarted forever).
             logger.error("the writer process could not start (exit code %d)", exit_code)
             self.code = exit_code
             self.on_signal(signal.SIGTERM, None)

@@ -6,6 +6,8 @@ import asyncio
 import fcntl
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 from chukcha.bus.config import NodeConfig
 from chukcha.bus.node import Node
 from chukcha.errors import AlreadyRunningError
-from chukcha.testing import NodeProcess, run_node
+from chukcha.testing import NodeProcess, bind_loopback, run_node
 from tests.bus.conftest import Api, disk_state, read_file
 
 
@@ -146,6 +148,48 @@ async def test_second_chukcha_node_process_refuses_with_a_clear_message(tmp_path
         assert "Traceback" not in log
         assert not await asyncio.to_thread(_try_lock, data / "running.lock")
     assert await asyncio.to_thread(_try_lock, data / "running.lock")
+
+
+# ``chukcha node`` with ``_EARLY_EXIT`` (the supervisor's window for "the writer could not start")
+# at 0 s: what a failing start that takes longer than the window looks like.
+_SLOW_FAILING_START = """\
+import runpy, sys
+import chukcha.cli.workers
+chukcha.cli.workers._EARLY_EXIT = 0.0
+sys.argv = ["chukcha", *sys.argv[1:]]
+runpy.run_module("chukcha", run_name="__main__")
+"""
+
+
+@pytest.mark.allow_blocking
+async def test_workers_exit_when_the_writer_cannot_start_however_long_it_took(
+    tmp_path: Path,
+) -> None:
+    """``--workers``: a writer whose first start fails (here: the lock is held) ends the command
+    with its code, whatever the time it took to fail. Under load (CHUKCHA_TEST_WORKERS=4, load
+    20 on 2 cores) such a start took over the supervisor's 5 s window and the command restarted
+    the writer forever instead of exiting."""
+    data = tmp_path / "data"
+    async with run_node(data, instance="moscow"):
+        sock = bind_loopback()
+        host, port = sock.getsockname()[:2]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _SLOW_FAILING_START, "node", "--instance", "moscow",
+            "--dirname", str(data), "--listen", f"{host}:{port}",
+            "--listen-fd", str(sock.fileno()), "--workers", "2",
+            pass_fds=[sock.fileno()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        try:
+            async with asyncio.timeout(30):
+                out, _ = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            sock.close()
+        assert proc.returncode == 1, out.decode(errors="replace")
+        assert b"in use by another chukcha node" in out
+        assert b"restarting it" not in out
 
 
 @pytest.mark.allow_blocking
