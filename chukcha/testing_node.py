@@ -53,21 +53,35 @@ async def wait_http_ready(
                 # Only reached when the socket refuses (not ours) or answers non-200.
                 await asyncio.sleep(0.05)
 
-    async with asyncio.timeout(timeout):
-        probe_task = asyncio.create_task(probe())
-        waiters: set[asyncio.Future[Any]] = {probe_task}
-        exit_task = asyncio.create_task(proc.wait()) if proc is not None else None
-        if exit_task is not None:
-            waiters.add(exit_task)
-        try:
-            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in waiters:
-                t.cancel()
-        if probe_task not in done:
-            raise RuntimeError(f"process exited with {proc.returncode if proc else '?'} "
-                               f"before {url} was ready")
-        probe_task.result()
+    try:
+        async with asyncio.timeout(timeout):
+            probe_task = asyncio.create_task(probe())
+            waiters: set[asyncio.Future[Any]] = {probe_task}
+            exit_task = asyncio.create_task(proc.wait()) if proc is not None else None
+            if exit_task is not None:
+                waiters.add(exit_task)
+            try:
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in waiters:
+                    t.cancel()
+            if probe_task not in done:
+                raise RuntimeError(f"process exited with {proc.returncode if proc else '?'} "
+                                   f"before {url} was ready")
+            probe_task.result()
+    except TimeoutError:
+        raise TimeoutError(f"{url} did not answer 200 within {timeout:g} s") from None
+
+
+def _workers(cmd: Sequence[str]) -> int:
+    """The ``--workers`` a ``chukcha node`` command line asks for (the last one wins; 1 when
+    absent or not a number: the node then refuses it itself)."""
+    count = "1"
+    for i, arg in enumerate(cmd):
+        flag, eq, value = arg.lstrip("-").partition("=")
+        if flag == "workers" and arg.startswith("-"):
+            count = value if eq else (cmd[i + 1] if i + 1 < len(cmd) else "")
+    return int(count) if count.isdigit() and int(count) > 0 else 1
 
 
 def read_log(path: Path) -> str:
@@ -108,7 +122,9 @@ class NodeProcess:
     def url(self) -> str:
         return f"http://{self.address}"
 
-    async def start(self, timeout: float = 15.0) -> None:
+    async def start(self, timeout: float | None = None) -> None:
+        """Start the node and wait until it answers, failing if it exits first or takes over
+        ``timeout`` seconds (default: 15, and 10 more for each worker past the first)."""
         cmd = [
             sys.executable, "-m", "chukcha", "node",
             "--instance", self.instance,
@@ -121,6 +137,10 @@ class NodeProcess:
             # One process unless CHUKCHA_TEST_WORKERS=N (the suite's check that every guarantee
             # holds whichever worker a request lands on), whatever the machine's core count.
             cmd += ["--workers", os.environ.get("CHUKCHA_TEST_WORKERS", "1")]
+        if timeout is None:
+            # Every worker is a process starting on the same cores: on a loaded 2-core machine
+            # (load 10) three 4-worker nodes starting at once took over 15 s to answer.
+            timeout = 15.0 + 10.0 * (_workers(cmd) - 1)
         log = self.log_path.open("ab")
         try:
             self.proc = await asyncio.create_subprocess_exec(
