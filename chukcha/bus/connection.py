@@ -319,7 +319,8 @@ class Connection(asyncio.Protocol):
         """The fast path: the answer made here, inside the parser's callback, with no task, or
         (a small write) at the end of this loop iteration by :meth:`deliver`. ``False``: the
         request needs its handler."""
-        request.deferrable = True
+        # Gathering pays where other connections' writes may share this iteration's end.
+        request.deferrable = len(self._srv.connections) > 1
         resp = self._answer_now(request, fast)
         if resp is None:
             return False
