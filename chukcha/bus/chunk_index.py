@@ -18,6 +18,8 @@ import contextlib
 import fcntl
 import logging
 import os
+import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -39,6 +41,7 @@ __all__ = [
     "Category",
     "Chunk",
     "ChunkIndex",
+    "QueuedWrite",
     "StoreEvent",
     "StoreEventKind",
     "Traffic",
@@ -119,6 +122,21 @@ class Category:
     later: list[bytes | bytearray] = field(default_factory=list)
     later_done: list[Callable[[BaseException | None], None]] = field(default_factory=list)
     later_size: int = 0
+    # Big writes waiting for the worker thread that appends them, and the task that runs it
+    # (ChunkStore._write_big); the worker thread takes them under ``queue_lock``.
+    queued: deque[QueuedWrite] = field(default_factory=deque)
+    queue_lock: threading.Lock = field(default_factory=threading.Lock)
+    queue_round: asyncio.Future[None] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class QueuedWrite:
+    """A big write waiting in :attr:`Category.queued` (see ``ChunkStore._write_big``)."""
+
+    body: bytes | bytearray
+    messages: int
+    done: asyncio.Future[WriteResult]
+    taken: bool = False  # being appended (out of the queue; under ``queue_lock``)
 
 
 class ChunkIndex:

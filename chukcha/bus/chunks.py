@@ -34,7 +34,8 @@ from chukcha.bus.chunk_index import (
     WriteResult,
     fsync_dir,
 )
-from chukcha.bus.chunk_reads import INLINE_READ_LIMIT, STREAM_READ_OVER, ChunkReader, FileSlice
+from chukcha.bus.chunk_queue import QueuedWriter
+from chukcha.bus.chunk_reads import INLINE_READ_LIMIT, STREAM_READ_OVER, FileSlice
 from chukcha.bus.tasks import run_to_end as _finish
 from chukcha.errors import BadRequestError, DiskWriteError, InvalidAckError, ReplicationError
 from chukcha.protocol import (
@@ -65,7 +66,7 @@ INLINE_WRITE_LIMIT: Final = 64 << 10
 """Writes up to this size (without fsync) are done on the event loop, see ``_append_small``."""
 
 
-class ChunkStore(ChunkReader):
+class ChunkStore(QueuedWriter):
     """The chunk files of one node.
 
     Call :meth:`open` (blocking: takes the lock, scans the directory) before use and
@@ -112,6 +113,8 @@ class ChunkStore(ChunkReader):
                 size and nothing of the body is visible.
         """
         cat = self._categories.get(category) or await self._category(category)
+        if len(body) > INLINE_WRITE_LIMIT and not (sync or self._sync_each_write):
+            return await self._write_big(cat, body)
         async with cat.lock:
             created: str | None = None
             if cat.current is None:
@@ -151,6 +154,18 @@ class ChunkStore(ChunkReader):
             finally:
                 cat.sync_waiters -= 1
         return WriteResult(name, end)
+
+    async def _chunk_for(self, cat: Category, size: int) -> Chunk:
+        """The chunk a write of ``size`` goes to (under ``cat.lock``): the current one, or a
+        new one when there is none or the write would take it past its size limit."""
+        if cat.current is None:
+            await self._start_chunk(cat)
+        cur = cat.chunks[cat.current or ""]
+        if cur.size > 0 and cur.size + size > self._max_chunk_size:
+            prev = cat.current
+            cur = cat.chunks[await self._start_chunk(cat)]
+            logger.debug("rotated %s/%s by size", cat.name, prev)
+        return cur
 
     def write_now(self, category: str, body: bytes | bytearray) -> WriteResult | None:
         """:meth:`write` without waiting, where it needs none: a small, not durable write into

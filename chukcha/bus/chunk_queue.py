@@ -1,0 +1,141 @@
+"""Big writes without fsync, queued per category for one worker thread that appends them one
+after the other (a layer of :class:`~chukcha.bus.chunks.ChunkStore`, which starts the chunks
+and does the appends: :meth:`QueuedWriter._chunk_for`, :meth:`QueuedWriter._append`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+from collections import deque
+
+from chukcha.bus.chunk_index import (
+    Category,
+    Chunk,
+    QueuedWrite,
+    StoreEventKind,
+    WriteResult,
+)
+from chukcha.bus.chunk_reads import ChunkReader
+from chukcha.bus.tasks import run_to_end as _finish
+from chukcha.errors import DiskWriteError
+from chukcha.protocol import count_newlines
+
+__all__ = ["QueuedWriter"]
+
+
+class QueuedWriter(ChunkReader):
+    """The queued big writes of :class:`~chukcha.bus.chunks.ChunkStore` (its
+    ``write`` sends big writes without fsync here)."""
+
+    async def _write_big(self, cat: Category, body: bytes | bytearray) -> WriteResult:
+        """A big write without fsync: queued for the worker thread that appends the queued big
+        writes of the category one after the other, answering each once its bytes are in.
+
+        Why: concurrent big writes to one category took turns on its lock, and a turn was
+        mostly the hand-off to a worker thread and back to the loop, not the write: in a trace
+        of bulk writes (1 MiB bodies, 4 connections) the thread wrote 16 % of the time, a 1 MiB
+        ``write`` took 0.33 ms and the next one began 0.83 ms later, while writes waited 1.9 ms
+        for the lock. Now the thread goes on to the next queued body at once. (Appending the
+        queued bodies together with one ``writev`` and answering them together was slower:
+        the 4 clients fell into step, so receiving and writing no longer overlapped.) The
+        messages are counted before the write, outside the lock."""
+        entry = QueuedWrite(body, count_newlines(body),
+                            asyncio.get_running_loop().create_future())
+        with cat.queue_lock:
+            cat.queued.append(entry)
+        if cat.queue_round is None:
+            cat.queue_round = asyncio.ensure_future(self._write_queued(cat))
+        try:
+            return await asyncio.shield(entry.done)
+        except asyncio.CancelledError:
+            with cat.queue_lock:
+                if not entry.taken:  # never written
+                    cat.queued.remove(entry)
+                    raise
+            # Being written: wait until it is in the chunk or undone (as run_to_end does).
+            while not entry.done.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([entry.done])
+            if not entry.done.cancelled():
+                entry.done.exception()  # retrieved: the caller is gone
+            raise
+
+    async def _write_queued(self, cat: Category) -> None:
+        """Append the queued big writes, a run of them per chunk, until none is left."""
+        try:
+            while cat.queued:
+                async with cat.lock:
+                    await _finish(self._write_run(cat))
+        finally:
+            cat.queue_round = None
+            with cat.queue_lock:  # left only when the round was stopped (the loop is closing)
+                left, cat.queued = list(cat.queued), deque()
+            for entry in left:
+                _settle(entry.done, DiskWriteError(
+                    errno.ECANCELED, f"the store stopped before a write to {cat.name}"))
+
+    async def _write_run(self, cat: Category) -> None:
+        """Under ``cat.lock`` (through :func:`_finish`): the queued writes, in one worker thread,
+        while they come and fit in the current chunk (the first one in a new chunk if it does
+        not fit in the current one)."""
+        if not cat.queued:  # the callers left while the round waited for the lock
+            return
+        try:
+            cur = await self._chunk_for(cat, len(cat.queued[0].body))
+        except Exception as exc:  # noqa: BLE001 - the first write's answer
+            with cat.queue_lock:
+                first = cat.queued.popleft() if cat.queued else None
+            if first is not None:
+                _settle(first.done, exc)
+            return
+        name = cat.current or str(cur.name)
+        await asyncio.to_thread(self._append_queued, asyncio.get_running_loop(), cat, cur, name)
+
+    def _append_queued(self, loop: asyncio.AbstractEventLoop, cat: Category, cur: Chunk,
+                       name: str) -> None:
+        """The worker thread of :meth:`_write_run`: appends queued writes one after the other
+        and has the loop answer each as soon as its bytes are in (or rolled back)."""
+        first = True
+        while True:
+            with cat.queue_lock:
+                if not cat.queued:
+                    return
+                entry = cat.queued[0]
+                if not first and cur.size + len(entry.body) > self._max_chunk_size:
+                    return  # a new chunk first, on the loop
+                cat.queued.popleft()
+                entry.taken = True
+            first = False
+            try:
+                self._append(cat.write_fd, cur, entry.body, False)
+            except BaseException as exc:  # noqa: BLE001 - the write's answer
+                loop.call_soon_threadsafe(_settle, entry.done, exc)
+            else:
+                loop.call_soon_threadsafe(self._big_written, cat, entry, name, cur.size)
+            # Not kept while waiting for the next one: once answered, the body's buffer may be
+            # reused (the HTTP server reuses it when nothing else refers to it).
+            del entry
+
+    def _big_written(self, cat: Category, entry: QueuedWrite, name: str, end: int) -> None:
+        self._emit(StoreEventKind.WRITTEN, cat.name, name, end)
+        traffic = cat.traffic
+        traffic.writes += 1
+        traffic.bytes_written += len(entry.body)
+        traffic.messages_written += entry.messages
+        if not entry.done.done():
+            entry.done.set_result(WriteResult(name, end))
+
+    async def _chunk_for(self, cat: Category, size: int) -> Chunk:
+        """The chunk a write of ``size`` goes to (under ``cat.lock``; the store's)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _append(fd: int, chunk: Chunk, body: bytes | bytearray | memoryview, sync: bool) -> None:
+        """Append ``body`` whole or not at all (blocking; the store's)."""
+        raise NotImplementedError
+
+
+def _settle(done: asyncio.Future[WriteResult], exc: BaseException) -> None:
+    if not done.done():
+        done.set_exception(exc)

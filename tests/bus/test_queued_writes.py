@@ -1,0 +1,178 @@
+"""Concurrent big writes to one category are queued for one worker thread that appends them one
+after the other (``ChunkStore._write_big``), under the category's lock, without going back to
+the event loop between them. Each write still lands whole in one chunk or not at all, in the
+order they came, and is answered with its own end; a failed one leaves nothing of itself."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chukcha.bus.chunks import INLINE_WRITE_LIMIT, ChunkStore, WriteResult
+from chukcha.errors import DiskWriteError
+
+BIG = INLINE_WRITE_LIMIT + 100  # whole 100-byte messages over the limit
+
+
+def _body(tag: int, size: int) -> bytes:
+    line = b"%05d %s\n" % (tag, b"m" * 93)  # 100-byte messages
+    return (line * (size // len(line) + 1))[: size // len(line) * len(line)]
+
+
+class _Gate:
+    """Holds the first single-body append (``ChunkStore._append``) in its worker thread until
+    :meth:`open`, so that the writes that come meanwhile queue up behind it."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self._calls = 0
+        self.entered = threading.Event()
+        self._open = threading.Event()
+
+    def append(self, fd: int, chunk: Any, data: bytes | memoryview, sync: bool) -> None:
+        self._calls += 1
+        if self._calls == 1:
+            self.entered.set()
+            self._open.wait(10)
+        self._real(fd, chunk, data, sync)
+
+    def open(self) -> None:
+        self._open.set()
+
+
+class _Runs:
+    """Counts the worker-thread runs that append queued writes."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.count = 0
+
+    def run(self, store: ChunkStore, *args: Any) -> None:
+        self.count += 1
+        self._real(store, *args)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[ChunkStore]:
+    s = ChunkStore(tmp_path / "data", "me", max_chunk_size=1 << 20)
+    await asyncio.to_thread(s.open)
+    try:
+        yield s
+    finally:
+        await asyncio.to_thread(s.close)
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> _Gate:
+    g = _Gate(ChunkStore._append)
+    monkeypatch.setattr(ChunkStore, "_append", staticmethod(g.append))
+    return g
+
+
+@pytest.fixture
+def runs(monkeypatch: pytest.MonkeyPatch) -> _Runs:
+    r = _Runs(ChunkStore._append_queued)
+
+    def run(store: ChunkStore, *args: Any) -> None:  # a function: bound to the store
+        r.run(store, *args)
+
+    monkeypatch.setattr(ChunkStore, "_append_queued", run)
+    return r
+
+
+async def _queue_behind_the_first(store: ChunkStore, gate: _Gate,
+                                  bodies: list[bytes]) -> list[asyncio.Task[WriteResult]]:
+    first = asyncio.create_task(store.write("c", bodies[0]))
+    await asyncio.to_thread(gate.entered.wait, 5)  # the first write is in its worker thread
+    rest = [asyncio.create_task(store.write("c", b)) for b in bodies[1:]]
+    for _ in range(10):  # every write queues (no timed sleep: only yields)
+        await asyncio.sleep(0)
+    assert not any(t.done() for t in [first, *rest])
+    return [first, *rest]
+
+
+async def test_queued_big_writes_follow_each_other_in_one_thread_and_each_lands_whole(
+    store: ChunkStore, gate: _Gate, runs: _Runs, tmp_path: Path,
+) -> None:
+    # 1 MiB chunks: the first write and the next three fit in chunk 0, the fifth does not and
+    # starts chunk 1, with the sixth: one worker-thread run per chunk.
+    bodies = [_body(i, n) for i, n in enumerate(
+        [100_000, 300_000, 250_000, 200_000, 400_000, BIG])]
+    tasks = await _queue_behind_the_first(store, gate, bodies)
+    gate.open()
+    results = await asyncio.gather(*tasks)
+    assert runs.count == 2
+    c0, c1 = "me-chunk000000000", "me-chunk000000001"
+    ends0 = [sum(len(b) for b in bodies[:i + 1]) for i in range(4)]
+    assert results[:4] == [WriteResult(c0, e) for e in ends0]
+    assert results[4:] == [WriteResult(c1, len(bodies[4])),
+                           WriteResult(c1, len(bodies[4]) + len(bodies[5]))]
+    data = tmp_path / "data" / "c"
+    assert await asyncio.to_thread((data / c0).read_bytes) == b"".join(bodies[:4])
+    assert await asyncio.to_thread((data / c1).read_bytes) == b"".join(bodies[4:])
+    assert store.chunk_size("c", c0) == ends0[-1]
+    traffic = store.traffic()["c"]
+    assert traffic.writes == len(bodies)
+    assert traffic.bytes_written == sum(len(b) for b in bodies)
+    assert traffic.messages_written == sum(b.count(b"\n") for b in bodies)
+
+
+async def test_a_failed_write_leaves_nothing_of_itself_and_the_next_ones_go_on(
+    store: ChunkStore, gate: _Gate, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    bodies = [_body(i, 150_000) for i in range(5)]
+    real = os.write
+    room = [len(bodies[0]) + len(bodies[1]) + 1000]  # the disk takes this much more, then is full
+    path = tmp_path / "data" / "c" / "me-chunk000000000"
+
+    def full_disk(fd: int, data: bytes | memoryview) -> int:
+        if room[0] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = real(fd, memoryview(data)[: room[0]])
+        room[0] -= n
+        return n
+
+    tasks = await _queue_behind_the_first(store, gate, bodies[:4])
+    monkeypatch.setattr(os, "write", full_disk)  # before the first write's bytes
+    gate.open()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    c0 = "me-chunk000000000"
+    assert results[:2] == [WriteResult(c0, len(bodies[0])),
+                           WriteResult(c0, len(bodies[0]) + len(bodies[1]))]
+    for failed in results[2:]:  # the third half-written, then undone; the fourth found no room
+        assert isinstance(failed, DiskWriteError), failed
+        assert "No space left on device" in str(failed)
+    assert await asyncio.to_thread(path.read_bytes) == bodies[0] + bodies[1]
+    assert store.chunk_size("c", c0) == len(bodies[0]) + len(bodies[1])
+    assert store.traffic()["c"].writes == 2
+    room[0] = 1 << 30  # room again
+    assert await store.write("c", bodies[4]) == WriteResult(
+        c0, len(bodies[0]) + len(bodies[1]) + len(bodies[4]))
+    assert await asyncio.to_thread(path.read_bytes) == bodies[0] + bodies[1] + bodies[4]
+
+
+async def test_a_cancelled_queued_write_is_not_written_and_a_taken_one_waits(
+    store: ChunkStore, gate: _Gate, tmp_path: Path,
+) -> None:
+    bodies = [_body(i, 100_000) for i in range(3)]
+    first, second, third = await _queue_behind_the_first(store, gate, bodies)
+    second.cancel()  # still queued: never written
+    first.cancel()  # being written: waits for its thread, then is cancelled
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not first.done()
+    gate.open()
+    results = await asyncio.gather(first, second, third, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert isinstance(results[1], asyncio.CancelledError)
+    c0 = "me-chunk000000000"
+    assert results[2] == WriteResult(c0, len(bodies[0]) + len(bodies[2]))
+    path = tmp_path / "data" / "c" / c0
+    assert await asyncio.to_thread(path.read_bytes) == bodies[0] + bodies[2]
