@@ -7,13 +7,21 @@ STAMP := $(VENV)/.installed
 # Test processes (pytest-xdist): most tests wait on real servers and processes, so 3 on 2 cores
 # halve the suite's time; PYTEST_WORKERS=0 runs it in one process.
 PYTEST_WORKERS ?= 3
+# Run again with every `chukcha node` process the tests start on 4 processes (one writer, three
+# fronts; CHUKCHA_TEST_WORKERS=4): the cluster, failure, Go-client and Go-peer tests, whose nodes
+# are processes (in-process nodes are one process either way, so the rest would only repeat).
+# All of tests/bus and tests/integration: see the README's Development section.
+WORKERS_TESTS ?= tests/bus/test_restart.py tests/integration/test_replication.py \
+	tests/integration/test_failures.py tests/integration/test_go_reader.py \
+	tests/integration/test_go_interop.py tests/integration/test_groups_cluster.py
 
 .PHONY: help venv lock test pytest lint run demo bench clean system-deps
 
 help:
 	@echo "make demo   - start a standalone node, run the orders example, show the totals"
 	@echo "make run    - run a standalone node on 127.0.0.1:8080 (data in ./chukcha-data)"
-	@echo "make test   - install everything, run the whole test suite, ruff and mypy"
+	@echo "make test   - install everything, run the whole test suite (and the cluster tests again"
+	@echo "              with every node on 4 worker processes), ruff and mypy"
 	@echo "make bench  - run the benchmarks"
 	@echo "make lock   - refresh requirements.lock (exact versions) from pyproject.toml's ranges"
 
@@ -44,6 +52,7 @@ test: venv system-deps
 	$(BIN)/ruff check chukcha tests examples bench
 	$(BIN)/mypy
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
+	CHUKCHA_TEST_WORKERS=4 $(BIN)/pytest -q -n $(PYTEST_WORKERS) $(WORKERS_TESTS)
 
 pytest: venv
 	$(BIN)/pytest -q $(ARGS)
