@@ -86,7 +86,12 @@ from chukcha.bus.app_view import AppView, Claim, app_prefix, claim_key, claim_ke
 from chukcha.bus.config import ETCD_EXTRA_MISSING, etcd_installed, parse_etcd_endpoint
 from chukcha.bus.coordination import DEFAULT_LEASE_TTL, ETCD_ERRORS, EtcdWatcher
 from chukcha.bus.tasks import log_task_crash, run_until_first_ends
-from chukcha.errors import AppConfigError, CoordinationError, InstanceTakenOverError
+from chukcha.errors import (
+    AppConfigError,
+    CoordinationError,
+    CoordinationTimeoutError,
+    InstanceTakenOverError,
+)
 from chukcha.protocol import validate_instance
 
 __all__ = [
@@ -575,7 +580,8 @@ async def read_app(endpoints: tuple[str, ...], cluster: str, app: str) -> AppVie
 async def etcd_cluster_id(endpoints: tuple[str, ...]) -> str:
     """The ID of the etcd cluster at ``endpoints`` (16 hex digits; the first that answers):
     what tells two etcd clusters apart when their instances use the same ``--cluster`` name.
-    Raises :class:`CoordinationError` when none answers."""
+    Raises :class:`CoordinationTimeoutError` when none answers (:class:`CoordinationError`
+    without the etcd extra)."""
     if not etcd_installed():
         raise CoordinationError(ETCD_EXTRA_MISSING)
     import aetcd  # noqa: PLC0415 - an optional extra (chukcha[etcd])
@@ -592,7 +598,7 @@ async def etcd_cluster_id(endpoints: tuple[str, ...]) -> str:
             errors.append(f"{endpoint}: {exc!r}")
             continue
         return f"{resp.header.cluster_id:016x}"
-    raise CoordinationError(f"no etcd endpoint answered: {'; '.join(errors)}")
+    raise CoordinationTimeoutError(f"no etcd endpoint answered: {'; '.join(errors)}")
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -55,7 +55,7 @@ from typing import Any, Final
 import orjson
 
 from chukcha.client import Client
-from chukcha.errors import ClientError, CoordinationError, DuplicateInstanceError
+from chukcha.errors import ClientError, CoordinationTimeoutError, DuplicateInstanceError
 from chukcha.processors.split import StaticSplit
 
 __all__ = ["DETECTION_WINDOW", "HEARTBEAT_INTERVAL", "TAIL_BYTES", "Heartbeat", "Presence",
@@ -130,8 +130,9 @@ class Presence:
                  client: Client, *, etcd: str = "",
                  identify: Callable[[], Awaitable[str]] | None = None) -> None:
         """``etcd``: the cluster name of an instance run through etcd (empty: without etcd);
-        ``identify``: returns its etcd cluster's ID (raising :class:`CoordinationError` while
-        etcd does not answer), asked once before the first check."""
+        ``identify``: returns its etcd cluster's ID (raising :class:`CoordinationTimeoutError`
+        while etcd does not answer: retried; any other error ends the start), asked once
+        before the first check."""
         self.app = app
         self._etcd = etcd
         self._etcd_id = ""
@@ -232,7 +233,7 @@ class Presence:
                 await self.announce()
                 await self.check()
                 break
-            except (ClientError, CoordinationError) as exc:
+            except (ClientError, CoordinationTimeoutError) as exc:
                 logger.warning("app=%s cannot check for another instance yet (%s); trying "
                                "again in %gs", self.app, exc, delay)
             with contextlib.suppress(TimeoutError):

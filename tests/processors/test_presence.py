@@ -13,7 +13,7 @@ import pytest
 
 from chukcha import Client
 from chukcha.bus.node import Node
-from chukcha.errors import CoordinationError, DuplicateInstanceError
+from chukcha.errors import CoordinationError, CoordinationTimeoutError, DuplicateInstanceError
 from chukcha.processors.presence import (
     DETECTION_WINDOW,
     Heartbeat,
@@ -108,7 +108,7 @@ async def test_one_cluster_name_in_two_etcd_clusters_is_refused_older_heartbeats
         async def identify() -> str:  # etcd answers on the second try
             answer = answers.pop(0)
             if answer == "etcd down":
-                raise CoordinationError("no etcd endpoint answered")
+                raise CoordinationTimeoutError("no etcd endpoint answered")
             return answer
 
         async def start_etcd(name: str, etcd_id: str | None = None) -> None:
@@ -122,6 +122,13 @@ async def test_one_cluster_name_in_two_etcd_clusters_is_refused_older_heartbeats
 
         await start_etcd("same")  # the same etcd cluster, found after a retry
         assert answers == []
+
+        async def no_extra() -> str:  # not retried: the start fails with the reason
+            raise CoordinationError("instances through etcd need chukcha[etcd]")
+
+        with pytest.raises(CoordinationError, match=r"need chukcha\[etcd\]"):
+            await Presence("shop", 4, tmp_path / "no-extra", ALONE, client, etcd="prod",
+                           identify=no_extra).start(asyncio.Event(), retry_initial=0.01)
         with pytest.raises(DuplicateInstanceError,
                            match=r"cluster prod, etcd cluster id 00000000000000aa.*this one's "
                                  r"is 00000000000000bb .*the same --etcd endpoints"):
