@@ -197,7 +197,9 @@ def count_newlines(data: bytes | bytearray | memoryview) -> int:
             return data.tobytes().count(b"\n")
         return data.count(b"\n")
     # The comparison goes into a reused array (per thread): a fresh 1 MiB temporary per call
-    # cost page faults and unmapping, in perf as much as the comparison itself.
+    # cost page faults and unmapping, in perf as much as the comparison itself. 256 KiB at a
+    # time: faster than 1 MiB (it stays in the cache; 0.09 vs 0.13 ms per MiB) and a quarter
+    # of the memory in each thread that counts.
     scratch = getattr(_SCRATCH, "array", None)
     if scratch is None:
         scratch = _SCRATCH.array = np.empty(_SCRATCH_SIZE, dtype=np.bool_)
@@ -212,7 +214,7 @@ def count_newlines(data: bytes | bytearray | memoryview) -> int:
 
 
 _SCRATCH: Final = threading.local()
-_SCRATCH_SIZE: Final = 1 << 20
+_SCRATCH_SIZE: Final = 256 << 10
 
 
 @functools.cache

@@ -134,7 +134,7 @@ class QueuedWrite:
     """A big write waiting in :attr:`Category.queued` (see ``ChunkStore._write_big``)."""
 
     body: bytes | bytearray
-    messages: int
+    messages: int  # counted by the worker thread once written
     done: asyncio.Future[WriteResult]
     taken: bool = False  # being appended (out of the queue; under ``queue_lock``)
 

@@ -39,9 +39,8 @@ class QueuedWriter(ChunkReader):
         for the lock. Now the thread goes on to the next queued body at once. (Appending the
         queued bodies together with one ``writev`` and answering them together was slower:
         the 4 clients fell into step, so receiving and writing no longer overlapped.) The
-        messages are counted before the write, outside the lock."""
-        entry = QueuedWrite(body, count_newlines(body),
-                            asyncio.get_running_loop().create_future())
+        thread also counts the messages (for the metrics), off the loop."""
+        entry = QueuedWrite(body, 0, asyncio.get_running_loop().create_future())
         with cat.queue_lock:
             cat.queued.append(entry)
         if cat.queue_round is None:
@@ -112,7 +111,10 @@ class QueuedWriter(ChunkReader):
             except BaseException as exc:  # noqa: BLE001 - the write's answer
                 loop.call_soon_threadsafe(_settle, entry.done, exc)
             else:
-                loop.call_soon_threadsafe(self._big_written, cat, entry, name, cur.size)
+                end = cur.size
+                # Counted here, not on the loop: numpy lets go of the GIL while it counts.
+                entry.messages = count_newlines(entry.body)
+                loop.call_soon_threadsafe(self._big_written, cat, entry, name, end)
             # Not kept while waiting for the next one: once answered, the body's buffer may be
             # reused (the HTTP server reuses it when nothing else refers to it).
             del entry
