@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chukcha.bus.chunks import ChunkStore, StoreEvent, StoreEventKind
@@ -279,3 +280,54 @@ async def test_the_server_stops_after_answering_the_writes_it_gathered(
         writer.close()
     on_disk = await read_file(tmp_path / "data" / "s" / C0)
     assert sorted(on_disk.split(b"\n")[:-1]) == [b"s%d" % c for c in range(8)] + [b"start"]
+
+
+_examples = itertools.count()
+_KINDS = ("write", "sync", "bad", "list")
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=st.lists(st.lists(st.sampled_from(_KINDS), min_size=1, max_size=5),
+                     min_size=2, max_size=6))
+async def test_any_mix_of_pipelined_requests_on_many_connections_is_answered_in_order(
+    node: Node, plan: list[list[str]]
+) -> None:
+    """Connections pipelining gathered writes, synced writes (the handler), bad bodies and
+    other requests, all sent before the node reads any: each request gets its own answer, in
+    its connection's order; every accepted body is in the chunk once, in that order too."""
+    category = f"mix{next(_examples)}"
+    await node.store.write(category, b"start\n")  # known: plain writes take the fast path
+    conns = [await _raw(node) for _ in plan]
+    for c, ((_, writer), kinds) in enumerate(zip(conns, plan, strict=True)):
+        requests = []
+        for j, kind in enumerate(kinds):
+            body = b"c%d-%d\n" % (c, j)
+            if kind == "write":
+                requests.append(_post(category, body))
+            elif kind == "sync":
+                requests.append(_post(category + "&sync=1", body))
+            elif kind == "bad":
+                requests.append(_post(category, body[:-1]))  # no final newline: refused
+            else:
+                requests.append(b"GET /listCategories HTTP/1.1\r\nHost: t\r\n\r\n")
+        writer.write(b"".join(requests))
+    async with asyncio.timeout(20):
+        for (reader, writer), kinds in zip(conns, plan, strict=True):
+            for kind in kinds:
+                head, body = await _answer(reader)
+                if kind == "bad":
+                    assert head.startswith(b"HTTP/1.1 500 "), head
+                    assert b"must end with a newline" in body, body
+                else:
+                    assert head.startswith(b"HTTP/1.1 200 OK\r\n"), (kind, head, body)
+                    assert (body == b"") == (kind != "list"), (kind, body)
+            writer.close()
+    data = b"".join([await read_file(node.config.data_dir / category / c.name)
+                     for c in node.store.list_chunks(category)])
+    lines = data.split(b"\n")[:-1]
+    assert lines[0] == b"start"
+    for c, kinds in enumerate(plan):
+        mine = [line for line in lines if line.startswith(b"c%d-" % c)]
+        assert mine == [b"c%d-%d" % (c, j) for j, kind in enumerate(kinds)
+                        if kind in ("write", "sync")], (c, kinds, mine)
