@@ -2,12 +2,14 @@
 
 A node started with ``--workers N`` is one *primary* process (the whole node: chunk store,
 replication, groups, every guarantee) and ``N - 1`` *front* processes. All of them accept on the
-same listening socket. A front parses the client's HTTP and hands each request to the primary
-over a local unix socket; concurrent single-message writes with the same parameters are
-coalesced into one write of the primary (each body is validated on its own first, and a write
-lands whole in one chunk, so each client gets exactly the answer the primary gave the batch).
-Every other request, reads included, is relayed as it is (streams too), so the primary keeps
-being the one place where state lives: a front holds nothing and can die at any moment.
+same listening socket. A front serves small single-message writes itself: concurrent ones with
+the same parameters are coalesced into one write of the primary (:mod:`chukcha.bus.coalesce`;
+each body is validated on its own first, and a write lands whole in one chunk, so each client
+gets exactly the answer the primary gave the batch). A connection that starts any other request
+with nothing in flight is handed over to the primary (:mod:`chukcha.bus.handover`); what cannot
+be handed over (TLS, a request pipelined behind others, a primary that cannot take it now) is
+relayed as it is (streams too). So the primary keeps being the one place where state lives: a
+front holds nothing and can die at any moment.
 
 Why this design and not shards (``docs/DESIGN.md``): shards would need per-worker owner names,
 which Go peers do not replicate, and every shard is one more stream for readers.
