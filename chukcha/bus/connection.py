@@ -108,6 +108,11 @@ class Connection(asyncio.Protocol):
         self._unreleased: list[Callable[[], None]] = []  # Response.release once sent
         self._later_since = 0.0  # when the fast path deferred the answer in progress
 
+    @property
+    def busy(self) -> bool:
+        """A request of this connection is being answered (perhaps with more read behind it)."""
+        return self._busy
+
     # --- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -192,7 +192,11 @@ class HttpServer:
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
-            if conn.state is ConnectionState.IDLE or conn.state is ConnectionState.HEADERS:
+            # A busy one (a gathered write answered at the end of this iteration, with the next
+            # request's first bytes read) closes once its answer is sent (_finish: _closing).
+            if conn.state is ConnectionState.IDLE or (
+                conn.state is ConnectionState.HEADERS and not conn.busy
+            ):
                 conn.close()
         if self.deferred:  # gathered writes: written at the end of this loop iteration
             self._deferred_answered = asyncio.Event()
