@@ -107,6 +107,9 @@ class Connection(asyncio.Protocol):
         self._stream_sized = False
         self._unreleased: list[Callable[[], None]] = []  # Response.release once sent
         self._later_since = 0.0  # when the fast path deferred the answer in progress
+        # A request refused (_fail) while the ones before it were still being answered: its
+        # answer, sent after theirs, then the connection closes. Nothing more is parsed.
+        self._refusal: bytes | None = None
 
     @property
     def busy(self) -> bool:
@@ -163,7 +166,7 @@ class Connection(asyncio.Protocol):
             self._drained.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        if self._closed:
+        if self._closed or self._refusal is not None:
             return
         if self.state is ConnectionState.IDLE:
             handover = self._router.handover
@@ -193,6 +196,8 @@ class Connection(asyncio.Protocol):
     # --- parser callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._refusal is not None:
+            return
         self._url = b""
         self._headers = Headers()
         self._header_bytes = 0
@@ -225,7 +230,7 @@ class Connection(asyncio.Protocol):
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
-        if self._closed:
+        if self._closed or self._refusal is not None:
             return
         headers = self._headers
         length_text = dict.get(headers, "content-length")
@@ -253,7 +258,7 @@ class Connection(asyncio.Protocol):
             self._send_continue()
 
     def on_body(self, body: bytes) -> None:
-        if self._closed:
+        if self._closed or self._refusal is not None:
             return
         if self._direct is not None:  # the body's first bytes came with its headers
             end = self._direct_len + len(body)
@@ -282,7 +287,7 @@ class Connection(asyncio.Protocol):
             self.stalled_since = now
 
     def on_message_complete(self) -> None:
-        if self._closed:
+        if self._closed or self._refusal is not None:
             return
         parser = self._parser
         url = self._url if isinstance(self._url, bytes) else bytes(self._url)
@@ -389,8 +394,11 @@ class Connection(asyncio.Protocol):
             request = self._pending.popleft() if self._pending else None
             if self._reading_paused and len(self._pending) < _MAX_PIPELINED // 2:
                 self._reading_paused = False
-                if self._transport is not None:
+                if self._transport is not None and self._refusal is None:
                     self._transport.resume_reading()
+        if self._refusal is not None:
+            self._send_refusal()
+            return
         self._busy = False
         if self.state is ConnectionState.BUSY:
             self.state = ConnectionState.IDLE
@@ -453,6 +461,8 @@ class Connection(asyncio.Protocol):
         if self._pending:
             self._srv._spawn(self._loop, self._answer(  # noqa: SLF001 - the server's own helper
                 self._pending.popleft()))
+        elif self._refusal is not None:
+            self._send_refusal()
         else:
             self._busy = False
             if self.state is ConnectionState.BUSY:
@@ -705,20 +715,37 @@ class Connection(asyncio.Protocol):
         self._timer = loop.call_later(limits.tick, self._check_timeouts)
 
     def _fail(self, status: int, reason: str) -> None:
-        """Answer a request that cannot be parsed or accepted, and close the connection."""
-        if self._closed:
+        """Answer a request that cannot be parsed or accepted, and close the connection; while
+        the requests before it are being answered, once their answers are sent."""
+        if self._closed or self._refusal is not None:
             return
         logger.debug("%s: %d %s", self.peer, status, reason)
+        body = f"{reason}\n".encode()
+        answer = self._head(status, b"text/plain; charset=utf-8", len(body), close=True) + body
+        self._direct = None
+        if self._busy:
+            # Stop reading and parsing; _answer or _go_on sends it when its turn comes.
+            self._refusal = answer
+            self._body = []
+            self.state = ConnectionState.BUSY
+            if self._transport is not None:
+                self._transport.pause_reading()
+            return
         transport = self._transport
         self._closed = True
-        self._direct = None
         if transport is not None:
-            if not self._busy and not self._streaming:
-                body = f"{reason}\n".encode()
-                transport.write(self._head(status, b"text/plain; charset=utf-8", len(body),
-                                           close=True) + body)
+            transport.write(answer)
             transport.close()
         self._srv.connections.pop(self, None)
+        self._srv.budget.give_back(self)
+
+    def _send_refusal(self) -> None:
+        """The requests before a refused one are answered: send its refusal and close."""
+        answer, self._refusal = self._refusal, None
+        self._busy = False
+        if self._transport is not None and not self._closed and answer is not None:
+            self._transport.write(answer)
+        self.close()
         self._srv.budget.give_back(self)
 
     def close(self) -> None:

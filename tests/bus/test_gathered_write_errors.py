@@ -6,10 +6,73 @@ refusal or the close."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import pytest
+
+from chukcha.bus.front import FrontWorker
 from chukcha.bus.node import Node
+from chukcha.bus.server import ServerLimits
+from chukcha.testing import bind_loopback, run_node
 from tests.bus.conftest import Api, read_file
 from tests.bus.test_gathered_writes import C0, _post, _raw
+
+_REFUSED = {
+    "body over the limit": (400, b"POST /write?category=c HTTP/1.1\r\nHost: t\r\n"
+                                 b"Content-Length: 999999999999\r\n\r\n"),
+    "headers over the limit": (431, b"GET /listCategories HTTP/1.1\r\nHost: t\r\nX-Big: "
+                                    + b"a" * (70 << 10) + b"\r\n\r\n"),
+    "bad syntax": (400, b"GET /listCategories HTTP/1.1\r\nno colon here\r\n\r\n"),
+}
+
+
+async def _answers(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(10):
+        return await reader.read()  # all of them: the node closes after the refusal
+
+
+@pytest.mark.parametrize("refused", _REFUSED, ids=list(_REFUSED))
+@pytest.mark.parametrize("sync", ["", "&sync=1"], ids=["gathered", "synced (handler)"])
+async def test_a_write_before_a_refused_request_is_answered_then_the_refusal(
+    node: Node, api: Api, refused: str, sync: str
+) -> None:
+    status, request = _REFUSED[refused]
+    await api.write("c", b"first\n")
+    _, other_writer = await _raw(node)  # a second connection: gathering is on
+    reader, writer = await _raw(node)
+    write = _post("c", b"landed\n").replace(b"category=c", b"category=c" + sync.encode())
+    writer.write(write + request)  # one packet: the refusal is parsed before the write's answer
+    data = await _answers(reader)
+    writer.close()
+    other_writer.close()
+    assert await read_file(node.config.data_dir / "c" / C0) == b"first\nlanded\n"
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data  # the write that landed is answered
+    assert data.count(b"HTTP/1.1 ") == 2, data
+    assert b"\r\n\r\nHTTP/1.1 %d " % status in data, data  # then the refusal, then the close
+
+
+async def test_a_front_answers_a_write_before_a_refused_request(tmp_path: Path) -> None:
+    private = str(tmp_path / "writer.sock")
+    async with run_node(tmp_path / "data", "w", internal_socket=private) as node:
+        front = FrontWorker(private, ServerLimits(), max_message_size=1 << 20)
+        sock = bind_loopback()
+        sock.setblocking(False)
+        await front.start(sock)
+        port = sock.getsockname()[1]
+        try:
+            other = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(_post("c", b"landed\n") + _REFUSED["body over the limit"][1])
+            data = await _answers(reader)
+            writer.close()
+            other[1].close()
+            chunks = node.store.list_chunks("c")
+            assert await read_file(tmp_path / "data" / "c" / chunks[0].name) == b"landed\n"
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data
+            assert data.count(b"HTTP/1.1 ") == 2, data
+            assert b"\r\n\r\nHTTP/1.1 400 " in data, data
+        finally:
+            await front.stop(1.0)
 
 
 async def test_stop_answers_a_gathered_write_with_a_partial_request_behind_it(
