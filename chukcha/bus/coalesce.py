@@ -1,7 +1,8 @@
 """A front worker's coalesced writes to the writer (``--workers N``, :mod:`chukcha.bus.front`).
 
-Single writes with the same parameters and credentials that arrive while one is on its way to
-the writer go as one write when it returns (each body was validated on its own; a write lands
+Single writes with the same parameters and credentials that arrive in the same loop iteration,
+or while one is on its way to the writer, go as one write (the first at the end of the
+iteration, the others when it returns) (each body was validated on its own; a write lands
 whole in one chunk, so every client gets the answer the batch got). Callers get a future of
 their answer (the server sends it when it comes: ``Router.add_later_routes``).
 
@@ -181,7 +182,8 @@ class WriteCoalescer:
         self._path = path
         self._max = max_batch
         self._timeout = timeout
-        self._busy: dict[str, _Batch | None] = {}  # key -> the batch gathering (None: none)
+        self._gathering: dict[str, _Batch] = {}  # key -> the batch to send next
+        self._in_flight: set[str] = set()  # keys with a batch on its way to the writer
         self._idle: list[_WriterLink] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -194,20 +196,27 @@ class WriteCoalescer:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[web.StreamResponse] = loop.create_future()
-        if key in self._busy:
-            batch = self._busy[key]
-            if batch is None:
-                batch = self._busy[key] = _Batch()
+        batch = self._gathering.get(key)
+        if batch is not None:
             if batch.size + len(body) <= self._max:
                 batch.bodies.append(body)
                 batch.waiters.append(fut)
                 batch.size += len(body)
-                return fut
-            key = ""  # too big to join the batch: a write of its own
-        else:
-            self._busy[key] = None
-        self._send(_Target(key, query, headers), _Batch([body], [fut], len(body)))
+            else:  # too big to join the batch: a write of its own
+                self._send(_Target("", query, headers), _Batch([body], [fut], len(body)))
+            return fut
+        self._gathering[key] = _Batch([body], [fut], len(body))
+        if key not in self._in_flight:
+            # Sent at the end of this loop iteration: the writes that arrived with it (other
+            # connections' in the same epoll round) go in the same batch.
+            loop.call_soon(self._launch, _Target(key, query, headers))
         return fut
+
+    def _launch(self, target: _Target) -> None:
+        batch = self._gathering.pop(target.key, None)
+        if batch is not None:
+            self._in_flight.add(target.key)
+            self._send(target, batch)
 
     def _send(self, target: _Target, batch: _Batch) -> None:
         body = batch.bodies[0] if len(batch.bodies) == 1 else b"".join(batch.bodies)
@@ -252,14 +261,9 @@ class WriteCoalescer:
             for fut in batch.waiters:
                 if not fut.done():
                     fut.set_result(resp)
-        if not target.key:
-            return
-        gathered = self._busy.get(target.key)
-        if gathered is None:
-            self._busy.pop(target.key, None)
-            return
-        self._busy[target.key] = None
-        self._send(target, gathered)
+        if target.key:
+            self._in_flight.discard(target.key)
+            self._launch(target)  # the batch that gathered meanwhile, if any
 
     def close(self) -> None:
         for link in self._idle:
