@@ -10,8 +10,9 @@ All file I/O runs in worker threads (``asyncio.to_thread``), but small page-cach
 reads; per-category locks keep the writes of one category in order.
 
 :class:`ChunkStore` is built in layers: the index, lifecycle, listeners and queries
-(:mod:`chukcha.bus.chunk_index`), the reads (:mod:`chukcha.bus.chunk_reads`), and here the
-writes, rotation, replicated chunks and acks.
+(:mod:`chukcha.bus.chunk_index`), the reads (:mod:`chukcha.bus.chunk_reads`), the queued big
+writes (:mod:`chukcha.bus.chunk_queue`), and here the writes, rotation, replicated chunks and
+acks.
 """
 
 from __future__ import annotations
