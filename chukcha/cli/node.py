@@ -107,9 +107,11 @@ def register(sub: Any) -> None:
     _flag(ext, "sync-each-write", action="store_true",
           help="fsync every write before answering (else per request with sync=1)")
     _flag(ext, "workers", type=_workers, default=os.cpu_count() or 1, metavar="N",
-          help="serve from N processes: one writer (the node) and N-1 front workers that "
-               "parse HTTP on the same socket and hand requests to it, coalescing concurrent "
-               "writes; a worker that dies is restarted (default: the number of cores)")
+          help="serve from N processes: one writer (the node) and N-1 front workers on the "
+               "same socket that coalesce concurrent small writes into writes of the writer "
+               "and hand it every other connection; a worker that dies is restarted (default: "
+               "the number of cores; on a 2-core box shared with its clients --workers 1 is "
+               "faster for single writes)")
     _flag(ext, "no-group-commit", action="store_true",
           help="fsync each durable write (sync=1, --sync-each-write) on its own instead of "
                "letting concurrent ones share one fsync (for comparison benchmarks)")
