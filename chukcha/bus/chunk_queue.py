@@ -28,6 +28,11 @@ class QueuedWriter(ChunkReader):
     """The queued big writes of :class:`~chukcha.bus.chunks.ChunkStore` (its
     ``write`` sends big writes without fsync here)."""
 
+    queued_run_bytes = 8 << 20
+    """A worker-thread run takes queued writes until it took this many bytes, then lets the
+    category's lock go (what waits for it goes first): a steady stream of big writes never
+    keeps small and durable writes, rotation or acks out."""
+
     async def _write_big(self, cat: Category, body: bytes | bytearray) -> WriteResult:
         """A big write without fsync: queued for the worker thread that appends the queued big
         writes of the category one after the other, answering each once its bytes are in.
@@ -95,17 +100,19 @@ class QueuedWriter(ChunkReader):
                        name: str) -> None:
         """The worker thread of :meth:`_write_run`: appends queued writes one after the other
         and has the loop answer each as soon as its bytes are in (or rolled back)."""
-        first = True
+        taken = 0  # bytes this run took
         while True:
             with cat.queue_lock:
                 if not cat.queued:
                     return
                 entry = cat.queued[0]
-                if not first and cur.size + len(entry.body) > self._max_chunk_size:
+                if taken and cur.size + len(entry.body) > self._max_chunk_size:
                     return  # a new chunk first, on the loop
+                if taken >= self.queued_run_bytes:
+                    return  # the lock's turn for others (small and durable writes, rotation)
                 cat.queued.popleft()
                 entry.taken = True
-            first = False
+            taken += len(entry.body)
             try:
                 self._append(cat.write_fd, cur, entry.body, False)
             except BaseException as exc:  # noqa: BLE001 - the write's answer

@@ -176,3 +176,23 @@ async def test_a_cancelled_queued_write_is_not_written_and_a_taken_one_waits(
     assert results[2] == WriteResult(c0, len(bodies[0]) + len(bodies[2]))
     path = tmp_path / "data" / "c" / c0
     assert await asyncio.to_thread(path.read_bytes) == bodies[0] + bodies[2]
+
+
+async def test_a_long_stream_of_big_writes_lets_others_take_their_turn(
+    store: ChunkStore, gate: _Gate, runs: _Runs, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A run of the worker thread ends after queued_run_bytes: a durable write waiting for the
+    # category's lock goes between two runs, not after the whole stream.
+    monkeypatch.setattr(ChunkStore, "queued_run_bytes", 300_000)
+    bodies = [_body(i, 100_000) for i in range(6)]
+    tasks = await _queue_behind_the_first(store, gate, bodies)
+    durable = asyncio.create_task(store.write("c", b"durable\n", sync=True))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    gate.open()
+    await asyncio.gather(*tasks, durable)
+    path = tmp_path / "data" / "c" / "me-chunk000000000"
+    assert await asyncio.to_thread(path.read_bytes) == (
+        b"".join(bodies[:3]) + b"durable\n" + b"".join(bodies[3:]))
+    assert runs.count == 2
