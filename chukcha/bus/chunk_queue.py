@@ -106,7 +106,9 @@ class QueuedWriter(ChunkReader):
                 if not cat.queued:
                     return
                 entry = cat.queued[0]
-                if taken and cur.size + len(entry.body) > self._max_chunk_size:
+                # The first one too (the rule of _chunk_for): the chunk was chosen for the
+                # write then first in the queue, whose caller may have left since.
+                if cur.size > 0 and cur.size + len(entry.body) > self._max_chunk_size:
                     return  # a new chunk first, on the loop
                 if taken >= self.queued_run_bytes:
                     return  # the lock's turn for others (small and durable writes, rotation)

@@ -196,3 +196,34 @@ async def test_a_long_stream_of_big_writes_lets_others_take_their_turn(
     assert await asyncio.to_thread(path.read_bytes) == (
         b"".join(bodies[:3]) + b"durable\n" + b"".join(bodies[3:]))
     assert runs.count == 2
+
+
+async def test_a_write_cancelled_after_its_chunk_was_chosen_lets_no_later_one_overfill_it(
+    store: ChunkStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    # Chunk 0 holds 600 KB of its 1 MiB. Queued: A (100 KB, fits) then B (500 KB, does not).
+    # The chunk is chosen for A, then A's caller leaves before the worker thread takes it: the
+    # thread's first write is B, which still needs a chunk of its own.
+    first = _body(0, 600_000)
+    await store.write("c", first, sync=True)  # not queued: no round still running after it
+    bodies = [_body(1, 100_000), _body(2, 500_000)]
+    real = store._chunk_for
+    tasks: list[asyncio.Task[WriteResult]] = []
+
+    async def chunk_for_then_cancel_a(cat: Any, size: int) -> Any:
+        chunk = await real(cat, size)
+        if size == len(bodies[0]) and not tasks[0].done():
+            tasks[0].cancel()
+            await asyncio.wait([tasks[0]])  # A left the queue (never taken)
+        return chunk
+
+    monkeypatch.setattr(store, "_chunk_for", chunk_for_then_cancel_a)
+    tasks.extend(asyncio.create_task(store.write("c", b)) for b in bodies)
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[0]
+    c0, c1 = "me-chunk000000000", "me-chunk000000001"
+    assert await tasks[1] == WriteResult(c1, len(bodies[1]))
+    data = tmp_path / "data" / "c"
+    assert await asyncio.to_thread((data / c0).read_bytes) == first
+    assert await asyncio.to_thread((data / c1).read_bytes) == bodies[1]
+    assert store.chunk_size("c", c0) == len(first)
