@@ -4,8 +4,9 @@ Every access to etcd (through ``aetcd``) lives in the one etcd layer: this modul
 base :class:`EtcdWatcher` and the membership), :mod:`chukcha.bus.group_coordination` (the
 consumer groups, :class:`~chukcha.bus.group_coordination.EtcdGroups`) and
 :mod:`chukcha.bus.app_coordination` (the instances of an app and their partition claims, with
-:mod:`chukcha.bus.app_standbys`, their standby keys, through the same session), which share the
-session base. Membership is behind the small :class:`Membership` protocol, so that
+:mod:`chukcha.bus.app_standbys`, their standby keys, and :mod:`chukcha.bus.app_retries`, the
+``failing`` keys of partitions whose start failed, both through the same session's client),
+which share the session base. Membership is behind the small :class:`Membership` protocol, so that
 the replication code never sees the etcd client and the client library can be swapped.
 
 etcd layout: ``chukcha/<cluster>/peers/<instance>`` = ``host:port``, put under a lease that the
