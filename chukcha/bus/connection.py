@@ -398,13 +398,8 @@ class Connection(asyncio.Protocol):
                     self._transport.resume_reading()
         if self._refusal is not None:
             self._send_refusal()
-            return
-        self._busy = False
-        if self.state is ConnectionState.BUSY:
-            self.state = ConnectionState.IDLE
-            self._since = self._loop.time()
-        elif self.state is ConnectionState.BODY and self._expect_continue:
-            self._send_continue()  # the next request waited for its turn to be asked for
+        else:
+            self._all_answered()
 
     def _recycle_body(self, request: Request) -> None:
         """Give an answered request's big-body buffer back for reuse, unless anything else still
@@ -464,12 +459,16 @@ class Connection(asyncio.Protocol):
         elif self._refusal is not None:
             self._send_refusal()
         else:
-            self._busy = False
-            if self.state is ConnectionState.BUSY:
-                self.state = ConnectionState.IDLE
-                self._since = self._loop.time()
-            elif self.state is ConnectionState.BODY and self._expect_continue:
-                self._send_continue()  # the next request waited for its turn to be asked for
+            self._all_answered()
+
+    def _all_answered(self) -> None:
+        """No request is left to answer: idle, or ask for the body of the one being read."""
+        self._busy = False
+        if self.state is ConnectionState.BUSY:
+            self.state = ConnectionState.IDLE
+            self._since = self._loop.time()
+        elif self.state is ConnectionState.BODY and self._expect_continue:
+            self._send_continue()  # the next request waited for its turn to be asked for
 
     def _answer_now(self, request: Request, fast: FastHandler) -> StreamResponse | Later | None:
         """Run the checks and a route's fast path: the answer (observed), :data:`LATER`
