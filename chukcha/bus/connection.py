@@ -106,7 +106,7 @@ class Connection(asyncio.Protocol):
         self._chunked_out = False
         self._stream_sized = False
         self._unreleased: list[Callable[[], None]] = []  # Response.release once sent
-        self._later_since = 0.0  # when the fast path deferred the answer in progress
+        self._later_since = 0.0  # when the answer in progress was deferred (fast or later route)
         # A request refused (_fail) while the ones before it were still being answered: its
         # answer, sent after theirs, then the connection closes. Nothing more is parsed.
         self._refusal: bytes | None = None
@@ -417,6 +417,8 @@ class Connection(asyncio.Protocol):
         later = self._router.later_routes.get(request.path)
         if later is None or self._write_paused or self._router.checks:
             return False
+        if self._router.observers:
+            self._later_since = time.perf_counter()
         answer = later(request)
         if answer is None:
             return False
@@ -428,14 +430,22 @@ class Connection(asyncio.Protocol):
         """A later route's answer came (:meth:`Router.add_later_routes`): send it, then answer
         the requests that queued behind it."""
         self._srv._later.discard(answer)  # noqa: SLF001 - the server's own set
-        if self._closed:
-            self._busy = False
-            return
         if answer.cancelled():
-            self.abort()  # stopping: past the grace period
+            if self._closed:
+                self._busy = False
+            else:
+                self.abort()  # stopping: past the grace period
             return
         exc = answer.exception()
         resp = error_response(exc, request) if exc is not None else answer.result()
+        observers = self._router.observers
+        if observers:  # as the handler's and the fast path's answers are
+            seconds = time.perf_counter() - self._later_since
+            for observe in observers:
+                observe(request.path, resp.status, seconds)
+        if self._closed:  # the client left
+            self._busy = False
+            return
         self._answered_out_of_turn(request, resp)
 
     def _answered_out_of_turn(self, request: Request, resp: StreamResponse) -> None:

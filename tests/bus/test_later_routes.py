@@ -5,7 +5,7 @@ answers, a graceful stop waits for them and a client that left gets nothing."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -43,9 +43,13 @@ async def _handler(request: web.Request) -> web.StreamResponse:
 
 
 @asynccontextmanager
-async def _served() -> AsyncIterator[tuple[HttpServer, _Later, int]]:
+async def _served(
+    observer: Callable[[str, int, float], None] | None = None,
+) -> AsyncIterator[tuple[HttpServer, _Later, int]]:
     later = _Later()
     router = Router()
+    if observer is not None:
+        router.add_observer(observer)
     router.add_routes({"/later": _handler, "/other": _handler})
     router.add_later_routes({"/later": later})
     server = HttpServer(router, ServerLimits())
@@ -95,6 +99,29 @@ async def test_answers_stay_in_order_behind_a_later_answer() -> None:
             writer.write(_get("/later"))
             (await later.next()).set_result(web.Response(status=201))
             assert await _answers(reader, 1) == [(201, b"")]
+        finally:
+            writer.close()
+
+
+async def test_later_answers_are_observed_like_the_handlers() -> None:
+    observed: list[tuple[str, int]] = []
+    seconds: list[float] = []
+
+    def observe(route: str, status: int, took: float) -> None:  # the metrics' observer
+        observed.append((route, status))
+        seconds.append(took)
+
+    async with _served(observe) as (_, later, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(_get("/later"))
+            (await later.next()).set_result(web.Response(status=201))
+            writer.write(_get("/later"))
+            (await later.next()).set_exception(ValueError("bad thing"))
+            writer.write(_get("/later?mode=handler"))
+            assert [s for s, _ in await _answers(reader, 3)] == [201, 500, 200]
+            assert observed == [("/later", 201), ("/later", 500), ("/later", 200)]
+            assert all(s >= 0 for s in seconds)
         finally:
             writer.close()
 
