@@ -133,8 +133,13 @@ async def test_a_graceful_stop_waits_for_a_later_answer() -> None:
             writer.write(_get("/later"))
             fut = await later.next()
             stopping = asyncio.create_task(server.stop(10.0))
-            await asyncio.sleep(0.05)
+            async with asyncio.timeout(10):
+                while not server._closing:  # noqa: ASYNC110 - set as stop() begins
+                    await asyncio.sleep(0)
+            for _ in range(10):  # loop turns, no timed sleep: stop() is past its first await
+                await asyncio.sleep(0)
             assert not stopping.done()  # it waits for the answer in progress
+            assert server.connections  # with the connection open
             fut.set_result(web.Response(text="done\n"))
             assert await _answers(reader, 1) == [(200, b"done\n")]
             async with asyncio.timeout(10):
