@@ -159,7 +159,9 @@ class StateLayoutError(ChukchaError, ValueError):
 
 class WriterUnavailableError(ChukchaError):
     """A front worker (``--workers``) cannot reach the node's writer process (it is restarting
-    or stopping); nothing was done, retry."""
+    or stopping). Not reachable: nothing was done. Lost after the request was sent: it may have
+    been done (a write may have landed), as after any network error; a retried write may then be
+    stored twice, which readers of an at-least-once bus already expect."""
 
     http_status = 503
     retriable = True

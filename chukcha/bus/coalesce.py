@@ -107,7 +107,8 @@ class _WriterLink(asyncio.Protocol):
         if waited >= self._timeout:
             logger.warning("the writer process did not answer in %.0f s", waited)
             self._fail(WriterUnavailableError(
-                f"the node's writer process did not answer in {waited:.0f} s"))
+                f"the node's writer process did not answer in {waited:.0f} s "
+                f"(the write may have landed)"))
             return
         self._timer = self._loop.call_later(self._timeout - waited, self._check)
 
@@ -153,7 +154,8 @@ class _WriterLink(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._fail(WriterUnavailableError(
-            f"the node's writer process closed the connection: {exc!r}"))
+            f"the node's writer process closed the connection: {exc!r} "
+            f"(a write sent before may have landed)"))
 
     def close(self) -> None:
         self.alive = False

@@ -121,8 +121,9 @@ class PrimaryClient:
         except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError) as exc:
             conn.close()
             self.close()  # the other idle connections went to the same (dead) writer
-            raise WriterUnavailableError(f"the node's writer process failed to answer: {exc!r}") \
-                from None
+            raise WriterUnavailableError(
+                f"the node's writer process failed to answer: {exc!r} (the request was sent: "
+                f"it may have been done)") from None
         except BaseException:
             conn.close()
             raise
