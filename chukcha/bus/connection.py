@@ -56,6 +56,12 @@ _FILE_PIECE: Final = 128 << 10
 """A big answer from a file is read and sent this much at a time."""
 _MAX_PIPELINED: Final = 64
 """Parsed requests queued on one connection before it stops reading."""
+_GATHER_FROM: Final = 16
+"""Small writes are gathered per loop iteration (:meth:`Connection.deliver`) while this many
+connections are open. With many clients writing at once, one chunk ``write`` and the answers
+sent in one burst cost less CPU per write (64 connections: 20-45 % less, the rate 1.3-2x);
+with a few, an answer sent at once comes sooner (8 connections on a quiet box: ~5 % more
+writes per second without gathering; under load gathering won there too)."""
 _EMPTY_OK: Final = Response()
 """A deferred write's answer (never changed)."""
 
@@ -329,8 +335,7 @@ class Connection(asyncio.Protocol):
         """The fast path: the answer made here, inside the parser's callback, with no task, or
         (a small write) at the end of this loop iteration by :meth:`deliver`. ``False``: the
         request needs its handler."""
-        # Gathering pays where other connections' writes may share this iteration's end.
-        request.deferrable = len(self._srv.connections) > 1
+        request.deferrable = len(self._srv.connections) >= _GATHER_FROM
         resp = self._answer_now(request, fast)
         if resp is None:
             return False

@@ -1,4 +1,4 @@
-"""A small write gathered for the iteration's end (another connection open, see
+"""A small write gathered for the iteration's end (enough connections open, see
 test_gathered_writes) with more behind it on its connection: a request refused at its headers,
 a partial request while the node stops. The write's answer is sent all the same, before the
 refusal or the close."""
@@ -15,7 +15,7 @@ from chukcha.bus.node import Node
 from chukcha.bus.server import ServerLimits
 from chukcha.testing import bind_loopback, run_node
 from tests.bus.conftest import Api, read_file
-from tests.bus.test_gathered_writes import C0, _post, _raw
+from tests.bus.test_gathered_writes import C0, _gathering_on, _post, _raw
 
 _REFUSED = {
     "body over the limit": (400, b"POST /write?category=c HTTP/1.1\r\nHost: t\r\n"
@@ -38,13 +38,14 @@ async def test_a_write_before_a_refused_request_is_answered_then_the_refusal(
 ) -> None:
     status, request = _REFUSED[refused]
     await api.write("c", b"first\n")
-    _, other_writer = await _raw(node)  # a second connection: gathering is on
+    others = await _gathering_on(node)
     reader, writer = await _raw(node)
     write = _post("c", b"landed\n").replace(b"category=c", b"category=c" + sync.encode())
     writer.write(write + request)  # one packet: the refusal is parsed before the write's answer
     data = await _answers(reader)
     writer.close()
-    other_writer.close()
+    for other in others:
+        other.close()
     assert await read_file(node.config.data_dir / "c" / C0) == b"first\nlanded\n"
     assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data  # the write that landed is answered
     assert data.count(b"HTTP/1.1 ") == 2, data
@@ -79,7 +80,7 @@ async def test_stop_answers_a_gathered_write_with_a_partial_request_behind_it(
     node: Node, api: Api
 ) -> None:
     await api.write("s", b"start\n")
-    other = await _raw(node)
+    others = await _gathering_on(node)
     reader, writer = await _raw(node)
     writer.write(_post("s", b"landed\n") + b"GET /listCategories HTTP/1.1\r\nHo")  # 2nd: partial
     async with asyncio.timeout(10):
@@ -89,7 +90,8 @@ async def test_stop_answers_a_gathered_write_with_a_partial_request_behind_it(
     async with asyncio.timeout(10):
         data = await reader.read()
     writer.close()
-    other[1].close()
+    for other in others:
+        other.close()
     assert await read_file(node.config.data_dir / "s" / C0) == b"start\nlanded\n"
     assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data
     assert data.count(b"HTTP/1.1 ") == 1, data  # then closed: the partial one is never answered

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chukcha.bus.chunks import ChunkStore, StoreEvent, StoreEventKind
+from chukcha.bus.connection import _GATHER_FROM
 from chukcha.bus.node import Node
 from chukcha.errors import DiskWriteError
 from tests.bus.conftest import Api, read_file
@@ -194,6 +195,11 @@ async def _raw(node: Node) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection(host, int(port))
 
 
+async def _gathering_on(node: Node) -> list[asyncio.StreamWriter]:
+    """Idle connections enough for the node to gather small writes (``_GATHER_FROM`` open)."""
+    return [(await _raw(node))[1] for _ in range(_GATHER_FROM)]
+
+
 def _post(category: str, body: bytes) -> bytes:
     return b"POST /write?category=%b HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%b" % (
         category.encode(), len(body), body)
@@ -242,7 +248,7 @@ async def test_a_full_disk_answers_every_gathered_request_and_keeps_serving(
     spy = _WriteSpy(os.write, node.store._categories["c"].write_fd)
     spy.fail, spy.budget = True, 3
     monkeypatch.setattr("chukcha.bus.chunks.os.write", spy.write)
-    conns = [await _raw(node) for _ in range(8)]
+    conns = [await _raw(node) for _ in range(20)]  # enough for the node to gather
     for c, (_, writer) in enumerate(conns):
         writer.write(_post("c", b"w%d\n" % c) + _post("c", b"v%d\n" % c))
     async with asyncio.timeout(10):
@@ -259,14 +265,14 @@ async def test_a_full_disk_answers_every_gathered_request_and_keeps_serving(
             head, _ = await _answer(reader)
         assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
         writer.close()
-    assert await api.read("c", C0) == b"good\n" + b"ok\n" * 8
+    assert await api.read("c", C0) == b"good\n" + b"ok\n" * 20
 
 
 async def test_the_server_stops_after_answering_the_writes_it_gathered(
     node: Node, api: Api, tmp_path: Path
 ) -> None:
     await api.write("s", b"start\n")
-    conns = [await _raw(node) for _ in range(8)]
+    conns = [await _raw(node) for _ in range(20)]  # enough for the node to gather
     for c, (_, writer) in enumerate(conns):
         writer.write(_post("s", b"s%d\n" % c))
     async with asyncio.timeout(10):
@@ -279,7 +285,8 @@ async def test_the_server_stops_after_answering_the_writes_it_gathered(
         assert data.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" in data, data
         writer.close()
     on_disk = await read_file(tmp_path / "data" / "s" / C0)
-    assert sorted(on_disk.split(b"\n")[:-1]) == [b"s%d" % c for c in range(8)] + [b"start"]
+    assert sorted(on_disk.split(b"\n")[:-1]) == sorted([b"s%d" % c for c in range(20)]
+                                                       + [b"start"])
 
 
 _examples = itertools.count()
@@ -298,6 +305,7 @@ async def test_any_mix_of_pipelined_requests_on_many_connections_is_answered_in_
     its connection's order; every accepted body is in the chunk once, in that order too."""
     category = f"mix{next(_examples)}"
     await node.store.write(category, b"start\n")  # known: plain writes take the fast path
+    idle = await _gathering_on(node)
     conns = [await _raw(node) for _ in plan]
     for c, ((_, writer), kinds) in enumerate(zip(conns, plan, strict=True)):
         requests = []
@@ -331,3 +339,5 @@ async def test_any_mix_of_pipelined_requests_on_many_connections_is_answered_in_
         mine = [line for line in lines if line.startswith(b"c%d-" % c)]
         assert mine == [b"c%d-%d" % (c, j) for j, kind in enumerate(kinds)
                         if kind in ("write", "sync")], (c, kinds, mine)
+    for writer in idle:
+        writer.close()
