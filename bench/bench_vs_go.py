@@ -1,8 +1,8 @@
 """Side by side with the Go server: the table of issue 10, in one run, with ratios.
 
 For each run, a fresh Go node (``--go PATH``, the original server's binary) and a fresh node of
-ours are started one after the other on temporary directories and driven by the same load
-generator (``bench_bus``'s minimal keep-alive client):
+ours are started one after the other (each run starts with the next one in turn) on temporary
+directories and driven by the same load generator (``bench_bus``'s minimal keep-alive client):
 
 - single-message writes (100 B) over 8 and over 64 connections;
 - bulk writes of 100 B messages in 1 MiB batches over 4 connections, then bulk reads of all of
@@ -183,7 +183,7 @@ async def _bulk(t: Target, bodies: list[bytes], n: int) -> tuple[Result, Result]
 Row = dict[str, Result]
 
 
-async def _one_run(args: argparse.Namespace, bodies: list[bytes]) -> dict[str, Row]:
+async def _one_run(args: argparse.Namespace, bodies: list[bytes], turn: int) -> dict[str, Row]:
     rows: dict[str, Row] = {}
 
     def put(phase: str, who: str, result: Result) -> None:
@@ -197,6 +197,11 @@ async def _one_run(args: argparse.Namespace, bodies: list[bytes]) -> dict[str, R
     if args.also_arg:  # the same tree with other flags (e.g. --workers=1 against 2)
         label = "ours, " + " ".join(args.also_arg)
         starters.append((label, lambda: _ours(args.also_arg)))
+    # Each run starts with the next node in turn: a node measured right after another one pays
+    # for what that one left behind (dirty pages being written back, a warm or cold CPU), so a
+    # fixed order would favour or handicap the same node in every run.
+    k = turn % len(starters)
+    starters = starters[k:] + starters[:k]
     only = set(args.only or ("single", "bulk", "sync"))
     for who, start in starters:
         async with start() as t:
@@ -284,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bodies = make_batches(args.n, _S, 1 << 20)
     runs: list[dict[str, Row]] = []
     for i in range(args.runs):
-        runs.append(uvloop.run(_one_run(args, bodies)))
+        runs.append(uvloop.run(_one_run(args, bodies, i)))
         _print(runs[-1:], f"run {i + 1}/{args.runs}")
     if args.runs > 1:
         _print(runs, f"median of {args.runs} runs")
