@@ -36,6 +36,7 @@ from ssl import SSLContext
 from typing import Any, Final
 
 from chukcha.bus.connection import Connection, ConnectionState
+from chukcha.bus.connection_base import ConnectionBase
 from chukcha.bus.routing import Observer, Router, ServerLimits, error_response
 from chukcha.bus.web import StreamResponse
 
@@ -65,7 +66,7 @@ class MemoryBudget:
         self.reused = 0  # bodies received into a reused buffer (tests look)
         self._pool: list[bytearray] = []
         self._grace = stall_grace
-        self._held: dict[Connection, int] = {}
+        self._held: dict[ConnectionBase, int] = {}
         self._released: asyncio.Event | None = None
 
     def body_buffer(self, n: int) -> bytearray:
@@ -102,10 +103,10 @@ class MemoryBudget:
         pool.append(buf)
         self.pooled += len(buf)
 
-    def held_by(self, conn: Connection) -> int:
+    def held_by(self, conn: ConnectionBase) -> int:
         return self._held.get(conn, 0)
 
-    def try_take(self, conn: Connection, n: int) -> bool:
+    def try_take(self, conn: ConnectionBase, n: int) -> bool:
         """Take ``n`` bytes for ``conn`` now, closing long-stalled holders if needed."""
         if self.pooled and self.used + self.pooled + n > self.capacity:
             self._pool.clear()  # idle buffers go first
@@ -119,7 +120,7 @@ class MemoryBudget:
         self.peak = max(self.peak, self.used)
         return True
 
-    async def take(self, conn: Connection, n: int) -> None:
+    async def take(self, conn: ConnectionBase, n: int) -> None:
         """Take ``n`` bytes, waiting for holders to finish or to stall long enough."""
         loop = asyncio.get_running_loop()
         while not self.try_take(conn, n):
@@ -131,14 +132,14 @@ class MemoryBudget:
                 async with asyncio.timeout(max(0.01, wait)):
                     await self._released.wait()
 
-    def give_back(self, conn: Connection) -> None:
+    def give_back(self, conn: ConnectionBase) -> None:
         n = self._held.pop(conn, 0)
         if n:
             self.used -= n
             if self._released is not None:
                 self._released.set()
 
-    def _evict(self, need: int, keep: Connection) -> None:
+    def _evict(self, need: int, keep: ConnectionBase) -> None:
         now = asyncio.get_running_loop().time()
         stalled = sorted(
             (c.stalled_since, id(c), c) for c in self._held
@@ -161,7 +162,7 @@ class HttpServer:
         self.router = router
         self.limits = limits or ServerLimits()
         self.budget = MemoryBudget(self.limits.memory_budget, self.limits.stall_grace)
-        self.connections: dict[Connection, None] = {}  # in the order they were opened
+        self.connections: dict[ConnectionBase, None] = {}  # in the order they were opened
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._later: set[asyncio.Future[StreamResponse]] = set()  # later routes' answers
@@ -226,7 +227,7 @@ class HttpServer:
         if not self.deferred and self._deferred_answered is not None:
             self._deferred_answered.set()
 
-    def _admit(self, conn: Connection) -> bool:
+    def _admit(self, conn: ConnectionBase) -> bool:
         if self._closing:
             return False
         if len(self.connections) >= self.limits.max_connections:
