@@ -276,7 +276,9 @@ class Connection(ConnectionBase):
         """The fast path: the answer made here, inside the parser's callback, with no task, or
         (a small write) at the end of this loop iteration by :meth:`deliver`. ``False``: the
         request needs its handler."""
-        request.deferrable = len(self._srv.connections) >= _GATHER_FROM
+        # Gathered for the iteration's end only while serving: a stopping server answers at once.
+        request.deferrable = len(self._srv.connections) >= _GATHER_FROM \
+            and not self._srv._closing  # noqa: SLF001
         resp = self._answer_now(request, fast)
         if resp is None:
             return False

@@ -199,14 +199,23 @@ class HttpServer:
                 conn.state is ConnectionState.HEADERS and not conn.busy
             ):
                 conn.close()
-        if self.deferred:  # gathered writes: written at the end of this loop iteration
-            self._deferred_answered = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._deferred_answered.wait()
-        if self._tasks or self._later:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Answers in progress: gathered writes (written at the end of a loop iteration), tasks,
+        # later routes. Looked at again after each wait: a connection that was mid-body may have
+        # completed a request meanwhile (answered, then closed: _finish while _closing).
+        while self.deferred or self._tasks or self._later:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            if self.deferred:
+                self._deferred_answered = asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await self._deferred_answered.wait()
+                continue
             waiting: set[asyncio.Future[Any]] = {*self._tasks, *self._later}
-            await asyncio.wait(waiting, timeout=timeout)
+            await asyncio.wait(waiting, timeout=left)
         for later in list(self._later):
             later.cancel()
         for task in list(self._tasks):

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from chukcha.bus.connection import _GATHER_FROM, ConnectionState
 from chukcha.bus.front import FrontWorker
 from chukcha.bus.node import Node
 from chukcha.bus.server import ServerLimits
+from chukcha.bus.web import Request, Response
 from chukcha.testing import bind_loopback, run_node
 from tests.bus.conftest import Api, read_file
 from tests.bus.test_gathered_writes import C0, _gathering_on, _post, _raw
@@ -95,3 +97,45 @@ async def test_stop_answers_a_gathered_write_with_a_partial_request_behind_it(
     assert await read_file(node.config.data_dir / "s" / C0) == b"start\nlanded\n"
     assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data
     assert data.count(b"HTTP/1.1 ") == 1, data  # then closed: the partial one is never answered
+
+
+async def test_a_write_completed_while_the_node_stops_is_answered(node: Node, api: Api) -> None:
+    """A write whose body completes while stop() waits for a running handler is answered: it is
+    not gathered for an iteration's end that stop() no longer waits for (it used to land in the
+    chunk with its connection aborted: no answer, so a retry would store it twice)."""
+    await api.write("w", b"start\n")
+    mid_body = []  # connections that stay open through the stop (mid-body), so gathering is on
+    for _ in range(_GATHER_FROM + 1):
+        _, other = await _raw(node)
+        other.write(b"POST /write?category=w HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nab")
+        mid_body.append(other)
+    reader, writer = await _raw(node)
+    writer.write(_post("w", b"landed\n")[:-1])  # all but the body's last byte
+    entered, go = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        entered.set()
+        await go.wait()
+        writer.write(b"\n")  # the write's last byte, sent as this handler ends
+        return Response(text="slow\n")
+
+    node.router.routes["/slow"] = slow
+    _, slow_writer = await _raw(node)
+    slow_writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+    async with asyncio.timeout(10):
+        await entered.wait()
+        while sum(c.state is ConnectionState.BODY for c in node.server.connections) \
+                < _GATHER_FROM + 2:  # noqa: ASYNC110 - polled until the node read every body start
+            await asyncio.sleep(0)
+    stop = asyncio.create_task(node.server.stop(10))
+    async with asyncio.timeout(10):
+        while not node.server._closing:  # noqa: ASYNC110 - stop() now waits for the handler
+            await asyncio.sleep(0)
+    go.set()
+    await stop
+    async with asyncio.timeout(10):
+        data = await reader.read()
+    for w in [*mid_body, writer, slow_writer]:
+        w.close()
+    assert await read_file(node.config.data_dir / "w" / C0) == b"start\nlanded\n"
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data
