@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 
 from chukcha.bus.chunks import INLINE_WRITE_LIMIT, ChunkStore, WriteResult
 from chukcha.errors import DiskWriteError
+from tests.bus.test_store_cancel import _Gate  # holds the first append in its thread
 
 BIG = INLINE_WRITE_LIMIT + 100  # whole 100-byte messages over the limit
 
@@ -24,27 +24,6 @@ BIG = INLINE_WRITE_LIMIT + 100  # whole 100-byte messages over the limit
 def _body(tag: int, size: int) -> bytes:
     line = b"%05d %s\n" % (tag, b"m" * 93)  # 100-byte messages
     return (line * (size // len(line) + 1))[: size // len(line) * len(line)]
-
-
-class _Gate:
-    """Holds the first single-body append (``ChunkStore._append``) in its worker thread until
-    :meth:`open`, so that the writes that come meanwhile queue up behind it."""
-
-    def __init__(self, real: Any) -> None:
-        self._real = real
-        self._calls = 0
-        self.entered = threading.Event()
-        self._open = threading.Event()
-
-    def append(self, fd: int, chunk: Any, data: bytes | memoryview, sync: bool) -> None:
-        self._calls += 1
-        if self._calls == 1:
-            self.entered.set()
-            self._open.wait(10)
-        self._real(fd, chunk, data, sync)
-
-    def open(self) -> None:
-        self._open.set()
 
 
 class _Runs:
