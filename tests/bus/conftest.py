@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.node import Node
 
 
@@ -92,3 +94,41 @@ async def read_file(path: Path) -> bytes:
 @pytest.fixture
 async def api(node: Node, http: aiohttp.ClientSession) -> AsyncIterator[Api]:
     yield Api(http, node.url)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[ChunkStore]:
+    """A chunk store of its own (instance ``me``, 1 MiB chunks), opened and closed off the loop."""
+    s = ChunkStore(tmp_path / "data", "me", max_chunk_size=1 << 20)
+    await asyncio.to_thread(s.open)
+    try:
+        yield s
+    finally:
+        await asyncio.to_thread(s.close)
+
+
+class AppendGate:
+    """Blocks the first ``ChunkStore._append`` in its worker thread until :meth:`open`."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self._calls = 0
+        self.entered = threading.Event()
+        self._open = threading.Event()
+
+    def append(self, fd: int, chunk: Any, data: bytes | memoryview, sync: bool) -> None:
+        self._calls += 1
+        if self._calls == 1:
+            self.entered.set()
+            self._open.wait(10)
+        self._real(fd, chunk, data, sync)
+
+    def open(self) -> None:
+        self._open.set()
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> AppendGate:
+    g = AppendGate(ChunkStore._append)
+    monkeypatch.setattr(ChunkStore, "_append", staticmethod(g.append))
+    return g

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +14,6 @@ from chukcha.bus.chunks import INLINE_WRITE_LIMIT, ChunkStore
 from chukcha.errors import ChunkNotFoundError
 
 PEER_CHUNK = "peer-chunk000000000"
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[ChunkStore]:
-    s = ChunkStore(tmp_path / "data", "me", max_chunk_size=1 << 20)
-    await asyncio.to_thread(s.open)
-    try:
-        yield s
-    finally:
-        await asyncio.to_thread(s.close)
 
 
 async def test_replicated_ack_during_the_download_that_creates_the_chunk(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 
 from chukcha.bus.chunks import INLINE_WRITE_LIMIT, ChunkStore, WriteResult
 from chukcha.errors import DiskWriteError
-from tests.bus.test_store_cancel import _Gate  # holds the first append in its thread
+from tests.bus.conftest import AppendGate
 
 BIG = INLINE_WRITE_LIMIT + 100  # whole 100-byte messages over the limit
 
@@ -39,23 +38,6 @@ class _Runs:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[ChunkStore]:
-    s = ChunkStore(tmp_path / "data", "me", max_chunk_size=1 << 20)
-    await asyncio.to_thread(s.open)
-    try:
-        yield s
-    finally:
-        await asyncio.to_thread(s.close)
-
-
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> _Gate:
-    g = _Gate(ChunkStore._append)
-    monkeypatch.setattr(ChunkStore, "_append", staticmethod(g.append))
-    return g
-
-
-@pytest.fixture
 def runs(monkeypatch: pytest.MonkeyPatch) -> _Runs:
     r = _Runs(ChunkStore._append_queued)
 
@@ -66,7 +48,7 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> _Runs:
     return r
 
 
-async def _queue_behind_the_first(store: ChunkStore, gate: _Gate,
+async def _queue_behind_the_first(store: ChunkStore, gate: AppendGate,
                                   bodies: list[bytes]) -> list[asyncio.Task[WriteResult]]:
     first = asyncio.create_task(store.write("c", bodies[0]))
     await asyncio.to_thread(gate.entered.wait, 5)  # the first write is in its worker thread
@@ -78,7 +60,7 @@ async def _queue_behind_the_first(store: ChunkStore, gate: _Gate,
 
 
 async def test_queued_big_writes_follow_each_other_in_one_thread_and_each_lands_whole(
-    store: ChunkStore, gate: _Gate, runs: _Runs, tmp_path: Path,
+    store: ChunkStore, gate: AppendGate, runs: _Runs, tmp_path: Path,
 ) -> None:
     # 1 MiB chunks: the first write and the next three fit in chunk 0, the fifth does not and
     # starts chunk 1, with the sixth: one worker-thread run per chunk.
@@ -104,7 +86,7 @@ async def test_queued_big_writes_follow_each_other_in_one_thread_and_each_lands_
 
 
 async def test_a_failed_write_leaves_nothing_of_itself_and_the_next_ones_go_on(
-    store: ChunkStore, gate: _Gate, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    store: ChunkStore, gate: AppendGate, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
     bodies = [_body(i, 150_000) for i in range(5)]
     real = os.write
@@ -138,7 +120,7 @@ async def test_a_failed_write_leaves_nothing_of_itself_and_the_next_ones_go_on(
 
 
 async def test_a_cancelled_queued_write_is_not_written_and_a_taken_one_waits(
-    store: ChunkStore, gate: _Gate, tmp_path: Path,
+    store: ChunkStore, gate: AppendGate, tmp_path: Path,
 ) -> None:
     bodies = [_body(i, 100_000) for i in range(3)]
     first, second, third = await _queue_behind_the_first(store, gate, bodies)
@@ -158,7 +140,7 @@ async def test_a_cancelled_queued_write_is_not_written_and_a_taken_one_waits(
 
 
 async def test_a_long_stream_of_big_writes_lets_others_take_their_turn(
-    store: ChunkStore, gate: _Gate, runs: _Runs, tmp_path: Path,
+    store: ChunkStore, gate: AppendGate, runs: _Runs, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A run of the worker thread ends after queued_run_bytes: a durable write waiting for the

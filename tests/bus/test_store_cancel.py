@@ -4,54 +4,13 @@ the chunk file (a restarted download would otherwise append the same bytes twice
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from chukcha.bus.chunks import INLINE_WRITE_LIMIT, ChunkStore, WriteResult
 from chukcha.errors import ReplicationError
+from tests.bus.conftest import AppendGate
 
 PEER_CHUNK = "peer-chunk000000000"
-
-
-class _Gate:
-    """Blocks the first ``ChunkStore._append`` in its worker thread until :meth:`open`."""
-
-    def __init__(self, real: Any) -> None:
-        self._real = real
-        self._calls = 0
-        self.entered = threading.Event()
-        self._open = threading.Event()
-
-    def append(self, fd: int, chunk: Any, data: bytes | memoryview, sync: bool) -> None:
-        self._calls += 1
-        if self._calls == 1:
-            self.entered.set()
-            self._open.wait(10)
-        self._real(fd, chunk, data, sync)
-
-    def open(self) -> None:
-        self._open.set()
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[ChunkStore]:
-    s = ChunkStore(tmp_path / "data", "me", max_chunk_size=1 << 20)
-    await asyncio.to_thread(s.open)
-    try:
-        yield s
-    finally:
-        await asyncio.to_thread(s.close)
-
-
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> _Gate:
-    g = _Gate(ChunkStore._append)
-    monkeypatch.setattr(ChunkStore, "_append", staticmethod(g.append))
-    return g
 
 
 async def _let_others_run() -> None:
@@ -61,7 +20,7 @@ async def _let_others_run() -> None:
 
 
 async def test_cancelled_replica_append_holds_the_lock_until_the_thread_is_done(
-    store: ChunkStore, gate: _Gate, tmp_path: Path
+    store: ChunkStore, gate: AppendGate, tmp_path: Path
 ) -> None:
     data = b"x" * INLINE_WRITE_LIMIT + b"\n"  # created and written in a worker thread
     first = asyncio.create_task(store.append_replica("c", PEER_CHUNK, 0, data))
@@ -82,7 +41,7 @@ async def test_cancelled_replica_append_holds_the_lock_until_the_thread_is_done(
 
 
 async def test_cancelled_large_write_completes_before_the_next_write(
-    store: ChunkStore, gate: _Gate, tmp_path: Path
+    store: ChunkStore, gate: AppendGate, tmp_path: Path
 ) -> None:
     big = b"b" * INLINE_WRITE_LIMIT + b"\n"  # over the inline limit: the worker-thread path
     first = asyncio.create_task(store.write("c", big))
