@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -110,16 +109,8 @@ class EtcdServer:
 
     async def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM and wait (SIGKILL after ``timeout``)."""
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            async with asyncio.timeout(timeout):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        if self.proc is not None:
+            await base.terminate(self.proc, timeout)
 
     async def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["NodeProcess", "bind_loopback", "read_log", "spawn_node", "wait_http_ready"]
+__all__ = ["NodeProcess", "bind_loopback", "read_log", "spawn_node", "terminate", "wait_http_ready"]
 
 
 def bind_loopback() -> socket.socket:
@@ -90,6 +90,20 @@ def read_log(path: Path) -> str:
         return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+async def terminate(proc: asyncio.subprocess.Process, timeout: float) -> int:
+    """SIGTERM a child and wait for it; SIGKILL if it takes longer than ``timeout``. Returns
+    its exit code (a child that has already exited is only reaped)."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(timeout):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode if proc.returncode is not None else 0
 
 
 class NodeProcess:
@@ -162,15 +176,7 @@ class NodeProcess:
         proc = self.proc
         if proc is None:
             return 0
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(timeout):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        return proc.returncode if proc.returncode is not None else 0
+        return await terminate(proc, timeout)
 
     async def restart(self) -> None:
         await self.kill()
