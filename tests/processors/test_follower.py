@@ -78,6 +78,18 @@ async def test_a_current_local_copy_is_used_as_it_is(tmp_path: Path, bus: BusIO)
     assert items(store) == before
 
 
+async def _b_takes_over_at_epoch_9(b: LevelDBStore, bus: BusIO) -> Owner:
+    """Another instance (store ``b``) follows the changelog from the bus, then owns it at epoch
+    9: five keys rewritten, ``t/k9`` deleted. Returns that owner."""
+    b_follower = Follower(changelog_category(APP, 0), 0, b, bus)
+    await b_follower.catch_up()
+    second = Owner(b, bus, epoch=9)
+    for i in range(5):
+        second.commit({f"t/k{i}".encode(): b"b"}, (b"t/k9",))
+    await second.publish()
+    return second
+
+
 async def test_a_copy_behind_replays_only_the_records_after_it(tmp_path: Path,
                                                                bus: BusIO) -> None:
     a, b = open_store(tmp_path, "a"), open_store(tmp_path, "b")
@@ -86,12 +98,7 @@ async def test_a_copy_behind_replays_only_the_records_after_it(tmp_path: Path,
         first.commit({f"t/k{i}".encode(): b"a"})
     await first.publish()
     # Another instance takes over at epoch 9 from the bus (a's disk is left as it is).
-    b_follower = Follower(changelog_category(APP, 0), 0, b, bus)
-    await b_follower.catch_up()
-    second = Owner(b, bus, epoch=9)
-    for i in range(5):
-        second.commit({f"t/k{i}".encode(): b"b"}, (b"t/k9",))
-    await second.publish()
+    await _b_takes_over_at_epoch_9(b, bus)
     # a becomes the owner again: its copy is behind, on the same history.
     follower = Follower(changelog_category(APP, 0), 0, a, bus)
     assert await follower.catch_up() == 5
@@ -227,12 +234,7 @@ async def test_confirmed_pending_keys_do_not_outlive_a_newer_epoch(tmp_path: Pat
         first.commit({f"t/k{i}".encode(): b"a"})
     await first.publish()
     old_pending = dict(a.scan(PENDING_PREFIX))
-    b_follower = Follower(changelog_category(APP, 0), 0, b, bus)
-    await b_follower.catch_up()
-    second = Owner(b, bus, epoch=9)
-    for i in range(5):
-        second.commit({f"t/k{i}".encode(): b"b"}, (b"t/k9",))
-    await second.publish()
+    second = await _b_takes_over_at_epoch_9(b, bus)
     # a is a standby: its follower brings it current (same process)
     follower = Follower(changelog_category(APP, 0), 0, a, bus)
     assert await follower.catch_up() == 5
