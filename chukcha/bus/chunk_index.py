@@ -136,7 +136,7 @@ class QueuedWrite:
     body: bytes | bytearray
     messages: int  # counted by the worker thread once written
     done: asyncio.Future[WriteResult]
-    taken: bool = False  # being appended (out of the queue; under ``queue_lock``)
+    taken: bool = False  # out of the queue: being appended, or answered (under ``queue_lock``)
 
 
 class ChunkIndex:

@@ -57,7 +57,8 @@ class QueuedWriter(ChunkReader):
                 if not entry.taken:  # never written
                     cat.queued.remove(entry)
                     raise
-            # Being written: wait until it is in the chunk or undone (as run_to_end does).
+            # Taken (being written, or answered): wait until it is in the chunk or undone (as
+            # run_to_end does), never remove it twice.
             while not entry.done.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait([entry.done])
@@ -75,6 +76,8 @@ class QueuedWriter(ChunkReader):
             cat.queue_round = None
             with cat.queue_lock:  # left only when the round was stopped (the loop is closing)
                 left, cat.queued = list(cat.queued), deque()
+                for entry in left:
+                    entry.taken = True  # out of the queue: a caller leaving now waits for it
             for entry in left:
                 _settle(entry.done, DiskWriteError(
                     errno.ECANCELED, f"the store stopped before a write to {cat.name}"))
@@ -90,6 +93,8 @@ class QueuedWriter(ChunkReader):
         except Exception as exc:  # noqa: BLE001 - the first write's answer
             with cat.queue_lock:
                 first = cat.queued.popleft() if cat.queued else None
+                if first is not None:
+                    first.taken = True  # out of the queue: a caller leaving now waits for it
             if first is not None:
                 _settle(first.done, exc)
             return

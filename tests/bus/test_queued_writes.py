@@ -188,3 +188,70 @@ async def test_a_write_cancelled_after_its_chunk_was_chosen_lets_no_later_one_ov
     assert await asyncio.to_thread((data / c0).read_bytes) == first
     assert await asyncio.to_thread((data / c1).read_bytes) == bodies[1]
     assert store.chunk_size("c", c0) == len(first)
+
+
+async def test_a_write_whose_new_chunk_fails_and_whose_caller_leaves_meanwhile_is_cancelled(
+    store: ChunkStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    # Chunk 0 holds 600 KB of its 1 MiB. Queued: A (500 KB, needs a new chunk) then B (100 KB,
+    # fits). The disk has no room for a new file, and A's caller leaves while A's chunk is
+    # being started: A's caller gets its cancellation (not an error of the queue), nothing of
+    # A is anywhere, and B lands in chunk 0.
+    first = _body(0, 600_000)
+    await store.write("c", first, sync=True)  # not queued: no round still running after it
+    bodies = [_body(1, 500_000), _body(2, 100_000)]
+
+    def no_room(cat: Any) -> str:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store, "_create_chunk", no_room)
+    real = store._chunk_for
+    tasks: list[asyncio.Task[WriteResult]] = []
+    failed: list[BaseException] = []
+
+    async def chunk_for_as_a_leaves(cat: Any, size: int) -> Any:
+        try:
+            return await real(cat, size)
+        except Exception as exc:
+            failed.append(exc)
+            tasks[0].cancel()  # the client of A disconnects in this very iteration
+            raise
+
+    monkeypatch.setattr(store, "_chunk_for", chunk_for_as_a_leaves)
+    tasks.extend(asyncio.create_task(store.write("c", b)) for b in bodies)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert len(failed) == 1 and isinstance(failed[0], DiskWriteError), failed
+    assert isinstance(results[0], asyncio.CancelledError), results[0]
+    c0 = "me-chunk000000000"
+    assert results[1] == WriteResult(c0, len(first) + len(bodies[1]))
+    data = tmp_path / "data" / "c"
+    assert sorted(p.name for p in await asyncio.to_thread(lambda: list(data.iterdir()))) == [c0]
+    assert await asyncio.to_thread((data / c0).read_bytes) == first + bodies[1]
+    assert store.chunk_size("c", c0) == len(first) + len(bodies[1])
+
+
+async def test_writes_still_queued_when_the_round_is_stopped_get_their_cancellation(
+    store: ChunkStore, gate: AppendGate, tmp_path: Path,
+) -> None:
+    # A durable big write holds the category (its append waits at the gate); B, a big write,
+    # is queued, and its round waits for the category. The loop is closing: the round and
+    # B's caller are cancelled together, the round first. B's caller gets its cancellation,
+    # and B is never written.
+    durable = asyncio.create_task(store.write("c", _body(0, 100_000), sync=True))
+    await asyncio.to_thread(gate.entered.wait, 5)
+    b = asyncio.create_task(store.write("c", _body(1, 100_000)))
+    for _ in range(10):  # B queues, its round waits for the lock (no timed sleep: only yields)
+        await asyncio.sleep(0)
+    cat = store._categories["c"]
+    queue_round = cat.queue_round
+    assert queue_round is not None and len(cat.queued) == 1 and not b.done()
+    queue_round.cancel()
+    b.cancel()
+    gate.open()
+    results = await asyncio.gather(durable, b, return_exceptions=True)
+    c0 = "me-chunk000000000"
+    assert results[0] == WriteResult(c0, 100_000 // 100 * 100)
+    assert isinstance(results[1], asyncio.CancelledError), results[1]
+    assert not cat.queued and cat.queue_round is None
+    path = tmp_path / "data" / "c" / c0
+    assert await asyncio.to_thread(path.read_bytes) == _body(0, 100_000)
