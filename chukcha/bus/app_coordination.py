@@ -175,6 +175,10 @@ class AppInstances(EtcdWatcher):
         """Partitions this instance may process now -> their epoch."""
         return dict(self._active)
 
+    def failing(self) -> dict[int, int]:
+        """Partitions whose start failed here and that are retried -> failures in a row."""
+        return self._retries.failing()
+
     @property
     def member_key(self) -> bytes:
         return self._prefix + b"members/" + self._instance.encode()

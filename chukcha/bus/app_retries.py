@@ -61,6 +61,11 @@ class Retries:
         retry = self._failed.get(partition)
         return retry.epoch if retry is not None else None
 
+    def failing(self) -> dict[int, int]:
+        """The partitions whose start failed and that are retried here -> the failures in a
+        row (what the app's ``/metrics`` shows)."""
+        return {p: retry.failures for p, retry in self._failed.items()}
+
     def due(self, partition: int) -> bool:
         """Whether ``partition`` may be claimed now (its backoff, if any, is over)."""
         retry = self._failed.get(partition)

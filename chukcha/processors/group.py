@@ -193,6 +193,11 @@ class GroupMode:
             if w is not waits[0] and not w.cancelled():
                 raise w.result()
 
+    def failing(self) -> Mapping[int, int]:
+        """The partitions whose start failed here and that are retried -> the failures in a
+        row (none before the instance joined)."""
+        return self._instances.failing() if self._instances is not None else {}
+
     # --- the listener --------------------------------------------------------------------
 
     async def assigned(self, partition: int, epoch: int) -> None:

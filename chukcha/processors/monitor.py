@@ -20,6 +20,10 @@ Everything is read at scrape time from what the engines and checkpoints count an
 ``chukcha_app_changelog_unpublished{...}``            gauge     changelog records not yet
 ``chukcha_app_lag_bytes{app,category}``               gauge     bytes listed beyond the read
                                                                 position (as last listed)
+``chukcha_app_partitions_failing{app}``               gauge     partitions whose start failed
+                                                                here, retried (through etcd)
+``chukcha_app_partition_start_failures{...}``         gauge     of those, failed starts in a
+                                                                row (``app,partition``)
 ==================================================== ========= ===============================
 
 The counters start at zero with each run of the process.
@@ -99,6 +103,8 @@ class AppMonitor:
         partitions: the app's partition count.
         checkpoints: the checkpoints of the partitions this instance runs (index = partition).
         consumers: returns the app's consumers by stream category (they change as it starts).
+        failing: returns the partitions whose start failed on this instance and that it
+            retries -> the failures in a row (instances through etcd; none by default).
     """
 
     def __init__(
@@ -107,9 +113,12 @@ class AppMonitor:
         partitions: int,
         checkpoints: Mapping[int, Checkpoint],
         consumers: Callable[[], Mapping[str, Consumer]],
+        *,
+        failing: Callable[[], Mapping[int, int]] = dict,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_AppCollector(app_name, partitions, checkpoints, consumers))
+        self.registry.register(_AppCollector(app_name, partitions, checkpoints, consumers,
+                                             failing))
         self._name = app_name
         self._checkpoints = checkpoints
         self._consumers = consumers
@@ -194,11 +203,13 @@ class _AppCollector(Collector):
         partitions: int,
         checkpoints: Mapping[int, Checkpoint],
         consumers: Callable[[], Mapping[str, Consumer]],
+        failing: Callable[[], Mapping[int, int]],
     ) -> None:
         self._app = app_name
         self._partitions = partitions
         self._checkpoints = checkpoints
         self._consumers = consumers
+        self._failing = failing
 
     def collect(self) -> Iterator[Metric]:
         app = self._app
@@ -217,6 +228,24 @@ class _AppCollector(Collector):
         for category, consumer in sorted(self._consumers().items()):
             lag.add_metric([app, category], consumer.backlog_bytes())
         yield lag
+        yield from self._failing_starts()
+
+    def _failing_starts(self) -> Iterator[Metric]:
+        """The partitions that keep failing to start here (``chukcha app status`` shows them
+        too): alert on ``chukcha_app_partitions_failing > 0`` for a while, or on
+        ``chukcha_app_partition_start_failures >= 3`` (the log's advice starts there)."""
+        failing = self._failing()
+        count = GaugeMetricFamily("chukcha_app_partitions_failing",
+                                  "Partitions whose start failed on this instance, retried with "
+                                  "a backoff", labels=["app"])
+        count.add_metric([self._app], len(failing))
+        yield count
+        failures = GaugeMetricFamily("chukcha_app_partition_start_failures",
+                                     "Failed starts in a row of a partition retried here",
+                                     labels=["app", "partition"])
+        for partition, n in sorted(failing.items()):
+            failures.add_metric([self._app, str(partition)], n)
+        yield failures
 
     def _per_partition(self) -> Iterator[Metric]:
         labels = ["app", "partition"]

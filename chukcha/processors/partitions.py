@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from chukcha.partitioning import partition_dir_name
@@ -96,6 +96,11 @@ class PartitionSet:
             raise ValueError(f"owned partitions {self.owned} are not a subset of 0..{n - 1}")
         self._mine = [self.checkpoints[i] for i in self.owned]
         self._all = len(self.owned) == n
+
+    def owned_checkpoints(self) -> Mapping[int, Checkpoint]:
+        """The checkpoints of the partitions run now, as a live view (through etcd they
+        change as partitions move): what the app's ``/metrics`` and ``/ui`` read."""
+        return _OwnedCheckpoints(self)
 
     def take(self, partition: int, epoch: int) -> Checkpoint:
         """Run ``partition`` from now on with a fresh engine and checkpoint (its changelog
@@ -259,3 +264,21 @@ class PartitionSet:
             else:
                 lowest[owner] = low
         return lowest
+
+
+class _OwnedCheckpoints(Mapping[int, Checkpoint]):
+    """:meth:`PartitionSet.owned_checkpoints`."""
+
+    def __init__(self, parts: PartitionSet) -> None:
+        self._parts = parts
+
+    def __getitem__(self, partition: int) -> Checkpoint:
+        if partition not in self._parts.owned:
+            raise KeyError(partition)
+        return self._parts.checkpoints[partition]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self._parts.owned))
+
+    def __len__(self) -> int:
+        return len(self._parts.owned)

@@ -23,7 +23,7 @@ import logging
 import signal
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -307,6 +307,7 @@ class _Session:
         self._hop_consumers: list[Consumer] = []
         self._hops: list[Repartitioner] = []
         self._progress = _Progress(app.name, self._totals)
+        self._group_mode: GroupMode | None = None  # through etcd: set once it runs
         io = self._io = BusIO(app, client, self._consumers)
         self._parts = io.partitions = PartitionSet(app, stores, io,
                                                    owned=() if group is not None
@@ -329,11 +330,14 @@ class _Session:
                 + ",".join(f"{c}:{n}" for c, n in sorted(lag.items())))
 
     def monitor(self) -> AppMonitor:
-        """The app's ``/metrics`` over this run's checkpoints and consumers."""
-        parts = self._parts
-        return AppMonitor(self.app.name, self.app.partitions,
-                          {i: parts.checkpoints[i] for i in parts.owned},
-                          lambda: self._consumers)
+        """The app's ``/metrics`` over this run's checkpoints and consumers (those of the
+        partitions owned at each scrape: through etcd they move)."""
+        return AppMonitor(self.app.name, self.app.partitions, self._parts.owned_checkpoints(),
+                          lambda: self._consumers, failing=self._failing)
+
+    def _failing(self) -> Mapping[int, int]:
+        group = self._group_mode
+        return group.failing() if group is not None else {}
 
     async def close(self) -> None:
         for consumer in [*self._consumers.values(), *self._hop_consumers]:
@@ -428,10 +432,10 @@ class _Session:
                 # partitioned category, on the instance that owns partition 0.
                 await self._register(source)
                 hops.append(functools.partial(self._hop_while_owned, source, plan))
-        group = GroupMode(self.app, config, parts=self._parts, stores=list(self._stores),
-                          client=self._client, lock=self._lock, consumers=self._consumers,
-                          streams=streams, consume_loop=self._consume_loop, bus=self._io,
-                          with_partition={0: hops})
+        group = self._group_mode = GroupMode(
+            self.app, config, parts=self._parts, stores=list(self._stores),
+            client=self._client, lock=self._lock, consumers=self._consumers, streams=streams,
+            consume_loop=self._consume_loop, bus=self._io, with_partition={0: hops})
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(group.run(stop), name=f"app-{self.app.name}-group")
