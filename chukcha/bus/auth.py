@@ -126,13 +126,17 @@ class NodeAuth:
 
     def check(self, request: web.Request) -> web.StreamResponse | None:
         """The server's per-request check (synchronous): ``None`` lets the request through."""
+        tokens = self.tokens
+        if tokens is None:
+            headers = request.headers  # lower-case names: plain dict look-ups (every request)
+            if dict.get(headers, "origin") is None and dict.get(headers, "sec-fetch-site") is None:
+                return None  # no token asked for, and nothing that could be cross-site
         changes = _changes(request)
         if changes and _cross_site(request):
             logger.info("refused a cross-site %s %s (Origin %s)", request.method, request.path,
                         request.headers.get("Origin", "-"))
             return web.Response(status=403, text="cross-site request refused: this endpoint "
                                                  "changes data\n")
-        tokens = self.tokens
         if tokens is not None and (changes or self._auth_reads):
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not tokens.accepts(token.strip()):

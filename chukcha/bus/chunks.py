@@ -202,19 +202,23 @@ class ChunkStore(QueuedWriter):
         the chunk's size limit counts them as it counts separate writes. ``False``: nothing
         was done (``done`` is never called); call :meth:`write`."""
         cat = self._categories.get(category)
+        n = len(body)
         if (cat is None or cat.current is None or cat.lock.locked() or self._sync_each_write
-                or len(body) > INLINE_WRITE_LIMIT):
+                or n > INLINE_WRITE_LIMIT):
             return False
-        size = cat.chunks[cat.current].size + cat.later_size
-        if size > 0 and size + len(body) > self._max_chunk_size:
+        size = cat.later_size
+        later_size = size + n
+        size += cat.chunks[cat.current].size
+        if size > 0 and size + n > self._max_chunk_size:
             return False  # a rotation first: the slow path
-        if not cat.later:
+        later = cat.later
+        if not later:
             if not self._gathered:
                 asyncio.get_running_loop().call_soon(self._write_gathered)
             self._gathered.append(cat)
-        cat.later.append(body)
+        later.append(body)
         cat.later_done.append(done)
-        cat.later_size += len(body)
+        cat.later_size = later_size
         return True
 
     def _write_gathered(self) -> None:

@@ -28,6 +28,7 @@ from chukcha.bus.connection_base import ConnectionBase, ConnectionState
 from chukcha.bus.http_wire import empty_ok_head
 from chukcha.bus.routing import error_response
 from chukcha.bus.web import (
+    LATER,
     FastHandler,
     FileResponse,
     Headers,
@@ -49,12 +50,6 @@ _DIRECT_BODY: Final = _SMALL_BODY
 size (:class:`~chukcha.bus.body_reader.BodyReader`), not through the parser's pieces."""
 _MAX_PIPELINED: Final = 64
 """Parsed requests queued on one connection before it stops reading."""
-_GATHER_FROM: Final = 16
-"""Small writes are gathered per loop iteration (:meth:`Connection.deliver`) while this many
-connections are open. With many clients writing at once, one chunk ``write`` and the answers
-sent in one burst cost less CPU per write (64 connections: 20-45 % less, the rate 1.3-2x);
-with a few, an answer sent at once comes sooner (8 connections on a quiet box: ~5 % more
-writes per second without gathering; under load gathering won there too)."""
 _EMPTY_OK: Final = Response()
 """A deferred write's answer (never changed)."""
 
@@ -164,15 +159,16 @@ class Connection(ConnectionBase):
         else:  # a second piece: gather in a bytearray (no quadratic copying)
             self._url = bytearray(self._url) + url
         self._header_bytes += len(url)
-        if self._header_bytes > self._limits.max_header_size:
+        if self._header_bytes > self._max_header:
             self._fail(431, "request line and headers are over the limit of "
-                            f"{self._limits.max_header_size} bytes")
+                            f"{self._max_header} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self._limits.max_header_size:
+        size = self._header_bytes + len(name) + len(value) + 4
+        self._header_bytes = size
+        if size > self._max_header:
             self._fail(431, "request line and headers are over the limit of "
-                            f"{self._limits.max_header_size} bytes")
+                            f"{self._max_header} bytes")
             return
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
@@ -183,26 +179,27 @@ class Connection(ConnectionBase):
         length_text = dict.get(headers, "content-length")
         if length_text is not None and length_text.isdigit():
             length = int(length_text)
-            if length > self._limits.max_body_size:
+            if length > self._max_body:
                 # Answered now, before reading (or asking for, with 100-continue) the body.
-                self._fail(400, str(BodyTooLargeError(self._limits.max_body_size)))
+                self._fail(400, str(BodyTooLargeError(self._max_body)))
                 return
-            if length > _SMALL_BODY and not self._srv.budget.try_take(self, length):
-                self._fail(503, "server busy: too much memory is held by slow clients, "
-                                "retry later")
-                return
-            if length > _DIRECT_BODY and dict.get(headers, "transfer-encoding") is None:
-                self._direct = self._srv.budget.body_buffer(length)
-                self._direct_len = 0
-        expect = dict.get(headers, "expect")
-        self._expect_continue = (
-            expect is not None and expect.lower() == "100-continue"
-            and self._parser.get_http_version() == "1.1"
-        )
+            if length > _SMALL_BODY:
+                if not self._srv.budget.try_take(self, length):
+                    self._fail(503, "server busy: too much memory is held by slow clients, "
+                                    "retry later")
+                    return
+                if length > _DIRECT_BODY and dict.get(headers, "transfer-encoding") is None:
+                    self._direct = self._srv.budget.body_buffer(length)
+                    self._direct_len = 0
         self.state = ConnectionState.BODY
         self._since = self._loop.time()
-        if self._expect_continue and not self._busy and not self._pending:
-            self._send_continue()
+        expect = dict.get(headers, "expect")
+        if expect is not None:  # else _expect_continue stays False (on_message_begin)
+            self._expect_continue = (
+                expect.lower() == "100-continue" and self._parser.get_http_version() == "1.1"
+            )
+            if self._expect_continue and not self._busy and not self._pending:
+                self._send_continue()
 
     def on_body(self, body: bytes) -> None:
         if self._closed or self._refusal is not None:
@@ -215,29 +212,35 @@ class Connection(ConnectionBase):
             self._direct_len = end
             self._since = self.stalled_since = self._loop.time()
             return
-        self._body_len += len(body)
-        if self._body_len > self._limits.max_body_size:
-            self._fail(400, str(BodyTooLargeError(self._limits.max_body_size)))
-            return
-        if self._body_len > _SMALL_BODY and "content-length" not in self._headers:
-            taken = self._srv.budget.held_by(self)
-            if self._body_len > taken and not self._srv.budget.try_take(
-                self, max(_SMALL_BODY, self._body_len - taken)
-            ):
-                self._fail(503, "server busy: too much memory is held by slow clients, "
-                                "retry later")
+        size = self._body_len + len(body)
+        self._body_len = size
+        if size > _SMALL_BODY:
+            if size > self._max_body:
+                self._fail(400, str(BodyTooLargeError(self._max_body)))
                 return
+            if "content-length" not in self._headers:
+                taken = self._srv.budget.held_by(self)
+                if size > taken and not self._srv.budget.try_take(
+                    self, max(_SMALL_BODY, size - taken)
+                ):
+                    self._fail(503, "server busy: too much memory is held by slow clients, "
+                                    "retry later")
+                    return
+            self.stalled_since = self._since = self._loop.time()
+        elif size > self._max_body:
+            self._fail(400, str(BodyTooLargeError(self._max_body)))
+            return
+        else:
+            self._since = self._loop.time()
         self._body.append(body)
-        now = self._loop.time()
-        self._since = now
-        if self._body_len > _SMALL_BODY:
-            self.stalled_since = now
 
     def on_message_complete(self) -> None:
         if self._closed or self._refusal is not None:
             return
         parser = self._parser
-        url = self._url if isinstance(self._url, bytes) else bytes(self._url)
+        url = self._url
+        if type(url) is not bytes:
+            url = bytes(url)
         path_b, _, query_b = url.partition(b"?")
         if not path_b.startswith(b"/"):  # absolute form: http://host/path
             parsed = httptools.parse_url(url)
@@ -250,10 +253,16 @@ class Connection(ConnectionBase):
             body, self._direct = self._direct, None
         else:
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        headers = self._headers
+        keep_alive = parser.should_keep_alive()
+        # llhttp keeps a connection alive by default only for HTTP/1.1, and by a Connection
+        # header otherwise: without one, a kept-alive request is 1.1 (get_http_version formats
+        # a string, ~0.3 us: a tenth of a small write's Python time).
+        version = "1.1" if keep_alive and dict.get(headers, "connection") is None \
+            else parser.get_http_version()
         request = Request(
             parser.get_method().decode("latin-1"), path, query_b.decode("latin-1"),
-            self._headers, body, version=parser.get_http_version(),
-            keep_alive=parser.should_keep_alive(), remote=self.peer, conn=self,
+            headers, body, version=version, keep_alive=keep_alive, remote=self.peer, conn=self,
         )
         self._body = []
         self.stalled_since = 0.0
@@ -275,19 +284,45 @@ class Connection(ConnectionBase):
     def _answer_fast(self, request: Request, fast: FastHandler) -> bool:
         """The fast path: the answer made here, inside the parser's callback, with no task, or
         (a small write) at the end of this loop iteration by :meth:`deliver`. ``False``: the
-        request needs its handler."""
-        # Gathered for the iteration's end only while serving: a stopping server answers at once.
-        request.deferrable = len(self._srv.connections) >= _GATHER_FROM \
-            and not self._srv._closing  # noqa: SLF001
-        resp = self._answer_now(request, fast)
-        if resp is None:
-            return False
-        if isinstance(resp, Later):
-            self._busy = True  # requests behind it wait (pipelining keeps its order)
-            self._srv.deferred += 1
-            return True
-        if self._srv.budget.used:
-            self._srv.budget.give_back(self)  # a big body's share, if it had one
+        request needs its handler.
+
+        What :meth:`_answer_now` does, written out: this runs for every small write."""
+        srv = self._srv
+        # Small writes are gathered per loop iteration (ChunkStore.write_later): one chunk
+        # write, and the answers sent in one burst at the iteration's end. Measured on 2 cores
+        # at load 3 (bench/bench_vs_go.py, docs/PERFORMANCE.md), 8 connections: 31 us of node
+        # CPU per write against 44 us for answering each at once, and 1.7x the rate; one
+        # request per iteration costs about the same either way. Only while serving: a stopping
+        # server answers at once.
+        request.deferrable = not srv._closing  # noqa: SLF001 - the server's own flag
+        router = self._router
+        observers = router.observers
+        t0 = time.perf_counter() if observers else 0.0
+        resp: StreamResponse
+        try:
+            for check in router.checks:
+                refused = check(request)
+                if refused is not None:
+                    resp = refused
+                    break
+            else:
+                answer = fast(request)
+                if answer is None:
+                    return False
+                if answer is LATER:  # deliver observes it
+                    self._later_since = t0
+                    self._busy = True  # requests behind it wait (pipelining keeps its order)
+                    srv.deferred += 1
+                    return True
+                resp = cast(StreamResponse, answer)
+        except Exception as exc:  # noqa: BLE001 - the one place errors become answers
+            resp = error_response(exc, request)
+        if observers:
+            seconds = time.perf_counter() - t0
+            for observe in observers:
+                observe(request.path, resp.status, seconds)  # a fast route is a route
+        if srv.budget.used:
+            srv.budget.give_back(self)  # a big body's share, if it had one
         if self._finish(request, resp):
             self.close()
         else:
@@ -298,21 +333,35 @@ class Connection(ConnectionBase):
     def deliver(self, request: Request, error: BaseException | None) -> None:
         """Answer the request the fast path deferred (:meth:`Request.done`): an empty 200, or
         the answer ``error`` becomes; then go on with the requests that waited behind it."""
-        self._srv.answered_later()
+        srv = self._srv
+        srv.deferred -= 1  # HttpServer.answered_later, written out
+        if not srv.deferred and srv._deferred_answered is not None:  # noqa: SLF001
+            srv._deferred_answered.set()  # noqa: SLF001 - stop() waits for it
         resp = _EMPTY_OK if error is None else error_response(error, request)
         observers = self._router.observers
         if observers:
             seconds = time.perf_counter() - self._later_since
             for observe in observers:
                 observe(request.path, resp.status, seconds)
-        if self._closed or self._transport is None:
+        transport = self._transport
+        if self._closed or transport is None:
             return  # the client left; the write was done all the same
         if resp is _EMPTY_OK and request.keep_alive and request.version == "1.1" \
-                and not self._srv._closing:  # noqa: SLF001 - what _finish would send
-            if self._srv.budget.used:
-                self._srv.budget.give_back(self)
-            self._transport.write(empty_ok_head())
-            self._go_on()
+                and not srv._closing:  # noqa: SLF001 - what _finish would send
+            if srv.budget.used:
+                srv.budget.give_back(self)
+            transport.write(empty_ok_head())
+            # _go_on, written out for the common case: nothing queued behind it.
+            if self._pending or self._refusal is not None:
+                self._go_on()
+                return
+            self._busy = False
+            state = self.state
+            if state is ConnectionState.BUSY:
+                self.state = ConnectionState.IDLE
+                self._since = self._loop.time()
+            elif state is ConnectionState.BODY and self._expect_continue:
+                self._send_continue()  # the next request waited for its turn to be asked for
         else:
             self._answered_out_of_turn(request, resp)
 

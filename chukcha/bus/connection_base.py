@@ -52,6 +52,9 @@ class ConnectionBase(asyncio.Protocol):
         self._srv = server
         self._initial = initial  # read by another process (HttpServer.adopt)
         self._limits = server.limits
+        # Read for every request: kept here, one attribute away.
+        self._max_header = server.limits.max_header_size
+        self._max_body = server.limits.max_body_size
         self._router = server.router
         # The protocol is made inside the loop. Kept: asyncio.get_running_loop() makes a
         # getpid() system call each time (one per request was a quarter of them).

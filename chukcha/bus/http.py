@@ -189,16 +189,24 @@ class BusApi:
         other small writes of this loop iteration: :meth:`ChunkStore.write_later`); else
         ``None``. Bad parameters and bodies are refused here exactly as :meth:`write` refuses
         them."""
-        query = request.query
-        if len(query) != 1:  # more than the category (sync, min_sync_replicas...) or none
-            return None  # validated, and waited for, by the handler
-        category = query.get("category")
+        qs = request.query_string
+        if qs.startswith("category=") and "&" not in qs and "%" not in qs and "+" not in qs:
+            category = qs[9:]  # what request.query holds for it (every client's write)
+        else:
+            query = request.query
+            if len(query) != 1:  # more than the category (sync, min_sync_replicas...) or none
+                return None  # validated, and waited for, by the handler
+            category = query.get("category", "")
         if not category or not self._store.has_category(category):
             return None  # its first write validates and creates it
-        if len(request.body) > INLINE_WRITE_LIMIT:
+        body = request.body
+        n = len(body)
+        if n > INLINE_WRITE_LIMIT:
             return None  # a big body is written in a worker thread: the handler's path
-        body = self._body(request)
-        check_messages(body, self._max_message)
+        if n > self._max_batch:
+            raise BodyTooLargeError(self._max_batch)
+        if not n or body[-1] != 0x0A or n > self._max_message + 1:
+            check_messages(body, self._max_message)  # refuses it, or checks each message
         if request.deferrable:  # gathered with this loop iteration's other small writes
             return web.LATER if self._store.write_later(category, body, request.done) else None
         if self._store.write_now(category, body) is None:

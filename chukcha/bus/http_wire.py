@@ -12,6 +12,7 @@ from typing import Final
 
 __all__ = ["empty_ok_head", "response_head"]
 
+_time: Final = time.time
 _REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
@@ -25,18 +26,24 @@ class _DateCache:
 
 
 def _date() -> bytes:
-    now = int(time.time())
+    now = int(_time())
     if _DateCache.second != now:
-        _DateCache.second = now
-        _DateCache.value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
-        _DateCache.empty_ok = b"HTTP/1.1 200 OK\r\nDate: %b\r\nContent-Length: 0\r\n\r\n" % (
-            _DateCache.value)
+        _refresh(now)
     return _DateCache.value
+
+
+def _refresh(now: int) -> None:
+    _DateCache.second = now
+    _DateCache.value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
+    _DateCache.empty_ok = b"HTTP/1.1 200 OK\r\nDate: %b\r\nContent-Length: 0\r\n\r\n" % (
+        _DateCache.value)
 
 
 def empty_ok_head() -> bytes:
     """The head of an empty HTTP/1.1 200 kept alive (what :func:`response_head` makes)."""
-    _date()
+    now = int(_time())  # _date(), written out: this is every small write's answer
+    if _DateCache.second != now:
+        _refresh(now)
     return _DateCache.empty_ok
 
 

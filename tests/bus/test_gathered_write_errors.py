@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from chukcha.bus.connection import _GATHER_FROM, ConnectionState
+from chukcha.bus.connection import ConnectionState
 from chukcha.bus.front import FrontWorker
 from chukcha.bus.node import Node
 from chukcha.bus.server import ServerLimits
 from chukcha.bus.web import Request, Response
 from chukcha.testing import bind_loopback, run_node
 from tests.bus.conftest import Api, read_file
-from tests.bus.test_gathered_writes import C0, _gathering_on, _post, _raw
+from tests.bus.test_gathered_writes import _MANY, C0, _gathering_on, _post, _raw
 
 _REFUSED = {
     "body over the limit": (400, b"POST /write?category=c HTTP/1.1\r\nHost: t\r\n"
@@ -104,8 +104,8 @@ async def test_a_write_completed_while_the_node_stops_is_answered(node: Node, ap
     not gathered for an iteration's end that stop() no longer waits for (it used to land in the
     chunk with its connection aborted: no answer, so a retry would store it twice)."""
     await api.write("w", b"start\n")
-    mid_body = []  # connections that stay open through the stop (mid-body), so gathering is on
-    for _ in range(_GATHER_FROM + 1):
+    mid_body = []  # connections that stay open through the stop (mid-body)
+    for _ in range(_MANY + 1):
         _, other = await _raw(node)
         other.write(b"POST /write?category=w HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nab")
         mid_body.append(other)
@@ -125,7 +125,7 @@ async def test_a_write_completed_while_the_node_stops_is_answered(node: Node, ap
     async with asyncio.timeout(10):
         await entered.wait()
         while sum(c.state is ConnectionState.BODY for c in node.server.connections) \
-                < _GATHER_FROM + 2:  # noqa: ASYNC110 - polled until the node read every body start
+                < _MANY + 2:  # noqa: ASYNC110 - polled until the node read every body start
             await asyncio.sleep(0)
     stop = asyncio.create_task(node.server.stop(10))
     async with asyncio.timeout(10):
