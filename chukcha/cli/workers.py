@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import importlib
 import logging
 import os
 import shutil
@@ -179,8 +180,23 @@ class _Supervisor:
         self.spawn(role)
 
 
+def _import_before_fork() -> None:
+    """Import what the writer and the fronts run, once, here, before they are forked: each
+    child then starts with it in memory (shared until written) instead of importing it again.
+
+    Why: the children's imports were most of a 4-worker node's start. With the writer and three
+    fronts each importing the node's modules on the same cores (a front needs
+    :mod:`chukcha.bus.node` too), the writer answered 1.7 s after the fork at load 8 where the
+    imports alone take 0.2 s in a quiet process (``bench/bench_node_start.py``; the figures are in
+    the README's workers paragraph). A restarted worker starts at once too. Nothing imported
+    here starts a thread or opens a connection (etcd's client connects only in the writer)."""
+    for module in ("chukcha.bus.node", "chukcha.bus.front"):
+        importlib.import_module(module)
+
+
 def run_workers(config: NodeConfig, workers: int) -> int:
     """Serve ``config`` from ``workers`` processes until SIGTERM/SIGINT; the exit code."""
+    _import_before_fork()
     sock = _listening_socket(config)
     os.set_inheritable(sock.fileno(), True)
     tmp = tempfile.mkdtemp(prefix="chukcha-node-")
