@@ -84,7 +84,7 @@ from chukcha.bus.app_retries import (
 from chukcha.bus.app_standbys import HANDOVER_WAIT, Standbys, Wakeups
 from chukcha.bus.app_view import AppView, Claim, app_prefix, claim_key, claim_key_from
 from chukcha.bus.config import ETCD_EXTRA_MISSING, etcd_installed, parse_etcd_endpoint
-from chukcha.bus.coordination import DEFAULT_LEASE_TTL, ETCD_ERRORS, EtcdWatcher
+from chukcha.bus.coordination import DEFAULT_LEASE_TTL, ETCD_ERRORS, ClientKeys, EtcdWatcher
 from chukcha.bus.tasks import log_task_crash, run_until_first_ends
 from chukcha.errors import (
     AppConfigError,
@@ -461,7 +461,7 @@ class AppInstances(EtcdWatcher):
                     await self._take(client, p, epoch, "resumed")
         target = assign(self.partitions, view.members, view.owners(), view.standbys,
                         view.ready)
-        await self._retries.forget_others(client, target, self._active)
+        await self._retries.forget_others(ClientKeys(client), target, self._active)
         for p in sorted(self._active):
             to = target.get(p)
             if to != self._instance and not self._standby.wait_for_copy(view, p, to):
@@ -470,7 +470,8 @@ class AppInstances(EtcdWatcher):
             if (target.get(p) == self._instance and p not in view.claims
                     and self._retries.due(p)):
                 await self._claim(client, p)
-        await self._standby.reconcile(client, view, target, partitions=self.partitions,
+        await self._standby.reconcile(ClientKeys(client), view, target,
+                                      partitions=self.partitions,
                                       active=self._active, lease=self._lease_id)
 
     def standby_ready(self, partition: int) -> None:
@@ -498,7 +499,7 @@ class AppInstances(EtcdWatcher):
                 self._standby.tell_again(partition)
                 raise TakeOverCancelledError
         if error is None:
-            await self._retries.started(client, partition)
+            await self._retries.started(ClientKeys(client), partition)
             return
         self._retries.failed(partition, epoch, error)
         if self._active.get(partition) == epoch:
@@ -506,7 +507,7 @@ class AppInstances(EtcdWatcher):
         await self._lost(partition)
         self._standby.tell_again(partition)
         await self._drop_claim(client, partition, epoch)
-        await self._retries.publish(client, partition, self._lease_id)
+        await self._retries.publish(ClientKeys(client), partition, self._lease_id)
 
     async def _lost(self, partition: int) -> None:
         """:meth:`PartitionListener.lost`, whose errors are logged (it only cleans up)."""

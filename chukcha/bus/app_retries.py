@@ -1,17 +1,17 @@
 """An app instance's partitions whose start failed: the backoff before claiming each again, the
 ``failing/<partition:04d>/<instance>`` key that shows it (``chukcha app status``), and the log.
 
-Part of the one etcd layer (used by :class:`~chukcha.bus.app_coordination.AppInstances`, which
-owns the session; this module only puts and deletes this instance's ``failing`` keys through
-the session's client, under its lease). A partition whose start fails is retried after
-:data:`LISTENER_RETRY_FIRST` s, doubling up to :data:`LISTENER_RETRY_MAX` s, for as long as it
-fails and the assignment gives it to this instance: the causes seen (no node answering a
-restore, too few for its quorum) are the bus's and would fail on any instance, so the partition
-is not pushed onto another one (a user who knows the cause is local stops this instance, and
-another takes the partition). Meanwhile the key says how many times in a row, since when and
-why; from the :data:`FAILING_ADVICE`-th failure on, each log line also says what that means and
-what to do. The key goes when the partition starts, when it is no longer this instance's to take
-(and with the lease).
+Used by :class:`~chukcha.bus.app_coordination.AppInstances`, which owns the etcd session: this
+module only says which of this instance's ``failing`` keys to put (under its lease) and delete,
+through :class:`~chukcha.bus.app_view.OwnKeys`; it never sees the etcd client. A partition whose
+start fails is retried after :data:`LISTENER_RETRY_FIRST` s, doubling up to
+:data:`LISTENER_RETRY_MAX` s, for as long as it fails and the assignment gives it to this instance:
+the causes seen (no node answering a restore, too few for its quorum) are the bus's and would fail
+on any instance, so the partition is not pushed onto another one (a user who knows the cause is
+local stops this instance, and another takes the partition). Meanwhile the key says how many times
+in a row, since when and why; from the :data:`FAILING_ADVICE`-th failure on, each log line also says
+what that means and what to do. The key goes when the partition starts, when it is no longer this
+instance's to take (and with the lease).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Collection, Mapping
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 import orjson
 
 from chukcha.bus.app_standbys import Wakeups
-from chukcha.bus.app_view import failing_key_from
+from chukcha.bus.app_view import OwnKeys, failing_key_from
 
 __all__ = ["FAILING_ADVICE", "LISTENER_RETRY_FIRST", "LISTENER_RETRY_MAX", "Retries"]
 
@@ -91,24 +91,24 @@ class Retries:
                      exc_info=error if failures == 1 else None)
         self._wakeups.after("retry", partition, delay)
 
-    async def publish(self, client: Any, partition: int, lease: int | None) -> None:
+    async def publish(self, keys: OwnKeys, partition: int, lease: int | None) -> None:
         """Put the ``failing`` key of ``partition`` (under ``lease``; none without one: a key
         without a lease would outlive the instance)."""
         retry = self._failed.get(partition)
         if retry is not None and lease is not None:
-            await client.put(self._key(partition), orjson.dumps(
+            await keys.put(self._key(partition), orjson.dumps(
                 {"failures": retry.failures, "since": retry.since, "error": retry.error}),
-                lease=lease)
+                lease)
 
-    async def started(self, client: Any, partition: int) -> None:
+    async def started(self, keys: OwnKeys, partition: int) -> None:
         """``partition`` started: forget its failures and delete its key."""
         if self._failed.pop(partition, None) is not None:
             self._wakeups.cancel("retry", partition)
             logger.info("app=%s instance=%s partition %d started after its earlier failures",
                         self.app, self._instance, partition)
-            await client.delete(self._key(partition))
+            await keys.delete(self._key(partition))
 
-    async def forget_others(self, client: Any, target: Mapping[int, str],
+    async def forget_others(self, keys: OwnKeys, target: Mapping[int, str],
                             active: Collection[int]) -> None:
         """Stop retrying the partitions the assignment no longer gives to this instance (their
         new owner tries)."""
@@ -117,7 +117,7 @@ class Retries:
             if to != self._instance and p not in active:
                 del self._failed[p]
                 self._wakeups.cancel("retry", p)
-                await client.delete(self._key(p))
+                await keys.delete(self._key(p))
                 logger.info("app=%s instance=%s partition %d goes to %s: no longer retried "
                             "here", self.app, self._instance, p, to)
 

@@ -1,13 +1,13 @@
 """An app instance's standby side: its own ``standbys/<partition>/<instance>`` keys, what its
 listener follows, and the owner's wait for the copy of the instance a partition moves to.
 
-Part of the one etcd layer (used by :class:`~chukcha.bus.app_coordination.AppInstances`, which
-owns the session; this module only puts and deletes this instance's standby keys through the
-session's client). Each instance puts and deletes only its own keys, as
-:func:`chukcha.assignment.assign_standbys` says (not the owner, balanced, sticky), and, with
-standbys, the instance a partition is about to move to also follows it until ready: the owner
-hands it over only then (or after :data:`HANDOVER_WAIT` s), so a rebalance too starts from a
-warm copy.
+Used by :class:`~chukcha.bus.app_coordination.AppInstances`, which owns the etcd session: this
+module only says which of this instance's standby keys to put and delete, through
+:class:`~chukcha.bus.app_view.OwnKeys`; it never sees the etcd client. Each instance puts and
+deletes only its own keys, as :func:`chukcha.assignment.assign_standbys` says (not the owner,
+balanced, sticky), and, with standbys, the instance a partition is about to move to also follows it
+until ready: the owner hands it over only then (or after :data:`HANDOVER_WAIT` s), so a rebalance
+too starts from a warm copy.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from typing import Any, Final
+from typing import Final
 
 from chukcha.assignment import assign_standbys
-from chukcha.bus.app_view import AppView
+from chukcha.bus.app_view import AppView, OwnKeys
 
 __all__ = ["FOLLOW_RETRY", "HANDOVER_WAIT", "Standbys", "Wakeups"]
 
@@ -121,7 +121,7 @@ class Standbys:
         self._wakeups.cancel("handover", partition)
         return False
 
-    async def reconcile(self, client: Any, view: AppView, target: Mapping[int, str], *,
+    async def reconcile(self, keys: OwnKeys, view: AppView, target: Mapping[int, str], *,
                         partitions: int, active: Collection[int], lease: int | None) -> None:
         """Put and delete our own standby keys as :func:`assign_standbys` says (and for the
         partitions about to move here, so that they come warm), then tell the listener what to
@@ -137,13 +137,13 @@ class Standbys:
         for p in sorted(mine):
             ready = p in self._ready
             if me not in view.standbys.get(p, ()) or ready != (me in view.ready.get(p, ())):
-                await client.put(self._key(p), b"ready" if ready else b"", lease=lease)
+                await keys.put(self._key(p), b"ready" if ready else b"", lease)
                 view.standbys.setdefault(p, set()).add(me)
                 if ready:
                     view.ready.setdefault(p, set()).add(me)
         have = {p for p, ms in view.standbys.items() if me in ms}
         for p in sorted(have - mine):
-            await client.delete(self._key(p))
+            await keys.delete(self._key(p))
             view.standbys.get(p, set()).discard(me)
             view.ready.get(p, set()).discard(me)
         following = frozenset(mine - set(active))

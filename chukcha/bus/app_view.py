@@ -1,20 +1,34 @@
 """What etcd holds about one app, as plain data: the key layout (:func:`app_prefix`,
 :func:`claim_key`), its claims (:class:`Claim`) and a mirror of its keys (:class:`AppView`).
-No etcd access here (that is :mod:`chukcha.bus.app_coordination`'s)."""
+No etcd access here (that is :mod:`chukcha.bus.app_coordination`'s: it implements
+:class:`OwnKeys`, through which :mod:`chukcha.bus.app_retries` and
+:mod:`chukcha.bus.app_standbys` change this instance's keys without seeing the client)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from chukcha.protocol import validate_instance
 
-__all__ = ["AppView", "Claim", "app_prefix", "claim_key", "claim_key_from", "failing_key_from"]
+__all__ = ["AppView", "Claim", "OwnKeys", "app_prefix", "claim_key", "claim_key_from",
+           "failing_key_from"]
 
 logger = logging.getLogger(__name__)
+
+
+class OwnKeys(Protocol):
+    """This instance's own keys of an app in etcd (its ``standbys`` and ``failing`` keys), as
+    the session of :class:`~chukcha.bus.app_coordination.AppInstances` writes them."""
+
+    async def put(self, key: bytes, value: bytes, lease: int | None) -> None:
+        """Put ``key`` = ``value`` under ``lease`` (``None``: without one)."""
+
+    async def delete(self, key: bytes) -> None:
+        """Delete ``key``."""
 
 
 def app_prefix(cluster: str, app: str) -> bytes:

@@ -3,11 +3,13 @@
 Every access to etcd (through ``aetcd``) lives in the one etcd layer: this module (the session
 base :class:`EtcdWatcher` and the membership), :mod:`chukcha.bus.group_coordination` (the
 consumer groups, :class:`~chukcha.bus.group_coordination.EtcdGroups`) and
-:mod:`chukcha.bus.app_coordination` (the instances of an app and their partition claims, with
-:mod:`chukcha.bus.app_standbys`, their standby keys, and :mod:`chukcha.bus.app_retries`, the
-``failing`` keys of partitions whose start failed, both through the same session's client),
-which share the session base. Membership is behind the small :class:`Membership` protocol, so that
-the replication code never sees the etcd client and the client library can be swapped.
+:mod:`chukcha.bus.app_coordination` (the instances of an app and their partition claims),
+which share the session base. :mod:`chukcha.bus.app_standbys` (the standby keys) and
+:mod:`chukcha.bus.app_retries` (the ``failing`` keys of partitions whose start failed) only say
+which of the instance's own keys to put and delete, through :class:`ClientKeys` over the same
+session's client; they never see it. Membership is behind the small :class:`Membership`
+protocol, so that the replication code never sees the etcd client and the client library can be
+swapped.
 
 etcd layout: ``chukcha/<cluster>/peers/<instance>`` = ``host:port``, put under a lease that the
 node keeps alive. Every node watches the prefix, so joins and leaves are seen without restarts; a
@@ -56,6 +58,7 @@ else:  # pragma: no cover - the tests run with the extra
 __all__ = [
     "DEFAULT_LEASE_TTL",
     "ETCD_ERRORS",
+    "ClientKeys",
     "EtcdMembership",
     "EtcdWatcher",
     "Membership",
@@ -133,6 +136,23 @@ class StaticMembership:
 def peers_prefix(cluster: str) -> bytes:
     """The etcd key prefix every node of ``cluster`` registers under."""
     return f"chukcha/{cluster}/peers/".encode()
+
+
+class ClientKeys:
+    """:class:`~chukcha.bus.app_view.OwnKeys` over a session's etcd client: the puts and
+    deletes that :mod:`chukcha.bus.app_standbys` and :mod:`chukcha.bus.app_retries` ask for
+    (they never see the client)."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    async def put(self, key: bytes, value: bytes, lease: int | None) -> None:
+        await self._client.put(key, value, lease=lease)
+
+    async def delete(self, key: bytes) -> None:
+        await self._client.delete(key)
 
 
 class EtcdWatcher:
