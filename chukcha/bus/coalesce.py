@@ -175,6 +175,8 @@ class _Batch:
     bodies: list[bytes | bytearray] = field(default_factory=list)
     waiters: list[asyncio.Future[web.StreamResponse]] = field(default_factory=list)
     size: int = 0
+    # Writes answered through their callback (a front's fast path: Request.done), not a future.
+    callbacks: list[Callable[[web.Outcome], None]] = field(default_factory=list)
 
 
 class WriteCoalescer:
@@ -198,21 +200,36 @@ class WriteCoalescer:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[web.StreamResponse] = loop.create_future()
+        self._add(key, query, headers, body, fut=fut)
+        return fut
+
+    def submit_later(self, key: str, query: str, headers: Mapping[str, str],
+                     body: bytes | bytearray, done: Callable[[web.Outcome], None]) -> None:
+        """:meth:`submit`, answered by calling ``done`` (exactly once) with ``None`` for an
+        empty 200, the writer's other answer, or the error: no future, no callback scheduled
+        per write (a front's fast path, :meth:`Request.done <chukcha.bus.web.Request.done>`)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._add(key, query, headers, body, done=done)
+
+    def _add(self, key: str, query: str, headers: Mapping[str, str], body: bytes | bytearray,
+             *, fut: asyncio.Future[web.StreamResponse] | None = None,
+             done: Callable[[web.Outcome], None] | None = None) -> None:
         batch = self._gathering.get(key)
+        if batch is not None and batch.size + len(body) > self._max:
+            # Too big to join the batch: a write of its own.
+            batch = _Batch()
+            self._send(_Target("", query, headers), _with(batch, body, fut, done))
+            return
         if batch is not None:
-            if batch.size + len(body) <= self._max:
-                batch.bodies.append(body)
-                batch.waiters.append(fut)
-                batch.size += len(body)
-            else:  # too big to join the batch: a write of its own
-                self._send(_Target("", query, headers), _Batch([body], [fut], len(body)))
-            return fut
-        self._gathering[key] = _Batch([body], [fut], len(body))
+            _with(batch, body, fut, done)
+            return
+        self._gathering[key] = _with(_Batch(), body, fut, done)
         if key not in self._in_flight:
             # Sent at the end of this loop iteration: the writes that arrived with it (other
             # connections' in the same epoll round) go in the same batch.
-            loop.call_soon(self._launch, _Target(key, query, headers))
-        return fut
+            assert self._loop is not None  # noqa: S101 - set by the callers
+            self._loop.call_soon(self._launch, _Target(key, query, headers))
 
     def _launch(self, target: _Target) -> None:
         batch = self._gathering.pop(target.key, None)
@@ -249,11 +266,13 @@ class WriteCoalescer:
 
     def _done(self, target: _Target, batch: _Batch, link: _WriterLink | None,
               answer: Answer | BaseException) -> None:
+        outcome: web.Outcome
         if isinstance(answer, BaseException):
             self.close()  # the other idle links went to the same (dead or stuck) writer
             for fut in batch.waiters:
                 if not fut.done():
                     fut.set_exception(answer)
+            outcome = answer
         else:
             if link is not None and link.alive and len(self._idle) < _POOL:
                 self._idle.append(link)
@@ -263,6 +282,13 @@ class WriteCoalescer:
             for fut in batch.waiters:
                 if not fut.done():
                     fut.set_result(resp)
+            # An empty 200 (a write's answer) as None: the connection sends its prebuilt head.
+            outcome = None if answer is _OK else resp
+        for done in batch.callbacks:
+            try:
+                done(outcome)
+            except Exception:
+                logger.exception("answering a coalesced write failed")
         if target.key:
             self._in_flight.discard(target.key)
             self._launch(target)  # the batch that gathered meanwhile, if any
@@ -271,3 +297,15 @@ class WriteCoalescer:
         for link in self._idle:
             link.close()
         self._idle.clear()
+
+
+def _with(batch: _Batch, body: bytes | bytearray, fut: asyncio.Future[web.StreamResponse] | None,
+          done: Callable[[web.Outcome], None] | None) -> _Batch:
+    """``batch`` with one more write, answered by ``fut`` or ``done``."""
+    batch.bodies.append(body)
+    batch.size += len(body)
+    if fut is not None:
+        batch.waiters.append(fut)
+    if done is not None:
+        batch.callbacks.append(done)
+    return batch

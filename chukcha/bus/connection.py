@@ -33,6 +33,7 @@ from chukcha.bus.web import (
     FileResponse,
     Headers,
     Later,
+    Outcome,
     Request,
     Response,
     StreamResponse,
@@ -330,14 +331,15 @@ class Connection(ConnectionBase):
             self._since = self._loop.time()
         return True
 
-    def deliver(self, request: Request, error: BaseException | None) -> None:
-        """Answer the request the fast path deferred (:meth:`Request.done`): an empty 200, or
-        the answer ``error`` becomes; then go on with the requests that waited behind it."""
+    def deliver(self, request: Request, outcome: Outcome) -> None:
+        """Answer the request the fast path deferred (:meth:`Request.done`): an empty 200, the
+        answer an exception becomes, or the answer given; then go on with the requests that
+        waited behind it."""
         srv = self._srv
         srv.deferred -= 1  # HttpServer.answered_later, written out
         if not srv.deferred and srv._deferred_answered is not None:  # noqa: SLF001
             srv._deferred_answered.set()  # noqa: SLF001 - stop() waits for it
-        resp = _EMPTY_OK if error is None else error_response(error, request)
+        resp = _EMPTY_OK if outcome is None else _answer_of(outcome, request)
         observers = self._router.observers
         if observers:
             seconds = time.perf_counter() - self._later_since
@@ -561,3 +563,8 @@ class Connection(ConnectionBase):
             await self._send_file(resp, request, close)
             return close
         return self._finish(request, resp)
+
+
+def _answer_of(outcome: BaseException | StreamResponse, request: Request) -> StreamResponse:
+    """The answer a deferred request's outcome (:meth:`Request.done`) becomes."""
+    return error_response(outcome, request) if isinstance(outcome, BaseException) else outcome

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, Protocol, overload
+from typing import Any, Final, Protocol, TypeAlias, overload
 from urllib.parse import parse_qsl
 
 import orjson
@@ -26,6 +26,7 @@ __all__ = [
     "Handler",
     "Later",
     "LaterHandler",
+    "Outcome",
     "Request",
     "Response",
     "StreamResponse",
@@ -48,7 +49,7 @@ class StreamSink(Protocol):
 
     async def hold_memory(self, n: int) -> None: ...
 
-    def deliver(self, request: Request, error: BaseException | None) -> None: ...
+    def deliver(self, request: Request, outcome: Outcome) -> None: ...
 
 
 class Headers(dict[str, str]):
@@ -152,11 +153,11 @@ class Request:
         if self._conn is not None:
             await self._conn.hold_memory(n)
 
-    def done(self, error: BaseException | None = None) -> None:
-        """Answer a request whose fast path returned :data:`LATER`: an empty 200, or the
-        answer ``error`` becomes (exactly once)."""
+    def done(self, outcome: Outcome = None) -> None:
+        """Answer a request whose fast path returned :data:`LATER` (exactly once): ``None``,
+        an empty 200; an exception, the answer it becomes; or the answer given."""
         if self._conn is not None:
-            self._conn.deliver(self, error)
+            self._conn.deliver(self, outcome)
 
     def sink(self) -> StreamSink:
         if self._conn is None:
@@ -257,6 +258,11 @@ LaterHandler = Callable[[Request], "asyncio.Future[StreamResponse] | None"]
 """A route answered later without a task (:meth:`Router.add_later_routes
 <chukcha.bus.server.Router.add_later_routes>`): the future of its answer (an exception in it is
 answered as the handler's would be), else ``None`` and the handler runs."""
+
+Outcome: TypeAlias = "BaseException | StreamResponse | None"
+"""What answers a deferred request (:meth:`Request.done`): ``None`` (an empty 200), an exception
+(the answer it becomes) or an answer."""
+
 
 class Later:
     """The type of :data:`LATER`."""

@@ -62,3 +62,38 @@ async def test_no_writer_then_a_writer(tmp_path: Path) -> None:
         # Coalesced: fewer writes reached the node than were made.
         assert node.store.traffic()["c"].writes < 50
         coalescer.close()
+
+
+async def test_writes_answered_through_callbacks_get_each_answer_once(tmp_path: Path) -> None:
+    """``submit_later`` (a front's fast path): each callback is called exactly once, with
+    ``None`` for a landed write, the writer's other answer as it is, and the error when the
+    writer fails, mixed with futures in one batch."""
+    path = tmp_path / "writer.sock"
+    coalescer = WriteCoalescer(str(path), 1 << 20, timeout=0.5)
+    got: list[list[web.Outcome]] = [[] for _ in range(6)]
+    try:
+        async with run_node(tmp_path / "data", "w", internal_socket=str(path)) as node:
+            await node.store.write("c", b"start\n")
+            for i in range(3):
+                coalescer.submit_later("k", "category=c", {}, b"m%d\n" % i, got[i].append)
+            future = coalescer.submit("k", "category=c", {}, b"f\n")
+            # Another key: the writer refuses the category, each of its writes gets the answer.
+            coalescer.submit_later("bad", "category=../x", {}, b"b\n", got[3].append)
+            async with asyncio.timeout(10):
+                assert (await future).status == 200
+                while not got[3]:  # noqa: ASYNC110 - polled until the writer answered it
+                    await asyncio.sleep(0.01)
+            assert got[:3] == [[None]] * 3
+            refused = got[3][0]
+            assert isinstance(refused, web.Response) and refused.status == 400, refused
+            lines = await node.store.read("c", node.store.list_chunks("c")[0].name, 0, 1 << 20)
+            assert sorted(lines.split(b"\n")[1:-1]) == [b"f", b"m0", b"m1", b"m2"]
+        # The writer is gone: the callbacks get the error, once each.
+        coalescer.submit_later("k", "category=c", {}, b"x\n", got[4].append)
+        coalescer.submit_later("k", "category=c", {}, b"y\n", got[5].append)
+        async with asyncio.timeout(10):
+            while not (got[4] and got[5]):  # noqa: ASYNC110 - polled until both are answered
+                await asyncio.sleep(0.01)
+        assert all(len(g) == 1 and isinstance(g[0], WriterUnavailableError) for g in got[4:]), got
+    finally:
+        coalescer.close()
