@@ -59,6 +59,9 @@ class Connection(ConnectionBase):
     """One client connection: parses requests, answers them in order, enforces the limits
     (the state, sending and closing: :class:`~chukcha.bus.connection_base.ConnectionBase`)."""
 
+    _in_body_reader = 0
+    """1 while :meth:`body_received` runs (the transport holds a view of the body's buffer)."""
+
     # --- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -265,6 +268,7 @@ class Connection(ConnectionBase):
             parser.get_method().decode("latin-1"), path, query_b.decode("latin-1"),
             headers, body, version=version, keep_alive=keep_alive, remote=self.peer, conn=self,
         )
+        del body  # the request's only (a big one's buffer is reused once it is answered)
         self._body = []
         self.stalled_since = 0.0
         self.state = ConnectionState.BUSY
@@ -324,6 +328,10 @@ class Connection(ConnectionBase):
                 observe(request.path, resp.status, seconds)  # a fast route is a route
         if srv.budget.used:
             srv.budget.give_back(self)  # a big body's share, if it had one
+        if type(request.body) is bytearray:  # a big write's buffer, reused at once
+            # Besides this frame's ``request``, the caller's; inside BodyReader's callback,
+            # the transport's view of the buffer (it read into) refers to the body too.
+            self._recycle_body(request, held=1, viewed=self._in_body_reader)
         if self._finish(request, resp):
             self.close()
         else:
@@ -372,7 +380,11 @@ class Connection(ConnectionBase):
 
         The parser still waits for the body it never saw; a new one takes over at the next
         request (the old one still answers for this request's method, version and keep-alive)."""
-        self.on_message_complete()
+        self._in_body_reader = 1
+        try:
+            self.on_message_complete()
+        finally:
+            self._in_body_reader = 0
         self._parser = httptools.HttpRequestParser(self)
         if self._transport is not None and not self._closed:
             self._transport.set_protocol(self)
@@ -400,14 +412,16 @@ class Connection(ConnectionBase):
         else:
             self._all_answered()
 
-    def _recycle_body(self, request: Request) -> None:
+    def _recycle_body(self, request: Request, held: int = 0, viewed: int = 0) -> None:
         """Give an answered request's big-body buffer back for reuse, unless anything else still
-        refers to the request or to its body (a handler that kept either keeps the buffer)."""
+        refers to the request or to its body (a handler that kept either keeps the buffer).
+        ``held``: more references to ``request`` that the caller knows of; ``viewed``: to the
+        body."""
         body = request.body
         # The references when nothing else holds them: the caller's ``request`` and this
         # parameter (3 with getrefcount's argument); ``request.body`` and ``body`` (3 too).
-        if (len(body) > _DIRECT_BODY and sys.getrefcount(request) <= 3
-                and sys.getrefcount(body) <= 3 and isinstance(body, bytearray)):
+        if (len(body) > _DIRECT_BODY and sys.getrefcount(request) <= 3 + held
+                and sys.getrefcount(body) <= 3 + viewed and isinstance(body, bytearray)):
             request.body = b""
             self._srv.budget.recycle(body)
 

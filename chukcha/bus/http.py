@@ -185,10 +185,10 @@ class BusApi:
 
     def write_now(self, request: web.Request) -> web.Response | web.Later | None:
         """``/write``'s fast path: a plain write (no ``sync``, no ``min_sync_replicas``) that
-        the store takes without waiting (:meth:`ChunkStore.write_now`, or gathered with the
-        other small writes of this loop iteration: :meth:`ChunkStore.write_later`); else
-        ``None``. Bad parameters and bodies are refused here exactly as :meth:`write` refuses
-        them."""
+        the store takes without waiting (:meth:`ChunkStore.write_now`, a big body too, or
+        gathered with the other small writes of this loop iteration:
+        :meth:`ChunkStore.write_later`); else ``None``. Bad parameters and bodies are refused
+        here exactly as :meth:`write` refuses them."""
         qs = request.query_string
         if qs.startswith("category=") and "&" not in qs and "%" not in qs and "+" not in qs:
             category = qs[9:]  # what request.query holds for it (every client's write)
@@ -201,13 +201,12 @@ class BusApi:
             return None  # its first write validates and creates it
         body = request.body
         n = len(body)
-        if n > INLINE_WRITE_LIMIT:
-            return None  # a big body is written in a worker thread: the handler's path
         if n > self._max_batch:
             raise BodyTooLargeError(self._max_batch)
         if not n or body[-1] != 0x0A or n > self._max_message + 1:
             check_messages(body, self._max_message)  # refuses it, or checks each message
-        if request.deferrable:  # gathered with this loop iteration's other small writes
+        if request.deferrable and n <= INLINE_WRITE_LIMIT:
+            # Gathered with this loop iteration's other small writes (a big one is written now).
             return web.LATER if self._store.write_later(category, body, request.done) else None
         if self._store.write_now(category, body) is None:
             return None
