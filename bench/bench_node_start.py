@@ -9,7 +9,9 @@ and prints, per tree and worker count, the medians of:
 - *settled*: until every process of the node has been idle for 0.2 s (from ``/proc``: the
   fronts' start-up is over too);
 - *CPU*: the CPU seconds all the node's processes used until then (the steadiest figure on a
-  shared machine).
+  shared machine);
+- *PSS*: the memory of all the node's processes then (proportional set size: a page shared by
+  several processes counts a share in each).
 
 With ``--baseline SRC`` the same runs use the package in another source tree
 (``git archive main | tar -x -C /tmp/before``), alternating with this tree's runs so machine
@@ -58,6 +60,18 @@ def _tree(root: int) -> list[int]:
     return out
 
 
+def _pss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in rollup.splitlines()
+                     if line.startswith("Pss:"))
+    return total / 1024
+
+
 def _cpu(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -69,8 +83,8 @@ def _cpu(pids: list[int]) -> float:
     return total / _TICK
 
 
-async def one_start(workers: int, source: str | None) -> tuple[float, float, float]:
-    """(first 200, settled, CPU seconds) of one start."""
+async def one_start(workers: int, source: str | None) -> tuple[float, float, float, float]:
+    """(first 200, settled, CPU seconds, PSS MiB) of one start."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
@@ -107,7 +121,7 @@ async def one_start(workers: int, source: str | None) -> tuple[float, float, flo
                 if now != last:
                     last, idle_since = now, time.monotonic()
             settled = idle_since - started
-            return first, settled, last
+            return first, settled, last, _pss_mib(_tree(proc.pid))
         finally:
             proc.terminate()
             await proc.wait()
@@ -124,7 +138,7 @@ async def main() -> None:
     if args.baseline:
         variants.append(("baseline", args.baseline))
     counts = [int(w) for w in args.workers.split(",")]
-    results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
     for run in range(args.runs):
         order = variants if run % 2 == 0 else variants[::-1]
         for workers in counts:
@@ -132,11 +146,12 @@ async def main() -> None:
                 results.setdefault((name, workers), []).append(
                     await one_start(workers, source))
     print(f"load average {os.getloadavg()[0]:.1f} (1 min) at the end; {args.runs} runs each\n")
-    print("| tree | workers | first 200 (s) | settled (s) | CPU (s) |")
-    print("|---|---|---|---|---|")
+    print("| tree | workers | first 200 (s) | settled (s) | CPU (s) | PSS (MiB) |")
+    print("|---|---|---|---|---|---|")
     for (name, workers), rows in results.items():
         med = [statistics.median(col) for col in zip(*rows, strict=True)]
-        print(f"| {name} | {workers} | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.2f} |")
+        print(f"| {name} | {workers} | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.2f} | "
+              f"{med[3]:.0f} |")
 
 
 if __name__ == "__main__":
