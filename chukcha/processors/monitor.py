@@ -153,9 +153,11 @@ class AppMonitor:
 
     async def lookup(self, key: str) -> tuple[bool, Any]:
         """The committed value of ``key`` in the app's table: ``(found, value)``."""
+        # Taken on the loop: through etcd the partitions run here change as they move.
+        checkpoints = list(self._checkpoints.values())
 
         def get() -> tuple[bool, Any]:
-            for checkpoint in self._checkpoints.values():
+            for checkpoint in checkpoints:
                 raw = checkpoint.store.get(TABLE_PREFIX + key.encode())
                 if raw is not None:
                     return True, orjson.loads(raw)
