@@ -101,6 +101,9 @@ class Chunk:
     name: ChunkName
     size: int
     synced: int = 0  # bytes known to be on stable storage (group commit)
+    # Bytes past ``size`` that a failed write left and its rollback could not remove: no
+    # append until they are gone (ChunkStore._append removes them first, or fails).
+    dirty_tail: bool = False
 
 
 @dataclass(slots=True)

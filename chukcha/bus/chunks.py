@@ -18,7 +18,6 @@ acks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -368,6 +367,8 @@ class ChunkStore(QueuedWriter):
 
     @staticmethod
     def _append(fd: int, chunk: Chunk, body: bytes | bytearray | memoryview, sync: bool) -> None:
+        if chunk.dirty_tail:
+            _remove_dirty_tail(fd, chunk)
         view = memoryview(body)
         done = 0
         try:
@@ -376,9 +377,12 @@ class ChunkStore(QueuedWriter):
             if sync:
                 os.fsync(fd)
         except OSError as exc:
-            # Roll back to the last good size so no partial body stays in the chunk.
-            with contextlib.suppress(OSError):
+            # Roll back to the last good size so no partial body stays in the chunk; if that
+            # fails too, no append goes after those bytes until they are gone.
+            try:
                 os.ftruncate(fd, chunk.size)
+            except OSError:
+                chunk.dirty_tail = True
             raise DiskWriteError(
                 exc.errno or errno.EIO, f"writing chunk {chunk.name} failed: {exc.strerror}"
             ) from exc
@@ -591,6 +595,9 @@ def _append_small(fd: int, chunk: Chunk, body: bytes | bytearray) -> None:
     # a profile), while the write itself only copies into the page cache (a few us). Without
     # fsync it blocks only when the kernel throttles dirty pages, which stalls the worker thread
     # just the same. The test suite's blockbuster fixture allows os.write here by name.
+    if chunk.dirty_tail:  # a failed write's bytes are past the end: _append removes them
+        ChunkStore._append(fd, chunk, body, False)  # noqa: SLF001 - same module
+        return
     try:
         done = os.write(fd, body)  # one call: a short write to a file means trouble
     except OSError:
@@ -598,9 +605,20 @@ def _append_small(fd: int, chunk: Chunk, body: bytes | bytearray) -> None:
     if done == len(body):
         chunk.size += done
         return
-    if done > 0:  # undone, then retried once, with every error's handling, by _append
-        os.ftruncate(fd, chunk.size)
+    if done > 0:  # undone (by _append if not here), then retried once by _append
+        chunk.dirty_tail = True
     ChunkStore._append(fd, chunk, body, False)  # noqa: SLF001 - same module
+
+
+def _remove_dirty_tail(fd: int, chunk: Chunk) -> None:
+    """Cut the bytes a failed write left past ``chunk.size`` (its rollback failed), or fail."""
+    try:
+        os.ftruncate(fd, chunk.size)
+    except OSError as exc:
+        raise DiskWriteError(
+            exc.errno or errno.EIO, f"chunk {chunk.name} holds bytes of a failed write that "
+            f"could not be removed: {exc.strerror}") from exc
+    chunk.dirty_tail = False
 
 
 def _call_each(dones: list[Callable[[BaseException | None], None]],
