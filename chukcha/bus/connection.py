@@ -133,6 +133,11 @@ class Connection(ConnectionBase):
                 return
             self.state = ConnectionState.HEADERS
             self._since = self._loop.time()
+            if len(data) > _DIRECT_BODY:  # a request's start and much more: a big body's?
+                end = data.find(b"\r\n\r\n", 0, self._limits.max_header_size + 4)
+                if end >= 0:
+                    self._head_first(data, end + 4)
+                    return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -145,6 +150,44 @@ class Connection(ConnectionBase):
                 and self._transport is not None:
             # The rest of a big body goes straight into its buffer (all of ``data`` was body).
             self._transport.set_protocol(BodyReader(self, self._direct, self._direct_len))
+
+    def _head_first(self, data: bytes, split: int) -> None:
+        """``data`` begins with a request whose headers end at ``split``: the parser gets the
+        headers alone; when they announce a big body that ``data`` holds only the start of
+        (a bulk write's first read), that start is copied into the body's buffer once and the
+        rest is received straight into it (:class:`BodyReader`).
+
+        Why: fed whole, the parser handed the body's start (up to ~256 KB per 1 MiB body)
+        over as a new ``bytes``, copied again into the buffer: two copies and a callback
+        more, in a profile ~5 % of the node's CPU for bulk writes."""
+        view = memoryview(data)
+        if not self._feed(view[:split]) or self._closed or self._refusal is not None:
+            return
+        rest = view[split:]
+        direct = self._direct
+        if (direct is not None and self.state is ConnectionState.BODY
+                and self._transport is not None and len(rest) < len(direct) - self._direct_len):
+            start, self._direct_len = self._direct_len, self._direct_len + len(rest)
+            with memoryview(direct) as into:
+                into[start:self._direct_len] = rest
+            self._since = self.stalled_since = self._loop.time()
+            self._transport.set_protocol(BodyReader(self, direct, self._direct_len))
+            return
+        if rest and self._feed(rest) and self._direct is not None \
+                and self.state is ConnectionState.BODY and self._transport is not None:
+            self._transport.set_protocol(BodyReader(self, self._direct, self._direct_len))
+
+    def _feed(self, data: bytes | memoryview) -> bool:
+        """Parse ``data``; ``False``: it was refused (answered with a 400, closing)."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+            return False
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"bad request: {exc}")
+            return False
+        return True
 
     def eof_received(self) -> bool:
         return False  # close our side too (answers in progress are dropped)

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import orjson
 import pytest
+import uvloop
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from chukcha.bus import chunks as chunks_module
 from chukcha.bus import web
@@ -295,3 +298,51 @@ async def test_a_slow_big_append_sends_the_next_big_writes_to_the_worker_thread(
                    "big writes on the loop again")
     data = await read_file(tmp_path / "data" / "c" / "me-chunk000000000")
     assert data == b"a\n" + body + b"small\n" + body + body
+
+
+_TRAP = b"\r\n\r\nPOST /echo HTTP/1.1\r\nContent-Length: 5\r\n\r\n"
+"""Bytes that look like the end of a request's headers and a whole request: inside a body."""
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(loop=st.sampled_from(["asyncio", "uvloop"]), size=st.integers(70_000, 700_000),
+       first=st.integers(66_000, 800_000), behind=st.lists(st.integers(1, 100_000), max_size=2),
+       seed=st.integers(0, 1 << 30))
+def test_a_big_bodys_start_read_with_its_headers_is_taken_whole_and_once(
+    loop: str, size: int, first: int, behind: list[int], seed: int,
+) -> None:
+    # The connection's first read holds the headers of a big body and the start of the body
+    # (or all of it, and requests pipelined behind it): the parser gets the headers alone and
+    # the body's start is copied once into its buffer. Bodies full of what looks like headers'
+    # ends and whole requests arrive exact, and so do the requests behind.
+    rnd = random.Random(seed)  # noqa: S311 - reproducible test data
+    bodies = [(rnd.randbytes(size // 3) + _TRAP * (size // 150))[:size]]
+    bodies += [rnd.randbytes(n) for n in behind]
+    stream = b"".join(_post("/echo", b) for b in bodies)
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=bytes(request.body))
+
+    async def main() -> None:
+        router = Router()
+        router.add_routes({"/echo": echo})
+        server = HttpServer(router, ServerLimits(max_body_size=1 << 20, memory_budget=8 << 20))
+        sock = bind_loopback()
+        sock.listen(4)
+        await server.start(sock)
+        try:
+            reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            writer.write(stream[:first])
+            await writer.drain()
+            writer.write(stream[first:])
+            for body in bodies:
+                async with asyncio.timeout(20):
+                    assert await _answer(reader) == (200, body)
+            writer.close()
+        finally:
+            await server.stop(1.0)
+
+    if loop == "uvloop":
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
