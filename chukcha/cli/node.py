@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -248,9 +247,11 @@ def _return_big_buffers_to_the_os() -> None:
     """glibc raises its mmap threshold after a big buffer is freed, so later 1-16 MiB read
     answers and write bodies come from the heap, which is not given back: a burst of slow
     readers would leave the node hundreds of MiB bigger for good. A fixed 1 MiB threshold keeps
-    every big buffer in its own mapping, returned when freed."""
+    every big buffer in its own mapping, returned when freed. libc is reached through the
+    running process's own symbols: ``ctypes.util.find_library("c")`` runs ``ldconfig`` in a
+    subprocess, 40 ms of every node start (and of every worker's, for ``prctl``)."""
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 

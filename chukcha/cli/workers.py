@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import dataclasses
 import importlib
 import logging
@@ -41,7 +40,8 @@ instead of restarting it forever."""
 
 def _die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The running process's own symbols (libc's among them), as in chukcha.cli.node.
+        libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from chukcha.testing import NodeProcess
+from tests.integration.cluster_helpers import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -173,3 +174,27 @@ async def test_sigterm_stops_every_worker_and_the_data_stays(tmp_path: Path) -> 
     data = await asyncio.to_thread(chunk.read_bytes)
     assert sorted(data.splitlines()) == sorted(b"m%d" % i for i in range(20))
 
+
+
+async def test_a_sigkilled_supervisor_leaves_no_worker_running(tmp_path: Path) -> None:
+    # The workers ask the kernel to SIGKILL them when the supervisor dies (prctl
+    # PR_SET_PDEATHSIG): no worker goes on holding the data directory and the port.
+    node = NodeProcess(tmp_path / "data", "w", ["--workers", "3"])
+    url = node.url
+    await node.start()
+    try:
+        assert node.proc is not None
+        kids = await _wait_for_children(node.proc.pid, 3, set())
+        assert await asyncio.to_thread(lambda: any(_holds_lock(k) for k in kids))
+        await node.kill()
+
+        async def all_gone() -> bool:
+            return await asyncio.to_thread(_gone, kids)
+
+        await wait_for(all_gone, 30, "every worker gone after the supervisor's SIGKILL")
+    finally:
+        await node.kill()  # (done already unless an assert failed)
+        node.close()  # the test's copy of the listening socket
+    async with aiohttp.ClientSession() as http:  # the port is nobody's now
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await http.get(f"{url}/listCategories")
