@@ -34,6 +34,7 @@ from chukcha.bus.chunk_index import (
     Traffic,
     WriteResult,
     fsync_dir,
+    reserve_space,
 )
 from chukcha.bus.chunk_queue import QueuedWriter
 from chukcha.bus.chunk_reads import INLINE_READ_LIMIT, STREAM_READ_OVER, FileSlice
@@ -598,6 +599,8 @@ def _append_small(fd: int, chunk: Chunk, body: bytes | bytearray) -> None:
     if chunk.dirty_tail:  # a failed write's bytes are past the end: _append removes them
         ChunkStore._append(fd, chunk, body, False)  # noqa: SLF001 - same module
         return
+    if chunk.size + len(body) > chunk.reserved:
+        reserve_space(fd, chunk, len(body))
     try:
         done = os.write(fd, body)  # one call: a short write to a file means trouble
     except OSError:

@@ -18,8 +18,8 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chukcha.bus import chunk_index, web
 from chukcha.bus import chunks as chunks_module
-from chukcha.bus import web
 from chukcha.bus.chunks import ChunkStore, StoreEvent, StoreEventKind
 from chukcha.bus.node import Node
 from chukcha.bus.server import HttpServer, Router, ServerLimits
@@ -346,3 +346,44 @@ def test_a_big_bodys_start_read_with_its_headers_is_taken_whole_and_once(
         uvloop.run(main())
     else:
         asyncio.run(main())
+
+
+async def _sizes(path: Path) -> tuple[int, int]:
+    """The file's size and the disk space allocated to it."""
+    st = await asyncio.to_thread(path.stat)
+    return st.st_size, st.st_blocks * 512
+
+
+async def test_an_own_chunk_is_allocated_ahead_and_given_back_when_complete(
+    tmp_path: Path,
+) -> None:
+    # The open chunk's disk space is allocated ahead of its appends (the file's size stays
+    # what was written: readers see only that); a chunk that becomes complete, and the open
+    # one when the node stops, give back what was allocated past their end.
+    if chunk_index._fallocate() is None:
+        pytest.skip("no fallocate(2) on this platform")
+    data = tmp_path / "data"
+    body = _messages("r", 10_000)  # 1 MB
+    async with run_node(data, instance="moscow", max_chunk_size=3 << 20) as node:
+        reader, writer = await _connect(node)
+        for _ in range(4):  # 3 fit in the first chunk, the 4th starts the second
+            writer.write(_post("/write?category=r", body))
+            assert await _answer(reader) == (200, b"")
+        writer.write(b"GET /read?category=r&chunk=moscow-chunk000000001&off=0&max_size=4000000 "
+                     b"HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert await _answer(reader) == (200, body)
+        writer.close()
+        first, second = data / "r" / "moscow-chunk000000000", data / "r" / "moscow-chunk000000001"
+        size, allocated = await _sizes(first)
+        assert size == 3 * len(body)
+        assert allocated < size + (64 << 10)  # given back when it became complete
+        reserved = node.store._categories["r"].chunks[second.name].reserved
+        if reserved < 0:
+            pytest.skip(f"the file system under {tmp_path} allocates nothing ahead")
+        size, allocated = await _sizes(second)
+        assert size == len(body)
+        assert allocated >= size + (1 << 20)  # allocated ahead
+    size, allocated = await _sizes(second)
+    assert size == len(body)
+    assert allocated < size + (64 << 10)  # given back when the node stopped
+    assert await read_file(second) == body
