@@ -5,16 +5,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Test processes (pytest-xdist): most tests wait on real servers and processes, so 3 on 2 cores
-# halve the suite's time; PYTEST_WORKERS=0 runs it in one process.
+# halve the suite's time; PYTEST_WORKERS=0 runs it in one process. Tests are handed out one at a
+# time (--maxschedchunk 1), the long scenarios first (tests/conftest.py), so no process idles
+# at the end while another runs a minute-long test it got last.
 PYTEST_WORKERS ?= 3
-# Run again with every `chukcha node` process the tests start on 4 processes (one writer, three
-# fronts; CHUKCHA_TEST_WORKERS=4): the cluster, failure, Go-client and Go-peer tests, whose nodes
-# are processes (in-process nodes are one process either way, so the rest would only repeat).
-# All of tests/bus and tests/integration: see the README's Development section.
-WORKERS_TESTS ?= tests/bus/test_restart.py tests/integration/test_replication.py \
-	tests/integration/test_failures.py tests/integration/test_go_reader.py \
-	tests/integration/test_go_interop.py tests/integration/test_groups_cluster.py
-
 .PHONY: help venv lock test pytest lint run demo bench clean system-deps
 
 help:
@@ -48,11 +42,12 @@ lock:
 system-deps:
 	@./scripts/install-system-deps.sh
 
+# The cluster, failure, Go-client and Go-peer tests run twice, with every `chukcha node` process
+# on 1 and on 4 processes: tests/conftest.py (WORKERS_MODULES) and the README's Development.
 test: venv system-deps
 	$(BIN)/ruff check chukcha tests examples bench
 	$(BIN)/mypy
-	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
-	CHUKCHA_TEST_WORKERS=4 $(BIN)/pytest -q -n $(PYTEST_WORKERS) $(WORKERS_TESTS)
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --maxschedchunk 1
 
 pytest: venv
 	$(BIN)/pytest -q $(ARGS)
