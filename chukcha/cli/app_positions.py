@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chukcha.cli.common import connect, format_table, run_command
 from chukcha.cli.options import nodes_from, token_from
 from chukcha.cli.run import load_app
-from chukcha.client import Client
-from chukcha.processors.positions import read_positions, reset_positions, skip_event
 from chukcha.protocol import validate_category
+
+if TYPE_CHECKING:
+    from chukcha.client import Client
 
 __all__ = ["add_arguments", "run_action"]
 
@@ -45,6 +47,9 @@ def run_action(args: argparse.Namespace) -> int:
 
 
 def _app(args: argparse.Namespace) -> int:
+    # The processors are imported by the command that uses them, not by every `chukcha` command.
+    from chukcha.processors.positions import reset_positions, skip_event  # noqa: PLC0415
+
     try:
         app = load_app(args.target)
     except (ValueError, TypeError) as exc:
@@ -92,6 +97,8 @@ def _at(text: str | None) -> tuple[str, int] | None:
 
 
 async def _show(client: Client, state_dir: Path, categories: list[str]) -> int:
+    from chukcha.processors.positions import read_positions  # noqa: PLC0415 - see _app
+
     positions = await read_positions(state_dir)
     rows: list[tuple[str, ...]] = [("CATEGORY", "OWNER", "CHUNK", "OFFSET", "BEHIND BYTES")]
     for category in sorted({*categories, *positions}):

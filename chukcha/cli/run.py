@@ -8,7 +8,7 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chukcha.cli.node import setup_logging
 from chukcha.cli.options import (
@@ -19,10 +19,13 @@ from chukcha.cli.options import (
     whole_seconds,
 )
 from chukcha.errors import ChukchaError
-from chukcha.processors.base import App
-from chukcha.processors.group import GroupConfig
-from chukcha.processors.monitor import parse_http_address
-from chukcha.processors.split import StaticSplit
+
+# The processors (LevelDB, the engine, the app's monitor) are imported when `chukcha run` runs,
+# not when any `chukcha` command builds its parser: a node process does not load them.
+if TYPE_CHECKING:
+    from chukcha.processors.base import App
+    from chukcha.processors.group import GroupConfig
+    from chukcha.processors.split import StaticSplit
 
 __all__ = ["load_app", "register"]
 
@@ -38,6 +41,8 @@ def load_app(target: str) -> App:
         ValueError: the target cannot be imported.
         TypeError: it is not an App.
     """
+    from chukcha.processors.base import App  # noqa: PLC0415 - see the imports
+
     module_name, _, attr = target.partition(":")
     if not module_name:
         raise ValueError(f"invalid app {target!r}: expected module:app")
@@ -116,6 +121,8 @@ def _split_from(args: argparse.Namespace, app: App) -> StaticSplit | None:
         raise ValueError("--instances and --instance-index go together")
     if args.instances is None:
         return None
+    from chukcha.processors.split import StaticSplit  # noqa: PLC0415 - see the imports
+
     split = StaticSplit(args.instance_index, args.instances)
     split.owned(app.partitions)  # refuses more instances than partitions
     return split
@@ -130,6 +137,8 @@ def _group_from(args: argparse.Namespace, split: StaticSplit | None) -> GroupCon
         raise ValueError("--etcd and --instances exclude each other")
     if args.standbys is not None and args.standbys < 0:
         raise ValueError("--standbys must be >= 0")
+    from chukcha.processors.group import GroupConfig  # noqa: PLC0415 - see the imports
+
     return GroupConfig(tuple(args.etcd), args.cluster, args.instance, args.lease_ttl,
                        args.standbys)
 
@@ -154,6 +163,8 @@ def _run(args: argparse.Namespace) -> int:
         split = _split_from(args, app)
         group = _group_from(args, split)
         if args.http is not None:
+            from chukcha.processors.monitor import parse_http_address  # noqa: PLC0415
+
             parse_http_address(args.http)
     except (ValueError, TypeError) as exc:
         logger.error("%s", exc)  # noqa: TRY400 - one clear line, not a traceback
