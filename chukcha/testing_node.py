@@ -138,7 +138,7 @@ class NodeProcess:
 
     async def start(self, timeout: float | None = None) -> None:
         """Start the node and wait until it answers, failing if it exits first or takes over
-        ``timeout`` seconds (default: 15, and 10 more for each worker past the first)."""
+        ``timeout`` seconds (default: 30, and 10 more for each worker past the first)."""
         cmd = [
             sys.executable, "-m", "chukcha", "node",
             "--instance", self.instance,
@@ -153,8 +153,9 @@ class NodeProcess:
             cmd += ["--workers", os.environ.get("CHUKCHA_TEST_WORKERS", "1")]
         if timeout is None:
             # Every worker is a process starting on the same cores: on a loaded 2-core machine
-            # (load 10) three 4-worker nodes starting at once took over 15 s to answer.
-            timeout = 15.0 + 10.0 * (_workers(cmd) - 1)
+            # (load 10) three 4-worker nodes starting at once took over 15 s to answer, and at
+            # load 9-14 so did three 1-worker nodes of a cluster. Only a failure waits it out.
+            timeout = 30.0 + 10.0 * (_workers(cmd) - 1)
         log = self.log_path.open("ab")
         try:
             self.proc = await asyncio.create_subprocess_exec(
