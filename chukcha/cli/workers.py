@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Final
 
 from chukcha.bus.config import NodeConfig
 from chukcha.errors import ChukchaError
@@ -32,6 +33,7 @@ __all__ = ["run_workers"]
 
 logger = logging.getLogger(__name__)
 
+_STOP_SIGNALS: Final = {signal.SIGINT, signal.SIGTERM}
 _EARLY_EXIT = 5.0
 """A primary that exits with an error this soon after its first start, or before it bound its
 private socket, is a bad start (a held lock, a bad directory): the command exits with its code
@@ -84,12 +86,15 @@ async def _serve_front(config: NodeConfig, primary_socket: str) -> None:
 
 
 def _child(role: str, config: NodeConfig, primary_socket: str) -> None:
-    """The body of a forked child: never returns."""
+    """The body of a forked child (forked with the stop signals blocked): never returns."""
     code = 1
     try:
-        _die_with_parent()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # The supervisor's handlers first, then the signals: one that came since the fork
+        # (pending) now stops this child as it would have stopped the child with its own.
+        for sig in _STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        _die_with_parent()
         if role == "primary":
             from chukcha.cli.node import run_async  # noqa: PLC0415 - avoids an import cycle
 
@@ -118,12 +123,20 @@ class _Supervisor:
         self.code = 0
 
     def spawn(self, role: str) -> None:
-        pid = os.fork()
-        if pid == 0:
-            _child(role, self.config, self.primary_socket)
-        now = time.monotonic()
-        self.children[pid] = (role, now)
-        self.first_start.setdefault(role, now)
+        # SIGTERM/SIGINT wait (blocked) from before the fork until the child has dropped the
+        # supervisor's handlers and the supervisor knows the child. Else one that came in
+        # between ran the inherited handler in the child, which then served on, or missed the
+        # child in the supervisor: either way the supervisor waited for that child forever.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _child(role, self.config, self.primary_socket)
+            now = time.monotonic()
+            self.children[pid] = (role, now)
+            self.first_start.setdefault(role, now)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self.stopping:
@@ -141,6 +154,8 @@ class _Supervisor:
     def run(self) -> None:
         self.spawn("primary")
         for _ in range(self.workers - 1):
+            if self.stopping:  # a front forked now would never be told to stop
+                break
             self.spawn("front")
         logger.info("instance=%s serving from %d processes (1 writer, %d fronts)",
                     self.config.instance, self.workers, self.workers - 1)
