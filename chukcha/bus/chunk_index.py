@@ -465,8 +465,21 @@ def reserve_space(fd: int, chunk: Chunk, n: int) -> None:
 
 
 def release_space(fd: int, chunk: Chunk) -> None:
-    """Give back the space :func:`reserve_space` allocated past the chunk's end."""
-    if chunk.reserved > chunk.size and not chunk.dirty_tail:
+    """Give back the space :func:`reserve_space` allocated past the chunk's end, and cut the
+    bytes a failed write left there (``Chunk.dirty_tail``): called before the chunk's file is
+    closed for writes (complete, or the node stops), after which no append would cut them
+    and the node, reopened, would read them as messages of a write that was answered 500."""
+    if chunk.dirty_tail:
+        try:
+            os.ftruncate(fd, chunk.size)
+        except OSError as exc:
+            logger.error(  # noqa: TRY400 - one clear line
+                "chunk %s keeps the bytes of a failed write past its %d bytes (they could "
+                "not be removed: %s)", chunk.name, chunk.size, exc.strerror)
+        else:
+            chunk.dirty_tail = False
+            chunk.reserved = chunk.size
+    elif chunk.reserved > chunk.size:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, chunk.size)  # the same size: frees only what is past it
         chunk.reserved = chunk.size

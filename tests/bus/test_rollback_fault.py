@@ -95,3 +95,33 @@ async def test_no_write_lands_while_the_bytes_cannot_be_removed(
     last = _body(4, 100)
     assert await store.write("c", last) == WriteResult(C0, len(first) + len(last))
     assert await _chunk_bytes(tmp_path) == first + last
+
+
+@pytest.mark.parametrize("how", ["rotation", "stop"])
+async def test_bytes_a_failed_rollback_left_are_removed_before_the_chunk_is_closed(
+    disk: _Disk, tmp_path: Path, how: str,
+) -> None:
+    # The chunk is closed for writes (a rotation makes it complete, or the node stops) before
+    # any write removed the failed write's bytes: they are cut then, or the node, reopened,
+    # would read them as messages of a write that was answered 500 (and retried: doubled).
+    store = ChunkStore(tmp_path / "data", "me", max_chunk_size=1 << 20)
+    await asyncio.to_thread(store.open)
+    first = _body(0, 1000)
+    try:
+        await store.write("c", first)
+        disk.cut, disk.truncate_fails = 1000, True  # 10 whole messages in, then ENOSPC
+        with pytest.raises(DiskWriteError):
+            await store.write("c", _body(1, INLINE_WRITE_LIMIT + 100))
+        disk.truncate_fails = False  # the disk answers again
+        if how == "rotation":
+            assert await store.rotate() == ["c/me-chunk000000001"]
+    finally:
+        await asyncio.to_thread(store.close)
+    assert await _chunk_bytes(tmp_path) == first
+    reopened = ChunkStore(tmp_path / "data", "me", max_chunk_size=1 << 20)
+    await asyncio.to_thread(reopened.open)
+    try:
+        assert reopened.chunk_size("c", C0) == len(first)
+        assert await reopened.read("c", C0, 0, 1 << 20) == first
+    finally:
+        await asyncio.to_thread(reopened.close)
