@@ -302,7 +302,7 @@ class Connection(ConnectionBase):
         if type(url) is not bytes:
             url = bytes(url)
         path_b, _, query_b = url.partition(b"?")
-        if not path_b.startswith(b"/"):  # absolute form: http://host/path
+        if not path_b.startswith(b"/") or b"#" in url:  # absolute form; a fragment (no query)
             parsed = httptools.parse_url(url)
             path_b, query_b = parsed.path or b"/", parsed.query or b""
         path = path_b.decode("latin-1")

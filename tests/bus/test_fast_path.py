@@ -170,3 +170,29 @@ def test_parse_query_is_parse_qsl_first_wins(query: str) -> None:
         expected.setdefault(name, value)
     assert parse_query(query) == expected
     assert list(parse_query(query)) == list(expected)  # the same order
+
+
+async def test_a_fragment_in_the_request_target_is_not_part_of_the_query(node: Node) -> None:
+    # As the Go server (fasthttp) reads a request target: '#' starts a fragment, which names
+    # nothing. Before, the fast path and the handler took "c#x" as the category's name, so a
+    # write meant for "c" created and filled a category "c#x" (Go writes it into "c").
+    await node.store.write("c", b"0\n")
+    host, port = node.address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    targets = [b"/write?category=c#x", b"/write?category=new#frag?category=other",
+               b"http://t/write?category=c#y"]
+    writer.write(b"".join(
+        b"POST %b HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n%d\n" % (t, i + 1)
+        for i, t in enumerate(targets)
+    ) + b"GET /read?category=c&chunk=%b&off=0&max_size=100#z HTTP/1.1\r\nHost: t\r\n\r\n"
+        % C0.encode())
+    async with asyncio.timeout(10):
+        for _ in targets:
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 6\r\n" in head
+        assert await reader.readexactly(6) == b"0\n1\n3\n"
+    writer.close()
+    assert sorted(node.store.categories()) == ["c", "new"]
+    assert await node.store.read("new", C0, 0, 100) == b"2\n"
