@@ -222,6 +222,14 @@ class FrontWorker:
         return "\n".join([request.query_string, *(f"{k}:{v}" for k, v in headers.items())]), \
             headers
 
+    def _batch_key(self, request: web.Request) -> tuple[str, dict[str, str]] | None:
+        """:meth:`_key`, or ``None`` for a write it refuses: the handler answers it with the
+        error."""
+        try:
+            return self._key(request)
+        except ChukchaError:
+            return None
+
     def _write_fast(self, request: web.Request) -> web.Later | None:
         """A write the coalescer may batch, answered through :meth:`Request.done
         <chukcha.bus.web.Request.done>` when the writer answers its batch: no future and no
@@ -229,10 +237,7 @@ class FrontWorker:
         While the server stops (not ``deferrable``) the later route takes it."""
         if not request.deferrable:
             return None
-        try:
-            key = self._key(request)
-        except ChukchaError:
-            return None  # the handler answers it with the error
+        key = self._batch_key(request)
         if key is None:
             return None
         self._coalescer.submit_later(key[0], request.query_string, key[1], request.body,
@@ -240,10 +245,7 @@ class FrontWorker:
         return web.LATER
 
     def _write_later(self, request: web.Request) -> asyncio.Future[web.StreamResponse] | None:
-        try:
-            key = self._key(request)
-        except ChukchaError:
-            return None  # the handler answers it with the error
+        key = self._batch_key(request)
         if key is None:
             return None
         return self._coalescer.submit(key[0], request.query_string, key[1], request.body)
