@@ -7,8 +7,9 @@ only when nothing kept it; a slow append sends the next big writes to the worker
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,6 +63,20 @@ async def _answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 async def _connect(node: Node) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     host, port = node.address.rsplit(":", 1)
     return await asyncio.open_connection(host, int(port))
+
+
+@contextlib.asynccontextmanager
+async def _serving(router: Router) -> AsyncIterator[tuple[HttpServer, tuple[str, int]]]:
+    """An HttpServer for ``router`` on a loopback socket of its own (1 MiB bodies, an 8 MiB
+    budget), stopped on leaving: the server and the address to connect to."""
+    server = HttpServer(router, ServerLimits(max_body_size=1 << 20, memory_budget=8 << 20))
+    sock = bind_loopback()
+    sock.listen(4)
+    await server.start(sock)
+    try:
+        yield server, sock.getsockname()[:2]
+    finally:
+        await server.stop(1.0)
 
 
 async def test_big_writes_from_several_connections_rotate_and_land_whole_once_for_readers(
@@ -236,20 +251,13 @@ async def test_a_fast_route_reuses_a_big_bodys_buffer_only_when_nothing_kept_it(
             kept.append(request.body)
         return web.Response()
 
-    router = _fast_server(fast)
-    server = HttpServer(router, ServerLimits(max_body_size=1 << 20, memory_budget=8 << 20))
-    sock = bind_loopback()
-    sock.listen(4)
-    await server.start(sock)
-    try:
-        reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
-        sent = [bytes([65 + i]) * 300_000 for i in range(6)]
+    sent = [bytes([65 + i]) * 300_000 for i in range(6)]
+    async with _serving(_fast_server(fast)) as (server, address):
+        reader, writer = await asyncio.open_connection(*address)
         for body in sent:
             writer.write(_post("/w", body))
             assert await _answer(reader) == (200, b"")
         writer.close()
-    finally:
-        await server.stop(1.0)
     assert checked == [body[:8] for body in sent]
     if keep:
         assert server.budget.reused == 0
@@ -326,12 +334,8 @@ def test_a_big_bodys_start_read_with_its_headers_is_taken_whole_and_once(
     async def main() -> None:
         router = Router()
         router.add_routes({"/echo": echo})
-        server = HttpServer(router, ServerLimits(max_body_size=1 << 20, memory_budget=8 << 20))
-        sock = bind_loopback()
-        sock.listen(4)
-        await server.start(sock)
-        try:
-            reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        async with _serving(router) as (_, address):
+            reader, writer = await asyncio.open_connection(*address)
             writer.write(stream[:first])
             await writer.drain()
             writer.write(stream[first:])
@@ -339,8 +343,6 @@ def test_a_big_bodys_start_read_with_its_headers_is_taken_whole_and_once(
                 async with asyncio.timeout(20):
                     assert await _answer(reader) == (200, body)
             writer.close()
-        finally:
-            await server.stop(1.0)
 
     if loop == "uvloop":
         uvloop.run(main())

@@ -215,19 +215,28 @@ async def _answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return head, await reader.readexactly(length)
 
 
+async def _pipeline(
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]], category: str,
+    bodies: list[list[bytes]],
+) -> None:
+    """Connection ``c`` sends its writes ``bodies[c]`` pipelined, all connections' sent before
+    the node reads any of them; then each write must be answered 200 with an empty body."""
+    for (_, writer), mine in zip(conns, bodies, strict=True):
+        writer.write(b"".join(_post(category, body) for body in mine))
+    async with asyncio.timeout(10):
+        for (reader, _), mine in zip(conns, bodies, strict=True):
+            for _ in mine:
+                head, body = await _answer(reader)
+                assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b"", head
+
+
 async def test_many_connections_pipelining_writes_are_each_answered_once_in_order(
     node: Node, api: Api
 ) -> None:
     await api.write("p", b"start\n")
     conns = [await _raw(node) for _ in range(24)]
     events = _events(node.store)
-    for c, (_, writer) in enumerate(conns):  # all sent before the node reads any of them
-        writer.write(b"".join(_post("p", b"c%02d-%d\n" % (c, j)) for j in range(3)))
-    async with asyncio.timeout(10):
-        for reader, _ in conns:
-            for _ in range(3):
-                head, body = await _answer(reader)
-                assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b"", head
+    await _pipeline(conns, "p", [[b"c%02d-%d\n" % (c, j) for j in range(3)] for c in range(24)])
     # Nothing more on any connection: the next answer is that of the next request.
     for c, (reader, writer) in enumerate(conns):
         writer.write(b"GET /listCategories HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -253,14 +262,9 @@ async def test_writes_of_a_few_connections_in_one_iteration_are_gathered(
     await api.write("few", b"start\n")
     conns = [await _raw(node) for _ in range(3)]
     events = _events(node.store)
-    for c, (_, writer) in enumerate(conns):  # all sent before the node reads any of them
-        writer.write(b"".join(_post("few", b"c%d-%d\n" % (c, j)) for j in range(2)))
-    async with asyncio.timeout(10):
-        for reader, writer in conns:
-            for _ in range(2):
-                head, body = await _answer(reader)
-                assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b"", head
-            writer.close()
+    await _pipeline(conns, "few", [[b"c%d-%d\n" % (c, j) for j in range(2)] for c in range(3)])
+    for _, writer in conns:
+        writer.close()
     lines = (await api.read("few", C0)).split(b"\n")[:-1]
     assert sorted(lines[1:]) == sorted(b"c%d-%d" % (c, j) for c in range(3) for j in range(2))
     assert len([e for e in events if e.category == "few"]) < 3 * 2
