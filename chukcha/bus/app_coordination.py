@@ -168,6 +168,8 @@ class AppInstances(EtcdWatcher):
         self._stack: contextlib.AsyncExitStack | None = None  # what stop undoes
         self._busy = asyncio.Lock()  # one reconcile (or stop) at a time
         self._abandon = asyncio.Event()  # set: a take-over in progress is cancelled
+        self._losing = 0  # _lose_all calls under way (waiting for _busy, or stopping)
+        self._giving_up = asyncio.Event()  # set while _losing: every proof is refused
 
     # --- public view ---------------------------------------------------------------------
 
@@ -344,12 +346,19 @@ class AppInstances(EtcdWatcher):
         """True once this instance's lease is proven alive (at once when it is now), False
         when ``give_up`` is set first: what a partition's owner checks before anything leaves
         it for the bus as the owner (emits, changelog records), so that an instance paused past
-        its lease (SIGSTOP, a stalled machine) does not send its batch after resuming."""
-        while not self._provable():
-            if give_up.is_set():
+        its lease (SIGSTOP, a stalled machine) does not send its batch after resuming.
+
+        False at once, too, while every partition is being stopped (:meth:`_lose_all`): the
+        caller may hold what that stop needs (the runner commits under the lock that
+        :meth:`PartitionListener.lost` takes), and neither a renewal (the keep-alive joins
+        again only after the stop) nor ``give_up`` (its partition's turn comes after) could
+        end the wait then."""
+        while self._giving_up.is_set() or not self._provable():
+            if give_up.is_set() or self._giving_up.is_set():
                 return False
             waits = [asyncio.ensure_future(self._renewed.wait()),
-                     asyncio.ensure_future(give_up.wait())]
+                     asyncio.ensure_future(give_up.wait()),
+                     asyncio.ensure_future(self._giving_up.wait())]
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -422,14 +431,22 @@ class AppInstances(EtcdWatcher):
 
     async def _lose_all(self, why: str) -> None:
         self._abandon.set()  # a take-over in progress holds the lock: cancel it
-        async with self._busy:
-            self._abandon.clear()
-            if self._active:
-                logger.warning("app=%s instance=%s stops partitions %s: %s", self.app,
-                               self._instance, sorted(self._active), why)
-            for p in sorted(self._active):
-                del self._active[p]
-                await self._lost(p)
+        # A commit waiting for a proof (maybe holding what a stop needs) gives up now.
+        self._losing += 1
+        self._giving_up.set()
+        try:
+            async with self._busy:
+                self._abandon.clear()
+                if self._active:
+                    logger.warning("app=%s instance=%s stops partitions %s: %s", self.app,
+                                   self._instance, sorted(self._active), why)
+                for p in sorted(self._active):
+                    del self._active[p]
+                    await self._lost(p)
+        finally:
+            self._losing -= 1
+            if not self._losing:
+                self._giving_up.clear()
 
     # --- reconciling the claims with the target ------------------------------------------
 
