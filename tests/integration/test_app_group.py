@@ -68,7 +68,11 @@ async def wait_owners(etcd: EtcdServer, check: Callable[[dict[int, str]], bool],
         last = owners(await read_app((etcd.endpoint,), CLUSTER, APP))
         return check(last)
 
-    await wait_for(ok, timeout=60, what=f"{what} (last claims {last})")
+    try:
+        await wait_for(ok, timeout=60, what=what)
+    except AssertionError as exc:
+        # The claims of the last read (an f-string in ``what`` would show those before any).
+        raise AssertionError(f"{exc} (last claims {last})") from None
     return last
 
 
