@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from chukcha.partitioning import partition_dir_name
 from chukcha.processors.changelog import Changelog, ChangelogBus
-from chukcha.processors.checkpoint import Checkpoint, CheckpointIO
+from chukcha.processors.checkpoint import Checkpoint, CheckpointIO, OwnershipUnproven
 from chukcha.processors.decoding import Decoded, decode_batch
 from chukcha.processors.engine import Engine
 
@@ -205,7 +205,14 @@ class PartitionSet:
                 for checkpoint in due:
                     tg.create_task(checkpoint.commit(), name=f"commit-{checkpoint.name}")
         except BaseExceptionGroup as group:
-            raise_single(group)
+            # Partitions whose ownership cannot be proven are being stopped (their loops end
+            # quietly on it); any other error is what the caller must see.
+            unproven, rest = group.split(OwnershipUnproven)
+            if rest is not None:
+                raise_single(rest)
+            if unproven is not None:
+                raise unproven.exceptions[0] from None
+            raise
 
     async def idle(self) -> None:
         """Nothing new: fsync what is pending, else ack what is due (once, for all)."""
