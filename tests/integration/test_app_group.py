@@ -128,9 +128,12 @@ class Scenario:
         self.rng = random.Random(seed)  # noqa: S311 - reproducible input
         self.expected: dict[str, int] = {}
         self.sent = 0
+        self.instances: list[Processor] = []
 
     def instance(self, name: str, state: str) -> Processor:
-        return instance(self.cluster, self.etcd, self.tmp_path, name, state)
+        p = instance(self.cluster, self.etcd, self.tmp_path, name, state)
+        self.instances.append(p)  # killed when the scenario ends, if still running
+        return p
 
     async def start_x_and_y(self) -> tuple[Processor, Processor, dict[int, str]]:
         """Start instances x and y, wait until they share the partitions, send a round and
@@ -180,7 +183,13 @@ async def scenario(tmp_path: Path, etcd: EtcdServer, seed: int) -> AsyncIterator
                            args=("--max-chunk-size", "4096")) as cluster, \
             Client(cluster.urls) as client:
         inputs = await client.create_partitions("orders", PARTITIONS)
-        yield Scenario(tmp_path, etcd, cluster, client, inputs=inputs, seed=seed)
+        sc = Scenario(tmp_path, etcd, cluster, client, inputs=inputs, seed=seed)
+        try:
+            yield sc
+        finally:  # a scenario that failed half-way leaves no instance running (nor stopped)
+            for p in sc.instances:
+                if p.proc is not None and p.proc.returncode is None:
+                    await p.kill()
 
 
 async def test_instances_share_take_over_and_hand_over_partitions_exactly_once(
@@ -265,3 +274,20 @@ async def test_an_etcd_outage_pauses_processing_and_it_resumes(
         for p in (x, y):
             assert await p.terminate() == 0
         await sc.check_end(seen)
+
+
+async def test_a_failing_scenario_leaves_no_instance_running(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    """A scenario that fails half-way (here: raises) kills the instances it started, so that a
+    failed test leaves no ``chukcha run`` process behind (a SIGSTOPped or stuck one would)."""
+    with pytest.raises(RuntimeError, match="fails half-way"):
+        async with scenario(tmp_path, etcd, seed=1) as sc:
+            x = sc.instance("x", "state-x")
+            await x.start()
+            await x.wait_ready()
+            proc = x.proc
+            assert proc is not None
+            proc.send_signal(signal.SIGSTOP)  # as a paused owner: SIGTERM alone would not do
+            raise RuntimeError("the scenario fails half-way")
+    assert proc is not None and proc.returncode == -signal.SIGKILL
