@@ -6,6 +6,7 @@ import asyncio
 import io
 import threading
 from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ import aiohttp
 import pytest
 
 from chukcha.bus.chunks import ChunkStore
+from chukcha.bus.front import FrontWorker
 from chukcha.bus.node import Node
+from chukcha.bus.server import ServerLimits
+from chukcha.testing import bind_loopback, run_node
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +93,22 @@ async def disk_state(root: Path) -> dict[str, int]:
 
 async def read_file(path: Path) -> bytes:
     return await asyncio.to_thread(path.read_bytes)
+
+
+@asynccontextmanager
+async def front_and_writer(tmp_path: Path) -> AsyncIterator[tuple[Node, FrontWorker, int]]:
+    """A writer node (in this process, its internal socket under ``tmp_path``) and one front
+    worker serving a loopback port of its own: the node, the front and the front's port."""
+    private = str(tmp_path / "writer.sock")
+    async with run_node(tmp_path / "data", "w", internal_socket=private) as node:
+        front = FrontWorker(private, ServerLimits(), max_message_size=1 << 20)
+        sock = bind_loopback()
+        sock.setblocking(False)
+        await front.start(sock)
+        try:
+            yield node, front, sock.getsockname()[1]
+        finally:
+            await front.stop(1.0)
 
 
 @pytest.fixture

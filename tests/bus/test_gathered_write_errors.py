@@ -11,12 +11,9 @@ from pathlib import Path
 import pytest
 
 from chukcha.bus.connection import ConnectionState
-from chukcha.bus.front import FrontWorker
 from chukcha.bus.node import Node
-from chukcha.bus.server import ServerLimits
 from chukcha.bus.web import Request, Response
-from chukcha.testing import bind_loopback, run_node
-from tests.bus.conftest import Api, read_file
+from tests.bus.conftest import Api, front_and_writer, read_file
 from tests.bus.test_gathered_writes import _MANY, C0, _gathering_on, _post, _raw
 
 _REFUSED = {
@@ -55,27 +52,18 @@ async def test_a_write_before_a_refused_request_is_answered_then_the_refusal(
 
 
 async def test_a_front_answers_a_write_before_a_refused_request(tmp_path: Path) -> None:
-    private = str(tmp_path / "writer.sock")
-    async with run_node(tmp_path / "data", "w", internal_socket=private) as node:
-        front = FrontWorker(private, ServerLimits(), max_message_size=1 << 20)
-        sock = bind_loopback()
-        sock.setblocking(False)
-        await front.start(sock)
-        port = sock.getsockname()[1]
-        try:
-            other = await asyncio.open_connection("127.0.0.1", port)
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(_post("c", b"landed\n") + _REFUSED["body over the limit"][1])
-            data = await _answers(reader)
-            writer.close()
-            other[1].close()
-            chunks = node.store.list_chunks("c")
-            assert await read_file(tmp_path / "data" / "c" / chunks[0].name) == b"landed\n"
-            assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data
-            assert data.count(b"HTTP/1.1 ") == 2, data
-            assert b"\r\n\r\nHTTP/1.1 400 " in data, data
-        finally:
-            await front.stop(1.0)
+    async with front_and_writer(tmp_path) as (node, _, port):
+        other = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_post("c", b"landed\n") + _REFUSED["body over the limit"][1])
+        data = await _answers(reader)
+        writer.close()
+        other[1].close()
+        chunks = node.store.list_chunks("c")
+        assert await read_file(tmp_path / "data" / "c" / chunks[0].name) == b"landed\n"
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data
+        assert data.count(b"HTTP/1.1 ") == 2, data
+        assert b"\r\n\r\nHTTP/1.1 400 " in data, data
 
 
 async def test_stop_answers_a_gathered_write_with_a_partial_request_behind_it(

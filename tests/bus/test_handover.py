@@ -6,31 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
-from chukcha.bus.front import FrontWorker
 from chukcha.bus.handover import PIECE, front_keeps, handover_path
-from chukcha.bus.node import Node
-from chukcha.bus.server import ServerLimits
-from chukcha.testing import bind_loopback, run_node
-
-
-@asynccontextmanager
-async def _front_and_writer(tmp_path: Path) -> AsyncIterator[tuple[Node, FrontWorker, int]]:
-    private = str(tmp_path / "writer.sock")
-    async with run_node(tmp_path / "data", "w", internal_socket=private) as node:
-        front = FrontWorker(private, ServerLimits(), max_message_size=1 << 20)
-        sock = bind_loopback()
-        sock.setblocking(False)
-        await front.start(sock)
-        try:
-            yield node, front, sock.getsockname()[1]
-        finally:
-            await front.stop(1.0)
+from tests.bus.conftest import front_and_writer
 
 
 def _write(body: bytes, category: str = "c") -> bytes:
@@ -91,7 +72,7 @@ def test_what_a_front_keeps() -> None:
 async def test_a_big_write_with_pipelined_requests_behind_it_is_handed_over(
     tmp_path: Path,
 ) -> None:
-    async with _front_and_writer(tmp_path) as (node, front, port):
+    async with front_and_writer(tmp_path) as (node, front, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             # Small writes stay with the front.
@@ -119,7 +100,7 @@ async def test_a_big_write_with_pipelined_requests_behind_it_is_handed_over(
 
 
 async def test_a_body_split_across_packets_is_finished_by_the_writer(tmp_path: Path) -> None:
-    async with _front_and_writer(tmp_path) as (node, front, port):
+    async with front_and_writer(tmp_path) as (node, front, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             big = b"y" * 199_999 + b"\n"
@@ -138,7 +119,7 @@ async def test_a_body_split_across_packets_is_finished_by_the_writer(tmp_path: P
 
 
 async def test_without_the_writers_hand_over_socket_the_front_relays(tmp_path: Path) -> None:
-    async with _front_and_writer(tmp_path) as (node, front, port):
+    async with front_and_writer(tmp_path) as (node, front, port):
         assert node.handovers is not None
         node.handovers.stop()  # as when the writer restarts: nobody takes connections
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -154,7 +135,7 @@ async def test_without_the_writers_hand_over_socket_the_front_relays(tmp_path: P
 async def test_a_hand_over_cut_short_closes_the_clients_connection(tmp_path: Path) -> None:
     """A front that dies between the pieces of a hand-over: the writer drops the connection
     (the client sees it close, nothing answered) and keeps taking others."""
-    async with _front_and_writer(tmp_path) as (node, _, _):
+    async with front_and_writer(tmp_path) as (node, _, _):
         path = handover_path(str(tmp_path / "writer.sock"))
         client, server_side = socket.socketpair()
         client.settimeout(10)
@@ -172,7 +153,7 @@ async def test_a_hand_over_cut_short_closes_the_clients_connection(tmp_path: Pat
 @pytest.mark.parametrize("pieces", [1, 3])
 async def test_a_hand_over_by_hand_is_served(tmp_path: Path, pieces: int) -> None:
     """The writer's end alone: a connection and its first bytes, in one piece or several."""
-    async with _front_and_writer(tmp_path) as (node, _, _):
+    async with front_and_writer(tmp_path) as (node, _, _):
         path = handover_path(str(tmp_path / "writer.sock"))
         client, server_side = socket.socketpair()
         client.settimeout(10)
