@@ -22,6 +22,13 @@ from tests.bus.conftest import Api, disk_state, read_file
 C0 = "moscow-chunk000000000"
 
 
+def _numbered_writes(targets: list[bytes], then_get: bytes) -> bytes:
+    """Pipelined: one write per target, the i-th with the message ``i + 1``, then a GET."""
+    return b"".join(b"POST %b HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n%d\n" % (t, i + 1)
+                    for i, t in enumerate(targets)) + \
+        b"GET %b HTTP/1.1\r\nHost: t\r\n\r\n" % then_get
+
+
 async def test_fast_path_refuses_bad_writes_as_the_handler_does_and_changes_nothing(
     api: Api, node: Node
 ) -> None:
@@ -73,11 +80,8 @@ async def test_pipelined_fast_and_slow_writes_are_answered_and_written_in_order(
     reader, writer = await asyncio.open_connection(host, int(port))
     targets = ["/write?category=p", "/write?category=p&sync=1", "/write?category=p",
                "/write?category=p&sync=1", "/write?category=p"]
-    writer.write(b"".join(
-        b"POST %b HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n%d\n" % (t.encode(), i + 1)
-        for i, t in enumerate(targets)
-    ) + b"GET /read?category=p&chunk=%b&off=0&max_size=100 HTTP/1.1\r\nHost: t\r\n\r\n"
-        % C0.encode())
+    writer.write(_numbered_writes([t.encode() for t in targets], b"/read?category=p&chunk=%b"
+                                  b"&off=0&max_size=100" % C0.encode()))
     async with asyncio.timeout(10):
         for _ in targets:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -181,11 +185,8 @@ async def test_a_fragment_in_the_request_target_is_not_part_of_the_query(node: N
     reader, writer = await asyncio.open_connection(host, int(port))
     targets = [b"/write?category=c#x", b"/write?category=new#frag?category=other",
                b"http://t/write?category=c#y"]
-    writer.write(b"".join(
-        b"POST %b HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n%d\n" % (t, i + 1)
-        for i, t in enumerate(targets)
-    ) + b"GET /read?category=c&chunk=%b&off=0&max_size=100#z HTTP/1.1\r\nHost: t\r\n\r\n"
-        % C0.encode())
+    writer.write(_numbered_writes(targets, b"/read?category=c&chunk=%b&off=0&max_size=100#z"
+                                  % C0.encode()))
     async with asyncio.timeout(10):
         for _ in targets:
             head = await reader.readuntil(b"\r\n\r\n")
