@@ -25,6 +25,7 @@ import httptools
 from chukcha.bus.body_reader import BodyReader
 from chukcha.bus.connection_base import SMALL_BODY as _SMALL_BODY
 from chukcha.bus.connection_base import ConnectionBase, ConnectionState
+from chukcha.bus.http_simple import simple_request
 from chukcha.bus.http_wire import empty_ok_head
 from chukcha.bus.routing import error_response
 from chukcha.bus.web import (
@@ -49,6 +50,9 @@ logger = logging.getLogger(__name__)
 _DIRECT_BODY: Final = _SMALL_BODY
 """A body with a ``Content-Length`` over this is received straight into one buffer of its
 size (:class:`~chukcha.bus.body_reader.BodyReader`), not through the parser's pieces."""
+_SIMPLE_MAX: Final = 16384
+"""Requests up to this size (a single write's) are first offered to
+:func:`~chukcha.bus.http_simple.simple_request`."""
 _MAX_PIPELINED: Final = 64
 """Parsed requests queued on one connection before it stops reading."""
 _HEADER_NAMES: Final = {
@@ -131,6 +135,10 @@ class Connection(ConnectionBase):
                 self._closed = True  # another process serves it now
                 self._srv.connections.pop(self, None)
                 return
+            if len(data) <= _SIMPLE_MAX and not self._busy:
+                simple = simple_request(data, self._max_header, self._max_body)
+                if simple is not None and self._serve_simple(*simple):
+                    return
             self.state = ConnectionState.HEADERS
             self._since = self._loop.time()
             if len(data) > _DIRECT_BODY:  # a request's start and much more: a big body's?
@@ -150,6 +158,28 @@ class Connection(ConnectionBase):
                 and self._transport is not None:
             # The rest of a big body goes straight into its buffer (all of ``data`` was body).
             self._transport.set_protocol(BodyReader(self, self._direct, self._direct_len))
+
+    def _serve_simple(self, method: str, path: str, query: str, headers: Headers,
+                      body: bytes) -> bool:
+        """Answer a whole simple request (:func:`~chukcha.bus.http_simple.simple_request`)
+        as :meth:`on_message_complete` answers it, without the parser; ``False``: its route
+        is neither a fast nor a later one (the parser takes the bytes, as before: a handler
+        may stream, which asks the parser for the HTTP version)."""
+        router = self._router
+        fast = router.fast_routes.get(path)
+        if fast is None and path not in router.later_routes:
+            return False
+        request = Request(method, path, query, headers, body, remote=self.peer, conn=self)
+        self._expect_continue = False
+        self.stalled_since = 0.0
+        self.state = ConnectionState.BUSY
+        if fast is not None and not self._write_paused and self._answer_fast(request, fast):
+            return True
+        self._busy = True
+        if router.later_routes and self._answer_later(request):
+            return True
+        self._srv._spawn(self._loop, self._answer(request))  # noqa: SLF001 - the server's own helper
+        return True
 
     def _head_first(self, data: bytes, split: int) -> None:
         """``data`` begins with a request whose headers end at ``split``: the parser gets the
