@@ -8,7 +8,12 @@ directories and driven by the same load generator (``bench_bus``'s minimal keep-
 - bulk writes of 100 B messages in 1 MiB batches over 4 connections, then bulk reads of all of
   it (1 MiB per ``/read``), every byte verified;
 - ``sync=1`` single-message writes over 64 connections, ours with and without group commit
-  (the Go server has no per-request fsync: its column is its plain write rate, for reference).
+  (the Go server has no per-request fsync: its column is its plain write rate, for reference);
+- mixed traffic (``--only mixed``, not in the default set): bulk writers (1 MiB bodies, 4
+  connections, for ``--mixed-seconds``) and, at the same time on 8 other connections, small
+  single writes to another category, each connection sending one every 2 ms: the small
+  writes' p50/p99/max (what a user with mixed traffic sees while a bulk loader runs) and the
+  bulk MB/s; every byte written is accounted for (``/listChunks`` sizes).
 
 Every phase checks that what was written is read back exactly once. Medians over ``--runs``.
 
@@ -17,6 +22,7 @@ Every phase checks that what was written is read back exactly once. Medians over
     .venv/bin/python bench/bench_vs_go.py --go PATH --node-arg=--workers=16   # other flags
     .venv/bin/python bench/bench_vs_go.py --go PATH --only bulk --runs 5   # bulk phases only
     .venv/bin/python bench/bench_vs_go.py --go PATH --baseline /tmp/main-src   # before/after
+    .venv/bin/python bench/bench_vs_go.py --go PATH --only mixed --runs 5  # small during bulk
 
 The load generator shares the machine with the node under test (on 2 cores it takes about one).
 """
@@ -27,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -180,6 +187,86 @@ async def _bulk(t: Target, bodies: list[bytes], n: int) -> tuple[Result, Result]
     return write, dataclasses.replace(read, messages=verifier.messages)
 
 
+_MIXED_SMALL_CONNS = 8
+_MIXED_PACE = 0.002  # seconds between a small connection's writes
+
+
+async def _mixed(t: Target, bodies: list[bytes], seconds: float) -> tuple[Result, Result]:
+    """Bulk writers and paced small writers at the same time (see the module's doc)."""
+    host, _, port = t.address.rpartition(":")
+    # Warm-up (creates the categories): what was written is checked at the end.
+    written = {"mbulk": (await _write_all_raw(t.address, "mbulk", bodies[:8], 4)).nbytes,
+               "msmall": (await _single_raw(t.address, "msmall", 16, _S, 1)).nbytes}
+    warm = written["mbulk"]
+    done = asyncio.Event()
+    small: list[float] = []
+    bulk: list[float] = []
+
+    async def bulk_writer(k: int) -> None:
+        http = await RawHttp.connect(host, int(port))
+        try:
+            for i in range(k, 1 << 40, 4):
+                if done.is_set():
+                    break
+                body = bodies[i % len(bodies)]
+                t0 = time.perf_counter()
+                status, data = await http.post("/write?category=mbulk", body)
+                if status != 200:
+                    raise RuntimeError(f"bulk write failed: {status} {data!r}")
+                bulk.append(time.perf_counter() - t0)
+                written["mbulk"] += len(body)
+        finally:
+            await http.close()
+
+    async def small_writer(k: int) -> None:
+        http = await RawHttp.connect(host, int(port))
+        try:
+            await asyncio.sleep(_MIXED_PACE * k / _MIXED_SMALL_CONNS)  # spread, not in step
+            nxt = time.perf_counter()
+            while not done.is_set():
+                t0 = time.perf_counter()
+                status, data = await http.post("/write?category=msmall", b"%011d %b\n" % (
+                    len(small), b"y" * (_S - 13)))
+                if status != 200:
+                    raise RuntimeError(f"small write failed: {status} {data!r}")
+                if not done.is_set():
+                    small.append(time.perf_counter() - t0)
+                written["msmall"] += _S
+                nxt = max(nxt + _MIXED_PACE, time.perf_counter())
+                await asyncio.sleep(nxt - time.perf_counter())
+        finally:
+            await http.close()
+
+    cpu0 = _tree_cpu(t.pid)
+    t0 = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for k in range(_MIXED_SMALL_CONNS):
+            tg.create_task(small_writer(k))
+        for k in range(4):
+            tg.create_task(bulk_writer(k))
+        await asyncio.sleep(seconds)
+        done.set()
+        elapsed = time.perf_counter() - t0
+    cpu = (_tree_cpu(t.pid) - cpu0) / elapsed
+    await _check_sizes(t, written)
+    return (Result("mixed bulk", 0, written["mbulk"] - warm, elapsed, tuple(bulk), cpu),
+            Result("mixed small", len(small), len(small) * _S, elapsed, tuple(small), cpu))
+
+
+async def _check_sizes(t: Target, written: dict[str, int]) -> None:
+    """Every byte written to each category is in its chunks (``/listChunks`` sizes)."""
+    host, _, port = t.address.rpartition(":")
+    http = await RawHttp.connect(host, int(port))
+    try:
+        for category, want in written.items():
+            status, listing = await http.get(f"/listChunks?category={category}")
+            have = sum(c["size"] for c in json.loads(listing)) if status == 200 else -1
+            if have != want:
+                raise AssertionError(f"{t.name}: {category} holds {have} bytes, wrote {want}")
+    finally:
+        await http.close()
+
+
 Row = dict[str, Result]
 
 
@@ -192,8 +279,9 @@ async def _one_run(args: argparse.Namespace, bodies: list[bytes], turn: int) -> 
     starters: list[tuple[str, Callable[[], contextlib.AbstractAsyncContextManager[Target]]]] = [
         ("go", lambda: _go(args.go)), ("ours", lambda: _ours(args.node_arg)),
     ]
-    if args.baseline:
-        starters.append(("ours, baseline", lambda: _ours(args.node_arg, args.baseline)))
+    for i, source in enumerate(args.baseline):  # the first one is "baseline" (as it was)
+        label = "ours, baseline" + (f" {Path(source).name}" if i else "")
+        starters.append((label, functools.partial(_ours, args.node_arg, source)))
     if args.also_arg:  # the same tree with other flags (e.g. --workers=1 against 2)
         label = "ours, " + " ".join(args.also_arg)
         starters.append((label, lambda: _ours(args.also_arg)))
@@ -215,6 +303,10 @@ async def _one_run(args: argparse.Namespace, bodies: list[bytes], turn: int) -> 
             if "sync" in only:
                 sync = await _single(t, "sync", args.sync_n, 64, sync=True)
                 put("sync=1 single, 64 conns", who, sync)  # Go ignores sync=1: no fsync there
+            if "mixed" in only:
+                bulk, small = await _mixed(t, bodies, args.mixed_seconds)
+                put("mixed: bulk write, 4 conns", who, bulk)
+                put("mixed: small writes, 8 conns", who, small)
     if "sync" in only:
         async with _ours([*args.node_arg, "--no-group-commit"]) as t:
             put("sync=1 single, 64 conns", "ours, no group commit",
@@ -236,7 +328,7 @@ def _print(runs: list[dict[str, Row]], title: str) -> None:
     for run in runs:
         phases += [p for p in run if p not in phases]
     for phase in phases:
-        bulk = phase.startswith("bulk")
+        bulk = phase.startswith(("bulk", "mixed: bulk"))
         who_all = sorted({w for run in runs for w in run.get(phase, {})},
                          key=lambda w: (w != "go", w))
         for who in who_all:
@@ -251,9 +343,22 @@ def _print(runs: list[dict[str, Row]], title: str) -> None:
             print(f"{label:<40} {go_rate:>10.0f} {our_rate:>10.0f} {ratio:>6.2f}x "
                   f"{_median([r.pct(99) for r in go if r is not None]):>8.2f} "
                   f"{_median([r.pct(99) for r in ours]):>8.2f} "
-                  f"{_median([_cpu(r, bulk) for r in go if r is not None]):>8.1f} "
-                  f"{_median([_cpu(r, bulk) for r in ours]):>8.1f}")
+                  f"{_median([_cpu(r, bulk) for r in go if r is not None]):>8.{1 + bulk}f} "
+                  f"{_median([_cpu(r, bulk) for r in ours]):>8.{1 + bulk}f}")
     print("(the Go server has no per-request fsync: its sync=1 column is a plain write)")
+    mixed = [p for p in phases if p.startswith("mixed: small")]
+    for phase in mixed:
+        print(f"\n{'small writes during bulk (ms)':<40} {'p50':>7} {'p99':>7} {'p99.9':>7} "
+              f"{'max':>7} {'n':>7}")
+        who_all = sorted({w for run in runs for w in run.get(phase, {})},
+                         key=lambda w: (w != "go", w))
+        for who in who_all:
+            rs = [run[phase][who] for run in runs if who in run.get(phase, {})]
+            print(f"{who:<40} {_median([r.pct(50) for r in rs]):>7.2f} "
+                  f"{_median([r.pct(99) for r in rs]):>7.2f} "
+                  f"{_median([r.pct(99.9) for r in rs]):>7.2f} "
+                  f"{_median([r.pct(100) for r in rs]):>7.2f} "
+                  f"{_median([float(len(r.latencies)) for r in rs]):>7.0f}")
 
 
 def _cpu(r: Result, bulk: bool) -> float:
@@ -274,14 +379,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sync-n", type=int, default=10_000, help="sync=1 single-message writes")
     p.add_argument("--node-arg", action="append", default=[],
                    help="extra flag for our node (repeatable): --node-arg=--workers=4")
-    p.add_argument("--baseline", metavar="SRC",
+    p.add_argument("--baseline", metavar="SRC", action="append", default=[],
                    help="also run our node from this source tree (e.g. `git archive main` "
-                        "unpacked), alternating with the others: before/after in one run")
+                        "unpacked), alternating with the others: before/after in one run "
+                        "(repeatable: more trees, labelled by their folder's name)")
     p.add_argument("--also-arg", action="append", default=[],
                    help="also run our node with these flags instead of --node-arg "
                         "(repeatable): --node-arg=--workers=2 --also-arg=--workers=1")
-    p.add_argument("--only", action="append", choices=("single", "bulk", "sync"),
-                   help="run only these phases (repeatable; default: all)")
+    p.add_argument("--only", action="append", choices=("single", "bulk", "sync", "mixed"),
+                   help="run only these phases (repeatable; default: single, bulk and sync)")
+    p.add_argument("--mixed-seconds", type=float, default=3.0,
+                   help="mixed: how long the bulk and small writers run together")
     args = p.parse_args(argv)
     if not Path(args.go).is_file():
         print(f"no Go binary at {args.go}", file=sys.stderr)

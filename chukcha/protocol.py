@@ -32,6 +32,7 @@ __all__ = [
     "parse_chunk_name",
     "parse_go_duration",
     "parse_uint",
+    "prepare_count_newlines",
     "split_messages",
     "validate_category",
     "validate_instance",
@@ -211,6 +212,14 @@ def count_newlines(data: bytes | bytearray | memoryview) -> int:
         np.equal(part, 0x0A, out=out)
         total += int(np.count_nonzero(out))
     return total
+
+
+def prepare_count_newlines() -> None:
+    """Import now what :func:`count_newlines` needs for big pieces (once; cheap after).
+    ``ChunkStore`` calls it on the event loop before it hands a big write to a worker thread
+    that counts it: else that thread's first count imports numpy while holding the import
+    lock, and a count on the loop meanwhile waits for it (blocking the loop)."""
+    _numpy()
 
 
 _SCRATCH: Final = threading.local()

@@ -19,7 +19,7 @@ from chukcha.bus.chunk_index import (
 from chukcha.bus.chunk_reads import ChunkReader
 from chukcha.bus.tasks import run_to_end as _finish
 from chukcha.errors import DiskWriteError
-from chukcha.protocol import count_newlines
+from chukcha.protocol import count_newlines, prepare_count_newlines
 
 __all__ = ["QueuedWriter"]
 
@@ -45,6 +45,7 @@ class QueuedWriter(ChunkReader):
         queued bodies together with one ``writev`` and answering them together was slower:
         the 4 clients fell into step, so receiving and writing no longer overlapped.) The
         thread also counts the messages (for the metrics), off the loop."""
+        prepare_count_newlines()  # the thread counts it: numpy imported here, not there
         entry = QueuedWrite(body, 0, asyncio.get_running_loop().create_future())
         with cat.queue_lock:
             cat.queued.append(entry)

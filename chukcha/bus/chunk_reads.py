@@ -31,6 +31,10 @@ STREAM_READ_OVER: Final = 1 << 20
 class ChunkReader(ChunkIndex):
     """The reads of a node's chunk store (the base of :class:`~chukcha.bus.chunks.ChunkStore`)."""
 
+    small_requests = 0
+    """Small reads (answers up to ``INLINE_READ_LIMIT``) and small writes served so far, for
+    ``ChunkStore.write_now``: big writes leave the event loop to them for a while."""
+
     async def wait_changed(self, category: str, timeout: float) -> bool:
         """Wait until anything changes in ``category`` (a write, a new chunk, an ack).
 
@@ -105,8 +109,11 @@ class ChunkReader(ChunkIndex):
         limit = c.size  # committed size: never past a write in progress
         cat.traffic.reads += 1
         if off >= limit:
+            self.small_requests += 1
             return b""
         want = min(max_size, limit - off)
+        if want <= INLINE_READ_LIMIT:
+            self.small_requests += 1
         if into is not None and want <= len(into):
             view = memoryview(into)[:want]
             # All in the page cache (the usual case: just written, or read by a peer): read on
@@ -141,10 +148,12 @@ class ChunkReader(ChunkIndex):
         limit = c.size  # committed size: never past a write in progress
         if off >= limit:
             cat.traffic.reads += 1
+            self.small_requests += 1
             return b""
         want = min(max_size, limit - off)
         if want > INLINE_READ_LIMIT:
             return None
+        self.small_requests += 1
         data = _pread_cached(cat.path / chunk, want, off)
         if data is None:
             return None

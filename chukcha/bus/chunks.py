@@ -72,6 +72,9 @@ SLOW_INLINE_WRITE: Final = 0.05
 """A big append on the event loop that takes longer (seconds) sends the next big writes to the
 worker thread for :data:`SLOW_INLINE_BACKOFF` seconds (see :meth:`ChunkStore.write_now`)."""
 SLOW_INLINE_BACKOFF: Final = 1.0
+BIG_IN_THREAD_AFTER_SMALL: Final = 8
+"""After a small request (a write or a read of up to 64 KiB), this many big writes go to the
+worker thread instead of the event loop (see :meth:`ChunkStore.write_now`)."""
 
 
 class ChunkStore(QueuedWriter):
@@ -83,6 +86,10 @@ class ChunkStore(QueuedWriter):
 
     _inline_big_until = 0.0
     """Until when (``time.monotonic``) big writes skip the loop after a slow one (write_now)."""
+    _small_seen = 0
+    """``small_requests`` when a big write last looked (write_now)."""
+    _big_in_thread = 0
+    """How many more big writes go to the worker thread after small requests (write_now)."""
 
     # --- writes -------------------------------------------------------------------------
 
@@ -124,8 +131,11 @@ class ChunkStore(QueuedWriter):
                 size and nothing of the body is visible.
         """
         cat = self._categories.get(category) or await self._category(category)
-        if len(body) > INLINE_WRITE_LIMIT and not (sync or self._sync_each_write):
-            return await self._write_big(cat, body)
+        if len(body) > INLINE_WRITE_LIMIT:
+            if not (sync or self._sync_each_write):
+                return await self._write_big(cat, body)
+        else:
+            self.small_requests += 1
         async with cat.lock:
             created: str | None = None
             if cat.current is None:
@@ -185,20 +195,31 @@ class ChunkStore(QueuedWriter):
         needs is done here too, unless a durable write waits for the chunk's fsync. ``None``:
         nothing was done; call :meth:`write`.
 
-        Big bodies too, on the event loop, unless big writes are queued (:meth:`_write_big`)
-        or one of them was slow a moment ago. Why: handing a 1 MiB write to a worker thread
-        and its answer back (GIL switches, futex and eventfd wake-ups, the tasks and futures
-        around them) cost more CPU than the append itself; in a profile of bulk writes
-        (1 MiB bodies, 4 connections) the node used ~1.0-1.2 ms of CPU per MB that way and
-        ~0.8 ms here. A big append that takes over :data:`SLOW_INLINE_WRITE` (the kernel
-        throttling dirty pages, a slow disk) sends the next big writes to the worker thread
-        for :data:`SLOW_INLINE_BACKOFF`, so that a stalling disk does not stall the loop."""
+        Big bodies too, on the event loop, while only big writes come: unless big writes are
+        queued (:meth:`_write_big`), small requests came a moment ago, or a big append was
+        slow a moment ago. Why: handing a 1 MiB write to a worker thread and its answer back
+        (GIL switches, futex and eventfd wake-ups, the tasks and futures around them) cost
+        more CPU than the append itself; in a profile of bulk writes (1 MiB bodies, 4
+        connections) the node used ~1.0-1.2 ms of CPU per MB that way and ~0.8 ms here. But
+        while the loop appends (and counts the messages) it serves no one else, and on a busy
+        machine an append is preempted or throttled for milliseconds: with small writes on
+        other connections during bulk writes, their p99 was several times the one with the
+        appends in the thread (``bench_vs_go.py --only mixed``, ``docs/PERFORMANCE.md``). So
+        after a small request (a write, or a read of up to 64 KiB: :attr:`small_requests`),
+        the next :data:`BIG_IN_THREAD_AFTER_SMALL` big writes go to the worker thread; with
+        small requests coming all the time, all of them do. A big append that takes over
+        :data:`SLOW_INLINE_WRITE` (the kernel throttling dirty pages, a slow disk) sends the
+        next big writes to the worker thread for :data:`SLOW_INLINE_BACKOFF`, so that a
+        stalling disk does not stall the loop."""
         cat = self._categories.get(category)
         if (cat is None or cat.current is None or cat.lock.locked() or self._sync_each_write):
             return None
         big = len(body) > INLINE_WRITE_LIMIT
-        if big and (cat.queued or self._inline_big_paused()):
-            return None  # after the queued ones, in the worker thread
+        if big:
+            if cat.queued or self._big_to_thread():
+                return None  # in the worker thread (after the queued ones)
+        else:
+            self.small_requests += 1
         cur = cat.chunks[cat.current]
         size = cur.size + cat.later_size  # with the writes gathered for this iteration's end
         if size > 0 and size + len(body) > self._max_chunk_size:
@@ -228,8 +249,15 @@ class ChunkStore(QueuedWriter):
         traffic.messages_written += count_newlines(body)
         return WriteResult(name, end)
 
-    def _inline_big_paused(self) -> bool:
-        """A big append on the loop was slow a moment ago (see :meth:`write_now`)."""
+    def _big_to_thread(self) -> bool:
+        """This big write goes to the worker thread: small requests came a moment ago, or a
+        big append on the loop was slow a moment ago (see :meth:`write_now`)."""
+        if self.small_requests != self._small_seen:
+            self._small_seen = self.small_requests
+            self._big_in_thread = BIG_IN_THREAD_AFTER_SMALL
+        if self._big_in_thread > 0:
+            self._big_in_thread -= 1
+            return True
         return self._inline_big_until > 0.0 and time.monotonic() < self._inline_big_until
 
     def _rotate_now(self, cat: Category) -> Chunk | None:
@@ -280,6 +308,7 @@ class ChunkStore(QueuedWriter):
         """Append the writes :meth:`write_later` gathered, one ``write`` per category, and
         answer them."""
         gathered, self._gathered = self._gathered, []
+        self.small_requests += 1  # one or more (see write_now)
         for cat in gathered:
             bodies, dones, size = cat.later, cat.later_done, cat.later_size
             cat.later, cat.later_done, cat.later_size = [], [], 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -25,7 +26,7 @@ from chukcha.bus.chunks import ChunkStore, StoreEvent, StoreEventKind
 from chukcha.bus.node import Node
 from chukcha.bus.server import HttpServer, Router, ServerLimits
 from chukcha.testing import bind_loopback, run_node
-from tests.bus.conftest import Api, disk_state, read_file
+from tests.bus.conftest import Api, AppendGate, disk_state, read_file
 from tests.integration.cluster_helpers import wait_for
 
 C0 = "moscow-chunk000000000"
@@ -79,13 +80,17 @@ async def _serving(router: Router) -> AsyncIterator[tuple[HttpServer, tuple[str,
         await server.stop(1.0)
 
 
+@pytest.mark.parametrize("after_small", [0, chunks_module.BIG_IN_THREAD_AFTER_SMALL])
 async def test_big_writes_from_several_connections_rotate_and_land_whole_once_for_readers(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after_small: int,
 ) -> None:
     # 4 connections write 1 MiB-ish bodies (various sizes) into 3 MiB chunks while 2 readers
     # read the category over and over: each read ends on a message boundary (no reader sees
     # part of a write), no chunk passes its limit, and in the end every message is there
-    # exactly once, each connection's in the order it wrote them.
+    # exactly once, each connection's in the order it wrote them. With after_small=0 the big
+    # writes are appended (and rotate) on the loop whatever the readers do; else the
+    # readers' small reads send some of them to the worker thread, mixing both paths.
+    monkeypatch.setattr(chunks_module, "BIG_IN_THREAD_AFTER_SMALL", after_small)
     limit = 3 << 20
     rnd = random.Random(5)  # noqa: S311 - reproducible test data
     plan = {f"w{c}": [rnd.choice([700, 5_000, 10_485]) for _ in range(10)] for c in range(4)}
@@ -268,10 +273,12 @@ async def test_a_fast_route_reuses_a_big_bodys_buffer_only_when_nothing_kept_it(
 
 
 async def test_write_now_takes_a_big_write_and_rotates_on_the_loop(
-    store: ChunkStore, tmp_path: Path,
+    store: ChunkStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The store's chunks here are 1 MiB: the third 400 KB write starts a new chunk, on the
-    # loop, announced before the write's own event.
+    # loop, announced before the write's own event. (Big writes only: no small request
+    # sends them to the worker thread.)
+    monkeypatch.setattr(chunks_module, "BIG_IN_THREAD_AFTER_SMALL", 0)
     events: list[StoreEvent] = []
     store.add_listener(events.append)
     await store.write("c", b"a\n")
@@ -296,6 +303,7 @@ async def test_a_slow_big_append_sends_the_next_big_writes_to_the_worker_thread(
     # worker thread (write) for the back-off, small ones not; then it takes them again.
     monkeypatch.setattr(chunks_module, "SLOW_INLINE_WRITE", 0.0)
     monkeypatch.setattr(chunks_module, "SLOW_INLINE_BACKOFF", 0.3)
+    monkeypatch.setattr(chunks_module, "BIG_IN_THREAD_AFTER_SMALL", 0)
     await store.write("c", b"a\n")
     body = _messages("big", 1_000)  # 100 KB
     assert store.write_now("c", body) is not None
@@ -306,6 +314,76 @@ async def test_a_slow_big_append_sends_the_next_big_writes_to_the_worker_thread(
                    "big writes on the loop again")
     data = await read_file(tmp_path / "data" / "c" / "me-chunk000000000")
     assert data == b"a\n" + body + b"small\n" + body + body
+
+
+async def test_after_a_small_request_the_next_big_writes_go_to_the_worker_thread(
+    store: ChunkStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # After a small write or a small read, write_now leaves the next 2 big writes to the
+    # worker thread (write), then takes big writes on the loop again; a big read does not
+    # count as small, nor does a big write through the handler.
+    monkeypatch.setattr(chunks_module, "BIG_IN_THREAD_AFTER_SMALL", 2)
+    await store.write("c", b"a\n")  # small
+    body = _messages("big", 700)  # 70 KB: all 13 fit in one chunk
+    expected = b"a\n"
+
+    async def big_ones(thread: int) -> None:
+        nonlocal expected
+        cat = store._categories["c"]
+        for _ in range(thread):
+            assert store.write_now("c", body) is None  # nothing was done
+            await store.write("c", body)  # the worker thread's path
+            # Its round lets the category go after answering: write_now waits for that too.
+            await wait_for(_true(lambda: cat.queue_round is None and not cat.lock.locked()),
+                           10, "the worker thread's round is over")
+        assert store.write_now("c", body) is not None
+        expected += body * (thread + 1)
+
+    await big_ones(2)
+    await big_ones(0)
+    assert store.write_now("c", b"small\n") is not None
+    expected += b"small\n"
+    await big_ones(2)
+    assert store.read_now("c", "me-chunk000000000", 0, 100) == b"a\n"  # small read
+    await big_ones(2)
+    assert store.read_now("c", "me-chunk000000000", 0, 1 << 20) is None  # big: the handler's
+    data = await store.read_slice("c", "me-chunk000000000", 0, 1 << 20)
+    assert not isinstance(data, (bytes, memoryview)) or len(data) > 64 << 10
+    if not isinstance(data, (bytes, memoryview)):
+        await asyncio.to_thread(os.close, data.fd)
+    await big_ones(0)
+    end = store.chunk_size("c", "me-chunk000000000")
+    assert await store.read("c", "me-chunk000000000", end or 0, 1 << 20) == b""  # at the end
+    await big_ones(2)
+    assert await read_file(tmp_path / "data" / "c" / "me-chunk000000000") == expected
+
+
+async def test_a_big_append_held_after_small_writes_does_not_hold_them(
+    node: Node, gate: AppendGate,
+) -> None:
+    # A small write came, so the next big write goes to the worker thread, where its append
+    # is held (as a slow disk or the kernel's dirty-page throttling holds it) while small
+    # writes on another connection are answered; once let go it lands whole, and is answered.
+    small_r, small_w = await _connect(node)
+    small_w.write(_post("/write?category=c", b"first\n"))
+    assert await _answer(small_r) == (200, b"")  # creates c: its writes take the fast path
+    big = _messages("big", 3_000)  # 300 KB
+    big_r, big_w = await _connect(node)
+    big_w.write(_post("/write?category=c", big))
+    assert await asyncio.to_thread(gate.entered.wait, 10), "the big append is not in a thread"
+    answered = asyncio.ensure_future(_answer(big_r))
+    for i in range(3):
+        small_w.write(_post("/write?category=other", b"small %d\n" % i))
+        assert await _answer(small_r) == (200, b"")
+    assert not answered.done()
+    gate.open()
+    assert await answered == (200, b"")
+    small_w.close()
+    big_w.close()
+    assert await read_file(node.config.data_dir / "c" / "moscow-chunk000000000") == (
+        b"first\n" + big)
+    assert await read_file(node.config.data_dir / "other" / "moscow-chunk000000000") == (
+        b"small 0\nsmall 1\nsmall 2\n")
 
 
 _TRAP = b"\r\n\r\nPOST /echo HTTP/1.1\r\nContent-Length: 5\r\n\r\n"
