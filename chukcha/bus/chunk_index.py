@@ -254,7 +254,10 @@ class ChunkIndex:
                 if entry.stat().st_size:
                     os.truncate(entry.path, 0)  # a crash between rename and truncate
                 continue
-            size = self._repair_tail(Path(entry.path), entry.stat().st_size)
+            st = entry.stat()
+            size = self._repair_tail(Path(entry.path), st.st_size)
+            if size == st.st_size and st.st_blocks * 512 > size + _ALLOCATED_SLACK:
+                _give_back_space(Path(entry.path), st)  # a crash kept what was allocated ahead
             cat.chunks[base] = Chunk(cname, size)
         # Never append to a chunk that existed before this start: it may end in a message that
         # a crash cut short (repaired above) and readers must be able to finish it. If our last
@@ -483,6 +486,23 @@ def release_space(fd: int, chunk: Chunk) -> None:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, chunk.size)  # the same size: frees only what is past it
         chunk.reserved = chunk.size
+
+
+_ALLOCATED_SLACK: Final = 64 << 10
+"""A chunk file holding more disk space than this past its end on start was allocated ahead
+(:func:`reserve_space`) by a node that did not stop gracefully."""
+
+
+def _give_back_space(path: Path, st: os.stat_result) -> None:
+    """Give back the space a killed node had allocated past the end of a chunk (its size and
+    bytes stay; so does its mtime, which retention reads), so that a crash does not keep up to
+    :data:`RESERVE_STEP` per category until the chunk is deleted. Best effort."""
+    try:
+        os.truncate(path, st.st_size)  # the same size: frees only what is past it
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    except OSError as exc:
+        logger.warning("cannot give back the space allocated past the end of %s: %s", path,
+                       exc.strerror)
 
 
 def fsync_dir(path: Path) -> None:
