@@ -49,6 +49,12 @@ class Result:
     seconds: float
     latencies: tuple[float, ...]
     node_cpu: float = float("nan")  # CPU seconds the node used per second of the phase
+    # --workers: the same, of the writer, of all fronts, of the busiest front; and the phase's
+    # connections per process ("w:30 f1:34"), as bench_vs_go measures them.
+    writer_cpu: float = float("nan")
+    fronts_cpu: float = float("nan")
+    busiest_front_cpu: float = float("nan")
+    conns: str = ""
 
     @property
     def mb_s(self) -> float:

@@ -135,25 +135,98 @@ async def _wait_ready(address: str, proc: asyncio.subprocess.Process) -> None:
         return
 
 
-def _tree_cpu(pid: int | None) -> float:
-    """CPU seconds of ``pid`` and its children (a ``--workers`` node's writer and fronts)."""
+def _workers(pid: int | None) -> list[tuple[str, int]]:
+    """``pid`` and the workers it forked (a ``--workers`` node's writer and fronts), each with
+    its role: ``writer`` (named ``chukcha-writer``, or the first child of a tree that does not
+    name them), ``front``, or ``node`` (a single process)."""
     if pid is None:
-        return float("nan")
+        return []
     try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         kids = []
-    total = _cpu_seconds(pid)
-    for kid in kids:
+    if not kids:
+        return [("node", pid)]
+    found: list[tuple[str, int]] = [("supervisor", pid)]
+    for i, kid in enumerate(sorted(kids)):
+        try:
+            comm = Path(f"/proc/{kid}/comm").read_text().strip()
+        except OSError:
+            continue
+        named = comm.removeprefix("chukcha-")
+        found.append((named if named in ("writer", "front") else
+                      "writer" if i == 0 else "front", kid))
+    return found
+
+
+def _cpu_by_role(pid: int | None) -> dict[str, float]:
+    """CPU seconds of ``pid``'s processes, by role (:func:`_workers`), and ``all``."""
+    if pid is None:
+        return {"all": float("nan")}
+    by: dict[str, float] = {"all": 0.0}
+    for role, p in _workers(pid):
         with contextlib.suppress(OSError):
-            total += _cpu_seconds(int(kid))
-    return total
+            used = _cpu_seconds(p)
+            by[role] = by.get(role, 0.0) + used
+            by["all"] += used
+            if role == "front":
+                by[f"front {p}"] = used
+    return by
 
 
-async def _measured(pid: int | None, phase: Awaitable[Result]) -> Result:
-    before = _tree_cpu(pid)
+def _connections(pid: int | None, port: int) -> dict[str, int]:
+    """Established TCP connections on ``port`` each of ``pid``'s processes holds, by role
+    (fronts one by one): how evenly the clients are spread."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01":  # ESTABLISHED
+                    inodes.add(f[9])
+    held: dict[str, int] = {}
+    fronts = 0
+    for role, p in _workers(pid):
+        if role == "supervisor":
+            continue
+        n = 0
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{p}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    link = str(fd.readlink())
+                    if link.startswith("socket:[") and link[8:-1] in inodes:
+                        n += 1
+        if role == "front":
+            fronts += 1
+        held[f"f{fronts}" if role == "front" else role] = n
+    return held
+
+
+async def _measured(pid: int | None, phase: Awaitable[Result], port: int = 0) -> Result:
+    before = _cpu_by_role(pid)
+    seen: dict[str, int] = {}
+
+    async def watch() -> None:  # the spread once the phase's connections are open
+        await asyncio.sleep(0.3)
+        seen.update(_connections(pid, port))
+
+    watcher = asyncio.ensure_future(watch()) if port else None
     result = await phase
-    return dataclasses.replace(result, node_cpu=(_tree_cpu(pid) - before) / result.seconds)
+    if watcher is not None:
+        watcher.cancel()
+    after = _cpu_by_role(pid)
+    used = {k: after[k] - before.get(k, 0.0) for k in after}
+    s = result.seconds
+    result = dataclasses.replace(
+        result, node_cpu=used["all"] / s,
+        conns=" ".join(f"{k if k.startswith('f') else k[0]}:{v}" for k, v in seen.items())
+        if len(seen) > 1 else "")
+    if "writer" in used:
+        result = dataclasses.replace(
+            result, writer_cpu=used["writer"] / s, fronts_cpu=used.get("front", 0.0) / s,
+            busiest_front_cpu=max((v for k, v in used.items() if k.startswith("front ")),
+                                  default=0.0) / s)
+    return result
 
 
 async def _check_single(address: str, category: str, n: int) -> None:
@@ -167,7 +240,8 @@ async def _check_single(address: str, category: str, n: int) -> None:
 async def _single(t: Target, category: str, n: int, conns: int, sync: bool = False) -> Result:
     # bench_bus puts the category into the target as is: "&sync=1" rides along.
     target_cat = f"{category}&sync=1" if sync else category
-    result = await _measured(t.pid, _single_raw(t.address, target_cat, n, _S, conns))
+    result = await _measured(t.pid, _single_raw(t.address, target_cat, n, _S, conns),
+                             int(t.address.rpartition(":")[2]))
     await _check_single(t.address, category, n)
     return result
 
@@ -237,7 +311,7 @@ async def _mixed(t: Target, bodies: list[bytes], seconds: float) -> tuple[Result
         finally:
             await http.close()
 
-    cpu0 = _tree_cpu(t.pid)
+    cpu0 = _cpu_by_role(t.pid)["all"]
     t0 = time.perf_counter()
     async with asyncio.TaskGroup() as tg:
         for k in range(_MIXED_SMALL_CONNS):
@@ -247,7 +321,7 @@ async def _mixed(t: Target, bodies: list[bytes], seconds: float) -> tuple[Result
         await asyncio.sleep(seconds)
         done.set()
         elapsed = time.perf_counter() - t0
-    cpu = (_tree_cpu(t.pid) - cpu0) / elapsed
+    cpu = (_cpu_by_role(t.pid)["all"] - cpu0) / elapsed
     await _check_sizes(t, written)
     return (Result("mixed bulk", 0, written["mbulk"] - warm, elapsed, tuple(bulk), cpu),
             Result("mixed small", len(small), len(small) * _S, elapsed, tuple(small), cpu))
@@ -321,9 +395,10 @@ def _rate(r: Result, bulk: bool) -> float:
 def _print(runs: list[dict[str, Row]], title: str) -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n{title} (load average {load}; rates: messages/s, bulk: MB/s; CPU: node CPU "
-          f"per message in us, bulk: per MB in ms)")
+          f"per message in us, bulk: per MB in ms; --workers: of that, the writer's, all "
+          f"fronts' and the busiest front's, and the connections each process held)")
     print(f"{'phase':<40} {'Go':>10} {'ours':>10} {'ratio':>7} {'Go p99':>8} {'our p99':>8} "
-          f"{'Go CPU':>8} {'our CPU':>8}")
+          f"{'Go CPU':>8} {'our CPU':>8} {'writer':>7} {'fronts':>7} {'busiest':>7}  conns")
     phases: list[str] = []
     for run in runs:
         phases += [p for p in run if p not in phases]
@@ -344,7 +419,11 @@ def _print(runs: list[dict[str, Row]], title: str) -> None:
                   f"{_median([r.pct(99) for r in go if r is not None]):>8.2f} "
                   f"{_median([r.pct(99) for r in ours]):>8.2f} "
                   f"{_median([_cpu(r, bulk) for r in go if r is not None]):>8.{1 + bulk}f} "
-                  f"{_median([_cpu(r, bulk) for r in ours]):>8.{1 + bulk}f}")
+                  f"{_median([_cpu(r, bulk) for r in ours]):>8.{1 + bulk}f} "
+                  f"{_median([_cpu(r, bulk, r.writer_cpu) for r in ours]):>7.{1 + bulk}f} "
+                  f"{_median([_cpu(r, bulk, r.fronts_cpu) for r in ours]):>7.{1 + bulk}f} "
+                  f"{_median([_cpu(r, bulk, r.busiest_front_cpu) for r in ours]):>7.{1 + bulk}f}  "
+                  f"{' | '.join(r.conns for r in ours if r.conns)}")
     print("(the Go server has no per-request fsync: its sync=1 column is a plain write)")
     mixed = [p for p in phases if p.startswith("mixed: small")]
     for phase in mixed:
@@ -361,8 +440,10 @@ def _print(runs: list[dict[str, Row]], title: str) -> None:
                   f"{_median([float(len(r.latencies)) for r in rs]):>7.0f}")
 
 
-def _cpu(r: Result, bulk: bool) -> float:
-    used = r.node_cpu * r.seconds
+def _cpu(r: Result, bulk: bool, share: float | None = None) -> float:
+    """CPU per message (in us) or per MB (in ms): the node's, or ``share``'s (a part of it,
+    in CPU seconds per second of the phase as ``node_cpu``)."""
+    used = (r.node_cpu if share is None else share) * r.seconds
     return used / (r.nbytes / 1e6) * 1e3 if bulk else used / max(1, r.messages) * 1e6
 
 
