@@ -27,8 +27,11 @@ __all__ = ["NodeProcess", "bind_loopback", "read_log", "spawn_node", "terminate"
 
 
 def bind_loopback() -> socket.socket:
-    """A listening TCP socket on ``127.0.0.1`` with a port the kernel picked."""
+    """A listening TCP socket on ``127.0.0.1`` with a port the kernel picked, with
+    ``SO_REUSEPORT``: a ``--workers N`` node given it (``--listen-fd``) binds one more socket on
+    its port for each worker (a port picked for it is never one in use, reuse or not)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
     sock.set_inheritable(True)

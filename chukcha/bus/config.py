@@ -157,6 +157,9 @@ class NodeConfig:
             ``max_batch_size``).
         internal_socket: with ``--workers``, the unix socket path where this (primary)
             process also serves the front workers' requests.
+        serve_clients: whether the node accepts clients on its listening socket (default);
+            off for the writer of ``--workers N`` when its fronts take every client (the
+            socket then only names the node's address).
     """
 
     instance: str
@@ -184,6 +187,7 @@ class NodeConfig:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     server: ServerLimits = field(default_factory=ServerLimits)
     internal_socket: str | None = None
+    serve_clients: bool = True
 
     def _check_operations(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -1,9 +1,10 @@
 """Front workers (``chukcha node --workers N``): HTTP on every core, one writer behind them.
 
 A node started with ``--workers N`` is one *primary* process (the whole node: chunk store,
-replication, groups, every guarantee) and ``N - 1`` *front* processes. All of them accept on the
-same listening socket. A front serves small single-message writes itself: concurrent ones with
-the same parameters are coalesced into one write of the primary (:mod:`chukcha.bus.coalesce`;
+replication, groups, every guarantee) and ``N - 1`` *front* processes. The fronts (and with 2
+workers the primary) accept clients, each on its own listening socket (:mod:`chukcha.cli.workers`).
+A front serves small single-message writes itself: concurrent ones with the same parameters are
+coalesced into one write of the primary (:mod:`chukcha.bus.coalesce`;
 each body is validated on its own first, and a write lands whole in one chunk, so each client
 gets exactly the answer the primary gave the batch). A connection that starts any other request
 with nothing in flight is handed over to the primary (:mod:`chukcha.bus.handover`); what cannot

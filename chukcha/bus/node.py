@@ -180,7 +180,8 @@ class Node:
         try:
             await self.groups.start()  # the registry is loaded before any ack is served
             self._sock = self._bind()
-            await self.server.start(self._sock, ssl=server_tls)
+            if cfg.serve_clients:
+                await self.server.start(self._sock, ssl=server_tls)
             self._serving = True
             if cfg.internal_socket is not None:
                 # --workers: the front workers hand their requests over here.

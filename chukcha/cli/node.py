@@ -106,8 +106,9 @@ def register(sub: Any) -> None:
     _flag(ext, "sync-each-write", action="store_true",
           help="fsync every write before answering (else per request with sync=1)")
     _flag(ext, "workers", type=_workers, default=os.cpu_count() or 1, metavar="N",
-          help="serve from N processes: one writer (the node) and N-1 front workers on the "
-               "same socket that coalesce concurrent small writes into writes of the writer "
+          help="serve from N processes: one writer (the node) and N-1 front workers, each "
+               "on its own listening socket (SO_REUSEPORT; with N > 2 only the fronts accept "
+               "clients), that coalesce concurrent small writes into writes of the writer "
                "and hand it every other connection; a worker that dies is restarted (default: "
                "the number of cores; on a 2-core box shared with its clients --workers 1 is "
                "faster for single writes)")

@@ -23,7 +23,7 @@ _real_child = workers._child  # the fault is injected around it
 _fired: list[bool] = []
 
 
-def _child(role: str, config: NodeConfig, primary_socket: str) -> None:
+def _child(role: str, config: NodeConfig, primary_socket: str, others: list[int]) -> None:
     if role == "front" and not _fired:
         _fired.append(True)
         os.kill(os.getppid(), signal.SIGTERM)  # the supervisor: stop
@@ -32,7 +32,7 @@ def _child(role: str, config: NodeConfig, primary_socket: str) -> None:
         # child is ready for it); a handler that swallowed it leaves the full 10 s.
         while signal.SIGTERM not in signal.sigpending() and time.monotonic() < deadline:
             time.sleep(0.01)
-    _real_child(role, config, primary_socket)
+    _real_child(role, config, primary_socket, others)
 
 
 workers._child = _child

@@ -235,3 +235,107 @@ async def test_a_sigkilled_supervisor_leaves_no_worker_running(tmp_path: Path) -
     async with aiohttp.ClientSession() as http:  # the port is nobody's now
         with pytest.raises(aiohttp.ClientConnectionError):
             await http.get(f"{url}/listCategories")
+
+
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def _held_connections(pids: list[int], port: int) -> dict[int, int]:
+    """How many established TCP connections to ``port`` each process holds open."""
+    inodes: set[str] = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+            inodes.add(fields[9])
+    held = {}
+    for pid in pids:
+        held[pid] = sum(
+            1 for fd in Path(f"/proc/{pid}/fd").iterdir()
+            if (link := str(fd.readlink())).startswith("socket:[") and link[8:-1] in inodes)
+    return held
+
+
+async def _write_on(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], msg: bytes) -> int:
+    reader, writer = conn
+    writer.write(b"POST /write?category=spread HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%b"
+                 % (len(msg), msg))
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert b"Content-Length: 0\r\n" in head, head
+    return int(head[9:12])
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+async def test_clients_are_spread_over_every_accepting_worker(tmp_path: Path, workers: int) -> None:
+    # One listening socket per accepting worker (SO_REUSEPORT): the kernel spreads connections
+    # by their addresses, so 64 land on each socket (each with probability 1 - 2**-63 at
+    # least). With 2 workers the writer takes its share; with more it takes none (its core is
+    # for the fronts' batches), so every client is a front's.
+    node = NodeProcess(tmp_path / "data", "w", ["--workers", str(workers)])
+    await node.start()
+    conns = []
+    try:
+        assert node.proc is not None
+        kids = await _wait_for_children(node.proc.pid, workers, set())
+        names = {k: await asyncio.to_thread(_comm, k) for k in kids}
+        assert sorted(names.values()) == ["chukcha-front"] * (workers - 1) + ["chukcha-writer"]
+        host, port = node.address.rsplit(":", 1)
+        for _ in range(64):
+            conns.append(await asyncio.open_connection(host, int(port)))
+        # Each answered: accepted by the process that holds it now (a small write stays there).
+        assert [await _write_on(c, b"m%d\n" % i) for i, c in enumerate(conns)] == [200] * 64
+        held = await asyncio.to_thread(_held_connections, kids, int(port))
+        assert sum(held.values()) == 64, held
+        for kid, n in held.items():
+            if names[kid] == "chukcha-writer" and workers > 2:
+                assert n == 0, held
+            else:
+                assert n > 0, (names, held)
+    finally:
+        for _, writer in conns:
+            writer.close()
+        await node.stop()
+        node.close()
+    data = await asyncio.to_thread((tmp_path / "data" / "spread" / "w-chunk000000000").read_bytes)
+    assert sorted(data.splitlines()) == sorted(b"m%d" % i for i in range(64))
+
+
+async def test_clients_waiting_for_a_killed_front_are_served_by_its_successor(
+    tmp_path: Path,
+) -> None:
+    # Each front accepts on its own listening socket, which the supervisor keeps open: a
+    # connection that waits in it while its front is dead is accepted and answered by the
+    # front restarted in its place (a socket that died with its front would reset them).
+    node = NodeProcess(tmp_path / "data", "w", ["--workers", "3", "--log-level", "WARNING"])
+    await node.start()
+    conns = []
+    try:
+        assert node.proc is not None
+        sup = node.proc.pid
+        kids = await _wait_for_children(sup, 3, set())
+        fronts = [k for k in kids if await asyncio.to_thread(_comm, k) == "chukcha-front"]
+        stopped, live = fronts
+        os.kill(stopped, signal.SIGSTOP)
+        host, port = node.address.rsplit(":", 1)
+        for _ in range(32):
+            conns.append(await asyncio.open_connection(host, int(port)))
+        writes = [asyncio.create_task(_write_on(c, b"k%d\n" % i)) for i, c in enumerate(conns)]
+
+        async def live_answered_its_share() -> bool:
+            held = await asyncio.to_thread(_held_connections, [live], int(port))
+            return sum(w.done() for w in writes) == held[live] > 0
+
+        await wait_for(live_answered_its_share, 30, "the live front answering its clients")
+        waiting = [w for w in writes if not w.done()]
+        assert waiting, "no connection landed on the stopped front's socket"
+        os.kill(stopped, signal.SIGKILL)
+        await _wait_for_children(sup, 3, {stopped})
+        async with asyncio.timeout(30):
+            assert await asyncio.gather(*writes) == [200] * 32
+    finally:
+        for _, writer in conns:
+            writer.close()
+        await node.stop()
+        node.close()
+    data = await asyncio.to_thread((tmp_path / "data" / "spread" / "w-chunk000000000").read_bytes)
+    assert sorted(data.splitlines()) == sorted(b"k%d" % i for i in range(32))
