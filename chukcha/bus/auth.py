@@ -115,6 +115,9 @@ def _stamp(path: Path) -> tuple[int, int, int]:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+_CROSS_SITE_HEADERS: Final = frozenset(("origin", "sec-fetch-site"))
+
+
 class NodeAuth:
     """The node's access check (see the module docstring)."""
 
@@ -123,6 +126,8 @@ class NodeAuth:
             raise ValueError("auth_reads needs a token file")
         self.tokens = tokens
         self._auth_reads = auth_reads
+        # Without tokens, only a request that could be cross-site is checked (see check).
+        self.only_with = _CROSS_SITE_HEADERS if tokens is None else None
 
     def check(self, request: web.Request) -> web.StreamResponse | None:
         """The server's per-request check (synchronous): ``None`` lets the request through."""

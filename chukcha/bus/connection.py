@@ -30,6 +30,7 @@ from chukcha.bus.http_wire import empty_ok_head
 from chukcha.bus.routing import error_response
 from chukcha.bus.web import (
     LATER,
+    Check,
     FastHandler,
     FileResponse,
     Headers,
@@ -65,6 +66,11 @@ _HEADER_NAMES: Final = {
 """The lower-case names of the headers clients send most, by their bytes as sent (a look-up
 instead of decoding and lowering each)."""
 _METHODS: Final = {m.encode(): m for m in ("GET", "POST", "PUT", "HEAD", "DELETE")}
+_NO_CHECKS: Final[list[Check]] = []
+_IDLE: Final = ConnectionState.IDLE
+_BUSY: Final = ConnectionState.BUSY
+_BODY: Final = ConnectionState.BODY
+_perf_counter: Final = time.perf_counter
 _EMPTY_OK: Final = Response()
 """A deferred write's answer (never changed)."""
 
@@ -128,7 +134,7 @@ class Connection(ConnectionBase):
     def data_received(self, data: bytes) -> None:
         if self._closed or self._refusal is not None:
             return
-        if self.state is ConnectionState.IDLE:
+        if self.state is _IDLE:
             handover = self._router.handover
             if handover is not None and self._transport is not None and not self._srv._closing \
                     and handover(self._transport, data):  # noqa: SLF001 - the server's own
@@ -172,7 +178,7 @@ class Connection(ConnectionBase):
         request = Request(method, path, query, headers, body, remote=self.peer, conn=self)
         self._expect_continue = False
         self.stalled_since = 0.0
-        self.state = ConnectionState.BUSY
+        self.state = _BUSY
         if fast is not None and not self._write_paused and self._answer_fast(request, fast):
             return True
         self._busy = True
@@ -373,7 +379,9 @@ class Connection(ConnectionBase):
             return
         self._srv._spawn(self._loop, self._answer(request))  # noqa: SLF001 - the server's own helper
 
-    def _answer_fast(self, request: Request, fast: FastHandler) -> bool:
+    def _answer_fast(  # noqa: PLR0912 - every small write runs it: one frame
+        self, request: Request, fast: FastHandler,
+    ) -> bool:
         """The fast path: the answer made here, inside the parser's callback, with no task, or
         (a small write) at the end of this loop iteration by :meth:`deliver`. ``False``: the
         request needs its handler.
@@ -390,10 +398,15 @@ class Connection(ConnectionBase):
         request.deferrable = not srv._closing  # noqa: SLF001 - the server's own flag
         router = self._router
         observers = router.observers
-        t0 = time.perf_counter() if observers else 0.0
+        t0 = _perf_counter() if observers else 0.0
         resp: StreamResponse
+        checks = router.checks
+        if checks:
+            only_with = router.checks_only_with
+            if only_with is not None and only_with.isdisjoint(request.headers):
+                checks = _NO_CHECKS  # every check lets it through (Router.add_check)
         try:
-            for check in router.checks:
+            for check in checks:
                 refused = check(request)
                 if refused is not None:
                     resp = refused
@@ -411,7 +424,7 @@ class Connection(ConnectionBase):
         except Exception as exc:  # noqa: BLE001 - the one place errors become answers
             resp = error_response(exc, request)
         if observers:
-            seconds = time.perf_counter() - t0
+            seconds = _perf_counter() - t0
             for observe in observers:
                 observe(request.path, resp.status, seconds)  # a fast route is a route
         if srv.budget.used:
@@ -423,7 +436,7 @@ class Connection(ConnectionBase):
         if self._finish(request, resp):
             self.close()
         else:
-            self.state = ConnectionState.IDLE
+            self.state = _IDLE
             self._since = self._loop.time()
         return True
 
@@ -435,12 +448,18 @@ class Connection(ConnectionBase):
         srv.deferred -= 1  # HttpServer.answered_later, written out
         if not srv.deferred and srv._deferred_answered is not None:  # noqa: SLF001
             srv._deferred_answered.set()  # noqa: SLF001 - stop() waits for it
-        resp = _EMPTY_OK if outcome is None else _answer_of(outcome, request)
+        resp: StreamResponse
+        if outcome is None:
+            resp = _EMPTY_OK
+            status = 200
+        else:
+            resp = _answer_of(outcome, request)
+            status = resp.status
         observers = self._router.observers
         if observers:
-            seconds = time.perf_counter() - self._later_since
+            seconds = _perf_counter() - self._later_since
             for observe in observers:
-                observe(request.path, resp.status, seconds)
+                observe(request.path, status, seconds)
         transport = self._transport
         if self._closed or transport is None:
             return  # the client left; the write was done all the same
@@ -455,10 +474,10 @@ class Connection(ConnectionBase):
                 return
             self._busy = False
             state = self.state
-            if state is ConnectionState.BUSY:
-                self.state = ConnectionState.IDLE
+            if state is _BUSY:
+                self.state = _IDLE
                 self._since = self._loop.time()
-            elif state is ConnectionState.BODY and self._expect_continue:
+            elif state is _BODY and self._expect_continue:
                 self._send_continue()  # the next request waited for its turn to be asked for
         else:
             self._answered_out_of_turn(request, resp)

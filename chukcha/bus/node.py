@@ -102,7 +102,8 @@ class Node:
                          apps=self._read_apps if config.etcd_endpoints else None)
         self.router.add_routes(self.ui.routes())
         self.metrics: NodeMetrics | None = None
-        self.router.add_check(self.auth.check)  # before every handler
+        # Before every handler.
+        self.router.add_check(self.auth.check, only_with=self.auth.only_with)
         if config.metrics:
             self.metrics = NodeMetrics(
                 config.instance, self.cluster.mode, store=self.store, groups=self.groups,

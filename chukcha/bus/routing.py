@@ -83,6 +83,9 @@ class Router:
         self.fast_routes: dict[str, FastHandler] = {}
         self.later_routes: dict[str, LaterHandler] = {}
         self.checks: list[Check] = []
+        # The checks let every request through that has none of these (lower-case) headers:
+        # the fast path does not call them for it. None: they are called for every request.
+        self.checks_only_with: frozenset[str] | None = frozenset()
         self.observers: list[Observer] = []
         self.fallback: Handler | None = None  # for paths without a route (else 404)
         # A front worker's hand-over (chukcha.bus.handover): offered the bytes that start a
@@ -112,8 +115,15 @@ class Router:
                 raise ValueError(f"later route {path} has no route")
             self.later_routes[path] = handler
 
-    def add_check(self, check: Check) -> None:
+    def add_check(self, check: Check, *, only_with: frozenset[str] | None = None) -> None:
+        """A check every request passes before its handler (an answer refuses it).
+        ``only_with``: the check lets every request without one of these (lower-case)
+        headers through, so the fast path need not call it for such a request."""
         self.checks.append(check)
+        if only_with is None or self.checks_only_with is None:
+            self.checks_only_with = None
+        else:
+            self.checks_only_with |= only_with
 
     def add_observer(self, observer: Observer) -> None:
         self.observers.append(observer)

@@ -15,9 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chukcha.bus import connection, http_simple
+from chukcha.bus.auth import NodeAuth, TokenFile
 from chukcha.bus.http_simple import simple_request
 from chukcha.bus.node import Node
-from chukcha.bus.web import Headers
+from chukcha.bus.routing import Router
+from chukcha.bus.web import Headers, Request
 from chukcha.testing import run_node
 
 _MAX_HEAD = 8192
@@ -262,3 +264,37 @@ async def test_a_node_answers_the_same_with_and_without_the_recogniser(
     monkeypatch.setattr(connection, "_SIMPLE_MAX", 0)  # llhttp takes every request
     assert await _one_pass(tmp_path / "without") == (answers, held)
     assert answers[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    # The fast path skips the access check only for requests it would let through.
+    cross_site = [a for d, a in zip(_SHAPES, answers, strict=True)
+                  if b"Origin:" in d or b"Sec-Fetch-Site:" in d]
+    assert len(cross_site) == 2
+    assert all(a.startswith(b"HTTP/1.1 403 Forbidden\r\n") for a in cross_site), cross_site
+
+
+def test_checks_declare_the_headers_without_which_they_let_a_request_through() -> None:
+    router = Router()
+    assert router.checks_only_with == frozenset()
+    router.add_check(lambda _: None, only_with=frozenset({"origin"}))
+    router.add_check(lambda _: None, only_with=frozenset({"sec-fetch-site"}))
+    assert router.checks_only_with == {"origin", "sec-fetch-site"}
+    router.add_check(lambda _: None)  # one that looks at every request
+    router.add_check(lambda _: None, only_with=frozenset({"x"}))
+    assert router.checks_only_with is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["/write", "/read", "/ack", "/retention", "/ui/x", "/groups/ack", "/x"]),
+       st.sampled_from(["GET", "POST", "DELETE"]),
+       st.dictionaries(st.sampled_from(["origin", "sec-fetch-site", "host", "authorization",
+                                        "content-type", "referer"]),
+                       st.sampled_from(["http://evil", "null", "cross-site", "same-origin",
+                                        "none", "Bearer x", "t"]), max_size=4))
+def test_without_tokens_the_access_check_looks_only_at_its_headers(
+    path: str, method: str, headers: dict[str, str],
+) -> None:
+    auth = NodeAuth(None)
+    assert auth.only_with is not None
+    request = Request(method, path, "max_age=1", Headers(headers), b"")
+    if auth.only_with.isdisjoint(headers):
+        assert auth.check(request) is None  # what the fast path takes for granted
+    assert NodeAuth(TokenFile(Path("unused")), auth_reads=True).only_with is None
