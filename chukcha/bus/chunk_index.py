@@ -101,6 +101,11 @@ class Traffic:
     messages_read: int = 0
     bytes_replicated: int = 0
     chunks_acked: int = 0
+    # Durable writes (sync=1, --sync-each-write): the fsyncs that answered them, how many
+    # writes they answered (their ratio: writes per fsync) and the seconds they took.
+    fsyncs: int = 0
+    fsynced_writes: int = 0
+    fsync_seconds: float = 0.0
 
 
 @dataclass(slots=True)
@@ -126,13 +131,22 @@ class Category:
     current: str | None = None  # own chunk being written
     write_fd: int = -1
     traffic: Traffic = field(default_factory=Traffic)
-    sync_waiters: int = 0  # durable writes waiting for a group fsync of the current chunk
-    sync_round: asyncio.Future[None] | None = None  # the group fsync in progress
-    fsyncs: int = 0  # group fsyncs done (tests and benchmarks read it)
+    # Group commit (chukcha.bus.group_commit): durable writes appended and waiting for an fsync
+    # that begins after them (how each is answered), whether an fsync runs, and how many
+    # durable writes wait (queued or covered by the running fsync).
+    sync_queue: list[Callable[[BaseException | None], None]] = field(default_factory=list)
+    syncing: bool = False
+    sync_waiters: int = 0
+    # Whether the directory entries of the chunks are on stable storage (fsync of the
+    # directory), and whether an fsync that durable writes rely on failed outside a group
+    # fsync (a rotation's): the next group fsync then answers every write it covers with it.
+    dir_synced: bool = False
+    sync_failed: bool = False
     # Small writes gathered in this event-loop iteration (ChunkStore.write_later): bodies, the
-    # callbacks that answer them, and their total size.
+    # callbacks that answer them (the durable ones' apart) and their total size.
     later: list[bytes | bytearray] = field(default_factory=list)
     later_done: list[Callable[[BaseException | None], None]] = field(default_factory=list)
+    later_durable: list[Callable[[BaseException | None], None]] = field(default_factory=list)
     later_size: int = 0
     # Big writes waiting for the worker thread that appends them, and the task that runs it
     # (ChunkStore._write_big); the worker thread takes them under ``queue_lock``.
@@ -405,8 +419,13 @@ class ChunkIndex:
         # O_EXCL: never overwrite an existing chunk, whatever the index says.
         old = cat.chunks.get(cat.current) if cat.current else None
         if old is not None and cat.write_fd >= 0 and cat.sync_waiters and old.synced < old.size:
-            # Durable writes wait for a group fsync of this chunk: do it before it is closed.
-            os.fsync(cat.write_fd)
+            # Durable writes wait for a group fsync of this chunk: do it before it is closed
+            # (the next group fsync answers them; it syncs the directory with the new entry).
+            try:
+                os.fsync(cat.write_fd)
+            except OSError:
+                cat.sync_failed = True  # they must not be answered 200 by a later fsync
+                raise
             old.synced = old.size
         fd = os.open(cat.path / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
         if cat.write_fd >= 0:
@@ -418,7 +437,9 @@ class ChunkIndex:
         cat.last_index[self._instance] = index
         cat.chunks[name] = Chunk(ChunkName(self._instance, index), 0)
         if self._sync_each_write:
-            fsync_dir(cat.path)
+            fsync_dir(cat.path)  # every entry in the directory, the new one last
+        # Else the first group fsync that a durable write into it waits for syncs the directory.
+        cat.dir_synced = self._sync_each_write
         logger.info("instance=%s category=%s new chunk %s", self._instance, cat.name, name)
         return name
 

@@ -11,7 +11,8 @@ reads; per-category locks keep the writes of one category in order.
 
 :class:`ChunkStore` is built in layers: the index, lifecycle, listeners and queries
 (:mod:`chukcha.bus.chunk_index`), the reads (:mod:`chukcha.bus.chunk_reads`), the queued big
-writes (:mod:`chukcha.bus.chunk_queue`), and here the writes, rotation, replicated chunks and
+writes (:mod:`chukcha.bus.chunk_queue`), the group fsyncs of durable writes
+(:mod:`chukcha.bus.group_commit`), and here the writes, rotation, replicated chunks and
 acks.
 """
 
@@ -36,8 +37,8 @@ from chukcha.bus.chunk_index import (
     fsync_dir,
     reserve_space,
 )
-from chukcha.bus.chunk_queue import QueuedWriter
 from chukcha.bus.chunk_reads import INLINE_READ_LIMIT, STREAM_READ_OVER, FileSlice
+from chukcha.bus.group_commit import GroupCommit
 from chukcha.bus.tasks import run_to_end as _finish
 from chukcha.errors import BadRequestError, DiskWriteError, InvalidAckError, ReplicationError
 from chukcha.protocol import (
@@ -77,7 +78,7 @@ BIG_IN_THREAD_AFTER_SMALL: Final = 8
 worker thread instead of the event loop (see :meth:`ChunkStore.write_now`)."""
 
 
-class ChunkStore(QueuedWriter):
+class ChunkStore(GroupCommit):
     """The chunk files of one node.
 
     Call :meth:`open` (blocking: takes the lock, scans the directory) before use and
@@ -137,23 +138,22 @@ class ChunkStore(QueuedWriter):
         else:
             self.small_requests += 1
         async with cat.lock:
-            created: str | None = None
             if cat.current is None:
-                created = await _finish(self._start_chunk(cat))
+                await _finish(self._start_chunk(cat))
             cur = cat.chunks[cat.current or ""]
             if cur.size > 0 and cur.size + len(body) > self._max_chunk_size:
                 prev = cat.current
-                created = await _finish(self._start_chunk(cat))
-                cur = cat.chunks[created]
+                cur = cat.chunks[await _finish(self._start_chunk(cat))]
                 # The previous chunk just became complete; replicas and readers learn it from
                 # the creation event of the new one.
                 logger.debug("rotated %s/%s by size", category, prev)
-            if created is not None and sync and not self._sync_each_write:
-                # A synced write must survive a power loss, and so must the new file's entry.
-                await asyncio.to_thread(fsync_dir, cat.path)
             name = cat.current or str(cur.name)
             durable = sync or self._sync_each_write
             grouped = durable and self._group_commit
+            if durable and not grouped and not cat.dir_synced:
+                # A synced write must survive a power loss, and so must its file's entry.
+                await _finish(asyncio.to_thread(fsync_dir, cat.path))
+                cat.dir_synced = True
             if (durable and not grouped) or len(body) > INLINE_WRITE_LIMIT:
                 await _finish(self._append_in_thread(cat, cur, body, durable and not grouped))
             else:
@@ -164,16 +164,13 @@ class ChunkStore(QueuedWriter):
             traffic.writes += 1
             traffic.bytes_written += len(body)
             traffic.messages_written += count_newlines(body)
-            if grouped:
-                cat.sync_waiters += 1  # before the lock is released: a rotation syncs for us
+            if durable and not grouped:
+                traffic.fsyncs += 1
+                traffic.fsynced_writes += 1
         if grouped:
-            # Group commit: one fsync covers every write that landed before it began, so
-            # concurrent durable writes share fsyncs instead of queueing one each under the
-            # lock. The answer still waits until this write's bytes are on stable storage.
-            try:
-                await self._sync_through(cat, cur, end)
-            finally:
-                cat.sync_waiters -= 1
+            # Group commit: the answer waits for an fsync that begins after the append (no
+            # await since: a rotation in between would have synced the chunk for it).
+            await self._until_fsynced(cat)
         return WriteResult(name, end)
 
     async def _chunk_for(self, cat: Category, size: int) -> Chunk:
@@ -276,19 +273,23 @@ class ChunkStore(QueuedWriter):
 
     def write_later(
         self, category: str, body: bytes | bytearray,
-        done: Callable[[BaseException | None], None],
+        done: Callable[[BaseException | None], None], *, sync: bool = False,
     ) -> bool:
         """:meth:`write_now`, gathered: the small writes of one event-loop iteration are
         appended at its end with one ``write`` (in the order they came), then each ``done`` is
-        called: with ``None`` once its bytes are in the chunk, or with the error that the
-        write became (each of them, the same). The gathered writes land in one chunk, and
-        the chunk's size limit counts them as it counts separate writes. ``False``: nothing
-        was done (``done`` is never called); call :meth:`write`."""
+        called: with ``None`` once its bytes are in the chunk (a durable one, ``sync`` or
+        ``--sync-each-write``: once a group fsync covers them too, see
+        :mod:`~chukcha.bus.group_commit`), or with the error that the write became (each of
+        them, the same). The gathered writes land in one chunk, and the chunk's size limit
+        counts them as it counts separate writes. ``False``: nothing was done (``done`` is
+        never called); call :meth:`write`."""
         cat = self._categories.get(category)
         n = len(body)
-        if (cat is None or cat.current is None or cat.lock.locked() or self._sync_each_write
-                or n > INLINE_WRITE_LIMIT):
+        if cat is None or cat.current is None or cat.lock.locked() or n > INLINE_WRITE_LIMIT:
             return False
+        durable = sync or self._sync_each_write
+        if durable and not self._group_commit:
+            return False  # each pays its own fsync under the lock: write
         size = cat.later_size
         later_size = size + n
         size += cat.chunks[cat.current].size
@@ -300,7 +301,10 @@ class ChunkStore(QueuedWriter):
                 asyncio.get_running_loop().call_soon(self._write_gathered)
             self._gathered.append(cat)
         later.append(body)
-        cat.later_done.append(done)
+        if durable:
+            cat.later_durable.append(done)
+        else:
+            cat.later_done.append(done)
         cat.later_size = later_size
         return True
 
@@ -310,15 +314,18 @@ class ChunkStore(QueuedWriter):
         gathered, self._gathered = self._gathered, []
         self.small_requests += 1  # one or more (see write_now)
         for cat in gathered:
-            bodies, dones, size = cat.later, cat.later_done, cat.later_size
+            bodies, dones, durable, size = cat.later, cat.later_done, cat.later_durable, \
+                cat.later_size
             cat.later, cat.later_done, cat.later_size = [], [], 0
+            if durable:
+                cat.later_durable = []
             data = bodies[0] if len(bodies) == 1 else b"".join(bodies)
             cur = cat.chunks.get(cat.current) if cat.current else None
             if (cur is None or cat.lock.locked() or cat.write_fd < 0
                     or (cur.size > 0 and cur.size + size > self._max_chunk_size)):
                 # The category was taken meanwhile (a rotation, a big write): wait for it.
-                task = asyncio.ensure_future(self._write_gathered_later(cat, data, len(bodies),
-                                                                        dones))
+                task = asyncio.ensure_future(self._write_gathered_later(
+                    cat, data, len(bodies), dones + durable, sync=bool(durable)))
                 self._gathered_tasks.add(task)
                 task.add_done_callback(self._gathered_tasks.discard)
                 continue
@@ -333,15 +340,20 @@ class ChunkStore(QueuedWriter):
                 traffic.writes += len(bodies)
                 traffic.bytes_written += size
                 traffic.messages_written += count_newlines(data)
+                if durable:
+                    self._after_fsync_each(cat, durable)  # answered once it covers them
+                    durable = []
             _call_each(dones, error)
+            if durable:  # the append failed
+                _call_each(durable, error)
 
     async def _write_gathered_later(
         self, cat: Category, data: bytes | bytearray, count: int,
-        dones: list[Callable[[BaseException | None], None]],
+        dones: list[Callable[[BaseException | None], None]], *, sync: bool = False,
     ) -> None:
         error: BaseException | None = None
         try:
-            await self.write(cat.name, data)
+            await self.write(cat.name, data, sync=sync)
             cat.traffic.writes += count - 1  # counted as one write there
         except BaseException as exc:
             error = exc
@@ -349,38 +361,6 @@ class ChunkStore(QueuedWriter):
                 _call_each(dones, error)
                 raise
         _call_each(dones, error)
-
-    async def _sync_through(self, cat: Category, chunk: Chunk, end: int) -> None:
-        """Return once ``chunk`` is on stable storage up to ``end`` (joins or starts a round)."""
-        while chunk.synced < end:
-            if cat.current is None or cat.chunks.get(cat.current) is not chunk:
-                # Rotated away without the fsync the rotation owes us (it failed).
-                raise DiskWriteError(errno.EIO, f"fsync of chunk {chunk.name} failed")
-            round_ = cat.sync_round
-            if round_ is None:
-                round_ = cat.sync_round = asyncio.ensure_future(self._sync_round(cat))
-            await asyncio.shield(round_)  # a client that leaves does not stop the round
-
-    async def _sync_round(self, cat: Category) -> None:
-        """One group fsync of the current chunk: covers every byte written before it began."""
-        try:
-            async with cat.lock:
-                chunk = cat.chunks.get(cat.current) if cat.current else None
-                if cat.write_fd < 0 or chunk is None:
-                    raise DiskWriteError(errno.EIO, f"category {cat.name} is closed")
-                target = chunk.size
-                # A duplicate: a rotation may close write_fd while the fsync runs.
-                fd = os.dup(cat.write_fd)
-            try:
-                await asyncio.to_thread(_fsync_close, fd)
-            except OSError as exc:
-                raise DiskWriteError(
-                    exc.errno or errno.EIO, f"fsync of chunk {chunk.name} failed: {exc.strerror}"
-                ) from exc
-            chunk.synced = max(chunk.synced, target)
-            cat.fsyncs += 1
-        finally:
-            cat.sync_round = None
 
     async def _start_chunk(self, cat: Category) -> str:
         """A new own chunk, announced (run under ``cat.lock`` through :func:`_finish`)."""
@@ -660,13 +640,6 @@ def _call_each(dones: list[Callable[[BaseException | None], None]],
             done(error)
         except Exception:
             logger.exception("answering a gathered write failed")
-
-
-def _fsync_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _create_empty(path: Path) -> None:

@@ -184,19 +184,26 @@ class BusApi:
         return body
 
     def write_now(self, request: web.Request) -> web.Response | web.Later | None:
-        """``/write``'s fast path: a plain write (no ``sync``, no ``min_sync_replicas``) that
-        the store takes without waiting (:meth:`ChunkStore.write_now`, a big body too, or
-        gathered with the other small writes of this loop iteration:
-        :meth:`ChunkStore.write_later`); else ``None``. Bad parameters and bodies are refused
-        here exactly as :meth:`write` refuses them."""
+        """``/write``'s fast path: a write without ``min_sync_replicas`` that the store takes
+        without waiting (:meth:`ChunkStore.write_now`, a big body too), or gathered with the
+        other small writes of this loop iteration (:meth:`ChunkStore.write_later`; a
+        ``sync=1`` one is answered once a group fsync covers it); else ``None``. Bad
+        parameters and bodies are refused here exactly as :meth:`write` refuses them."""
         qs = request.query_string
+        sync = False
         if qs.startswith("category=") and "&" not in qs and "%" not in qs and "+" not in qs:
             category = qs[9:]  # what request.query holds for it (every client's write)
         else:
             query = request.query
-            if len(query) != 1:  # more than the category (sync, min_sync_replicas...) or none
+            if len(query) == 2 and "sync" in query:  # a durable write (or sync=0)
+                category = query.get("category", "")
+                if not category or not self._store.has_category(category):
+                    return None  # validated, and created, by the handler
+                sync = bool_param(request, "sync")  # a bad value: the handler's 400
+            elif len(query) != 1:  # more than the category (min_sync_replicas...) or none
                 return None  # validated, and waited for, by the handler
-            category = query.get("category", "")
+            else:
+                category = query.get("category", "")
         if not category or not self._store.has_category(category):
             return None  # its first write validates and creates it
         body = request.body
@@ -207,8 +214,9 @@ class BusApi:
             check_messages(body, self._max_message)  # refuses it, or checks each message
         if request.deferrable and n <= INLINE_WRITE_LIMIT:
             # Gathered with this loop iteration's other small writes (a big one is written now).
-            return web.LATER if self._store.write_later(category, body, request.done) else None
-        if self._store.write_now(category, body) is None:
+            return web.LATER if self._store.write_later(category, body, request.done,
+                                                        sync=sync) else None
+        if sync or self._store.write_now(category, body) is None:
             return None
         return web.Response()
 

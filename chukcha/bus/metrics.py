@@ -221,6 +221,16 @@ class _NodeCollector(Collector):
             "chunks_acked": CounterMetricFamily("chukcha_chunks_acknowledged",
                                                 "Chunks tombstoned here (any reason)",
                                                 labels=["category"]),
+            "fsyncs": CounterMetricFamily(
+                "chukcha_write_fsyncs", "fsyncs that answered durable writes (sync=1, "
+                "--sync-each-write); with group commit one covers many writes",
+                labels=["category"]),
+            "fsynced_writes": CounterMetricFamily(
+                "chukcha_fsynced_writes", "Durable writes answered after their fsync "
+                "(divided by chukcha_write_fsyncs: writes per fsync)", labels=["category"]),
+            "fsync_seconds": CounterMetricFamily(
+                "chukcha_group_fsync_seconds", "Time the group fsyncs took (from their start "
+                "to the answers)", labels=["category"]),
         }
         for category, traffic in sorted(self._store.traffic().items()):
             for attr, family in families.items():

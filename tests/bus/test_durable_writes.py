@@ -1,0 +1,228 @@
+"""``sync=1`` writes over HTTP, on the fast path with group commit: no answer before an fsync
+that began after the write's bytes were in the chunk (and, for a chunk's first durable write,
+an fsync of the directory after the chunk's creation); a failed fsync answers 500 to each
+write it covered. ``os.fsync`` is wrapped to log what each call covered (in completion order,
+beside the answers as the client reads them) and can be held shut or made to fail."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import stat
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from chukcha.bus.node import Node
+from chukcha.testing import run_node
+from tests.bus.conftest import front_and_writer, read_file
+from tests.bus.test_metrics import scrape, value
+
+
+@dataclass
+class Disk:
+    """The log: ("fsync", file name, its size when the fsync began) once it ended, ("dir",
+    directory name, the chunks in it when it began), ("answer", status line, body)."""
+
+    log: list[tuple[str, str, object]] = field(default_factory=list)
+    fail: bool = False
+    shut: threading.Event = field(default_factory=threading.Event)  # set: fsyncs wait
+    opened: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+
+    def chunk_fsyncs(self) -> list[tuple[str, int]]:
+        return [(name, int(str(size))) for kind, name, size in self.log if kind == "fsync"]
+
+
+@pytest.fixture
+def disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[Disk]:
+    real = os.fsync
+    disk = Disk()
+
+    def fsync(fd: int) -> None:
+        path = Path(f"/proc/self/fd/{fd}").readlink()
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            names = sorted(p.name for p in path.iterdir())
+            entry: tuple[str, str, object] = ("dir", path.name, names)
+        else:
+            entry = ("fsync", path.name, st.st_size)
+        if disk.shut.is_set():
+            disk.entered.set()
+            assert disk.opened.wait(30), "the test never opened the disk"
+        if disk.fail:
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+        disk.log.append(entry)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    yield disk
+    disk.opened.set()
+
+
+def _post(query: str, body: bytes) -> bytes:
+    return b"POST /write?%b HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%b" % (
+        query.encode(), len(body), body)
+
+
+def _port(node: Node) -> int:
+    return int(node.address.rsplit(":", 1)[1])
+
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@asynccontextmanager
+async def _conns(port: int, n: int) -> AsyncIterator[list[Conn]]:
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(n)]
+    try:
+        yield conns
+    finally:
+        for _, writer in conns:
+            writer.close()
+
+
+async def _answer(reader: asyncio.StreamReader, disk: Disk) -> tuple[bytes, bytes]:
+    async with asyncio.timeout(30):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0])
+        body = await reader.readexactly(length)
+    status = head.split(b"\r\n", 1)[0]
+    disk.log.append(("answer", status.decode(), body))
+    return status, body
+
+
+def _check_answers_follow_their_fsyncs(disk: Disk, chunk: str, data: bytes,
+                                       bodies: list[bytes]) -> None:
+    """The 200s for ``bodies`` (their ends in ``data``, the chunk's bytes): the k-th of them
+    comes after an fsync of ``chunk`` that covered at least the k smallest ends (the answers
+    are empty: which write each one answers, the log cannot tell), and after an fsync of the
+    directory that saw the chunk's entry."""
+    ends = sorted(data.index(b) + len(b) for b in bodies)
+    covered, dir_seen, answered = 0, False, 0
+    for kind, name, what in disk.log:
+        if kind == "fsync" and name == chunk:
+            covered = max(covered, int(str(what)))
+        elif kind == "dir" and isinstance(what, list) and chunk in what:
+            dir_seen = True
+        elif kind == "answer" and name.endswith("200 OK"):
+            answered += 1
+            assert answered <= len(ends), disk.log
+            assert covered >= ends[answered - 1], f"answer {answered} came before its fsync"
+            assert dir_seen, "answered before the chunk's directory entry was synced"
+    assert answered == len(ends)
+
+
+async def _send_all(conns: list[Conn], query: str, bodies: list[bytes]) -> None:
+    for (_, writer), body in zip(conns, bodies, strict=True):
+        writer.write(_post(query, body))
+    await asyncio.gather(*(writer.drain() for _, writer in conns))
+
+
+async def _names(directory: Path) -> list[str]:
+    return await asyncio.to_thread(lambda: sorted(p.name for p in directory.iterdir()))
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(30):
+        while not condition():  # noqa: ASYNC110 - polled: no push to wait on
+            await asyncio.sleep(0.005)
+
+
+async def test_sync_writes_share_an_fsync_that_begins_after_them(
+    tmp_path: Path, disk: Disk
+) -> None:
+    async with run_node(tmp_path / "data", "moscow") as node, \
+            aiohttp.ClientSession() as http, _conns(_port(node), 30) as conns:
+        cat_dir = node.config.data_dir / "c"
+        # Created by a plain write: its directory entry was never synced.
+        async with http.post(f"{node.url}/write", params={"category": "c"}, data=b"0\n") as r:
+            assert r.status == 200
+        chunk = (await _names(cat_dir))[0]
+        disk.shut.set()  # the first fsync waits in its thread until the disk opens
+        bodies = [b"sync-%02d\n" % i for i in range(30)]
+        await _send_all(conns[:1], "category=c&sync=1", bodies[:1])
+        await asyncio.to_thread(disk.entered.wait, 30)
+        await _send_all(conns[1:], "category=c&sync=1", bodies[1:])
+        cat = node.store._categories["c"]  # the queue the writes wait in
+        await _until(lambda: cat.sync_waiters == 30)  # all 30 wait for an fsync
+        assert disk.log == []  # nothing answered, nothing synced yet
+        disk.shut.clear()
+        disk.opened.set()
+        answers = await asyncio.gather(*(_answer(r, disk) for r, _ in conns))
+        assert answers == [(b"HTTP/1.1 200 OK", b"")] * 30
+        data = await read_file(cat_dir / chunk)
+        _check_answers_follow_their_fsyncs(disk, chunk, data, bodies)
+        # The first write's fsync, then one for the 29 that queued behind it.
+        assert len([f for f in disk.chunk_fsyncs() if f[0] == chunk]) == 2, disk.log
+        m = await scrape(http, node.url)
+        assert value(m, "chukcha_write_fsyncs_total", category="c") == 2
+        assert value(m, "chukcha_fsynced_writes_total", category="c") == 30
+        assert value(m, "chukcha_group_fsync_seconds_total", category="c") > 0
+
+
+async def test_a_failed_fsync_answers_500_to_every_write_it_covered(
+    tmp_path: Path, disk: Disk
+) -> None:
+    async with run_node(tmp_path / "data", "moscow") as node, \
+            aiohttp.ClientSession() as http, _conns(_port(node), 10) as conns:
+        async with http.post(f"{node.url}/write", params={"category": "c", "sync": "1"},
+                             data=b"first\n") as r:
+            assert r.status == 200
+        disk.fail = True
+        await _send_all(conns, "category=c&sync=1", [b"lost-%d\n" % i for i in range(10)])
+        answers = await asyncio.gather(*(_answer(r, disk) for r, _ in conns))
+        for status, body in answers:
+            assert status == b"HTTP/1.1 500 Internal Server Error", (status, body)
+            assert b"fsync" in body, body
+        disk.fail = False
+        # The node goes on: the next durable write is answered after an fsync that covers it.
+        before = len(disk.chunk_fsyncs())
+        await _send_all(conns[:1], "category=c&sync=1", [b"after\n"])
+        assert await _answer(conns[0][0], disk) == (b"HTTP/1.1 200 OK", b"")
+        chunk = node.config.data_dir / "c" / (await _names(node.config.data_dir / "c"))[0]
+        size = (await asyncio.to_thread(chunk.stat)).st_size
+        assert disk.chunk_fsyncs()[before:][-1] == (chunk.name, size)
+        m = await scrape(http, node.url)
+        assert value(m, "chukcha_fsynced_writes_total", category="c") == 2  # not the 10
+
+
+async def test_a_sync_write_into_a_chunk_a_plain_write_started_syncs_its_directory_entry(
+    tmp_path: Path, disk: Disk
+) -> None:
+    # 20-byte chunks: the plain writes rotate (on the fast path), then a durable write lands
+    # in the chunk the last of them started, whose directory entry nothing synced yet.
+    async with run_node(tmp_path / "data", "moscow", max_chunk_size=20) as node, \
+            aiohttp.ClientSession() as http:
+        for i in range(4):
+            async with http.post(f"{node.url}/write", params={"category": "c"},
+                                 data=b"plain-%05d\n" % i) as r:
+                assert r.status == 200
+        chunks = await _names(node.config.data_dir / "c")
+        assert len(chunks) >= 2
+        async with http.post(f"{node.url}/write", params={"category": "c", "sync": "1"},
+                             data=b"s\n") as r:
+            assert r.status == 200
+        disk.log.append(("answer", "HTTP/1.1 200 OK", b""))
+        last = (await _names(node.config.data_dir / "c"))[-1]
+        assert last == chunks[-1]  # it went into that chunk
+        data = await read_file(node.config.data_dir / "c" / last)
+        _check_answers_follow_their_fsyncs(disk, last, data, [b"s\n"])
+
+
+async def test_sync_writes_through_a_front_wait_for_the_writers_fsync(
+    tmp_path: Path, disk: Disk
+) -> None:
+    async with front_and_writer(tmp_path) as (node, _, port), _conns(port, 12) as conns:
+        bodies = [b"f-%02d\n" % i for i in range(12)]
+        await _send_all(conns, "category=c&sync=1", bodies)
+        answers = await asyncio.gather(*(_answer(r, disk) for r, _ in conns))
+        assert answers == [(b"HTTP/1.1 200 OK", b"")] * 12
+        chunk = node.config.data_dir / "c" / (await _names(node.config.data_dir / "c"))[0]
+        _check_answers_follow_their_fsyncs(disk, chunk.name, await read_file(chunk), bodies)
