@@ -15,6 +15,7 @@ from chukcha.bus.chunk_index import (
     QueuedWrite,
     StoreEventKind,
     WriteResult,
+    reserve_space,
 )
 from chukcha.bus.chunk_reads import ChunkReader
 from chukcha.bus.tasks import run_to_end as _finish
@@ -122,6 +123,8 @@ class QueuedWriter(ChunkReader):
                 entry.taken = True
             taken += len(entry.body)
             try:
+                if not cur.dirty_tail and cur.size + len(entry.body) > cur.reserved:
+                    reserve_space(cat.write_fd, cur, len(entry.body))  # as on the loop
                 self._append(cat.write_fd, cur, entry.body, False)
             except BaseException as exc:  # noqa: BLE001 - the write's answer
                 loop.call_soon_threadsafe(_settle, entry.done, exc)

@@ -467,3 +467,26 @@ async def test_an_own_chunk_is_allocated_ahead_and_given_back_when_complete(
     assert size == len(body)
     assert allocated < size + (64 << 10)  # given back when the node stopped
     assert await read_file(second) == body
+
+
+async def test_a_big_write_in_the_worker_thread_allocates_ahead_too(tmp_path: Path) -> None:
+    # A big write the worker thread appends (the handler's path: here the category's first
+    # write) allocates the chunk's space ahead as an append on the loop does.
+    if chunk_index._fallocate() is None:
+        pytest.skip("no fallocate(2) on this platform")
+    store = ChunkStore(tmp_path / "data", "me", max_chunk_size=64 << 20)
+    await asyncio.to_thread(store.open)
+    try:
+        body = _messages("t", 10_000)  # 1 MB
+        await store.write("c", body)
+        await store.write("c", body)
+        chunk = store._categories["c"].chunks["me-chunk000000000"]
+        if chunk.reserved < 0:
+            pytest.skip(f"the file system under {tmp_path} allocates nothing ahead")
+        size, allocated = await _sizes(tmp_path / "data" / "c" / "me-chunk000000000")
+        assert size == 2 * len(body)
+        assert allocated >= size + (1 << 20)
+    finally:
+        await asyncio.to_thread(store.close)
+    size, allocated = await _sizes(tmp_path / "data" / "c" / "me-chunk000000000")
+    assert allocated < size + (64 << 10)  # given back when the store closed
