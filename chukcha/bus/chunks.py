@@ -208,13 +208,17 @@ class ChunkStore(GroupCommit):
         :data:`SLOW_INLINE_WRITE` (the kernel throttling dirty pages, a slow disk) sends the
         next big writes to the worker thread for :data:`SLOW_INLINE_BACKOFF`, so that a
         stalling disk does not stall the loop."""
+        big = len(body) > INLINE_WRITE_LIMIT
+        # Counted down first: a big write that goes to the thread anyway (the category's lock
+        # or queue is taken) counts as one of the next BIG_IN_THREAD_AFTER_SMALL.
+        if big and self._big_to_thread():
+            return None
         cat = self._categories.get(category)
         if (cat is None or cat.current is None or cat.lock.locked() or self._sync_each_write):
             return None
-        big = len(body) > INLINE_WRITE_LIMIT
         if big:
-            if cat.queued or self._big_to_thread():
-                return None  # in the worker thread (after the queued ones)
+            if cat.queued:
+                return None  # after the queued ones, in the worker thread
         else:
             self.small_requests += 1
         cur = cat.chunks[cat.current]
