@@ -249,7 +249,10 @@ class View:
         if replay.diverged:
             return False
         if head is not None and not replay.records:
-            fresh = plan_replay(records)  # from the newest snapshot on the chain, if any
+            # From the newest snapshot on the chain, if any: the chain that ``head`` is on
+            # (the records it built on may be forgotten; a former owner's late snapshot past
+            # head's link is not on it).
+            fresh = plan_replay(records, known=head)
             if fresh.records and fresh.records[0].base and fresh.records[0].seq > head.seq:
                 # The records after ``seq`` were deleted with the changelog chunks before a
                 # newer snapshot (the app acks them once it is confirmed) while this view was

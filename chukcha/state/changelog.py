@@ -241,7 +241,8 @@ class _Chain:
         return record
 
 
-def plan_replay(records: Iterable[Record], after: Head | None = None) -> Replay:
+def plan_replay(records: Iterable[Record], after: Head | None = None, *,
+                known: Head | None = None) -> Replay:
     """The records of one partition to apply, in order, to a store that stands at ``after``
     (``None``: an empty store); ``records``: whole records as found on the bus (any order,
     duplicates, several nodes' copies, records already applied, zombies' records).
@@ -252,10 +253,15 @@ def plan_replay(records: Iterable[Record], after: Head | None = None) -> Replay:
     that epoch's record is taken; elsewhere the highest epoch, never lower than the last one
     applied. When ``after`` is itself off the chain, nothing is applied and ``diverged`` says
     so: the reader must rebuild from an empty store (``plan_replay(records)`` with every record
-    on the bus)."""
+    on the bus).
+
+    ``known`` (with ``after=None``): a position on the chain that the caller knows of (where a
+    reader stood before it chose to start again from a snapshot); its epoch and link count for
+    the chain like a record's, so a former owner's late snapshot past that epoch's link is not
+    taken for the newest one when the newer epoch's own records are not among ``records``."""
     if after is not None and after.seq <= 0:
         after = None
-    chain = _Chain(records, after)
+    chain = _Chain(records, after if after is not None else known)
     out: list[Record] = []
     epoch, seq = 0, 0
     if after is not None:

@@ -129,6 +129,35 @@ def test_a_view_that_fell_behind_a_snapshot_starts_over_from_it() -> None:
     assert (dict(view.items()), view.seqs) == ({"a": 5, "d": 6, "z": 9}, {0: 6, 1: 1})
 
 
+def test_a_former_owners_late_snapshot_does_not_pass_for_a_newer_one() -> None:
+    # Epoch 8 wrote seqs 1..3; epoch 23 took the partition over from (8, 3) and wrote seq 4;
+    # the view applied all four. Then epoch 8, paused past its lease and resumed, publishes
+    # late records and a snapshot at seq 6: none of them is on the chain (epoch 23 holds every
+    # seq past 3). The view must wait for epoch 23's seq 5, not take the late snapshot for a
+    # newer one that it fell behind (it did once under load: the view ended with the former
+    # owner's table in test_changelog_fencing).
+    view = View("billing")
+    view.seqs = {0: 0}
+    p0 = Assembler()
+
+    def add(*records: Record) -> None:
+        for record in records:
+            for line in encode_record(record):
+                p0.add(line)
+
+    add(*(Record(0, 8, s, {b"t/a": b'"8:%d"' % s}, link=(0, 0)) for s in (1, 2, 3)),
+        Record(0, 23, 4, {b"t/b": b'"23:4"'}, link=(8, 3)))
+    assert view._apply(0, p0)
+    assert (dict(view.items()), view.seqs) == ({"a": "8:3", "b": "23:4"}, {0: 4})
+    add(*(Record(0, 8, s, {b"t/a": b'"late %d"' % s}, link=(0, 0)) for s in (4, 5, 6)),
+        Record(0, 8, 6, {b"t/a": b'"late 6"', b"t/z": b'"late"'}, base=True, link=(0, 0)))
+    assert view._apply(0, p0)
+    assert (dict(view.items()), view.seqs) == ({"a": "8:3", "b": "23:4"}, {0: 4})
+    add(Record(0, 23, 5, {b"t/c": b'"23:5"'}, link=(8, 3)))
+    assert view._apply(0, p0)
+    assert (dict(view.items()), view.seqs) == ({"a": "8:3", "b": "23:4", "c": "23:5"}, {0: 5})
+
+
 async def test_a_view_that_applied_a_former_owners_late_record_rebuilds_the_partition(
     node: Node,
 ) -> None:
