@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 from collections import deque
 
 from chukcha.bus.chunk_index import (
@@ -23,6 +24,8 @@ from chukcha.errors import DiskWriteError
 from chukcha.protocol import count_newlines, prepare_count_newlines
 
 __all__ = ["QueuedWriter"]
+
+logger = logging.getLogger(__name__)
 
 
 class QueuedWriter(ChunkReader):
@@ -101,12 +104,44 @@ class QueuedWriter(ChunkReader):
                 _settle(first.done, exc)
             return
         name = cat.current or str(cur.name)
-        await asyncio.to_thread(self._append_queued, asyncio.get_running_loop(), cat, cur, name)
+        hand: list[tuple[QueuedWrite, int]] = []
+        try:
+            await asyncio.to_thread(self._append_queued, asyncio.get_running_loop(), cat, cur,
+                                    name, hand)
+        except Exception as exc:  # noqa: BLE001 - unexpected (MemoryError...): answer, go on
+            self._answer_in_hand(cat, name, hand, exc)
+
+    def _answer_in_hand(self, cat: Category, name: str, hand: list[tuple[QueuedWrite, int]],
+                        exc: Exception) -> None:
+        """The worker thread failed unexpectedly (not in an append: that failure is the write's
+        answer) with a write in hand that the loop was not yet asked to answer: answer it, as
+        written when its bytes are in the chunk (its end known), else 500; the round goes on
+        with the next queued writes."""
+        logger.error("category=%s: the queued-write thread failed: %r", cat.name, exc,
+                     exc_info=exc)
+        if not hand:
+            with cat.queue_lock:  # none in hand: the first queued one fails, so the round ends
+                entry = cat.queued.popleft() if cat.queued else None
+                if entry is not None:
+                    entry.taken = True
+            if entry is None:
+                return
+            hand.append((entry, -1))
+        for entry, end in hand:
+            if end < 0:
+                _settle(entry.done, DiskWriteError(
+                    errno.EIO, f"the write to {cat.name} failed unexpectedly: {exc!r}"))
+                continue
+            if entry.messages < 0:  # counting failed in the thread: the plain count, no copy
+                entry.messages = entry.body.count(b"\n")
+            self._big_written(cat, entry, name, end)
 
     def _append_queued(self, loop: asyncio.AbstractEventLoop, cat: Category, cur: Chunk,
-                       name: str) -> None:
+                       name: str, hand: list[tuple[QueuedWrite, int]]) -> None:
         """The worker thread of :meth:`_write_run`: appends queued writes one after the other
-        and has the loop answer each as soon as its bytes are in (or rolled back)."""
+        and has the loop answer each as soon as its bytes are in (or rolled back). ``hand``:
+        the write taken and not yet handed to the loop to answer, with its end once its bytes
+        are in (``-1`` before), for :meth:`_answer_in_hand`."""
         taken = 0  # bytes this run took
         while True:
             with cat.queue_lock:
@@ -121,6 +156,7 @@ class QueuedWriter(ChunkReader):
                     return  # the lock's turn for others (small and durable writes, rotation)
                 cat.queued.popleft()
                 entry.taken = True
+                hand.append((entry, -1))
             taken += len(entry.body)
             try:
                 if not cur.dirty_tail and cur.size + len(entry.body) > cur.reserved:
@@ -130,9 +166,12 @@ class QueuedWriter(ChunkReader):
                 loop.call_soon_threadsafe(_settle, entry.done, exc)
             else:
                 end = cur.size
+                hand[0] = (entry, end)  # in the chunk: whatever fails now, it was written
+                entry.messages = -1
                 # Counted here, not on the loop: numpy lets go of the GIL while it counts.
                 entry.messages = count_newlines(entry.body)
                 loop.call_soon_threadsafe(self._big_written, cat, entry, name, end)
+            hand.clear()  # the loop answers it
             # Not kept while waiting for the next one: once answered, the body's buffer may be
             # reused (the HTTP server reuses it when nothing else refers to it).
             del entry

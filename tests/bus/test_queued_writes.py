@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from chukcha.bus import chunk_queue
+from chukcha.bus.chunk_index import QueuedWrite
 from chukcha.bus.chunks import INLINE_WRITE_LIMIT, ChunkStore, WriteResult
 from chukcha.errors import DiskWriteError
+from chukcha.protocol import count_newlines
 from tests.bus.conftest import AppendGate
 
 BIG = INLINE_WRITE_LIMIT + 100  # whole 100-byte messages over the limit
@@ -255,3 +259,70 @@ async def test_writes_still_queued_when_the_round_is_stopped_get_their_cancellat
     assert not cat.queued and cat.queue_round is None
     path = tmp_path / "data" / "c" / c0
     assert await asyncio.to_thread(path.read_bytes) == _body(0, 100_000)
+
+
+@pytest.mark.parametrize("fault", ["counting", "hand-off"])
+async def test_an_unexpected_error_after_an_append_still_answers_every_write_of_the_round(
+    store: ChunkStore, gate: AppendGate, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, fault: str,
+) -> None:
+    # The second of four queued writes is appended, then something unexpected fails in the
+    # worker thread: counting its messages runs out of memory, or handing its answer to the
+    # loop does. Its bytes are in the chunk, so its answer is its end; every write of the round
+    # is answered (before, the second one's caller waited forever), the counters stay right and
+    # the category takes writes again.
+    bodies = [_body(i, 150_000) for i in range(4)]
+    loop = asyncio.get_running_loop()
+    if fault == "counting":
+        real_count = count_newlines
+
+        def count(body: bytes | bytearray) -> int:
+            if bytes(body[:5]) == b"00001":
+                raise MemoryError
+            return real_count(body)
+
+        monkeypatch.setattr(chunk_queue, "count_newlines", count)
+    else:
+        real_soon = loop.call_soon_threadsafe
+        failed: list[Any] = []
+
+        def soon(callback: Any, *args: Any, **kwargs: Any) -> Any:
+            if args[1:2] and getattr(args[1], "body", b"")[:5] == b"00001" and not failed:
+                failed.append(args[1])
+                raise MemoryError
+            return real_soon(callback, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_soon_threadsafe", soon)
+    entries: list[QueuedWrite] = []
+
+    def entry(*args: Any) -> QueuedWrite:
+        entries.append(QueuedWrite(*args))
+        return entries[-1]
+
+    monkeypatch.setattr(chunk_queue, "QueuedWrite", entry)
+    tasks = await _queue_behind_the_first(store, gate, bodies)
+    gate.open()
+    with caplog.at_level(logging.ERROR, logger="chukcha.bus.chunk_queue"):
+        _, unanswered = await asyncio.wait(tasks, timeout=30)  # no cancel: a taken write waits
+    if unanswered:  # answer them here, so that the test fails instead of hanging
+        for e in entries:
+            if not e.done.done():
+                e.done.set_exception(AssertionError("never answered"))
+        await asyncio.wait(unanswered)
+    assert not unanswered, f"{len(unanswered)} of the callers were never answered"
+    results = [t.result() for t in tasks]
+    c0 = "me-chunk000000000"
+    ends = [sum(len(b) for b in bodies[:i + 1]) for i in range(4)]
+    assert results == [WriteResult(c0, e) for e in ends]
+    assert any("MemoryError" in (r.exc_text or "") or "MemoryError" in r.getMessage()
+               for r in caplog.records), caplog.records
+    path = store.data_dir / "c" / c0
+    assert await asyncio.to_thread(path.read_bytes) == b"".join(bodies)
+    traffic = store.traffic()["c"]
+    assert (traffic.writes, traffic.bytes_written, traffic.messages_written) == (
+        4, ends[-1], sum(b.count(b"\n") for b in bodies))
+    cat = store._categories["c"]
+    if cat.queue_round is not None:  # the round ends once its thread has returned
+        await asyncio.wait([cat.queue_round], timeout=10)
+    assert not cat.queued and cat.queue_round is None
+    assert await store.write("c", bodies[0]) == WriteResult(c0, ends[-1] + len(bodies[0]))
