@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -223,6 +224,7 @@ async def run_async(config: NodeConfig) -> None:
 
     node = Node(config)
     await node.start()
+    _freeze_start_up_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -232,6 +234,19 @@ async def run_async(config: NodeConfig) -> None:
         logger.info("instance=%s stopping (signal)", config.instance)
     finally:
         await node.stop()
+
+
+def _freeze_start_up_objects() -> None:
+    """The objects made while starting (modules, classes, the node's structures: ~100k) stay
+    for the life of the process: moved out of the cyclic garbage collector's generations
+    (``gc.freeze``), so that no later full collection walks them again. Measured on a node
+    serving single writes (``bench_bus.py --mode single``, 40,000 writes at 64 connections,
+    ``gc.callbacks``): a full collection in a fresh node took ~28 ms of CPU and the collector
+    ~70 ms in all, ~7 % of the node's CPU for the run. Garbage cycles of the start are freed
+    first (young generations only: a full collection here would add its ~30 ms to every
+    start)."""
+    gc.collect(1)
+    gc.freeze()
 
 
 def _workers(text: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 from chukcha.bus.config import default_instance_name
 from chukcha.cli import build_parser, main
+from chukcha.cli import node as node_cli
 from chukcha.cli.node import config_from_args
 from chukcha.testing import bind_loopback, wait_http_ready
 from tests.bus.conftest import Api, disk_state
@@ -134,3 +136,16 @@ async def test_bad_flags_of_the_real_command(tmp_path: Path, args: list[str], me
     assert message in lines[0], err
     assert "Traceback" not in err
     assert not await asyncio.to_thread(os.path.exists, tmp_path / "d")
+
+
+def test_a_started_node_takes_its_start_up_objects_out_of_the_collector() -> None:
+    # What run_async does once the node serves: later full collections skip them.
+    assert gc.get_freeze_count() == 0
+    try:
+        node_cli._freeze_start_up_objects()
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000  # the modules, classes and functions loaded so far
+        assert gc.get_count()[2] == 0 and not gc.get_objects(generation=2)
+    finally:
+        gc.unfreeze()
+    assert gc.get_freeze_count() == 0
