@@ -102,7 +102,9 @@ async def _ours(args: Sequence[str], source: str | None = None) -> AsyncIterator
                 # PYTHONSAFEPATH: `python -m` puts the working directory first on sys.path,
                 # before PYTHONPATH, which made the baseline run this tree's package.
                 saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONSAFEPATH")}
-                os.environ.update(PYTHONPATH=source, PYTHONSAFEPATH="1")
+                # Entries already there stay, after it (bench/loop_holds, a profiler's hook).
+                path = os.pathsep.join(p for p in (source, saved["PYTHONPATH"]) if p)
+                os.environ.update(PYTHONPATH=path, PYTHONSAFEPATH="1")
                 try:
                     await node.start()
                 finally:
