@@ -55,6 +55,7 @@ class Result:
     fronts_cpu: float = float("nan")
     busiest_front_cpu: float = float("nan")
     conns: str = ""
+    writer_writes: float = float("nan")  # /write requests the writer served (fronts: batches)
 
     @property
     def mb_s(self) -> float:

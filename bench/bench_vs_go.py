@@ -204,8 +204,25 @@ def _connections(pid: int | None, port: int) -> dict[str, int]:
     return held
 
 
-async def _measured(pid: int | None, phase: Awaitable[Result], port: int = 0) -> Result:
+async def _writes_served(address: str) -> float:
+    """The ``/write`` requests the node's writer answered so far, from its ``/metrics`` (with
+    ``--workers``, a front's coalesced batch is one); NaN without metrics."""
+    host, _, port = address.rpartition(":")
+    http = await RawHttp.connect(host, int(port))
+    try:
+        status, text = await http.get("/metrics")
+    finally:
+        await http.close()
+    if status != 200:
+        return float("nan")
+    return sum(float(line.rsplit(b" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(b'chukcha_http_requests_total{endpoint="/write"'))
+
+
+async def _measured(pid: int | None, phase: Awaitable[Result], port: int = 0,
+                    address: str = "") -> Result:
     before = _cpu_by_role(pid)
+    writes0 = await _writes_served(address) if address else float("nan")
     seen: dict[str, int] = {}
 
     async def watch() -> None:  # the spread once the phase's connections are open
@@ -217,10 +234,11 @@ async def _measured(pid: int | None, phase: Awaitable[Result], port: int = 0) ->
     if watcher is not None:
         watcher.cancel()
     after = _cpu_by_role(pid)
+    writes = await _writes_served(address) - writes0 if address else float("nan")
     used = {k: after[k] - before.get(k, 0.0) for k in after}
     s = result.seconds
     result = dataclasses.replace(
-        result, node_cpu=used["all"] / s,
+        result, node_cpu=used["all"] / s, writer_writes=writes,
         conns=" ".join(f"{k if k.startswith('f') else k[0]}:{v}" for k, v in seen.items())
         if len(seen) > 1 else "")
     if "writer" in used:
@@ -243,7 +261,8 @@ async def _single(t: Target, category: str, n: int, conns: int, sync: bool = Fal
     # bench_bus puts the category into the target as is: "&sync=1" rides along.
     target_cat = f"{category}&sync=1" if sync else category
     result = await _measured(t.pid, _single_raw(t.address, target_cat, n, _S, conns),
-                             int(t.address.rpartition(":")[2]))
+                             int(t.address.rpartition(":")[2]), t.address if t.name == "ours"
+                             else "")
     await _check_single(t.address, category, n)
     return result
 
@@ -398,9 +417,11 @@ def _print(runs: list[dict[str, Row]], title: str) -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n{title} (load average {load}; rates: messages/s, bulk: MB/s; CPU: node CPU "
           f"per message in us, bulk: per MB in ms; --workers: of that, the writer's, all "
-          f"fronts' and the busiest front's, and the connections each process held)")
+          f"fronts' and the busiest front's, the writes per /write the writer served (a front's "
+          f"batch is one), and the connections each process held)")
     print(f"{'phase':<40} {'Go':>10} {'ours':>10} {'ratio':>7} {'Go p99':>8} {'our p99':>8} "
-          f"{'Go CPU':>8} {'our CPU':>8} {'writer':>7} {'fronts':>7} {'busiest':>7}  conns")
+          f"{'Go CPU':>8} {'our CPU':>8} {'writer':>7} {'fronts':>7} {'busiest':>7} "
+          f"{'w/batch':>7}  conns")
     phases: list[str] = []
     for run in runs:
         phases += [p for p in run if p not in phases]
@@ -424,7 +445,8 @@ def _print(runs: list[dict[str, Row]], title: str) -> None:
                   f"{_median([_cpu(r, bulk) for r in ours]):>8.{1 + bulk}f} "
                   f"{_median([_cpu(r, bulk, r.writer_cpu) for r in ours]):>7.{1 + bulk}f} "
                   f"{_median([_cpu(r, bulk, r.fronts_cpu) for r in ours]):>7.{1 + bulk}f} "
-                  f"{_median([_cpu(r, bulk, r.busiest_front_cpu) for r in ours]):>7.{1 + bulk}f}  "
+                  f"{_median([_cpu(r, bulk, r.busiest_front_cpu) for r in ours]):>7.{1 + bulk}f} "
+                  f"{_median([_per_batch(r) for r in ours]):>7.1f}  "
                   f"{' | '.join(r.conns for r in ours if r.conns)}")
     print("(the Go server has no per-request fsync: its sync=1 column is a plain write)")
     mixed = [p for p in phases if p.startswith("mixed: small")]
@@ -440,6 +462,11 @@ def _print(runs: list[dict[str, Row]], title: str) -> None:
                   f"{_median([r.pct(99.9) for r in rs]):>7.2f} "
                   f"{_median([r.pct(100) for r in rs]):>7.2f} "
                   f"{_median([float(len(r.latencies)) for r in rs]):>7.0f}")
+
+
+def _per_batch(r: Result) -> float:
+    """Writes per ``/write`` the writer served (1 without fronts; NaN: not measured)."""
+    return r.messages / r.writer_writes if r.writer_writes else math.nan
 
 
 def _cpu(r: Result, bulk: bool, share: float | None = None) -> float:
