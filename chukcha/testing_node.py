@@ -112,7 +112,9 @@ async def terminate(proc: asyncio.subprocess.Process, timeout: float) -> int:
 class NodeProcess:
     """``chukcha node`` as a subprocess on a fixed loopback port.
 
-    ``args`` are extra command-line flags. Logs go to ``<data_dir>.log``.
+    ``args`` are extra command-line flags. Logs go to ``<data_dir>.log``. ``own_group``: the
+    node leads a process group of its own (a test can signal the whole group with
+    ``os.killpg(node.proc.pid, ...)``, as Ctrl-C in a terminal does).
     """
 
     def __init__(
@@ -122,7 +124,9 @@ class NodeProcess:
         args: Sequence[str] = (),
         *,
         sock: socket.socket | None = None,
+        own_group: bool = False,
     ) -> None:
+        self.own_group = own_group
         self.data_dir = data_dir
         self.instance = instance
         self.args = list(args)
@@ -164,6 +168,7 @@ class NodeProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd, stdout=log, stderr=subprocess.STDOUT, pass_fds=[self._sock.fileno()],
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                process_group=0 if self.own_group else None,
             )
         finally:
             log.close()

@@ -9,7 +9,6 @@ import ctypes
 import gc
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any, Final
@@ -20,7 +19,7 @@ from chukcha.cli.options import duration, whole_seconds
 from chukcha.cli.options import positive_duration as _duration
 from chukcha.cli.options import positive_size as _size
 from chukcha.errors import ChukchaError
-from chukcha.loop import run_loop
+from chukcha.loop import run_loop, stop_signals
 from chukcha.protocol import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_CHUNK_SIZE,
@@ -227,7 +226,7 @@ async def run_async(config: NodeConfig) -> None:
     _freeze_start_up_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in stop_signals():
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()

@@ -7,9 +7,10 @@ forks the primary (the whole node, which also listens on a private unix socket; 
 ``chukcha-writer``) and ``N - 1`` front workers (``chukcha-front``), restarts any of them that
 dies (on the same socket, which the supervisor keeps open: clients waiting in it are served by
 the successor), and on SIGTERM/SIGINT stops the fronts first (their requests in flight finish),
-then the primary. With 2 workers the writer accepts clients too; with more it leaves them to
-the fronts (:func:`_writer_accepts`). Children die with the supervisor
-(``PR_SET_PDEATHSIG``), so a SIGKILL of the command leaves nothing running.
+then the primary. The workers ignore SIGINT (Ctrl-C in a terminal reaches the whole process
+group: the supervisor stops them in that order). With 2 workers the writer accepts clients too;
+with more it leaves them to the fronts (:func:`_writer_accepts`). Children die with the
+supervisor (``PR_SET_PDEATHSIG``), so a SIGKILL of the command leaves nothing running.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Final
 
 from chukcha.bus.config import NodeConfig
 from chukcha.errors import ChukchaError
-from chukcha.loop import run_loop
+from chukcha.loop import run_loop, stop_signals
 
 __all__ = ["run_workers"]
 
@@ -122,7 +123,7 @@ async def _serve_front(config: NodeConfig, primary_socket: str) -> None:
     await front.start(sock, ssl=tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in stop_signals():
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
@@ -137,8 +138,11 @@ def _child(role: str, config: NodeConfig, primary_socket: str, others: list[int]
     try:
         # The supervisor's handlers first, then the signals: one that came since the fork
         # (pending) now stops this child as it would have stopped the child with its own.
-        for sig in _STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+        # SIGINT is ignored: Ctrl-C in a terminal signals the whole process group, and the
+        # supervisor, which gets it too, stops the workers in order (fronts, then the writer);
+        # a worker that stopped on it at once would stop the writer under the fronts.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         _die_with_parent("chukcha-writer" if role == "primary" else "chukcha-front")
         for fd in others:
@@ -233,6 +237,8 @@ class _Supervisor:
                     all(r == "primary" for r, _, _ in self.children.values()):
                 # The fronts are gone (their requests answered): now the writer.
                 self.primary_signalled = True
+                logger.info("instance=%s the fronts stopped: stopping the writer",
+                            self.config.instance)
                 self._signal("primary")
             try:
                 pid, status = os.wait()
@@ -243,6 +249,8 @@ class _Supervisor:
     def _reap(self, pid: int, exit_code: int) -> None:
         role, started, slot = self.children.pop(pid, ("?", 0.0, -1))
         if self.stopping:
+            logger.info("instance=%s %s worker %d stopped (code %d)", self.config.instance,
+                        role, pid, exit_code)
             if role == "primary" and exit_code > 0:
                 self.code = exit_code
             return
