@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -264,7 +265,26 @@ async def _single(t: Target, category: str, n: int, conns: int, sync: bool = Fal
                              int(t.address.rpartition(":")[2]), t.address if t.name == "ours"
                              else "")
     await _check_single(t.address, category, n)
+    if sync and t.name == "ours":
+        per_fsync = await asyncio.to_thread(_writes_per_fsync, t.address, category)
+        if per_fsync:
+            result = dataclasses.replace(result, conns=" ".join(
+                x for x in (result.conns, f"{per_fsync:.1f} w/fsync") if x))
     return result
+
+
+def _writes_per_fsync(address: str, category: str) -> float:
+    """Durable writes per fsync of ``category`` so far, from the node's ``/metrics`` (0: a tree
+    without those metrics)."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(f'{{category="{category}"}} ')
+        if value and name in ("chukcha_write_fsyncs_total", "chukcha_fsynced_writes_total"):
+            found[name] = float(value)
+    fsyncs = found.get("chukcha_write_fsyncs_total", 0.0)
+    return found.get("chukcha_fsynced_writes_total", 0.0) / fsyncs if fsyncs else 0.0
 
 
 async def _bulk(t: Target, bodies: list[bytes], n: int) -> tuple[Result, Result]:
@@ -448,7 +468,9 @@ def _print(runs: list[dict[str, Row]], title: str) -> None:
                   f"{_median([_cpu(r, bulk, r.busiest_front_cpu) for r in ours]):>7.{1 + bulk}f} "
                   f"{_median([_per_batch(r) for r in ours]):>7.1f}  "
                   f"{' | '.join(r.conns for r in ours if r.conns)}")
-    print("(the Go server has no per-request fsync: its sync=1 column is a plain write)")
+    print("(the Go server has no per-request fsync: its sync=1 column is a plain write; "
+          "w/fsync: our durable writes per fsync, from /metrics; with --workers, the "
+          "fronts' batches)")
     mixed = [p for p in phases if p.startswith("mixed: small")]
     for phase in mixed:
         print(f"\n{'small writes during bulk (ms)':<40} {'p50':>7} {'p99':>7} {'p99.9':>7} "

@@ -49,6 +49,7 @@ __all__ = [
     "QueuedWrite",
     "StoreEvent",
     "StoreEventKind",
+    "SyncRound",
     "Traffic",
     "WriteResult",
     "fsync_dir",
@@ -132,10 +133,12 @@ class Category:
     write_fd: int = -1
     traffic: Traffic = field(default_factory=Traffic)
     # Group commit (chukcha.bus.group_commit): durable writes appended and waiting for an fsync
-    # that begins after them (how each is answered), whether an fsync runs, and how many
-    # durable writes wait (queued or covered by the running fsync).
+    # that begins after them (how each is answered), the fsyncs running (in the order they
+    # began) and those waiting for the lock to begin, and how many durable writes wait
+    # (queued or covered by a running fsync).
     sync_queue: list[Callable[[BaseException | None], None]] = field(default_factory=list)
-    syncing: bool = False
+    sync_rounds: deque[SyncRound] = field(default_factory=deque)
+    sync_starting: int = 0
     sync_waiters: int = 0
     # Whether the directory entries of the chunks are on stable storage (fsync of the
     # directory), and whether an fsync that durable writes rely on failed outside a group
@@ -153,6 +156,20 @@ class Category:
     queued: deque[QueuedWrite] = field(default_factory=deque)
     queue_lock: threading.Lock = field(default_factory=threading.Lock)
     queue_round: asyncio.Future[None] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class SyncRound:
+    """A group fsync of ``chunk`` up to ``target`` bytes that answers the durable writes it
+    ``covered`` (see :mod:`chukcha.bus.group_commit`)."""
+
+    chunk: Chunk
+    target: int
+    covered: list[Callable[[BaseException | None], None]]
+    sync_dir: bool  # the directory too (a chunk's entry is new)
+    started: float  # time.perf_counter()
+    ended: bool = False
+    outcome: BaseException | None = None  # its error, or that of an earlier one
 
 
 @dataclass(slots=True, eq=False)

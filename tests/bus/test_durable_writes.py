@@ -26,15 +26,32 @@ from tests.bus.test_metrics import scrape, value
 
 
 @dataclass
+class Hold:
+    """Holds one chunk fsync in its worker thread until released (then it fails if told)."""
+
+    released: threading.Event = field(default_factory=threading.Event)
+    fail: bool = False
+
+
+@dataclass
 class Disk:
     """The log: ("fsync", file name, its size when the fsync began) once it ended, ("dir",
-    directory name, the chunks in it when it began), ("answer", status line, body)."""
+    directory name, the chunks in it when it began), ("answer", status line, body).
+
+    ``holds``: the next chunk fsyncs each take the first hold left and wait for its release;
+    ``held``: the fsyncs waiting now. ``fail``: every fsync fails."""
 
     log: list[tuple[str, str, object]] = field(default_factory=list)
     fail: bool = False
-    shut: threading.Event = field(default_factory=threading.Event)  # set: fsyncs wait
-    opened: threading.Event = field(default_factory=threading.Event)
-    entered: threading.Event = field(default_factory=threading.Event)
+    holds: list[Hold] = field(default_factory=list)
+    held: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def hold(self, n: int = 1) -> list[Hold]:
+        new = [Hold() for _ in range(n)]
+        with self.lock:
+            self.holds += new
+        return new
 
     def chunk_fsyncs(self) -> list[tuple[str, int]]:
         return [(name, int(str(size))) for kind, name, size in self.log if kind == "fsync"]
@@ -48,22 +65,28 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[Disk]:
     def fsync(fd: int) -> None:
         path = Path(f"/proc/self/fd/{fd}").readlink()
         st = os.fstat(fd)
+        hold = None
         if stat.S_ISDIR(st.st_mode):
             names = sorted(p.name for p in path.iterdir())
             entry: tuple[str, str, object] = ("dir", path.name, names)
         else:
             entry = ("fsync", path.name, st.st_size)
-        if disk.shut.is_set():
-            disk.entered.set()
-            assert disk.opened.wait(30), "the test never opened the disk"
-        if disk.fail:
+            with disk.lock:
+                hold = disk.holds.pop(0) if disk.holds else None
+                disk.held += hold is not None
+        if hold is not None:
+            assert hold.released.wait(30), "the test never released the fsync"
+            with disk.lock:
+                disk.held -= 1
+        if disk.fail or (hold is not None and hold.fail):
             raise OSError(errno.EIO, "Input/output error")
         real(fd)
         disk.log.append(entry)
 
     monkeypatch.setattr(os, "fsync", fsync)
     yield disk
-    disk.opened.set()
+    for hold in disk.holds:
+        hold.released.set()
 
 
 def _post(query: str, body: bytes) -> bytes:
@@ -135,7 +158,7 @@ async def _until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.005)
 
 
-async def test_sync_writes_share_an_fsync_that_begins_after_them(
+async def test_sync_writes_share_fsyncs_that_begin_after_them(
     tmp_path: Path, disk: Disk
 ) -> None:
     async with run_node(tmp_path / "data", "moscow") as node, \
@@ -145,24 +168,26 @@ async def test_sync_writes_share_an_fsync_that_begins_after_them(
         async with http.post(f"{node.url}/write", params={"category": "c"}, data=b"0\n") as r:
             assert r.status == 200
         chunk = (await _names(cat_dir))[0]
-        disk.shut.set()  # the first fsync waits in its thread until the disk opens
+        holds = disk.hold(2)  # the first two fsyncs wait in their threads
         bodies = [b"sync-%02d\n" % i for i in range(30)]
         await _send_all(conns[:1], "category=c&sync=1", bodies[:1])
-        await asyncio.to_thread(disk.entered.wait, 30)
-        await _send_all(conns[1:], "category=c&sync=1", bodies[1:])
+        await _until(lambda: disk.held == 1)
+        await _send_all(conns[1:2], "category=c&sync=1", bodies[1:2])
+        await _until(lambda: disk.held == 2)
+        await _send_all(conns[2:], "category=c&sync=1", bodies[2:])
         cat = node.store._categories["c"]  # the queue the writes wait in
         await _until(lambda: cat.sync_waiters == 30)  # all 30 wait for an fsync
         assert disk.log == []  # nothing answered, nothing synced yet
-        disk.shut.clear()
-        disk.opened.set()
+        for hold in holds:
+            hold.released.set()
         answers = await asyncio.gather(*(_answer(r, disk) for r, _ in conns))
         assert answers == [(b"HTTP/1.1 200 OK", b"")] * 30
         data = await read_file(cat_dir / chunk)
         _check_answers_follow_their_fsyncs(disk, chunk, data, bodies)
-        # The first write's fsync, then one for the 29 that queued behind it.
-        assert len([f for f in disk.chunk_fsyncs() if f[0] == chunk]) == 2, disk.log
+        # The two fsyncs of one write each, then one for the 28 that queued behind them.
+        assert len([f for f in disk.chunk_fsyncs() if f[0] == chunk]) == 3, disk.log
         m = await scrape(http, node.url)
-        assert value(m, "chukcha_write_fsyncs_total", category="c") == 2
+        assert value(m, "chukcha_write_fsyncs_total", category="c") == 3
         assert value(m, "chukcha_fsynced_writes_total", category="c") == 30
         assert value(m, "chukcha_group_fsync_seconds_total", category="c") > 0
 
@@ -226,3 +251,62 @@ async def test_sync_writes_through_a_front_wait_for_the_writers_fsync(
         assert answers == [(b"HTTP/1.1 200 OK", b"")] * 12
         chunk = node.config.data_dir / "c" / (await _names(node.config.data_dir / "c"))[0]
         _check_answers_follow_their_fsyncs(disk, chunk.name, await read_file(chunk), bodies)
+
+
+async def _two_fsyncs_running(node: Node, conns: list[Conn], bodies: list[bytes],
+                              disk: Disk) -> Hold:
+    """The first write's fsync held, the second's ended: the hold of the first."""
+    (hold,) = disk.hold(1)
+    await _send_all(conns[:1], "category=c&sync=1", bodies[:1])
+    await _until(lambda: disk.held == 1)
+    await _send_all(conns[1:2], "category=c&sync=1", bodies[1:2])
+    cat = node.store._categories["c"]  # the fsyncs running, in the order they began
+    await _until(lambda: len(cat.sync_rounds) == 2 and cat.sync_rounds[1].ended)
+    return hold
+
+
+async def test_an_fsync_that_ends_first_is_answered_after_the_one_that_began_before_it(
+    tmp_path: Path, disk: Disk
+) -> None:
+    async with run_node(tmp_path / "data", "moscow") as node, \
+            aiohttp.ClientSession() as http, _conns(_port(node), 2) as conns:
+        async with http.post(f"{node.url}/write", params={"category": "c", "sync": "1"},
+                             data=b"0\n") as r:
+            assert r.status == 200
+        bodies = [b"first\n", b"second\n"]
+        hold = await _two_fsyncs_running(node, conns, bodies, disk)
+        cat = node.store._categories["c"]
+        assert cat.sync_waiters == 2  # the second's fsync ended, its write is not answered
+        hold.released.set()
+        answers = await asyncio.gather(*(_answer(r, disk) for r, _ in conns))
+        assert answers == [(b"HTTP/1.1 200 OK", b"")] * 2
+        chunk = (await _names(node.config.data_dir / "c"))[0]
+        data = await read_file(node.config.data_dir / "c" / chunk)
+        _check_answers_follow_their_fsyncs(disk, chunk, data, bodies)
+
+
+async def test_a_failed_fsync_fails_the_later_fsyncs_and_the_queued_writes(
+    tmp_path: Path, disk: Disk
+) -> None:
+    # The kernel reports a failed writeback once per open file: a later fsync may succeed
+    # without the pages it lost, which may hold the later writes too.
+    async with run_node(tmp_path / "data", "moscow") as node, \
+            aiohttp.ClientSession() as http, _conns(_port(node), 3) as conns:
+        async with http.post(f"{node.url}/write", params={"category": "c", "sync": "1"},
+                             data=b"0\n") as r:
+            assert r.status == 200
+        bodies = [b"first\n", b"second\n", b"queued\n"]
+        hold = await _two_fsyncs_running(node, conns, bodies, disk)
+        await _send_all(conns[2:], "category=c&sync=1", bodies[2:])
+        cat = node.store._categories["c"]
+        await _until(lambda: cat.sync_waiters == 3)  # two fsyncs run: the third write queues
+        hold.fail = True
+        hold.released.set()
+        answers = await asyncio.gather(*(_answer(r, disk) for r, _ in conns))
+        for status, body in answers:
+            assert status == b"HTTP/1.1 500 Internal Server Error", (status, body)
+            assert b"fsync" in body, body
+        await _send_all(conns[:1], "category=c&sync=1", [b"after\n"])
+        assert await _answer(conns[0][0], disk) == (b"HTTP/1.1 200 OK", b"")
+        m = await scrape(http, node.url)
+        assert value(m, "chukcha_fsynced_writes_total", category="c") == 2  # "0", "after"
