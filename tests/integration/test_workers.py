@@ -8,6 +8,7 @@ import contextlib
 import io
 import os
 import signal
+import ssl
 import sys
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ import aiohttp
 import pytest
 
 from chukcha.testing import NodeProcess, bind_loopback
+from chukcha.testing_node import terminate
 from tests.integration.cluster_helpers import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -339,3 +341,55 @@ async def test_clients_waiting_for_a_killed_front_are_served_by_its_successor(
         node.close()
     data = await asyncio.to_thread((tmp_path / "data" / "spread" / "w-chunk000000000").read_bytes)
     assert sorted(data.splitlines()) == sorted(b"k%d" % i for i in range(32))
+
+
+async def test_a_tls_node_on_three_workers_serves_writes_and_reads(tmp_path: Path) -> None:
+    # With 3 workers only the fronts accept clients, and under TLS they relay every request to
+    # the writer (a TLS session cannot be handed over): small writes, a big write and reads.
+    from tests.bus.test_auth import make_cert  # noqa: PLC0415
+
+    cert, key = await asyncio.to_thread(make_cert, tmp_path)
+    sock = bind_loopback()
+    host, port = sock.getsockname()[:2]
+    log = await asyncio.to_thread((tmp_path / "node.log").open, "wb")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "chukcha", "node", "--instance", "w", "--dirname",
+            str(tmp_path / "data"), "--listen", f"{host}:{port}", "--listen-fd",
+            str(sock.fileno()), "--workers", "3", "--tls-cert", str(cert), "--tls-key", str(key),
+            pass_fds=[sock.fileno()], stdout=log, stderr=log)
+    finally:
+        log.close()
+    url = f"https://{host}:{port}"
+    tls = ssl.create_default_context(cafile=str(cert))
+    big = b"".join(b"%06d " % i + b"t" * 200 + b"\n" for i in range(5000))  # ~1 MB
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as http:
+
+            async def ready() -> bool:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"{url}/listCategories") as resp:
+                        return resp.status == 200
+                return False
+
+            await wait_for(ready, 60, "the TLS node answering")
+
+            async def write(body: bytes) -> int:
+                async with http.post(f"{url}/write", params={"category": "t"},
+                                     data=body) as resp:
+                    return resp.status
+
+            assert await asyncio.gather(*(write(b"s%d\n" % i) for i in range(32))) == [200] * 32
+            assert await write(big) == 200
+            async with http.get(f"{url}/read", params={
+                    "category": "t", "chunk": "w-chunk000000000", "off": "0",
+                    "max_size": str(4 << 20)}) as resp:
+                assert resp.status == 200
+                data = await resp.read()
+    finally:
+        code = await terminate(proc, 30.0)
+        sock.close()
+    assert code == 0
+    lines = data.splitlines()
+    assert sorted(lines[:32]) == sorted(b"s%d" % i for i in range(32))
+    assert b"\n".join(lines[32:]) + b"\n" == big
