@@ -6,11 +6,14 @@ It only ever *declines* what it is not sure of (``None``: the connection feeds t
 llhttp as before): anything but exactly one complete ``GET`` or ``POST`` request with an
 origin-form target and no fragment, ``HTTP/1.1``, header lines of a token name, optional
 blanks and a value of visible ASCII (blanks inside, none at its end), no header that changes
-how the message is framed or kept (``Transfer-Encoding``, ``Connection``,
-``Proxy-Connection``, ``Upgrade``, ``Expect``), at most one ``Content-Length`` (digits, and
-exactly the bytes that follow the head), no body without it, and no bytes after it. What it
-accepts, llhttp parses to the same method, target, headers and body, kept alive
-(``tests/bus/test_http_simple.py`` checks that with Hypothesis against ``httptools`` itself).
+how the message is framed or kept (``Transfer-Encoding``, ``Connection`` but for
+``keep-alive``, ``Proxy-Connection``, ``Upgrade``, ``Expect``), at most one
+``Content-Length`` (digits, and exactly the bytes that follow the head), no body without it,
+and no bytes after it. What it accepts, llhttp parses to the same method, target, headers and
+body, kept alive (``tests/bus/test_http_simple.py`` checks that with Hypothesis against
+``httptools`` itself).
+What a head parses to, or that it was declined, is kept: a client sends the same head again
+and again.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ _HEADER: Final = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([!-~]+(?:[ 
 SIMPLE_NAMES: Final = {
     spelled.encode(): spelled.lower()
     for name in ("Host", "Content-Length", "Content-Type", "User-Agent", "Accept-Encoding",
-                 "Accept", "Authorization", "Origin")
+                 "Accept", "Authorization", "Origin", "Connection")
     for spelled in (name, name.lower())
 }
 """The lower-case names of the headers clients send most, by their bytes as sent (a look-up
@@ -60,26 +63,31 @@ def simple_request(data: bytes, max_head: int, max_body: int,
     known = _HEADS.get(head)
     if known is None:
         known = _parse_head(head)
-        if known is None:
-            return None
-        if len(_HEADS) >= _KEPT_HEADS:
-            _HEADS.clear()  # many clients or changing heads: start over (bounded memory)
-        _HEADS[head] = known
+        if end <= _KEPT_HEAD_SIZE:  # (at most ~1 MiB kept in all)
+            if len(_HEADS) >= _KEPT_HEADS:
+                _HEADS.clear()  # many clients or changing heads: start over
+            _HEADS[head] = known
+    if known is _NOT_SIMPLE:
+        return None  # (a head declined before: declined again for the price of a look-up)
     method, path, query, headers, length = known
     if len(data) - end != length or length > max_body:
         return None
     return method, path, query, Headers(headers), data[end:] if length else b""
 
 
+_Head = tuple[str, str, str, Headers, int]
+_NOT_SIMPLE: Final[_Head] = ("", "", "", Headers(), -1)
 _KEPT_HEADS: Final = 1024
-_HEADS: dict[bytes, tuple[str, str, str, Headers, int]] = {}
-"""Heads parsed (:func:`simple_request`): method, path, query string, headers, body length."""
+_KEPT_HEAD_SIZE: Final = 1024
+_HEADS: dict[bytes, _Head] = {}
+"""Heads parsed (:func:`simple_request`): method, path, query string, headers, body length;
+or :data:`_NOT_SIMPLE`."""
 
 
-def _parse_head(head: bytes) -> tuple[str, str, str, Headers, int] | None:
+def _parse_head(head: bytes) -> _Head:
     match = _HEAD.fullmatch(head)
     if match is None:
-        return None
+        return _NOT_SIMPLE
     headers = Headers()
     length = -1
     for name, value in _HEADER.findall(head, match.start(3), match.end(3)):
@@ -87,11 +95,13 @@ def _parse_head(head: bytes) -> tuple[str, str, str, Headers, int] | None:
         if key is None:
             key = name.decode("latin-1").lower()
             if key in _DECLINED or key == "content-length":  # (an odd spelling of it)
-                return None
+                return _NOT_SIMPLE
         elif key == "content-length":
             if length >= 0 or not value.isdigit():
-                return None  # llhttp refuses a second one
+                return _NOT_SIMPLE  # llhttp refuses a second one
             length = int(value)
+        elif key == "connection" and value.lower() != b"keep-alive":
+            return _NOT_SIMPLE  # close, upgrade...: 1.1 is kept alive without it
         headers[key] = value.decode("latin-1")
     path_b, _, query_b = match.group(2).partition(b"?")
     path = path_b.decode("latin-1")

@@ -191,6 +191,11 @@ def test_the_limits_and_every_cut_are_declined() -> None:
     for cut in range(len(data)):
         assert simple_request(data[:cut], _MAX_HEAD, _MAX_BODY) is None, cut
     assert simple_request(data + data, _MAX_HEAD, _MAX_BODY) is None  # pipelined: llhttp
+    kept = data.replace(b"Host: h", b"Connection: keep-alive")
+    assert _check(kept) and _check(kept)  # parsed, then kept
+    closed = data.replace(b"Host: h", b"Connection: close")
+    assert simple_request(closed, _MAX_HEAD, _MAX_BODY) is None
+    assert simple_request(closed, _MAX_HEAD, _MAX_BODY) is None  # declined, then kept declined
 
 
 def test_the_heads_kept_are_bounded() -> None:
@@ -198,6 +203,10 @@ def test_the_heads_kept_are_bounded() -> None:
     for i in range(http_simple._KEPT_HEADS + 10):
         assert simple_request(b"GET /read?i=%d HTTP/1.1\r\n\r\n" % i, _MAX_HEAD, 0) is not None
     assert 0 < len(http_simple._HEADS) <= http_simple._KEPT_HEADS
+    http_simple._HEADS.clear()
+    long_head = b"GET /read HTTP/1.1\r\nX: %b\r\n\r\n" % (b"v" * http_simple._KEPT_HEAD_SIZE)
+    assert simple_request(long_head, _MAX_HEAD, 0) is not None  # parsed, not kept
+    assert not http_simple._HEADS
     changed = simple_request(b"GET /read?i=1 HTTP/1.1\r\nHost: a\r\n\r\n", _MAX_HEAD, 0)
     assert changed is not None
     changed[3]["host"] = "changed"  # a handler may change its dict: not the kept one
@@ -221,6 +230,8 @@ _SHAPES = [
     b"POST /write?category=c HTTP/1.1\r\nSec-Fetch-Site: cross-site\r\nContent-Length: 2"
     b"\r\n\r\n7\n",
     b"POST /write?category=c HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n8\n",
+    b"POST /write?category=c HTTP/1.1\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n"
+    b"a\n",
     b"POST /write?category=c HTTP/1.0\r\nContent-Length: 2\r\n\r\n9\n",
     b"GET /read?category=c&chunk=moscow-chunk000000000&off=0&max_size=100 HTTP/1.1\r\n\r\n",
     b"GET /read?category=c&chunk=nope&off=0&max_size=100 HTTP/1.1\r\n\r\n",
@@ -260,7 +271,7 @@ async def test_a_node_answers_the_same_with_and_without_the_recogniser(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     answers, held = await _one_pass(tmp_path / "with")
-    assert held == {"c": b"0\n1\n3\n4\n5\n8\n9\n", "new": b"2\n"}  # accepted, in order
+    assert held == {"c": b"0\n1\n3\n4\n5\n8\na\n9\n", "new": b"2\n"}  # accepted, in order
     monkeypatch.setattr(connection, "_SIMPLE_MAX", 0)  # llhttp takes every request
     assert await _one_pass(tmp_path / "without") == (answers, held)
     assert answers[0].startswith(b"HTTP/1.1 200 OK\r\n")
