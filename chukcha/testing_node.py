@@ -165,10 +165,12 @@ class NodeProcess:
             timeout = 30.0 + 10.0 * (_workers(cmd) - 1)
         log = self.log_path.open("ab")
         try:
+            # process_group only when asked: uvloop's subprocess_exec (bench_vs_go's loop)
+            # refuses the argument, even as None.
+            group: dict[str, Any] = {"process_group": 0} if self.own_group else {}
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd, stdout=log, stderr=subprocess.STDOUT, pass_fds=[self._sock.fileno()],
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                process_group=0 if self.own_group else None,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, **group,
             )
         finally:
             log.close()
