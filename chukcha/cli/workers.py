@@ -65,9 +65,14 @@ def _listening_socket(config: NodeConfig, *, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:  # before the bind: so are the connections it accepts (see below)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    # Bound without SO_REUSEPORT: a port that anything listens on already (another node's
+    # workers, whose sockets have the option, among them) refuses it (EADDRINUSE), as it did
+    # before the workers had a socket each; with the option it would join them and take a
+    # share of their clients. Set after the bind, before listen: so are the connections it
+    # accepts (see _listening_sockets), and the workers' other sockets can join it.
     sock.bind((host, port))
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.listen(1024)
     return sock
 

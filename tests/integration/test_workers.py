@@ -393,3 +393,29 @@ async def test_a_tls_node_on_three_workers_serves_writes_and_reads(tmp_path: Pat
     lines = data.splitlines()
     assert sorted(lines[:32]) == sorted(b"s%d" % i for i in range(32))
     assert b"\n".join(lines[32:]) + b"\n" == big
+
+
+async def test_a_second_node_on_the_port_of_a_workers_node_refuses_to_start(
+    tmp_path: Path,
+) -> None:
+    # The workers' listening sockets share their port (SO_REUSEPORT), but a second node
+    # started on it by mistake must fail as before ("address already in use"), not join them
+    # and silently take a share of the first node's clients into another data directory.
+    node = NodeProcess(tmp_path / "a", "a", ["--workers", "2", "--log-level", "WARNING"])
+    await node.start()
+    second: asyncio.subprocess.Process | None = None
+    try:
+        second = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "chukcha", "node", "--instance", "b",
+            "--dirname", str(tmp_path / "b"), "--listen", node.address, "--workers", "2",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        async with asyncio.timeout(60):
+            out, _ = await second.communicate()
+        assert second.returncode == 1, out
+        assert b"Address already in use" in out, out
+    finally:
+        if second is not None and second.returncode is None:
+            second.kill()
+            await second.wait()
+        await node.stop()
+        node.close()
