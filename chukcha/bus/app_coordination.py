@@ -84,7 +84,13 @@ from chukcha.bus.app_retries import (
 from chukcha.bus.app_standbys import HANDOVER_WAIT, Standbys, Wakeups
 from chukcha.bus.app_view import AppView, Claim, app_prefix, claim_key, claim_key_from
 from chukcha.bus.config import ETCD_EXTRA_MISSING, etcd_installed, parse_etcd_endpoint
-from chukcha.bus.coordination import DEFAULT_LEASE_TTL, ETCD_ERRORS, ClientKeys, EtcdWatcher
+from chukcha.bus.coordination import (
+    DEFAULT_LEASE_TTL,
+    ClientKeys,
+    EtcdWatcher,
+    etcd_client,
+    etcd_errors,
+)
 from chukcha.bus.tasks import log_task_crash, run_until_first_ends
 from chukcha.errors import (
     AppConfigError,
@@ -238,11 +244,11 @@ class AppInstances(EtcdWatcher):
         try:
             async with asyncio.timeout(2):
                 await client.revoke_lease(lease)
-        except ETCD_ERRORS as exc:
+        except etcd_errors() as exc:
             logger.info("app=%s instance=%s could not revoke its lease (%s): its claims "
                         "expire after %d s", self.app, self._instance, exc, self._ttl)
         finally:
-            with contextlib.suppress(*ETCD_ERRORS):
+            with contextlib.suppress(*etcd_errors()):
                 await client.close()
 
     # --- the session ---------------------------------------------------------------------
@@ -264,7 +270,7 @@ class AppInstances(EtcdWatcher):
         ]
         try:
             await run_until_first_ends(tasks)
-        except ETCD_ERRORS:
+        except etcd_errors():
             raise  # the session is established again
         except Exception as exc:
             # Not etcd's doing and not retried here: give up visibly rather than stay
@@ -323,7 +329,7 @@ class AppInstances(EtcdWatcher):
         ops.append(tx.get(self.member_key))
         ok, responses = await client.transaction(compare=compare, success=ops, failure=[])
         if not ok:
-            with contextlib.suppress(*ETCD_ERRORS):
+            with contextlib.suppress(*etcd_errors()):
                 await client.revoke_lease(lease.id)
             raise CoordinationError("registration raced with another change; retrying")
         self._registered_at = responses[-1][0][1].mod_revision
@@ -332,7 +338,7 @@ class AppInstances(EtcdWatcher):
         if member is not None:
             logger.info("app=%s instance=%s took over from its previous incarnation "
                         "(adopted partitions %s)", self.app, self._instance, sorted(adopted))
-            with contextlib.suppress(*ETCD_ERRORS):
+            with contextlib.suppress(*etcd_errors()):
                 await client.revoke_lease(member.lease)
 
     def _proven(self, started: float, ttl: int) -> None:
@@ -588,12 +594,10 @@ async def read_app(endpoints: tuple[str, ...], cluster: str, app: str) -> AppVie
     """What etcd holds about ``app`` now (members, claims with epochs, partition count)."""
     if not etcd_installed():
         raise CoordinationError(ETCD_EXTRA_MISSING)
-    import aetcd  # noqa: PLC0415 - an optional extra (chukcha[etcd])
-
     host, port = parse_etcd_endpoint(endpoints[0])
     prefix = app_prefix(cluster, app)
     view = AppView()
-    async with aetcd.Client(host, port, timeout=_RPC_TIMEOUT) as client:
+    async with etcd_client(host, port) as client:
         for kv in await client.get_prefix(prefix):
             view.apply(prefix, kv.key, kv.value, kv.mod_revision, kv.lease)
     return view
@@ -606,17 +610,15 @@ async def etcd_cluster_id(endpoints: tuple[str, ...]) -> str:
     without the etcd extra)."""
     if not etcd_installed():
         raise CoordinationError(ETCD_EXTRA_MISSING)
-    import aetcd  # noqa: PLC0415 - an optional extra (chukcha[etcd])
-
     errors: list[str] = []
     for endpoint in endpoints:
         host, port = parse_etcd_endpoint(endpoint)
         try:
             async with asyncio.timeout(_RPC_TIMEOUT), \
-                    aetcd.Client(host, port, timeout=_RPC_TIMEOUT) as client:
+                    etcd_client(host, port) as client:
                 # Any answer's header names the cluster; this range is empty.
                 resp = await client.get_prefix(b"chukcha/.cluster-id/")
-        except (*ETCD_ERRORS, TimeoutError) as exc:
+        except etcd_errors() as exc:
             errors.append(f"{endpoint}: {exc!r}")
             continue
         return f"{resp.header.cluster_id:016x}"

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,30 +40,18 @@ from chukcha.errors import CoordinationError
 from chukcha.protocol import validate_instance
 
 # aetcd (with grpcio and protobuf) comes with the chukcha[etcd] extra; a standalone node or a
-# static cluster runs without it.
-if etcd_installed():
-    import aetcd
-    import aetcd.exceptions
-    import aetcd.rpc
-
-    _AETCD_ERRORS: tuple[type[Exception], type[Exception]] = (
-        aetcd.exceptions.ClientError, aetcd.rpc.RpcError,
-    )
-else:  # pragma: no cover - the tests run with the extra
-
-    class _EtcdAbsentError(Exception):
-        """Never raised: stands in for aetcd's errors where aetcd is not installed."""
-
-    _AETCD_ERRORS = (_EtcdAbsentError, _EtcdAbsentError)
+# static cluster runs without it, and a node without --etcd never imports it (grpc and protobuf
+# cost a process ~0.1 s of CPU and memory): it is imported when the first client is made.
 
 __all__ = [
     "DEFAULT_LEASE_TTL",
-    "ETCD_ERRORS",
     "ClientKeys",
     "EtcdMembership",
     "EtcdWatcher",
     "Membership",
     "StaticMembership",
+    "etcd_client",
+    "etcd_errors",
     "parse_etcd_endpoint",
     "peers_prefix",
 ]
@@ -79,11 +68,30 @@ _CHANNEL_OPTIONS: Final = {
     "grpc.min_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 1000,
 }
-# What a broken etcd session raises: aetcd wraps most gRPC errors, not all.
-_ETCD_ERRORS: Final = (*_AETCD_ERRORS, CoordinationError, OSError, TimeoutError)
-ETCD_ERRORS: Final = _ETCD_ERRORS
-"""What a call of :class:`~chukcha.bus.group_coordination.EtcdGroups` raises when etcd fails
-(retry later)."""
+_BASE_ERRORS: Final[tuple[type[Exception], ...]] = (CoordinationError, OSError, TimeoutError)
+_errors = _BASE_ERRORS
+
+
+def etcd_errors(*more: type[Exception]) -> tuple[type[Exception], ...]:
+    """What a call of the etcd layer (a session, :class:`~chukcha.bus.group_coordination.
+    EtcdGroups`, :mod:`~chukcha.bus.app_coordination`) raises when etcd fails (retry later):
+    aetcd's errors (it wraps most gRPC errors, not all) once aetcd is imported (none can be
+    raised before), and ours, and ``more``. A function, evaluated where the error is caught
+    (``except etcd_errors() as exc``): the tuple grows when aetcd is first imported."""
+    global _errors  # noqa: PLW0603 - set once, when aetcd is first seen imported
+    if _errors is _BASE_ERRORS and "aetcd.exceptions" in sys.modules:
+        import aetcd.exceptions  # noqa: PLC0415 - imported already (sys.modules)
+        import aetcd.rpc  # noqa: PLC0415
+
+        _errors = (aetcd.exceptions.ClientError, aetcd.rpc.RpcError, *_BASE_ERRORS)
+    return (*_errors, *more) if more else _errors
+
+
+def etcd_client(host: str, port: int, **options: Any) -> Any:
+    """An ``aetcd.Client`` (aetcd imported here, on first use: see the note above)."""
+    import aetcd  # noqa: PLC0415 - an optional extra (chukcha[etcd]), loaded on first use
+
+    return aetcd.Client(host, port, timeout=_RPC_TIMEOUT, **options)
 
 MembershipListener = Callable[[Mapping[str, Peer]], None]
 
@@ -207,7 +215,7 @@ class EtcdWatcher:
 
     def _client(self) -> Any:
         host, port = self._endpoints[self._endpoint_index % len(self._endpoints)]
-        return aetcd.Client(host, port, timeout=_RPC_TIMEOUT, options=dict(_CHANNEL_OPTIONS))
+        return etcd_client(host, port, options=dict(_CHANNEL_OPTIONS))
 
     async def _run_forever(self) -> None:
         backoff = self._retry
@@ -216,7 +224,7 @@ class EtcdWatcher:
             started = time.monotonic()
             try:
                 await self._session(client)
-            except _ETCD_ERRORS as exc:
+            except etcd_errors() as exc:
                 if self._live is not None:
                     logger.warning("instance=%s lost etcd (%s); keeping %s", self._instance,
                                    exc, self._kept())
@@ -224,7 +232,7 @@ class EtcdWatcher:
                     logger.debug("instance=%s etcd unreachable: %s", self._instance, exc)
             finally:
                 self._live = None
-                with contextlib.suppress(*_ETCD_ERRORS):
+                with contextlib.suppress(*etcd_errors()):
                     await client.close()
             if time.monotonic() - started > 10 * self._retry:
                 backoff = self._retry  # the session had been working: retry quickly
@@ -235,11 +243,13 @@ class EtcdWatcher:
     async def _watch(self, client: Any) -> Any:
         """Read the prefix if never read, then watch it from the last revision seen; the
         session counts as working from here on."""
+        from aetcd.exceptions import RevisionCompactedError  # noqa: PLC0415 - loaded (client)
+
         if not self.synced:
             await self._resync(client)
         try:
             watch = await client.watch_prefix(self._prefix, start_revision=self.revision + 1)
-        except aetcd.exceptions.RevisionCompactedError:
+        except RevisionCompactedError:
             # The history since our revision is gone: re-read the whole prefix instead.
             await self._resync(client)
             watch = await client.watch_prefix(self._prefix, start_revision=self.revision + 1)
@@ -353,10 +363,10 @@ class EtcdMembership(EtcdWatcher):
             try:
                 async with asyncio.timeout(2):
                     await client.revoke_lease(lease)
-            except _ETCD_ERRORS as exc:
+            except etcd_errors() as exc:
                 logger.info("instance=%s could not revoke etcd lease: %s", self._instance, exc)
             finally:
-                with contextlib.suppress(*_ETCD_ERRORS):
+                with contextlib.suppress(*etcd_errors()):
                     await client.close()
 
     # --- the session ---------------------------------------------------------------------

@@ -15,14 +15,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from chukcha.bus.config import etcd_installed
 from chukcha.bus.coordination import EtcdWatcher
 from chukcha.errors import BadRequestError, CoordinationError, StaleEpochError
 from chukcha.protocol import parse_uint
-
-# aetcd comes with the chukcha[etcd] extra (see chukcha.bus.coordination).
-if etcd_installed():
-    import aetcd.utils
 
 __all__ = [
     "EtcdGroups",
@@ -65,8 +60,8 @@ class EtcdGroups(EtcdWatcher):
 
     The writes (:meth:`register`, :meth:`ack`, ...) and the linearizable :meth:`read` go through
     the watching session and raise :class:`~chukcha.errors.CoordinationError` (or an etcd
-    error, see :data:`ETCD_ERRORS`) when there is none: callers keep them in an outbox and
-    retry.
+    error, see :func:`~chukcha.bus.coordination.etcd_errors`) when there is none: callers keep
+    them in an outbox and retry.
     """
 
     _what = "groups"
@@ -108,6 +103,8 @@ class EtcdGroups(EtcdWatcher):
 
     async def unregister(self, category: str, group: str) -> None:
         """Delete the registration and every ack of ``group``, in one transaction."""
+        import aetcd.utils  # noqa: PLC0415 - loaded with the session's client (coordination)
+
         client = self._session_client()
         key, acks = self._key(category, group), self._key(category, group) + b"/"
         await client.transaction(

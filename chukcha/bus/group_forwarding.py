@@ -22,7 +22,7 @@ import aiohttp
 
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import Peer
-from chukcha.bus.coordination import ETCD_ERRORS
+from chukcha.bus.coordination import etcd_errors
 from chukcha.bus.group_coordination import EtcdGroups, GroupsSnapshot
 from chukcha.bus.group_registry import GroupRegistry
 from chukcha.bus.peers import PeerAccess
@@ -157,7 +157,7 @@ class GroupForwarder:
         try:
             async with asyncio.timeout(INLINE_TIMEOUT):
                 await self._pump(_ETCD)
-        except (*ETCD_ERRORS, ChukchaError) as exc:
+        except etcd_errors(ChukchaError) as exc:
             logger.info("instance=%s etcd did not take a group change (%s); retrying",
                         self._store.instance, exc)
             self._wake[_ETCD].set()
@@ -179,7 +179,7 @@ class GroupForwarder:
             wake.clear()
             try:
                 await self._pump(dest)
-            except (aiohttp.ClientError, TimeoutError, ChukchaError, *ETCD_ERRORS) as exc:
+            except etcd_errors(aiohttp.ClientError, ChukchaError) as exc:
                 logger.debug("instance=%s group changes to %s not delivered (%d left): %s",
                              self._store.instance, dest,
                              len(self._registry.outbox.get(dest, [])), exc)

@@ -69,7 +69,7 @@ from typing import Any, Final
 from chukcha.bus.app_coordination import app_prefix, claim_key
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.config import Peer
-from chukcha.bus.coordination import ETCD_ERRORS
+from chukcha.bus.coordination import etcd_errors
 from chukcha.bus.group_coordination import EtcdGroups
 from chukcha.bus.group_forwarding import INLINE_TIMEOUT, GroupForwarder, outbox_entry
 from chukcha.bus.group_registry import GROUPS_FILE, GroupRegistry, RetentionPolicy, validate_group
@@ -271,7 +271,7 @@ class ConsumerGroups:
         try:
             async with asyncio.timeout(INLINE_TIMEOUT):
                 await etcd.check_epoch(claim, fence.epoch)
-        except ETCD_ERRORS as exc:
+        except etcd_errors() as exc:
             raise CoordinationError(f"etcd did not answer, the epoch of a fenced ack cannot be "
                                     f"checked now; retry ({exc})") from exc
 
@@ -294,7 +294,7 @@ class ConsumerGroups:
         try:
             async with asyncio.timeout(INLINE_TIMEOUT):
                 claimed = await etcd.has_claims(app_prefix(etcd.cluster, app) + b"claims/")
-        except ETCD_ERRORS as exc:
+        except etcd_errors() as exc:
             logger.info("instance=%s category=%s etcd did not answer (%s); taking an unfenced "
                         "ack without checking the app's claims", self._store.instance,
                         category, exc)
@@ -316,7 +316,7 @@ class ConsumerGroups:
         try:
             async with asyncio.timeout(INLINE_TIMEOUT):
                 return bool(await etcd.read(category))
-        except ETCD_ERRORS as exc:
+        except etcd_errors() as exc:
             logger.info("instance=%s category=%s etcd did not answer (%s); deciding a plain ack "
                         "from the known groups", self._store.instance, category, exc)
             return False

@@ -18,7 +18,7 @@ from chukcha.bus.auth import NodeAuth, TokenFile
 from chukcha.bus.chunks import ChunkStore
 from chukcha.bus.cluster import Cluster
 from chukcha.bus.config import NodeConfig
-from chukcha.bus.coordination import ETCD_ERRORS
+from chukcha.bus.coordination import etcd_errors
 from chukcha.bus.group_api import GroupsApi
 from chukcha.bus.groups import ConsumerGroups
 from chukcha.bus.handover import HandoverReceiver, handover_path
@@ -137,7 +137,7 @@ class Node:
             try:
                 async with asyncio.timeout(2.0):
                     view = await read_app(cfg.etcd_endpoints, cfg.cluster, name)
-            except (ChukchaError, TimeoutError, OSError, *ETCD_ERRORS) as exc:
+            except etcd_errors(ChukchaError) as exc:
                 logger.debug("app %s: no claims from etcd: %r", name, exc)
                 continue
             if view.claims or view.members:
