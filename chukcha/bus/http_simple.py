@@ -51,7 +51,8 @@ def simple_request(data: bytes, max_head: int, max_body: int,
     """``data`` as one whole simple request (see the module's doc): its method, path
     (``%``-decoded), query string, headers (lower-case names, the last of repeated ones: a
     new dict each time) and body; ``None`` when ``data`` is anything else, or its head is over
-    ``max_head`` bytes, or its body over ``max_body``.
+    ``max_head`` bytes (its length, or the connection's count of it: the parser's path answers
+    431 above it), or its body over ``max_body``.
 
     A client sends the same head again and again (a single write's differs only by its
     ``Content-Length``): what a head parses to is kept (:data:`_HEADS`), so a head seen
@@ -69,19 +70,21 @@ def simple_request(data: bytes, max_head: int, max_body: int,
             _HEADS[head] = known
     if known is _NOT_SIMPLE:
         return None  # (a head declined before: declined again for the price of a look-up)
-    method, path, query, headers, length = known
-    if len(data) - end != length or length > max_body:
+    method, path, query, headers, length, counted = known
+    if len(data) - end != length or length > max_body or counted > max_head:
         return None
     return method, path, query, Headers(headers), data[end:] if length else b""
 
 
-_Head = tuple[str, str, str, Headers, int]
-_NOT_SIMPLE: Final[_Head] = ("", "", "", Headers(), -1)
+_Head = tuple[str, str, str, Headers, int, int]
+_NOT_SIMPLE: Final[_Head] = ("", "", "", Headers(), -1, 0)
 _KEPT_HEADS: Final = 1024
 _KEPT_HEAD_SIZE: Final = 1024
 _HEADS: dict[bytes, _Head] = {}
-"""Heads parsed (:func:`simple_request`): method, path, query string, headers, body length;
-or :data:`_NOT_SIMPLE`."""
+"""Heads parsed (:func:`simple_request`): method, path, query string, headers, body length,
+the bytes the connection's header limit counts of it (the target, and each header's name and
+value plus 4, as llhttp's callbacks hand them over: a head of many short headers counts more
+than its length); or :data:`_NOT_SIMPLE`."""
 
 
 def _parse_head(head: bytes) -> _Head:
@@ -90,7 +93,9 @@ def _parse_head(head: bytes) -> _Head:
         return _NOT_SIMPLE
     headers = Headers()
     length = -1
+    counted = len(match.group(2))
     for name, value in _HEADER.findall(head, match.start(3), match.end(3)):
+        counted += len(name) + len(value) + 4
         key = SIMPLE_NAMES.get(name)
         if key is None:
             key = name.decode("latin-1").lower()
@@ -107,4 +112,5 @@ def _parse_head(head: bytes) -> _Head:
     path = path_b.decode("latin-1")
     if "%" in path:
         path = unquote(path)
-    return _METHODS[match.group(1)], path, query_b.decode("latin-1"), headers, max(length, 0)
+    return (_METHODS[match.group(1)], path, query_b.decode("latin-1"), headers, max(length, 0),
+            counted)

@@ -309,3 +309,37 @@ def test_without_tokens_the_access_check_looks_only_at_its_headers(
     if auth.only_with.isdisjoint(headers):
         assert auth.check(request) is None  # what the fast path takes for granted
     assert NodeAuth(TokenFile(Path("unused")), auth_reads=True).only_with is None
+
+
+async def test_a_head_the_parser_counts_over_the_limit_gets_431_on_the_fast_path_too() -> None:
+    # The header limit counts what llhttp hands over: the target, and each header's name and
+    # value plus 4. Many short headers ("a:b", 5 bytes on the wire, 6 by that count) keep the
+    # head under the limit while the count goes over it: llhttp's path answers 431, and so must
+    # the recogniser's.
+    from chukcha.bus import web  # noqa: PLC0415
+    from chukcha.bus.server import HttpServer, ServerLimits  # noqa: PLC0415
+    from chukcha.testing import bind_loopback  # noqa: PLC0415
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="slow\n")
+
+    router = Router()
+    router.add_routes({"/f": slow})
+    router.add_fast_routes({"/f": lambda request: web.Response(text="fast\n")})
+    server = HttpServer(router, ServerLimits(max_header_size=2048, max_body_size=1000))
+    sock = bind_loopback()
+    await server.start(sock)
+    data = b"GET /f HTTP/1.1\r\n" + b"a:b\r\n" * 400 + b"\r\n"
+    assert len(data) <= 2048 < len(b"/f") + 400 * 6
+    try:
+        reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        writer.write(data)
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+    finally:
+        await server.stop(1.0)
+    assert head.startswith(b"HTTP/1.1 431 "), head
+    assert simple_request(data, 2048, 1000) is None
+    assert simple_request(data, 2401, 1000) is None  # the count is 2402
+    assert simple_request(data, 2402, 1000) is not None  # at the limit: simple
