@@ -310,3 +310,56 @@ async def test_a_failed_fsync_fails_the_later_fsyncs_and_the_queued_writes(
         assert await _answer(conns[0][0], disk) == (b"HTTP/1.1 200 OK", b"")
         m = await scrape(http, node.url)
         assert value(m, "chukcha_fsynced_writes_total", category="c") == 2  # "0", "after"
+
+
+async def test_with_sync_each_write_plain_writes_wait_for_a_covering_fsync(
+    tmp_path: Path, disk: Disk
+) -> None:
+    async with run_node(tmp_path / "data", "moscow", sync_each_write=True) as node, \
+            aiohttp.ClientSession() as http, _conns(_port(node), 10) as conns:
+        async with http.post(f"{node.url}/write", params={"category": "c"}, data=b"0\n") as r:
+            assert r.status == 200  # creates the category (its chunk's entry synced at once)
+        (hold,) = disk.hold(1)
+        bodies = [b"each-%d\n" % i for i in range(10)]
+        await _send_all(conns[:1], "category=c", bodies[:1])
+        await _until(lambda: disk.held == 1)
+        await _send_all(conns[1:], "category=c", bodies[1:])
+        cat = node.store._categories["c"]
+        await _until(lambda: cat.sync_waiters == 10)  # gathered, each waiting for an fsync
+        hold.released.set()
+        answers = await asyncio.gather(*(_answer(r, disk) for r, _ in conns))
+        assert answers == [(b"HTTP/1.1 200 OK", b"")] * 10
+        chunk = (await _names(node.config.data_dir / "c"))[0]
+        data = await read_file(node.config.data_dir / "c" / chunk)
+        _check_answers_follow_their_fsyncs(disk, chunk, data, bodies)
+
+
+async def test_a_failed_fsync_of_a_rotation_fails_the_writes_queued_for_the_next_fsync(
+    tmp_path: Path, disk: Disk
+) -> None:
+    # A rotation syncs the chunk it closes for the writes queued for its next fsync; if that
+    # fsync fails, they are answered 500 (a later fsync of the new chunk does not cover them).
+    async with run_node(tmp_path / "data", "moscow", max_chunk_size=64) as node, \
+            aiohttp.ClientSession() as http, _conns(_port(node), 4) as conns:
+        async with http.post(f"{node.url}/write", params={"category": "c", "sync": "1"},
+                             data=b"0\n") as r:
+            assert r.status == 200
+        bodies = [b"first\n", b"second\n", b"queued\n"]
+        hold = await _two_fsyncs_running(node, conns, bodies, disk)
+        await _send_all(conns[2:3], "category=c&sync=1", bodies[2:])
+        cat = node.store._categories["c"]
+        await _until(lambda: cat.sync_waiters == 3)
+        (failing,) = disk.hold(1)
+        failing.fail = True
+        failing.released.set()
+        # A plain write that the chunk cannot take: the rotation's fsync fails.
+        await _send_all(conns[3:], "category=c", [b"r" * 60 + b"\n"])
+        status, body = await _answer(conns[3][0], disk)
+        assert status == b"HTTP/1.1 500 Internal Server Error", (status, body)
+        hold.released.set()
+        answers = [await _answer(r, disk) for r, _ in conns[:3]]
+        assert answers[:2] == [(b"HTTP/1.1 200 OK", b"")] * 2  # their own fsyncs succeeded
+        assert answers[2][0] == b"HTTP/1.1 500 Internal Server Error", answers[2]
+        assert b"fsync" in answers[2][1]
+        await _send_all(conns[:1], "category=c&sync=1", [b"after\n"])
+        assert await _answer(conns[0][0], disk) == (b"HTTP/1.1 200 OK", b"")
