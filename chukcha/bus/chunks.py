@@ -339,14 +339,16 @@ class ChunkStore(GroupCommit):
             except Exception as exc:  # noqa: BLE001 - each write gets it as its answer
                 error = exc
             else:
+                if durable:
+                    # Answered once an fsync covers them; queued before anything else runs
+                    # (the listeners below), so that a rotation syncs this chunk for them.
+                    self._after_fsync_each(cat, durable)
+                    durable = []
                 self._emit(StoreEventKind.WRITTEN, cat.name, str(cat.current), cur.size)
                 traffic = cat.traffic
                 traffic.writes += len(bodies)
                 traffic.bytes_written += size
                 traffic.messages_written += count_newlines(data)
-                if durable:
-                    self._after_fsync_each(cat, durable)  # answered once it covers them
-                    durable = []
             _call_each(dones, error)
             if durable:  # the append failed
                 _call_each(durable, error)
