@@ -175,7 +175,8 @@ class Connection(ConnectionBase):
         fast = router.fast_routes.get(path)
         if fast is None and path not in router.later_routes:
             return False
-        request = Request(method, path, query, headers, body, remote=self.peer, conn=self)
+        request = Request(method, path, query, Headers(headers), body, remote=self.peer,
+                          conn=self)  # (headers: the dict kept for this head, copied)
         self._expect_continue = False
         self.stalled_since = 0.0
         self.state = _BUSY

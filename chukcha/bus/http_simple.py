@@ -49,10 +49,11 @@ _METHODS: Final = {b"GET": "GET", b"POST": "POST"}
 def simple_request(data: bytes, max_head: int, max_body: int,
                    ) -> tuple[str, str, str, Headers, bytes] | None:
     """``data`` as one whole simple request (see the module's doc): its method, path
-    (``%``-decoded), query string, headers (lower-case names, the last of repeated ones: a
-    new dict each time) and body; ``None`` when ``data`` is anything else, or its head is over
-    ``max_head`` bytes (its length, or the connection's count of it: the parser's path answers
-    431 above it), or its body over ``max_body``.
+    (``%``-decoded), query string, headers (lower-case names, the last of repeated ones: the
+    dict kept for this head, to be copied before anyone may change it) and body; ``None``
+    when ``data`` is anything else, or its head is over ``max_head`` bytes (its length, or the
+    connection's count of it: the parser's path answers 431 above it), or its body over
+    ``max_body``.
 
     A client sends the same head again and again (a single write's differs only by its
     ``Content-Length``): what a head parses to is kept (:data:`_HEADS`), so a head seen
@@ -73,7 +74,7 @@ def simple_request(data: bytes, max_head: int, max_body: int,
     method, path, query, headers, length, counted = known
     if len(data) - end != length or length > max_body or counted > max_head:
         return None
-    return method, path, query, Headers(headers), data[end:] if length else b""
+    return method, path, query, headers, data[end:] if length else b""
 
 
 _Head = tuple[str, str, str, Headers, int, int]
