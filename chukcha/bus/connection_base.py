@@ -113,6 +113,10 @@ class ConnectionBase(asyncio.Protocol):
             head = self._head(resp.status, b"application/octet-stream", resp.length, close=close,
                               version=request.version, keep_alive=request.keep_alive)
             pos, end = resp.offset, resp.offset + resp.length
+            if request.method == "HEAD":  # the head alone (see _write_response)
+                if self._transport is not None and not self._closed:
+                    self._transport.write(head)
+                return
             while pos < end and not self._closed and self._transport is not None:
                 want = min(_FILE_PIECE, end - pos)
                 piece = await asyncio.to_thread(os.pread, resp.fd, want, pos)
@@ -148,9 +152,18 @@ class ConnectionBase(asyncio.Protocol):
             return
         if resp.headers and any(k.lower() == "content-type" for k in resp.headers):
             content_type = ""  # set in the headers (aiohttp style): that one wins
+        length = len(body)
+        headers = resp.headers
+        if request.method == "HEAD":
+            # The head a GET would get, and no body (a client reads what follows a HEAD
+            # answer as the next answer). A relayed one says its length (chukcha.bus.front).
+            if headers and "Content-Length" in headers:
+                headers = dict(headers)
+                length = int(headers.pop("Content-Length"))
+            body = b""
         head = self._head(resp.status, content_type.encode() if content_type else b"",
-                          len(body), close=close, version=request.version,
-                          headers=resp.headers, keep_alive=request.keep_alive)
+                          length, close=close, version=request.version,
+                          headers=headers, keep_alive=request.keep_alive)
         if len(body) <= 16384:
             transport.write(head + body if body else head)
         else:

@@ -113,12 +113,15 @@ class PrimaryClient:
                     self.release(conn)
                     return Answer(200, {})
                 status, answer_headers = parse_head(raw)
-                if answer_headers.get("transfer-encoding", "").lower() == "chunked":
+                if method == "HEAD":  # the head alone: no body follows, whatever it announces
+                    data = b""
+                elif answer_headers.get("transfer-encoding", "").lower() == "chunked":
                     return Answer(status, answer_headers, chunked=True, conn=conn)
-                length = int(answer_headers.get("content-length", "0"))
-                if length > _RELAY_WHOLE:  # the caller relays it piece by piece
-                    return Answer(status, answer_headers, conn=conn, length=length)
-                data = await conn.reader.readexactly(length) if length else b""
+                else:
+                    length = int(answer_headers.get("content-length", "0"))
+                    if length > _RELAY_WHOLE:  # the caller relays it piece by piece
+                        return Answer(status, answer_headers, conn=conn, length=length)
+                    data = await conn.reader.readexactly(length) if length else b""
         except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError) as exc:
             conn.close()
             self.close()  # the other idle connections went to the same (dead) writer
@@ -262,6 +265,11 @@ class FrontWorker:
     async def _relay(self, request: web.Request) -> web.StreamResponse:
         answer = await self._client.request(request.method, request.path_qs,
                                             self._headers(request), request.body)
+        if request.method == "HEAD":  # the writer's head, with the length a GET would get
+            resp = response_of(answer)
+            if "content-length" in answer.headers:
+                resp.headers["Content-Length"] = answer.headers["content-length"]
+            return resp
         if answer.chunked:
             return await _relay_chunks(answer, request)
         if answer.conn is not None:
