@@ -165,12 +165,11 @@ class NodeProcess:
             timeout = 30.0 + 10.0 * (_workers(cmd) - 1)
         log = self.log_path.open("ab")
         try:
-            # process_group only when asked: uvloop's subprocess_exec (bench_vs_go's loop)
-            # refuses the argument, even as None.
-            group: dict[str, Any] = {"process_group": 0} if self.own_group else {}
+            # A session of its own, which leads a process group of its own: uvloop's
+            # subprocess_exec (bench_vs_go's loop) refuses process_group, even as None.
             self.proc = await asyncio.create_subprocess_exec(
                 *cmd, stdout=log, stderr=subprocess.STDOUT, pass_fds=[self._sock.fileno()],
-                env={**os.environ, "PYTHONUNBUFFERED": "1"}, **group,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=self.own_group,
             )
         finally:
             log.close()
