@@ -163,7 +163,7 @@ class ChunkStore(GroupCommit):
             traffic = cat.traffic
             traffic.writes += 1
             traffic.bytes_written += len(body)
-            traffic.messages_written += count_newlines(body)
+            traffic.messages_written += _count_written(body)
             if durable and not grouped:
                 traffic.fsyncs += 1
                 traffic.fsynced_writes += 1
@@ -247,7 +247,7 @@ class ChunkStore(GroupCommit):
         traffic = cat.traffic
         traffic.writes += 1
         traffic.bytes_written += len(body)
-        traffic.messages_written += count_newlines(body)
+        traffic.messages_written += _count_written(body)
         return WriteResult(name, end)
 
     def _big_to_thread(self) -> bool:
@@ -348,7 +348,7 @@ class ChunkStore(GroupCommit):
                 traffic = cat.traffic
                 traffic.writes += len(bodies)
                 traffic.bytes_written += size
-                traffic.messages_written += count_newlines(data)
+                traffic.messages_written += _count_written(data)
             _call_each(dones, error)
             if durable:  # the append failed
                 _call_each(durable, error)
@@ -637,6 +637,18 @@ def _remove_dirty_tail(fd: int, chunk: Chunk) -> None:
             exc.errno or errno.EIO, f"chunk {chunk.name} holds bytes of a failed write that "
             f"could not be removed: {exc.strerror}") from exc
     chunk.dirty_tail = False
+
+
+def _count_written(data: bytes | bytearray) -> int:
+    """The messages of a write just appended, for the metrics: :func:`count_newlines`, or the
+    plain count where it failed (numpy out of memory...). Its bytes are in the chunk by now, so
+    its answer must not become that error: a 500 has the client send it again (stored twice),
+    and on the gathered path the writes were never answered at all."""
+    try:
+        return count_newlines(data)
+    except Exception as exc:  # noqa: BLE001 - only the metric's count is at stake
+        logger.warning("counting the messages of a write failed (%r): counted plainly", exc)
+        return data.count(b"\n")
 
 
 def _call_each(dones: list[Callable[[BaseException | None], None]],

@@ -127,3 +127,43 @@ async def test_a_write_completed_while_the_node_stops_is_answered(node: Node, ap
         w.close()
     assert await read_file(node.config.data_dir / "w" / C0) == b"start\nlanded\n"
     assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data
+
+
+@pytest.mark.parametrize("shape", ["gathered", "gathered sync=1", "handler (new category)",
+                                   "big, on the loop"])
+async def test_a_write_whose_bytes_are_in_is_answered_200_when_counting_its_messages_fails(
+    node: Node, api: Api, monkeypatch: pytest.MonkeyPatch, shape: str,
+) -> None:
+    # Counting a write's messages (numpy, for the metrics) comes after its append: should it
+    # fail (numpy out of memory), the write is in the chunk all the same, so its answer is 200
+    # (a 500 makes the client send it again: stored twice), and the writes gathered with it
+    # are answered too (before, the gathered ones never were: their clients waited for good).
+    from chukcha.bus import chunks  # noqa: PLC0415
+    from chukcha.protocol import count_newlines as real  # noqa: PLC0415
+
+    def count(data: bytes | bytearray | memoryview) -> int:
+        if b"boom" in bytes(data):
+            raise MemoryError
+        return real(data)
+
+    category = "n" if shape.startswith("handler") else "c"
+    await api.write("c", b"first\n")
+    monkeypatch.setattr(chunks, "count_newlines", count)
+    if shape.startswith("big"):
+        monkeypatch.setattr(chunks, "BIG_IN_THREAD_AFTER_SMALL", 0)
+        node.store._big_in_thread = 0  # (the small write above counted)
+        body = b"boom\n" + b"x" * 99 + b"\n" + b"y" * 100_000 + b"\n"
+    else:
+        body = b"boom\nboom\n"
+    query = "&sync=1" if "sync=1" in shape else ""
+    reader, writer = await _raw(node)
+    writer.write(_post(category, body).replace(b"category=%b" % category.encode(),
+                                               b"category=%b%b" % (category.encode(),
+                                                                   query.encode())))
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+    expected = (b"first\n" if category == "c" else b"") + body
+    assert await read_file(node.config.data_dir / category / C0) == expected
+    assert node.store.traffic()[category].messages_written == expected.count(b"\n")
