@@ -211,9 +211,13 @@ async def test_a_failed_save_after_a_forward_keeps_the_outbox_entry(
             await wait_for(lambda: _true(failed > 0), what="a's save to fail")
             assert a.groups.pending() == {"b": 1}  # still queued, in memory as on disk
             full = False
-            await wait_for(lambda: _true(a.groups.pending() == {}),
-                           what="a to drop the delivered entry")
-            assert (await _file(a))["outbox"] == {}
+
+            async def delivered() -> bool:
+                # Memory changes first and the save follows (under the groups lock), so the
+                # file is read only once memory has let the entry go.
+                return a.groups.pending() == {} and (await _file(a))["outbox"] == {}
+
+            await wait_for(delivered, what="a to drop the delivered entry, in memory and on disk")
 
 
 async def _true(value: bool) -> bool:
