@@ -97,3 +97,50 @@ async def test_writes_answered_through_callbacks_get_each_answer_once(tmp_path: 
         assert all(len(g) == 1 and isinstance(g[0], WriterUnavailableError) for g in got[4:]), got
     finally:
         coalescer.close()
+
+
+async def test_a_batch_waits_for_as_many_writes_as_its_keys_recent_batches(
+    tmp_path: Path,
+) -> None:
+    # After a batch of 8, the key's next batch waits (here up to 30 s: never reached) for 8
+    # writes: 4 now and 4 a few loop iterations later go to the writer as one write, where
+    # without the hold the first 4 went at once and the others after them (two writes).
+    path = tmp_path / "writer.sock"
+    coalescer = WriteCoalescer(str(path), 1 << 20, hold=30.0)
+    try:
+        async with run_node(tmp_path / "data", "w", internal_socket=str(path)) as node:
+            first = [coalescer.submit("k", "category=c", {}, b"a%d\n" % i) for i in range(8)]
+            async with asyncio.timeout(10):
+                assert {a.status for a in await asyncio.gather(*first)} == {200}
+            writes = node.store.traffic()["c"].writes
+            assert writes == 1  # the 8 went together
+            second = [coalescer.submit("k", "category=c", {}, b"b%d\n" % i) for i in range(4)]
+            for _ in range(3):
+                await asyncio.sleep(0)  # a few loop iterations: the 4 would have gone by now
+            second += [coalescer.submit("k", "category=c", {}, b"b%d\n" % i) for i in range(4, 8)]
+            async with asyncio.timeout(10):
+                assert {a.status for a in await asyncio.gather(*second)} == {200}
+            assert node.store.traffic()["c"].writes == writes + 1
+    finally:
+        coalescer.close()
+
+
+async def test_a_held_batch_goes_when_the_hold_ends_with_fewer_writes(tmp_path: Path) -> None:
+    # The expected writes never come (the clients went away): the batch goes after the hold,
+    # and the expectation falls, so a lone write later goes at once again.
+    path = tmp_path / "writer.sock"
+    coalescer = WriteCoalescer(str(path), 1 << 20, hold=0.05)
+    try:
+        async with run_node(tmp_path / "data", "w", internal_socket=str(path)) as node:
+            async with asyncio.timeout(10):
+                await asyncio.gather(*(coalescer.submit("k", "category=c", {}, b"a%d\n" % i)
+                                       for i in range(4)))
+                for i in range(8):  # held, then sent alone; 4 -> 3.5 -> ... -> 1 expected
+                    assert (await coalescer.submit("k", "category=c", {}, b"z%d\n" % i)
+                            ).status == 200
+            lines = await node.store.read("c", node.store.list_chunks("c")[0].name, 0, 1 << 20)
+            assert sorted(lines.split()) == sorted([b"a%d" % i for i in range(4)]
+                                                   + [b"z%d" % i for i in range(8)])
+            assert coalescer._expect["k"] < 2  # no longer held
+    finally:
+        coalescer.close()
