@@ -109,6 +109,10 @@ class ChunkStore(GroupCommit):
     def _new_category(self, category: str) -> Category:
         try:
             (self._dir / category).mkdir(exist_ok=True)
+            # Its entry in the data directory on stable storage before any write into it is
+            # answered: else a power loss may take the whole category (a durable write's
+            # chunk and directory fsyncs would not bring it back). Once per category.
+            fsync_dir(self._dir)
         except OSError as exc:
             raise DiskWriteError(
                 exc.errno or errno.EIO, f"creating category {category} failed: {exc.strerror}"
