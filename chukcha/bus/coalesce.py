@@ -36,7 +36,7 @@ from typing import Final, cast
 from chukcha.bus import web
 from chukcha.errors import WriterUnavailableError
 
-__all__ = ["HOLD", "Answer", "WriteCoalescer", "response_of"]
+__all__ = ["HOLD", "KEPT_EXPECTATIONS", "Answer", "WriteCoalescer", "response_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ _EMPTY_OK_END: Final = b"\r\nContent-Length: 0\r\n\r\n"
 _KEEP_ANSWER_HEADERS: Final = ("www-authenticate", "retry-after")
 HOLD: Final = 0.001
 """Longest a batch waits for as many writes as its key's recent batches held (module doc)."""
+KEPT_EXPECTATIONS: Final = 4096
+"""Keys whose recent batches' size is kept at most (a key is a write's query string and
+forwarded headers: a client may send a new one with each write)."""
 
 
 @dataclass
@@ -265,7 +268,15 @@ class WriteCoalescer:
         if batch is not None:
             self._in_flight.add(target.key)
             n = len(batch.bodies)
-            self._expect[target.key] = max(n, self._expect.get(target.key, 0.0) - 0.5)
+            expect = max(n, self._expect.get(target.key, 0.0) - 0.5)
+            if expect >= 2:
+                if len(self._expect) >= KEPT_EXPECTATIONS and target.key not in self._expect:
+                    self._expect.clear()  # many keys (a nonce per write...): start over
+                self._expect[target.key] = expect
+            else:
+                # Below 2 an expectation holds nothing back, and decays below 2 again even
+                # if kept: as good as none. Not kept, so a key per write keeps nothing.
+                self._expect.pop(target.key, None)
             self._send(target, batch)
 
     def _send(self, target: _Target, batch: _Batch) -> None:

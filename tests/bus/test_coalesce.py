@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from chukcha.bus import web
+from chukcha.bus import coalesce, web
 from chukcha.bus.coalesce import WriteCoalescer
 from chukcha.errors import WriterUnavailableError
 from chukcha.testing import run_node
@@ -141,6 +141,32 @@ async def test_a_held_batch_goes_when_the_hold_ends_with_fewer_writes(tmp_path: 
             lines = await node.store.read("c", node.store.list_chunks("c")[0].name, 0, 1 << 20)
             assert sorted(lines.split()) == sorted([b"a%d" % i for i in range(4)]
                                                    + [b"z%d" % i for i in range(8)])
-            assert coalescer._expect["k"] < 2  # no longer held
+            assert coalescer._expect.get("k", 0.0) < 2  # no longer held
+    finally:
+        coalescer.close()
+
+
+async def test_the_expectations_kept_stay_bounded_whatever_the_keys(tmp_path: Path) -> None:
+    # A key is the query string and the forwarded headers: a client that sends a new one with
+    # each write (a nonce or timestamp parameter, a token per request) must not make the front
+    # keep an entry per write for good. Keys whose batches are single writes keep nothing; the
+    # others are bounded (the count of distinct keys a busy front sees is not).
+    path = tmp_path / "writer.sock"
+    coalescer = WriteCoalescer(str(path), 1 << 20, hold=0.05)
+    try:
+        async with run_node(tmp_path / "data", "w", internal_socket=str(path)):
+            async with asyncio.timeout(60):
+                for i in range(300):  # one at a time: batches of one write
+                    query = f"category=c&nonce={i}"
+                    assert (await coalescer.submit(query, query, {}, b"s%d\n" % i)).status == 200
+                assert len(coalescer._expect) == 0
+                # As many keys as are kept had batches of two (set here: thousands of writes
+                # otherwise); one more key's batch of two does not add to them.
+                coalescer._expect.update(
+                    {f"pair-{k}": 2.0 for k in range(coalesce.KEPT_EXPECTATIONS)})
+                got = await asyncio.gather(*(coalescer.submit("q", "category=c&pair=new", {},
+                                                              b"p\n") for _ in range(2)))
+                assert {a.status for a in got} == {200}
+                assert len(coalescer._expect) <= coalesce.KEPT_EXPECTATIONS
     finally:
         coalescer.close()
