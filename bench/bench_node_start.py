@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import time
 from pathlib import Path
 
 import aiohttp
+
+from chukcha.testing import bind_loopback
 
 __all__ = ["main"]
 
@@ -85,10 +86,7 @@ def _cpu(pids: list[int]) -> float:
 
 async def one_start(workers: int, source: str | None) -> tuple[float, float, float, float]:
     """(first 200, settled, CPU seconds, PSS MiB) of one start."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1024)
-    sock.set_inheritable(True)
+    sock = bind_loopback()  # SO_REUSEPORT: each worker binds its own socket on the port
     port = sock.getsockname()[1]
     env = dict(os.environ)
     if source is not None:  # PYTHONSAFEPATH: `-m` would put the working directory first
