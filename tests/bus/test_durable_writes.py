@@ -267,6 +267,18 @@ async def _two_fsyncs_running(node: Node, conns: list[Conn], bodies: list[bytes]
     return hold
 
 
+async def _all_answered_200_after_their_fsyncs(
+    node: Node, conns: list[Conn], disk: Disk, bodies: list[bytes]
+) -> None:
+    """Every connection gets 200, and each answer came after an fsync covering its body (all
+    in category ``c``'s first chunk)."""
+    answers = await asyncio.gather(*(_answer(r, disk) for r, _ in conns))
+    assert answers == [(b"HTTP/1.1 200 OK", b"")] * len(conns)
+    chunk = (await _names(node.config.data_dir / "c"))[0]
+    data = await read_file(node.config.data_dir / "c" / chunk)
+    _check_answers_follow_their_fsyncs(disk, chunk, data, bodies)
+
+
 async def test_an_fsync_that_ends_first_is_answered_after_the_one_that_began_before_it(
     tmp_path: Path, disk: Disk
 ) -> None:
@@ -280,11 +292,7 @@ async def test_an_fsync_that_ends_first_is_answered_after_the_one_that_began_bef
         cat = node.store._categories["c"]
         assert cat.sync_waiters == 2  # the second's fsync ended, its write is not answered
         hold.released.set()
-        answers = await asyncio.gather(*(_answer(r, disk) for r, _ in conns))
-        assert answers == [(b"HTTP/1.1 200 OK", b"")] * 2
-        chunk = (await _names(node.config.data_dir / "c"))[0]
-        data = await read_file(node.config.data_dir / "c" / chunk)
-        _check_answers_follow_their_fsyncs(disk, chunk, data, bodies)
+        await _all_answered_200_after_their_fsyncs(node, conns, disk, bodies)
 
 
 async def test_a_failed_fsync_fails_the_later_fsyncs_and_the_queued_writes(
@@ -329,11 +337,7 @@ async def test_with_sync_each_write_plain_writes_wait_for_a_covering_fsync(
         cat = node.store._categories["c"]
         await _until(lambda: cat.sync_waiters == 10)  # gathered, each waiting for an fsync
         hold.released.set()
-        answers = await asyncio.gather(*(_answer(r, disk) for r, _ in conns))
-        assert answers == [(b"HTTP/1.1 200 OK", b"")] * 10
-        chunk = (await _names(node.config.data_dir / "c"))[0]
-        data = await read_file(node.config.data_dir / "c" / chunk)
-        _check_answers_follow_their_fsyncs(disk, chunk, data, bodies)
+        await _all_answered_200_after_their_fsyncs(node, conns, disk, bodies)
 
 
 async def test_a_failed_fsync_of_a_rotation_fails_the_writes_queued_for_the_next_fsync(

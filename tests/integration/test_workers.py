@@ -64,6 +64,21 @@ async def _wait_for_children(pid: int, count: int, exclude: set[int]) -> list[in
             await asyncio.sleep(0.05)  # polling a state the supervisor does not announce
 
 
+async def _close_and_stop(
+    node: NodeProcess, conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+) -> None:
+    for _, writer in conns:
+        writer.close()
+    await node.stop()
+    node.close()
+
+
+async def _spread_lines(tmp_path: Path) -> list[bytes]:
+    """The sorted lines of category ``spread``'s first chunk."""
+    chunk = tmp_path / "data" / "spread" / "w-chunk000000000"
+    return sorted((await asyncio.to_thread(chunk.read_bytes)).splitlines())
+
+
 async def _read_everything(url: str, category: str) -> list[bytes]:
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{url}/listChunks", params={"category": category}) as resp:
@@ -294,12 +309,8 @@ async def test_clients_are_spread_over_every_accepting_worker(tmp_path: Path, wo
             else:
                 assert n > 0, (names, held)
     finally:
-        for _, writer in conns:
-            writer.close()
-        await node.stop()
-        node.close()
-    data = await asyncio.to_thread((tmp_path / "data" / "spread" / "w-chunk000000000").read_bytes)
-    assert sorted(data.splitlines()) == sorted(b"m%d" % i for i in range(64))
+        await _close_and_stop(node, conns)
+    assert await _spread_lines(tmp_path) == sorted(b"m%d" % i for i in range(64))
 
 
 async def test_clients_waiting_for_a_killed_front_are_served_by_its_successor(
@@ -335,12 +346,8 @@ async def test_clients_waiting_for_a_killed_front_are_served_by_its_successor(
         async with asyncio.timeout(30):
             assert await asyncio.gather(*writes) == [200] * 32
     finally:
-        for _, writer in conns:
-            writer.close()
-        await node.stop()
-        node.close()
-    data = await asyncio.to_thread((tmp_path / "data" / "spread" / "w-chunk000000000").read_bytes)
-    assert sorted(data.splitlines()) == sorted(b"k%d" % i for i in range(32))
+        await _close_and_stop(node, conns)
+    assert await _spread_lines(tmp_path) == sorted(b"k%d" % i for i in range(32))
 
 
 async def test_a_tls_node_on_three_workers_serves_writes_and_reads(tmp_path: Path) -> None:
