@@ -38,7 +38,7 @@ from chukcha.bus.chunk_index import (
     reserve_space,
 )
 from chukcha.bus.chunk_reads import INLINE_READ_LIMIT, STREAM_READ_OVER, FileSlice
-from chukcha.bus.group_commit import GroupCommit
+from chukcha.bus.group_commit import GroupCommit, call_each
 from chukcha.bus.tasks import run_to_end as _finish
 from chukcha.errors import BadRequestError, DiskWriteError, InvalidAckError, ReplicationError
 from chukcha.protocol import (
@@ -353,9 +353,9 @@ class ChunkStore(GroupCommit):
                 traffic.writes += len(bodies)
                 traffic.bytes_written += size
                 traffic.messages_written += _count_written(data)
-            _call_each(dones, error)
+            call_each(dones, error)
             if durable:  # the append failed
-                _call_each(durable, error)
+                call_each(durable, error)
 
     async def _write_gathered_later(
         self, cat: Category, data: bytes | bytearray, count: int,
@@ -368,9 +368,9 @@ class ChunkStore(GroupCommit):
         except BaseException as exc:
             error = exc
             if not isinstance(exc, Exception):
-                _call_each(dones, error)
+                call_each(dones, error)
                 raise
-        _call_each(dones, error)
+        call_each(dones, error)
 
     async def _start_chunk(self, cat: Category) -> str:
         """A new own chunk, announced (run under ``cat.lock`` through :func:`_finish`)."""
@@ -653,15 +653,6 @@ def _count_written(data: bytes | bytearray) -> int:
     except Exception as exc:  # noqa: BLE001 - only the metric's count is at stake
         logger.warning("counting the messages of a write failed (%r): counted plainly", exc)
         return data.count(b"\n")
-
-
-def _call_each(dones: list[Callable[[BaseException | None], None]],
-               error: BaseException | None) -> None:
-    for done in dones:
-        try:
-            done(error)
-        except Exception:
-            logger.exception("answering a gathered write failed")
 
 
 def _create_empty(path: Path) -> None:

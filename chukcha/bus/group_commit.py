@@ -40,7 +40,7 @@ from chukcha.bus.chunk_index import Category, SyncRound, fsync_dir
 from chukcha.bus.chunk_queue import QueuedWriter
 from chukcha.errors import DiskWriteError
 
-__all__ = ["GroupCommit"]
+__all__ = ["GroupCommit", "call_each"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +166,17 @@ class GroupCommit(QueuedWriter):
 
     def _answer(self, cat: Category, covered: list[Done], error: BaseException | None) -> None:
         cat.sync_waiters -= len(covered)
-        for done in covered:
-            try:
-                done(error)
-            except Exception:
-                logger.exception("answering a durable write failed")
+        call_each(covered, error)
+
+
+def call_each(dones: list[Done], error: BaseException | None) -> None:
+    """Answer each write (``done(error)``); one whose answer fails does not keep the others
+    from theirs (also the gathered writes' of :class:`~chukcha.bus.chunks.ChunkStore`)."""
+    for done in dones:
+        try:
+            done(error)
+        except Exception:
+            logger.exception("answering a write failed")
 
 
 def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
