@@ -27,12 +27,12 @@ def _post(body: bytes) -> bytes:
         len(body), body)
 
 
-async def _answer(reader: asyncio.StreamReader) -> int:
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """An answer's status and body."""
     head = await reader.readuntil(b"\r\n\r\n")
     length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
                   if line.lower().startswith(b"content-length:"))
-    await reader.readexactly(length)
-    return int(head.split(b" ", 2)[1])
+    return int(head.split(b" ", 2)[1]), await reader.readexactly(length)
 
 
 def _own_chunks(data: Path) -> list[Path]:
@@ -51,10 +51,10 @@ async def _write_then_kill(node: NodeProcess) -> bytes:
     try:
         writer.write(b"POST /write?category=c HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\n"
                      b"\r\nfirst\n")
-        assert await _answer(reader) == 200
+        assert (await _answer(reader))[0] == 200
         for i in range(_ANSWERED):
             writer.write(_post(_body(i)))
-            assert await _answer(reader) == 200
+            assert (await _answer(reader))[0] == 200
         writer.write(_post(_body(_ANSWERED)))  # in flight: received, appended, or neither
         await writer.drain()
         await node.kill()
@@ -74,11 +74,8 @@ async def _read_back(node: NodeProcess, chunks: list[Path]) -> bytes:
             while True:
                 writer.write(b"GET /read?category=c&chunk=%b&off=%d&max_size=1048576 "
                              b"HTTP/1.1\r\nHost: t\r\n\r\n" % (p.name.encode(), off))
-                head = await reader.readuntil(b"\r\n\r\n")
-                assert head.startswith(b"HTTP/1.1 200"), head
-                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:"))
-                piece = await reader.readexactly(length)
+                status, piece = await _answer(reader)
+                assert status == 200, piece
                 if not piece:
                     break
                 out += piece
