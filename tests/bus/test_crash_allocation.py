@@ -12,6 +12,7 @@ import pytest
 
 from chukcha.bus import chunk_index
 from chukcha.testing import NodeProcess
+from tests.bus.test_big_fast_writes import _answer
 
 _BODY_MESSAGES = 7_000  # 100 B each: 700 KB bodies, so the space allocated ahead of the
 # appends (4 MiB steps) is never used up exactly when a write ends
@@ -25,14 +26,6 @@ def _body(i: int) -> bytes:
 def _post(body: bytes) -> bytes:
     return b"POST /write?category=c HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%b" % (
         len(body), body)
-
-
-async def _answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """An answer's status and body."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length:"))
-    return int(head.split(b" ", 2)[1]), await reader.readexactly(length)
 
 
 def _own_chunks(data: Path) -> list[Path]:
