@@ -25,6 +25,7 @@ import httptools
 from chukcha.bus.body_reader import BodyReader
 from chukcha.bus.connection_base import SMALL_BODY as _SMALL_BODY
 from chukcha.bus.connection_base import ConnectionBase, ConnectionState
+from chukcha.bus.http_simple import HEADER_NAMES as _HEADER_NAMES
 from chukcha.bus.http_simple import simple_request
 from chukcha.bus.http_wire import empty_ok_head
 from chukcha.bus.routing import error_response
@@ -56,15 +57,6 @@ _SIMPLE_MAX: Final = 16384
 :func:`~chukcha.bus.http_simple.simple_request`."""
 _MAX_PIPELINED: Final = 64
 """Parsed requests queued on one connection before it stops reading."""
-_HEADER_NAMES: Final = {
-    spelled.encode(): spelled.lower()
-    for name in ("Host", "Content-Length", "Content-Type", "User-Agent", "Accept-Encoding",
-                 "Accept", "Connection", "Authorization", "Expect", "Transfer-Encoding",
-                 "Origin")
-    for spelled in (name, name.lower())
-}
-"""The lower-case names of the headers clients send most, by their bytes as sent (a look-up
-instead of decoding and lowering each)."""
 _METHODS: Final = {m.encode(): m for m in ("GET", "POST", "PUT", "HEAD", "DELETE")}
 _NO_CHECKS: Final[list[Check]] = []
 _IDLE: Final = ConnectionState.IDLE

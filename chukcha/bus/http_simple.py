@@ -24,7 +24,7 @@ from urllib.parse import unquote
 
 from chukcha.bus.web import Headers
 
-__all__ = ["SIMPLE_NAMES", "simple_request"]
+__all__ = ["HEADER_NAMES", "simple_request"]
 
 _HEAD: Final = re.compile(
     rb"(GET|POST) (/[!-\"$-~]*) HTTP/1\.1\r\n"  # origin form, visible ASCII, no '#'
@@ -32,14 +32,16 @@ _HEAD: Final = re.compile(
 )
 _HEADER: Final = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([!-~]+(?:[ \t]+[!-~]+)*)\r\n")
 
-SIMPLE_NAMES: Final = {
+HEADER_NAMES: Final = {
     spelled.encode(): spelled.lower()
     for name in ("Host", "Content-Length", "Content-Type", "User-Agent", "Accept-Encoding",
-                 "Accept", "Authorization", "Origin", "Connection")
+                 "Accept", "Connection", "Authorization", "Expect", "Transfer-Encoding",
+                 "Origin")
     for spelled in (name, name.lower())
 }
 """The lower-case names of the headers clients send most, by their bytes as sent (a look-up
-instead of decoding and lowering each)."""
+instead of decoding and lowering each): here and in :mod:`chukcha.bus.connection`'s parser
+callbacks."""
 _DECLINED: Final = frozenset(("transfer-encoding", "connection", "proxy-connection", "upgrade",
                               "expect"))
 """Headers that change how llhttp frames or keeps the message, or how it is answered."""
@@ -97,7 +99,7 @@ def _parse_head(head: bytes) -> _Head:
     counted = len(match.group(2))
     for name, value in _HEADER.findall(head, match.start(3), match.end(3)):
         counted += len(name) + len(value) + 4
-        key = SIMPLE_NAMES.get(name)
+        key = HEADER_NAMES.get(name)
         if key is None:
             key = name.decode("latin-1").lower()
             if key in _DECLINED or key == "content-length":  # (an odd spelling of it)
@@ -106,8 +108,11 @@ def _parse_head(head: bytes) -> _Head:
             if length >= 0 or not value.isdigit():
                 return _NOT_SIMPLE  # llhttp refuses a second one
             length = int(value)
-        elif key == "connection" and value.lower() != b"keep-alive":
-            return _NOT_SIMPLE  # close, upgrade...: 1.1 is kept alive without it
+        elif key == "connection":
+            if value.lower() != b"keep-alive":
+                return _NOT_SIMPLE  # close, upgrade...: 1.1 is kept alive without it
+        elif key in _DECLINED:  # Expect, Transfer-Encoding
+            return _NOT_SIMPLE
         headers[key] = value.decode("latin-1")
     path_b, _, query_b = match.group(2).partition(b"?")
     path = path_b.decode("latin-1")

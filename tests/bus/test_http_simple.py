@@ -199,6 +199,21 @@ def test_the_limits_and_every_cut_are_declined() -> None:
     assert simple_request(closed, _MAX_HEAD, _MAX_BODY) is None  # declined, then kept declined
 
 
+@pytest.mark.parametrize("header", [
+    b"Transfer-Encoding: chunked", b"transfer-encoding: chunked", b"Expect: 100-continue",
+    b"expect: 100-continue", b"Connection: close", b"Upgrade: websocket",
+    b"Proxy-Connection: keep-alive",
+])
+def test_a_header_that_changes_how_the_message_is_framed_or_answered_is_declined(
+    header: bytes,
+) -> None:
+    # Deterministic, beside the Hypothesis tests (which draw these names only now and then):
+    # each spelling, known to the header-name table or not, is declined.
+    data = b"GET /read HTTP/1.1\r\nHost: h\r\n%b\r\n\r\n" % header
+    assert simple_request(data, _MAX_HEAD, _MAX_BODY) is None
+    assert simple_request(data.replace(header + b"\r\n", b""), _MAX_HEAD, _MAX_BODY) is not None
+
+
 def test_the_heads_kept_are_bounded() -> None:
     http_simple._HEADS.clear()
     for i in range(http_simple._KEPT_HEADS + 10):
