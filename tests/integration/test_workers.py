@@ -18,7 +18,7 @@ import pytest
 
 from chukcha.testing import NodeProcess, bind_loopback
 from chukcha.testing_node import terminate
-from tests.integration.cluster_helpers import wait_for
+from tests.integration.cluster_helpers import read_all, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -79,24 +79,14 @@ async def _spread_lines(tmp_path: Path) -> list[bytes]:
     return sorted((await asyncio.to_thread(chunk.read_bytes)).splitlines())
 
 
-async def _read_everything(url: str, category: str) -> list[bytes]:
+async def _assert_answered_stored_once(url: str, category: str, answered: list[bytes]) -> None:
+    """Every write answered 200 is in ``category``, and no message is stored twice."""
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"{url}/listChunks", params={"category": category}) as resp:
-            chunks = [c["name"] for c in await resp.json(content_type=None)]
-        out: list[bytes] = []
-        for chunk in chunks:
-            off = 0
-            while True:
-                async with http.get(f"{url}/read", params={
-                    "category": category, "chunk": chunk, "off": str(off),
-                    "max_size": str(1 << 20)}) as resp:
-                    assert resp.status == 200, await resp.text()
-                    data = await resp.read()
-                if not data:
-                    break
-                out += data.splitlines()
-                off += len(data)
-        return out
+        stored = await read_all(http, url, category)
+    counts = Counter(stored)
+    assert not [m for m, n in counts.items() if n > 1], "a message was stored twice"
+    missing = set(answered) - set(counts)
+    assert not missing, f"{len(missing)} of {len(answered)} writes answered 200 are not stored"
 
 
 @pytest.mark.parametrize("victim", ["front", "writer"])
@@ -149,11 +139,7 @@ async def test_a_worker_killed_during_sync_writes_is_restarted_and_nothing_answe
         await _wait_for_children(sup, 4, {target})
         async with asyncio.timeout(90):
             await asyncio.gather(*clients)
-        stored = await _read_everything(node.url, "pay")
-        counts = Counter(stored)
-        assert not [m for m, n in counts.items() if n > 1], "a message was stored twice"
-        missing = set(answered) - set(counts)
-        assert not missing, f"{len(missing)} writes answered 200 are not stored"
+        await _assert_answered_stored_once(node.url, "pay", answered)
     finally:
         code = await node.stop()
         node.close()

@@ -9,14 +9,13 @@ import asyncio
 import os
 import re
 import signal
-from collections import Counter
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from chukcha.testing import NodeProcess
-from tests.integration.test_workers import _read_everything, _wait_for_children
+from tests.integration.test_workers import _assert_answered_stored_once, _wait_for_children
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -66,11 +65,7 @@ async def test_ctrl_c_stops_the_fronts_first_then_the_writer_and_loses_no_answer
         assert re.search(r"primary worker \d+ stopped \(code 0\)", log), log[-3000:]
 
         await node.start()  # the data, as the next start finds it
-        stored = await _read_everything(node.url, "pay")
-        counts = Counter(stored)
-        assert not [m for m, n in counts.items() if n > 1], "a message was stored twice"
-        missing = set(answered) - set(counts)
-        assert not missing, f"{len(missing)} of {len(answered)} writes answered 200 are lost"
+        await _assert_answered_stored_once(node.url, "pay", answered)
     finally:
         await node.stop()
         node.close()
