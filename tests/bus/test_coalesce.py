@@ -6,12 +6,15 @@ again."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
 from chukcha.bus import coalesce, web
 from chukcha.bus.coalesce import WriteCoalescer
+from chukcha.bus.node import Node
 from chukcha.errors import WriterUnavailableError
 from chukcha.testing import run_node
 
@@ -99,51 +102,54 @@ async def test_writes_answered_through_callbacks_get_each_answer_once(tmp_path: 
         coalescer.close()
 
 
+@asynccontextmanager
+async def _holding(tmp_path: Path, hold: float) -> AsyncIterator[tuple[WriteCoalescer, Node]]:
+    """A coalescer that holds batches up to ``hold`` seconds, in front of a real node (the
+    writer, its internal socket under ``tmp_path``): both, closed after."""
+    path = tmp_path / "writer.sock"
+    coalescer = WriteCoalescer(str(path), 1 << 20, hold=hold)
+    try:
+        async with run_node(tmp_path / "data", "w", internal_socket=str(path)) as node:
+            yield coalescer, node
+    finally:
+        coalescer.close()
+
+
 async def test_a_batch_waits_for_as_many_writes_as_its_keys_recent_batches(
     tmp_path: Path,
 ) -> None:
     # After a batch of 8, the key's next batch waits (here up to 30 s: never reached) for 8
     # writes: 4 now and 4 a few loop iterations later go to the writer as one write, where
     # without the hold the first 4 went at once and the others after them (two writes).
-    path = tmp_path / "writer.sock"
-    coalescer = WriteCoalescer(str(path), 1 << 20, hold=30.0)
-    try:
-        async with run_node(tmp_path / "data", "w", internal_socket=str(path)) as node:
-            first = [coalescer.submit("k", "category=c", {}, b"a%d\n" % i) for i in range(8)]
-            async with asyncio.timeout(10):
-                assert {a.status for a in await asyncio.gather(*first)} == {200}
-            writes = node.store.traffic()["c"].writes
-            assert writes == 1  # the 8 went together
-            second = [coalescer.submit("k", "category=c", {}, b"b%d\n" % i) for i in range(4)]
-            for _ in range(3):
-                await asyncio.sleep(0)  # a few loop iterations: the 4 would have gone by now
-            second += [coalescer.submit("k", "category=c", {}, b"b%d\n" % i) for i in range(4, 8)]
-            async with asyncio.timeout(10):
-                assert {a.status for a in await asyncio.gather(*second)} == {200}
-            assert node.store.traffic()["c"].writes == writes + 1
-    finally:
-        coalescer.close()
+    async with _holding(tmp_path, 30.0) as (coalescer, node):
+        first = [coalescer.submit("k", "category=c", {}, b"a%d\n" % i) for i in range(8)]
+        async with asyncio.timeout(10):
+            assert {a.status for a in await asyncio.gather(*first)} == {200}
+        writes = node.store.traffic()["c"].writes
+        assert writes == 1  # the 8 went together
+        second = [coalescer.submit("k", "category=c", {}, b"b%d\n" % i) for i in range(4)]
+        for _ in range(3):
+            await asyncio.sleep(0)  # a few loop iterations: the 4 would have gone by now
+        second += [coalescer.submit("k", "category=c", {}, b"b%d\n" % i) for i in range(4, 8)]
+        async with asyncio.timeout(10):
+            assert {a.status for a in await asyncio.gather(*second)} == {200}
+        assert node.store.traffic()["c"].writes == writes + 1
 
 
 async def test_a_held_batch_goes_when_the_hold_ends_with_fewer_writes(tmp_path: Path) -> None:
     # The expected writes never come (the clients went away): the batch goes after the hold,
     # and the expectation falls, so a lone write later goes at once again.
-    path = tmp_path / "writer.sock"
-    coalescer = WriteCoalescer(str(path), 1 << 20, hold=0.05)
-    try:
-        async with run_node(tmp_path / "data", "w", internal_socket=str(path)) as node:
-            async with asyncio.timeout(10):
-                await asyncio.gather(*(coalescer.submit("k", "category=c", {}, b"a%d\n" % i)
-                                       for i in range(4)))
-                for i in range(8):  # held, then sent alone; 4 -> 3.5 -> ... -> 1 expected
-                    assert (await coalescer.submit("k", "category=c", {}, b"z%d\n" % i)
-                            ).status == 200
-            lines = await node.store.read("c", node.store.list_chunks("c")[0].name, 0, 1 << 20)
-            assert sorted(lines.split()) == sorted([b"a%d" % i for i in range(4)]
-                                                   + [b"z%d" % i for i in range(8)])
-            assert coalescer._expect.get("k", 0.0) < 2  # no longer held
-    finally:
-        coalescer.close()
+    async with _holding(tmp_path, 0.05) as (coalescer, node):
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(coalescer.submit("k", "category=c", {}, b"a%d\n" % i)
+                                   for i in range(4)))
+            for i in range(8):  # held, then sent alone; 4 -> 3.5 -> ... -> 1 expected
+                assert (await coalescer.submit("k", "category=c", {}, b"z%d\n" % i)
+                        ).status == 200
+        lines = await node.store.read("c", node.store.list_chunks("c")[0].name, 0, 1 << 20)
+        assert sorted(lines.split()) == sorted([b"a%d" % i for i in range(4)]
+                                               + [b"z%d" % i for i in range(8)])
+        assert coalescer._expect.get("k", 0.0) < 2  # no longer held
 
 
 async def test_the_expectations_kept_stay_bounded_whatever_the_keys(tmp_path: Path) -> None:
@@ -151,22 +157,17 @@ async def test_the_expectations_kept_stay_bounded_whatever_the_keys(tmp_path: Pa
     # each write (a nonce or timestamp parameter, a token per request) must not make the front
     # keep an entry per write for good. Keys whose batches are single writes keep nothing; the
     # others are bounded (the count of distinct keys a busy front sees is not).
-    path = tmp_path / "writer.sock"
-    coalescer = WriteCoalescer(str(path), 1 << 20, hold=0.05)
-    try:
-        async with run_node(tmp_path / "data", "w", internal_socket=str(path)):
-            async with asyncio.timeout(60):
-                for i in range(300):  # one at a time: batches of one write
-                    query = f"category=c&nonce={i}"
-                    assert (await coalescer.submit(query, query, {}, b"s%d\n" % i)).status == 200
-                assert len(coalescer._expect) == 0
-                # As many keys as are kept had batches of two (set here: thousands of writes
-                # otherwise); one more key's batch of two does not add to them.
-                coalescer._expect.update(
-                    {f"pair-{k}": 2.0 for k in range(coalesce.KEPT_EXPECTATIONS)})
-                got = await asyncio.gather(*(coalescer.submit("q", "category=c&pair=new", {},
-                                                              b"p\n") for _ in range(2)))
-                assert {a.status for a in got} == {200}
-                assert len(coalescer._expect) <= coalesce.KEPT_EXPECTATIONS
-    finally:
-        coalescer.close()
+    async with _holding(tmp_path, 0.05) as (coalescer, _):
+        async with asyncio.timeout(60):
+            for i in range(300):  # one at a time: batches of one write
+                query = f"category=c&nonce={i}"
+                assert (await coalescer.submit(query, query, {}, b"s%d\n" % i)).status == 200
+            assert len(coalescer._expect) == 0
+            # As many keys as are kept had batches of two (set here: thousands of writes
+            # otherwise); one more key's batch of two does not add to them.
+            coalescer._expect.update(
+                {f"pair-{k}": 2.0 for k in range(coalesce.KEPT_EXPECTATIONS)})
+            got = await asyncio.gather(*(coalescer.submit("q", "category=c&pair=new", {},
+                                                          b"p\n") for _ in range(2)))
+            assert {a.status for a in got} == {200}
+            assert len(coalescer._expect) <= coalesce.KEPT_EXPECTATIONS
