@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chukcha.bus import connection, http_simple
+from chukcha.bus import connection, http_simple, web
 from chukcha.bus.auth import NodeAuth, TokenFile
 from chukcha.bus.http_simple import simple_request
 from chukcha.bus.node import Node
@@ -362,10 +362,6 @@ async def test_a_head_the_parser_counts_over_the_limit_gets_431_on_the_fast_path
     # value plus 4. Many short headers ("a:b", 5 bytes on the wire, 6 by that count) keep the
     # head under the limit while the count goes over it: llhttp's path answers 431, and so must
     # the recogniser's.
-    from chukcha.bus import web  # noqa: PLC0415
-    from chukcha.bus.server import HttpServer, ServerLimits  # noqa: PLC0415
-    from chukcha.testing import bind_loopback  # noqa: PLC0415
-
     async def slow(request: web.Request) -> web.StreamResponse:
         return web.Response(text="slow\n")
 
