@@ -359,8 +359,10 @@ class AppInstances(EtcdWatcher):
         :meth:`PartitionListener.lost` takes), and neither a renewal (the keep-alive joins
         again only after the stop) nor ``give_up`` (its partition's turn comes after) could
         end the wait then."""
-        while self._giving_up.is_set() or not self._provable():
-            if give_up.is_set() or self._giving_up.is_set():
+        while not self._giving_up.is_set():
+            if self._provable():
+                return True
+            if give_up.is_set():
                 return False
             waits = [asyncio.ensure_future(self._renewed.wait()),
                      asyncio.ensure_future(give_up.wait()),
@@ -370,7 +372,7 @@ class AppInstances(EtcdWatcher):
             finally:
                 for w in waits:
                     w.cancel()
-        return True
+        return False
 
     def _provable(self) -> bool:
         return self._lease_id is not None and time.monotonic() < self._valid_until - self._margin
