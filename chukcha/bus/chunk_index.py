@@ -24,11 +24,11 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Final, NamedTuple, cast
+from typing import Any, Final, NamedTuple, cast
 
 from chukcha.errors import AlreadyRunningError, BadRequestError
 from chukcha.protocol import (
@@ -212,10 +212,18 @@ class ChunkIndex:
         self._create_lock = asyncio.Lock()
         self._changed: dict[str, asyncio.Future[None]] = {}
         self._closing = False
-        # Categories with small writes gathered for the end of this loop iteration, and the
-        # tasks that write them when the category was taken meanwhile (ChunkStore.write_later).
+        # Categories with small writes gathered for the end of this loop iteration
+        # (ChunkStore.write_later); the tasks that wait for a category's lock on the loop's
+        # behalf (gathered writes and group fsyncs, see _in_background).
         self._gathered: list[Category] = []
-        self._gathered_tasks: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _in_background(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run ``step`` as a task, kept referenced until it ends (what a callback on the loop
+        cannot await: wait for a category's lock)."""
+        task = asyncio.ensure_future(step)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @property
     def instance(self) -> str:

@@ -332,10 +332,8 @@ class ChunkStore(GroupCommit):
             if (cur is None or cat.lock.locked() or cat.write_fd < 0
                     or (cur.size > 0 and cur.size + size > self._max_chunk_size)):
                 # The category was taken meanwhile (a rotation, a big write): wait for it.
-                task = asyncio.ensure_future(self._write_gathered_later(
+                self._in_background(self._write_gathered_later(
                     cat, data, len(bodies), dones + durable, sync=bool(durable)))
-                self._gathered_tasks.add(task)
-                task.add_done_callback(self._gathered_tasks.discard)
                 continue
             error: BaseException | None = None
             try:

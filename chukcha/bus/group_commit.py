@@ -88,9 +88,7 @@ class GroupCommit(QueuedWriter):
         once the lock is let go, with the writes queued then."""
         if cat.lock.locked():
             cat.sync_starting += 1
-            task = asyncio.ensure_future(self._start_fsync_unlocked(cat))
-            self._gathered_tasks.add(task)
-            task.add_done_callback(self._gathered_tasks.discard)
+            self._in_background(self._start_fsync_unlocked(cat))
             return
         self._fsync_now(cat)
 
