@@ -96,11 +96,15 @@ async def read_file(path: Path) -> bytes:
 
 
 @asynccontextmanager
-async def front_and_writer(tmp_path: Path) -> AsyncIterator[tuple[Node, FrontWorker, int]]:
-    """A writer node (in this process, its internal socket under ``tmp_path``) and one front
-    worker serving a loopback port of its own: the node, the front and the front's port."""
+async def front_and_writer(
+    tmp_path: Path, **node_options: Any,
+) -> AsyncIterator[tuple[Node, FrontWorker, int]]:
+    """A writer node (in this process, its internal socket under ``tmp_path``; ``node_options``
+    as :func:`~chukcha.testing.run_node` takes them) and one front worker serving a loopback
+    port of its own: the node, the front and the front's port."""
     private = str(tmp_path / "writer.sock")
-    async with run_node(tmp_path / "data", "w", internal_socket=private) as node:
+    async with run_node(tmp_path / "data", "w", internal_socket=private,
+                        **node_options) as node:
         front = FrontWorker(private, ServerLimits(), max_message_size=1 << 20)
         sock = bind_loopback()
         sock.setblocking(False)
