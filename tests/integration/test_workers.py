@@ -55,13 +55,17 @@ def _holds_lock(pid: int) -> bool:
 
 
 async def _wait_for_children(pid: int, count: int, exclude: set[int]) -> list[int]:
-    async with asyncio.timeout(60):
-        while True:
-            kids = await asyncio.to_thread(_children, pid)
-            fresh = [k for k in kids if k not in exclude]
-            if len(kids) == count and len(fresh) == count:
-                return kids
-            await asyncio.sleep(0.05)  # polling a state the supervisor does not announce
+    """The ``count`` children of ``pid``, none of them in ``exclude`` (polled: the supervisor
+    does not announce them)."""
+    kids: list[int] = []
+
+    async def ready() -> bool:
+        nonlocal kids
+        kids = await asyncio.to_thread(_children, pid)
+        return len(kids) == count and not exclude.intersection(kids)
+
+    await wait_for(ready, 60, f"{count} workers of {pid}, none of {sorted(exclude)}")
+    return kids
 
 
 async def _close_and_stop(
