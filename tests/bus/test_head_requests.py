@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from chukcha.bus.node import Node
 from chukcha.testing import run_node
 from tests.bus.conftest import front_and_writer
 
@@ -38,17 +37,16 @@ def _length(head: bytes) -> int:
                 if line.lower().startswith(b"content-length:"))
 
 
-def _targets(node: Node) -> list[bytes]:
-    chunk = b"w-chunk000000000"
-    return [
-        b"/listCategories",
-        b"/read?category=c&chunk=%b&off=0&max_size=100" % chunk,  # an answer in memory
-        b"/read?category=c&chunk=%b&off=0&max_size=4000000" % chunk,  # sent from the file
-    ]
+_CHUNK = b"w-chunk000000000"
+_TARGETS = [
+    b"/listCategories",
+    b"/read?category=c&chunk=%b&off=0&max_size=100" % _CHUNK,  # an answer in memory
+    b"/read?category=c&chunk=%b&off=0&max_size=4000000" % _CHUNK,  # sent from the file
+]
 
 
-async def _check(port: int, node: Node) -> None:
-    for target in _targets(node):
+async def _check(port: int) -> None:
+    for target in _TARGETS:
         head, after = await _head_then_get(port, target)
         assert head.startswith(b"HTTP/1.1 200 OK\r\n"), (target, head)
         assert after.startswith(b"HTTP/1.1 200 OK\r\n"), (target, after)  # no body in between
@@ -61,7 +59,7 @@ async def test_a_head_request_is_answered_without_a_body(tmp_path: Path) -> None
     async with run_node(tmp_path / "data", "w") as node:
         await node.store.write("c", b"first\n")
         await node.store.write("c", _BIG)
-        await _check(int(node.address.rsplit(":", 1)[1]), node)
+        await _check(int(node.address.rsplit(":", 1)[1]))
 
 
 @pytest.mark.allow_blocking
@@ -72,4 +70,4 @@ async def test_a_head_request_relayed_by_a_front_is_answered_without_a_body(
         await node.store.write("c", b"first\n")
         await node.store.write("c", _BIG)
         front.router.handover = None  # relayed, as under TLS (no hand-over)
-        await _check(port, node)
+        await _check(port)
