@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -111,6 +112,20 @@ async def _conns(port: int, n: int) -> AsyncIterator[list[Conn]]:
             writer.close()
 
 
+@asynccontextmanager
+async def _node_with_synced_category(
+    tmp_path: Path, conns: int, first: bytes = b"0\n", **options: Any
+) -> AsyncIterator[tuple[Node, aiohttp.ClientSession, list[Conn]]]:
+    """A node (``options`` for :func:`run_node`) whose category ``c`` a durable write of
+    ``first`` created (answered 200), a client session and ``conns`` raw connections to it."""
+    async with run_node(tmp_path / "data", "moscow", **options) as node, \
+            aiohttp.ClientSession() as http, _conns(_port(node), conns) as raw:
+        async with http.post(f"{node.url}/write", params={"category": "c", "sync": "1"},
+                             data=first) as r:
+            assert r.status == 200
+        yield node, http, raw
+
+
 async def _answer(reader: asyncio.StreamReader, disk: Disk) -> tuple[bytes, bytes]:
     async with asyncio.timeout(30):
         head = await reader.readuntil(b"\r\n\r\n")
@@ -197,11 +212,7 @@ async def test_sync_writes_share_fsyncs_that_begin_after_them(
 async def test_a_failed_fsync_answers_500_to_every_write_it_covered(
     tmp_path: Path, disk: Disk
 ) -> None:
-    async with run_node(tmp_path / "data", "moscow") as node, \
-            aiohttp.ClientSession() as http, _conns(_port(node), 10) as conns:
-        async with http.post(f"{node.url}/write", params={"category": "c", "sync": "1"},
-                             data=b"first\n") as r:
-            assert r.status == 200
+    async with _node_with_synced_category(tmp_path, 10, b"first\n") as (node, http, conns):
         disk.fail = True
         await _send_all(conns, "category=c&sync=1", [b"lost-%d\n" % i for i in range(10)])
         answers = await asyncio.gather(*(_answer(r, disk) for r, _ in conns))
@@ -282,11 +293,7 @@ async def _all_answered_200_after_their_fsyncs(
 async def test_an_fsync_that_ends_first_is_answered_after_the_one_that_began_before_it(
     tmp_path: Path, disk: Disk
 ) -> None:
-    async with run_node(tmp_path / "data", "moscow") as node, \
-            aiohttp.ClientSession() as http, _conns(_port(node), 2) as conns:
-        async with http.post(f"{node.url}/write", params={"category": "c", "sync": "1"},
-                             data=b"0\n") as r:
-            assert r.status == 200
+    async with _node_with_synced_category(tmp_path, 2) as (node, _http, conns):
         bodies = [b"first\n", b"second\n"]
         hold = await _two_fsyncs_running(node, conns, bodies, disk)
         cat = node.store._categories["c"]
@@ -300,11 +307,7 @@ async def test_a_failed_fsync_fails_the_later_fsyncs_and_the_queued_writes(
 ) -> None:
     # The kernel reports a failed writeback once per open file: a later fsync may succeed
     # without the pages it lost, which may hold the later writes too.
-    async with run_node(tmp_path / "data", "moscow") as node, \
-            aiohttp.ClientSession() as http, _conns(_port(node), 3) as conns:
-        async with http.post(f"{node.url}/write", params={"category": "c", "sync": "1"},
-                             data=b"0\n") as r:
-            assert r.status == 200
+    async with _node_with_synced_category(tmp_path, 3) as (node, http, conns):
         bodies = [b"first\n", b"second\n", b"queued\n"]
         hold = await _two_fsyncs_running(node, conns, bodies, disk)
         await _send_all(conns[2:], "category=c&sync=1", bodies[2:])
@@ -345,11 +348,8 @@ async def test_a_failed_fsync_of_a_rotation_fails_the_writes_queued_for_the_next
 ) -> None:
     # A rotation syncs the chunk it closes for the writes queued for its next fsync; if that
     # fsync fails, they are answered 500 (a later fsync of the new chunk does not cover them).
-    async with run_node(tmp_path / "data", "moscow", max_chunk_size=64) as node, \
-            aiohttp.ClientSession() as http, _conns(_port(node), 4) as conns:
-        async with http.post(f"{node.url}/write", params={"category": "c", "sync": "1"},
-                             data=b"0\n") as r:
-            assert r.status == 200
+    async with _node_with_synced_category(tmp_path, 4, max_chunk_size=64) as (
+            node, _http, conns):
         bodies = [b"first\n", b"second\n", b"queued\n"]
         hold = await _two_fsyncs_running(node, conns, bodies, disk)
         await _send_all(conns[2:3], "category=c&sync=1", bodies[2:])
